@@ -1,0 +1,216 @@
+"""Pure domain types and validation for realms, files and jobs.
+
+Standard library only: every other layer imports this module, it imports none.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from realm_service.errors import InvalidArgument
+
+SYSTEM = 0
+USER = 10
+MIN_PRIORITY = 0
+MAX_PRIORITY = 100
+
+MAX_PATH_LENGTH = 1024
+MAX_PATH_SEGMENT = 255
+DEFAULT_MAX_FILE_SIZE = 4 * 1024 * 1024
+MAX_DISPLAY_NAME = 200
+MAX_REQUEST_ID = 128
+
+REALM_JSON = "realm.json"
+INDEX_JSON = "index.json"
+
+_REALM_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class JobKind(enum.StrEnum):
+    FROM_SCRATCH = "from-scratch"
+    INCREMENTAL = "incremental"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How one lease of a job ended."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # released: stream closed, drain, shutdown
+    EXPIRED = "expired"
+
+
+class Disposition(enum.StrEnum):
+    INSERTED = "inserted"
+    MERGED = "merged"
+    ATTACHED = "attached"
+    RERUN_SCHEDULED = "rerun-scheduled"
+
+
+class RealmState(enum.StrEnum):
+    INDEXING = "indexing"
+    READY = "ready"
+    INDEX_FAILED = "index-failed"
+
+
+@dataclass(frozen=True)
+class PathChange:
+    path: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Realm:
+    realm_id: str
+    display_name: str
+    state: RealmState
+    create_time: datetime
+    files: int = 0
+    cards: int = 0
+    errors: int = 0
+    entries: int = 0
+    last_index_time: datetime | None = None
+    current_generation: int | None = None
+    created_priority: int = USER
+
+
+@dataclass(frozen=True)
+class RealmFile:
+    path: str
+    mtime: datetime
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    realm_id: str
+    kind: JobKind
+    priority: int
+    state: JobState
+    attempt: int
+    create_time: datetime
+    start_time: datetime | None = None
+    finish_time: datetime | None = None
+    error_message: str = ""
+    progress_done: int = 0
+    progress_total: int = 0
+    path_changes: tuple[PathChange, ...] = ()
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    job: Job
+    disposition: Disposition
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One attempt of a job: the right to run it until expire_time."""
+
+    lease_id: str
+    job: Job
+    expire_time: datetime
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    path: str
+    mtime: datetime
+    size: int
+    sha256: str
+    media_type: str
+    card_type: str = ""
+    title: str = ""
+    search_text: str = ""
+    links: tuple[str, ...] = field(default_factory=tuple)
+    error_message: str = ""
+
+    @property
+    def is_card(self) -> bool:
+        return bool(self.card_type) and not self.error_message
+
+
+def validate_realm_id(realm_id: str, field_name: str = "realm_id") -> str:
+    if not realm_id:
+        raise InvalidArgument(f"{field_name} is required")
+    if not _REALM_ID.match(realm_id):
+        raise InvalidArgument(
+            f"{field_name} {realm_id[:80]!r} is invalid: use 1-63 characters of [a-z0-9-], "
+            "starting and ending with a letter or digit"
+        )
+    return realm_id
+
+
+def validate_priority(priority: int | None, default: int, field_name: str = "priority") -> int:
+    if priority is None:
+        return default
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidArgument(
+            f"{field_name} {priority} is out of range: use {MIN_PRIORITY}-{MAX_PRIORITY}"
+        )
+    return priority
+
+
+def validate_path(path: str, field_name: str = "path") -> str:
+    """Check a relative POSIX path inside a realm and return it unchanged."""
+    if not path:
+        raise InvalidArgument(f"{field_name} is required")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_LENGTH:
+        raise InvalidArgument(f"{field_name} is longer than {MAX_PATH_LENGTH} bytes")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        raise InvalidArgument(f"{field_name} contains NUL or control characters")
+    if path.startswith("/"):
+        raise InvalidArgument(f"{field_name} {path[:80]!r} must be relative (no leading '/')")
+    if "\\" in path:
+        raise InvalidArgument(f"{field_name} {path[:80]!r} must use '/' as separator")
+    segments = path.split("/")
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise InvalidArgument(f"{field_name} {path[:80]!r} has an empty, '.' or '..' segment")
+        if len(segment) > MAX_PATH_SEGMENT:
+            raise InvalidArgument(f"{field_name} has a segment longer than {MAX_PATH_SEGMENT}")
+    if posixpath.normpath(path) != path:
+        raise InvalidArgument(f"{field_name} {path[:80]!r} is not normalized")
+    return path
+
+
+def validate_content(content: bytes, max_size: int, field_name: str = "content") -> bytes:
+    if len(content) > max_size:
+        raise InvalidArgument(
+            f"{field_name} is {len(content)} bytes; the limit is {max_size} bytes"
+        )
+    return content
+
+
+def validate_display_name(name: str, realm_id: str) -> str:
+    if len(name) > MAX_DISPLAY_NAME:
+        raise InvalidArgument(f"display_name is longer than {MAX_DISPLAY_NAME} characters")
+    if any(ord(c) < 0x20 for c in name):
+        raise InvalidArgument("display_name contains control characters")
+    return name or realm_id
+
+
+def validate_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
+    if any(ord(c) < 0x20 for c in request_id):
+        raise InvalidArgument("request_id contains control characters")
+    return request_id
