@@ -1,0 +1,419 @@
+"""Job queue use cases: enqueue with coalescing, claim, fenced lease
+operations, release, reaping. Each public method owns its transaction; the
+`*_in` variants run inside a caller's transaction (file writes, realm
+creation) so the change and its job commit together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from realm_service.clock import Clock, utcnow
+from realm_service.domain import (
+    SYSTEM,
+    AttemptOutcome,
+    Disposition,
+    EnqueueResult,
+    IndexEntry,
+    Job,
+    JobKind,
+    JobState,
+    Lease,
+    PathChange,
+    RealmState,
+)
+from realm_service.errors import Conflict, StaleLease
+from realm_service.store import jobs_sql, realms_sql
+from realm_service.store.db import Database
+from realm_service.store.tables import JobRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    lease_duration: timedelta = timedelta(seconds=30)
+    max_attempts: int = 3
+
+
+class JobQueue:
+    def __init__(
+        self, db: Database, *, settings: QueueSettings | None = None, clock: Clock = utcnow
+    ) -> None:
+        self.db = db
+        self.settings = settings or QueueSettings()
+        self.clock = clock
+
+    # -- enqueue ------------------------------------------------------------
+
+    def enqueue(
+        self,
+        realm_id: str,
+        kind: JobKind,
+        priority: int,
+        *,
+        paths: Sequence[PathChange] = (),
+        content_changed: bool = False,
+    ) -> EnqueueResult:
+        for attempt in range(5):
+            try:
+                with self.db.transaction() as session:
+                    realms_sql.get_realm(session, realm_id)
+                    result = self.enqueue_in(
+                        session,
+                        realm_id,
+                        kind,
+                        priority,
+                        paths=paths,
+                        content_changed=content_changed,
+                    )
+                break
+            except Conflict:
+                if attempt == 4:
+                    raise
+        self._after_enqueue(result)
+        return result
+
+    def enqueue_in(
+        self,
+        session: Session,
+        realm_id: str,
+        kind: JobKind,
+        priority: int,
+        *,
+        paths: Sequence[PathChange] = (),
+        content_changed: bool = False,
+    ) -> EnqueueResult:
+        """Coalesce per DESIGN.md section 4. The partial unique index on queued
+        jobs makes a concurrent duplicate insert fail; we then merge into the
+        winner's row inside a savepoint so the caller's transaction survives."""
+        now = self.clock()
+        for _ in range(3):
+            queued = jobs_sql.queued_job(session, realm_id, kind)
+            if kind is JobKind.INCREMENTAL and queued is None:
+                scratch = jobs_sql.queued_job(session, realm_id, JobKind.FROM_SCRATCH)
+                if scratch is not None:  # it has not started: it will see the change
+                    jobs_sql.merge_into(scratch, priority)
+                    session.flush()
+                    return EnqueueResult(jobs_sql.to_job(scratch), Disposition.MERGED)
+            if queued is not None:
+                jobs_sql.merge_into(queued, priority, paths)
+                session.flush()
+                return EnqueueResult(jobs_sql.to_job(queued), Disposition.MERGED)
+            running = jobs_sql.running_job(session, realm_id)
+            if running is not None and running.kind == kind.value:
+                if kind is JobKind.FROM_SCRATCH and not content_changed:
+                    return EnqueueResult(jobs_sql.to_job(running), Disposition.ATTACHED)
+                if kind is JobKind.INCREMENTAL:
+                    covered = {(c.path, c.deleted) for c in jobs_sql.decode_paths(running.paths)}
+                    if (
+                        all((c.path, c.deleted) for c in paths)
+                        and {(c.path, c.deleted) for c in paths} <= covered
+                    ):
+                        return EnqueueResult(jobs_sql.to_job(running), Disposition.ATTACHED)
+            row = jobs_sql.try_insert_job(
+                session, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
+            )
+            if row is None:  # a concurrent enqueuer won: merge into its job
+                continue
+            self.db.announce_new_work(session)
+            disposition = (
+                Disposition.RERUN_SCHEDULED
+                if running is not None and running.kind == kind.value
+                else Disposition.INSERTED
+            )
+            return EnqueueResult(jobs_sql.to_job(row), disposition)
+        raise Conflict("could not enqueue: concurrent changes kept winning; retry")
+
+    def ensure_first_index(self, session: Session, realm_id: str, priority: int) -> Job | None:
+        """The mount pipeline's rule: never add a from-scratch job for a realm
+        that has one queued, running or completed; raise (never lower) a queued
+        one's priority to what the realm's creation asked for."""
+        queued = jobs_sql.queued_job(session, realm_id, JobKind.FROM_SCRATCH)
+        if queued is not None:
+            if queued.priority < priority:
+                jobs_sql.raise_priority(session, queued.id, priority)
+            return None
+        if jobs_sql.has_from_scratch(session, realm_id, ("running", "succeeded")):
+            return None
+        return self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority).job
+
+    def _after_enqueue(self, result: EnqueueResult) -> None:
+        if result.disposition in (Disposition.INSERTED, Disposition.RERUN_SCHEDULED):
+            log.info(
+                "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
+                result.job.job_id,
+                result.job.realm_id,
+                result.job.kind,
+                result.job.priority,
+                result.disposition,
+            )
+            self.db.new_work_committed()
+        self.db.jobs_changed([result.job.job_id])
+
+    def enqueue_all(self, priority: int, *, batch: int = 500) -> tuple[int, int]:
+        """A from-scratch job for every realm; returns (inserted, realms)."""
+        inserted = realms = 0
+        after: str | None = None
+        while True:
+            with self.db.transaction() as session:
+                ids = realms_sql.realm_ids_page(session, after=after, limit=batch)
+                for realm_id in ids:
+                    r = self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
+                    inserted += r.disposition in (
+                        Disposition.INSERTED,
+                        Disposition.RERUN_SCHEDULED,
+                    )
+            realms += len(ids)
+            if inserted:
+                self.db.new_work_committed()
+            if len(ids) < batch:
+                return inserted, realms
+            after = ids[-1]
+
+    # -- claim ----------------------------------------------------------------
+
+    def claim(
+        self,
+        limit: int,
+        *,
+        worker: str = "",
+        min_priority: int = 0,
+        kinds: Sequence[JobKind] | None = None,
+        system_limit: int | None = None,
+    ) -> list[Lease]:
+        """Lease up to `limit` jobs in priority order. `system_limit` caps how
+        many SYSTEM-level jobs this call may take (reserved slots)."""
+        if limit <= 0:
+            return []
+        now = self.clock()
+        until = now + self.settings.lease_duration
+        for attempt in range(5):
+            try:
+                with self.db.transaction() as session:
+                    leases = jobs_sql.claim(
+                        session,
+                        limit=limit,
+                        min_priority=min_priority
+                        if system_limit is None
+                        else max(min_priority, SYSTEM + 1),
+                        max_priority=None,
+                        kinds=kinds,
+                        worker=worker,
+                        now=now,
+                        lease_until=until,
+                    )
+                    room = min(limit - len(leases), system_limit or 0)
+                    if system_limit is not None and room > 0 and min_priority <= SYSTEM:
+                        leases += jobs_sql.claim(
+                            session,
+                            limit=room,
+                            min_priority=min_priority,
+                            max_priority=SYSTEM,
+                            kinds=kinds,
+                            worker=worker,
+                            now=now,
+                            lease_until=until,
+                        )
+                break
+            except Conflict:
+                if attempt == 4:
+                    raise
+        for lease in leases:
+            log.info(
+                "job running job=%s realm=%s lease=%s worker=%s priority=%s attempt=%s",
+                lease.job.job_id,
+                lease.job.realm_id,
+                lease.lease_id,
+                worker,
+                lease.job.priority,
+                lease.job.attempt,
+            )
+        if leases:
+            self.db.jobs_changed([lease.job.job_id for lease in leases])
+        return leases
+
+    # -- fenced lease operations ----------------------------------------------
+
+    def heartbeat(
+        self, progress: dict[str, tuple[int, int]] | Sequence[str]
+    ) -> dict[str, datetime | None]:
+        """Extend leases (with optional progress). Maps each lease to its new
+        expiry, or None when the lease is not current (nothing changed)."""
+        leases = list(progress)
+        values = progress if isinstance(progress, dict) else {}
+        until = self.clock() + self.settings.lease_duration
+        with self.db.transaction() as session:
+            extended = jobs_sql.extend(session, leases, until, values)
+        return {lease: (until if lease in extended else None) for lease in leases}
+
+    def add_entries(
+        self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str] = ()
+    ) -> None:
+        with self.db.transaction() as session:
+            row = jobs_sql.current(session, lease_id, lock=False)
+            assert row.lease_attempt_id is not None
+            realms_sql.stage_entries(
+                session,
+                realm_id=row.realm_id,
+                generation=row.lease_attempt_id,
+                entries=entries,
+                deleted_paths=deleted_paths,
+            )
+
+    def complete(self, lease_id: str, *, entries_uploaded: int = 0) -> Job:
+        """Finish a lease successfully; the job's entries become the realm's index."""
+        now = self.clock()
+        with self.db.transaction() as session:
+            row = jobs_sql.current(session, lease_id)
+            generation = row.lease_attempt_id
+            assert generation is not None
+            if entries_uploaded:
+                staged = realms_sql.count_staged(session, row.realm_id, generation)
+                if staged != entries_uploaded:
+                    raise StaleLease(
+                        f"lease {lease_id}: {entries_uploaded} entries reported, "
+                        f"{staged} received; the result was not applied"
+                    )
+            realms_sql.switch_generation(
+                session,
+                realm_id=row.realm_id,
+                generation=generation,
+                from_scratch=row.kind == JobKind.FROM_SCRATCH.value,
+                now=now,
+            )
+            jobs_sql.end_attempt(session, generation, AttemptOutcome.COMPLETED, now, "")
+            jobs_sql.finish(row, JobState.SUCCEEDED, now)
+            job = jobs_sql.to_job(row)
+        self._log_end(job, lease_id, "succeeded")
+        self.db.jobs_changed([job.job_id])
+        self.db.new_work_committed()  # the realm's next job may run now
+        return job
+
+    def fail(self, lease_id: str, message: str, *, permanent: bool = False) -> Job:
+        """A failed attempt: counts toward the cap; retried until it is reached."""
+        now = self.clock()
+        with self.db.transaction() as session:
+            row = jobs_sql.current(session, lease_id)
+            jobs_sql.end_attempt(session, row.lease_attempt_id, AttemptOutcome.FAILED, now, message)
+            job = self._count_failure(session, row, message, now, permanent=permanent)
+        self._log_end(job, lease_id, job.state.value)
+        self.db.jobs_changed([job.job_id])
+        self.db.new_work_committed()
+        return job
+
+    def release(self, lease_ids: Sequence[str], reason: str = "released") -> list[Job]:
+        """Interrupted attempts (stream closed, drain, shutdown): requeued at
+        once, not counted. Stale leases are skipped."""
+        now = self.clock()
+        jobs: list[Job] = []
+        with self.db.transaction() as session:
+            for lease_id in lease_ids:
+                try:
+                    row = jobs_sql.current(session, lease_id)
+                except StaleLease:
+                    continue
+                jobs_sql.end_attempt(
+                    session, row.lease_attempt_id, AttemptOutcome.INTERRUPTED, now, reason
+                )
+                jobs_sql.requeue(session, row)
+                jobs.append(jobs_sql.to_job(row))
+            if jobs:
+                self.db.announce_new_work(session)
+        for job in jobs:
+            log.info("job requeued job=%s realm=%s reason=%s", job.job_id, job.realm_id, reason)
+        if jobs:
+            self.db.jobs_changed([j.job_id for j in jobs])
+            self.db.new_work_committed()
+        return jobs
+
+    def reap_expired(self, limit: int = 1000) -> list[Job]:
+        """Leases past their expiry (a crashed server or silent worker) count
+        as bad attempts: requeued, or failed once the cap is reached."""
+        now = self.clock()
+        with self.db.transaction() as session:
+            jobs = []
+            for row in jobs_sql.expired(session, now, limit):
+                jobs_sql.end_attempt(
+                    session, row.lease_attempt_id, AttemptOutcome.EXPIRED, now, "lease expired"
+                )
+                jobs.append(self._count_failure(session, row, "lease expired", now))
+            if jobs:
+                self.db.announce_new_work(session)
+        for job in jobs:
+            log.info(
+                "job lease expired job=%s realm=%s state=%s", job.job_id, job.realm_id, job.state
+            )
+        if jobs:
+            self.db.jobs_changed([j.job_id for j in jobs])
+            self.db.new_work_committed()
+        return jobs
+
+    def _count_failure(
+        self,
+        session: Session,
+        row: JobRow,
+        message: str,
+        now: datetime,
+        *,
+        permanent: bool = False,
+    ) -> Job:
+        row.counted_failures += 1
+        if permanent or row.counted_failures >= self.settings.max_attempts:
+            reason = (
+                message
+                if permanent
+                else (f"gave up after {row.counted_failures} failed attempts; last: {message}")
+            )
+            jobs_sql.finish(row, JobState.FAILED, now, reason)
+            realm = realms_sql.get_realm(session, row.realm_id)
+            if realm.current_generation is None:
+                realms_sql.set_realm_state(session, row.realm_id, RealmState.INDEX_FAILED)
+        else:
+            row.error_message = message[:2000]
+            jobs_sql.requeue(session, row)
+        session.flush()
+        return jobs_sql.to_job(row)
+
+    def _log_end(self, job: Job, lease_id: str, outcome: str) -> None:
+        log.info(
+            "job %s job=%s realm=%s lease=%s attempt=%s",
+            outcome,
+            job.job_id,
+            job.realm_id,
+            lease_id,
+            job.attempt,
+        )
+
+    # -- reads --------------------------------------------------------------------
+
+    def get_job(self, job_id: int) -> Job:
+        with self.db.transaction() as session:
+            return jobs_sql.get_job(session, job_id)
+
+    def list_jobs(
+        self,
+        *,
+        realm_id: str | None = None,
+        kind: JobKind | None = None,
+        state: JobState | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        with self.db.transaction() as session:
+            return jobs_sql.list_jobs(
+                session, realm_id=realm_id, kind=kind, state=state, before_id=before_id, limit=limit
+            )
+
+    def attempts(self, job_id: int) -> list[tuple[str, str]]:
+        with self.db.transaction() as session:
+            return jobs_sql.attempts_of(session, job_id)
+
+    def depth(self) -> list[tuple[int, int, datetime | None]]:
+        with self.db.transaction() as session:
+            return jobs_sql.queue_depth(session)

@@ -1,0 +1,205 @@
+"""Engine, sessions, migrations, error translation and wake-ups.
+
+SQLite runs in WAL mode with a busy timeout, and every transaction starts with
+BEGIN IMMEDIATE: the claim's select-then-update is then atomic, which the
+stdlib driver's deferred transactions would not guarantee. PostgreSQL goes
+through psycopg 3; new work is announced with NOTIFY on a channel derived from
+the schema so tests in separate schemas do not wake each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, exc, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from realm_service.errors import Conflict, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK_KEY = 0x7265616C6D  # pg_advisory_lock key shared by all servers
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain postgresql:// URLs and pick the psycopg 3 driver for them."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Storage errors become domain errors at the store's edge."""
+    try:
+        yield
+    except exc.IntegrityError as e:
+        raise Conflict(f"a concurrent change conflicted: {e.orig.__class__.__name__}") from e
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        if "database is locked" in str(e):
+            raise Conflict("the store is busy; retry") from e
+        raise StoreUnavailable(f"the store is unreachable: {e.orig.__class__.__name__}") from e
+    except exc.DBAPIError as e:
+        if getattr(e, "connection_invalidated", False):
+            raise StoreUnavailable("the store connection was lost") from e
+        raise
+
+
+class Database:
+    """One store: an engine, a session factory and a wake-up channel."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = normalize_url(url)
+        self.backend = "postgresql" if self.url.startswith("postgresql") else "sqlite"
+        self._new_work_listeners: list[Callable[[], None]] = []
+        self._job_change_listeners: list[Callable[[int], None]] = []
+        self._listen_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        if self.backend == "sqlite":
+            self.engine = self._sqlite_engine()
+        else:
+            self.engine = create_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 5},
+            )
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.channel = "realm_new_work"
+
+    def _sqlite_engine(self) -> Engine:
+        path = self.url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    # -- sessions -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session inside one transaction, with storage errors translated."""
+        with translate_errors(), self.sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                conn.rollback()
+            return True
+        except Exception:
+            return False
+
+    # -- schema ---------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Upgrade the schema to head; concurrent starts serialize on a lock."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with translate_errors(), self.engine.connect() as conn:
+            if self.backend == "postgresql":
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                conn.commit()
+            finally:
+                if self.backend == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                    conn.commit()
+        if self.backend == "postgresql":
+            with self.engine.connect() as conn:
+                schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+            self.channel = f"realm_new_work_{schema}"[:63]
+
+    # -- wake-ups -------------------------------------------------------
+
+    def on_new_work(self, callback: Callable[[], None]) -> None:
+        """Call back (from any thread) when new or requeued work may be claimable."""
+        self._new_work_listeners.append(callback)
+        if self.backend == "postgresql" and self._listen_thread is None:
+            self._listen_thread = threading.Thread(
+                target=self._listen, name="pg-listen", daemon=True
+            )
+            self._listen_thread.start()
+
+    def on_job_change(self, callback: Callable[[int], None]) -> None:
+        """Call back with a job id when this process changed that job."""
+        self._job_change_listeners.append(callback)
+
+    def announce_new_work(self, session: Session) -> None:
+        """Inside a transaction: other instances learn of the work at commit."""
+        if self.backend == "postgresql":
+            session.execute(text("SELECT pg_notify(:c, '')"), {"c": self.channel})
+
+    def new_work_committed(self) -> None:
+        for callback in list(self._new_work_listeners):
+            callback()
+
+    def jobs_changed(self, job_ids: list[int]) -> None:
+        for callback in list(self._job_change_listeners):
+            for job_id in job_ids:
+                callback(job_id)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f'LISTEN "{self.channel}"')
+                    log.info("listening channel=%s", self.channel)
+                    # A (re)connect may have missed notifications: wake everyone once.
+                    self.new_work_committed()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self.new_work_committed()
+            except Exception as e:  # reconnect: the polling fallback covers the gap
+                if self._stop.is_set():
+                    return
+                log.warning("listen connection lost: %s; retrying", e)
+                time.sleep(1.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.engine.dispose()
+
+
+def open_database(url: str, *, migrate: bool = True, pool_size: int = 10) -> Database:
+    db = Database(url, pool_size=pool_size)
+    if migrate:
+        db.migrate()
+    return db

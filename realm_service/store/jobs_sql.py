@@ -1,0 +1,432 @@
+"""Every SQL statement about jobs and their attempts (leases).
+
+Functions take an open session (the caller owns the transaction) and return
+frozen domain objects, never ORM rows.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, delete, exc, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from realm_service.domain import AttemptOutcome, Job, JobKind, JobState, Lease, PathChange
+from realm_service.errors import JobNotFound, StaleLease
+from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow
+
+MERGED = "merged"  # internal state: folded into the job named by superseded_by
+ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
+
+
+def seq_of(now: datetime) -> int:
+    return int(now.timestamp() * 1_000_000)
+
+
+def encode_paths(changes: Iterable[PathChange]) -> str:
+    return json.dumps(sorted([c.path, c.deleted] for c in changes))
+
+
+def decode_paths(raw: str) -> tuple[PathChange, ...]:
+    return tuple(PathChange(str(p), bool(d)) for p, d in json.loads(raw or "[]"))
+
+
+def merge_paths(old: Iterable[PathChange], new: Iterable[PathChange]) -> tuple[PathChange, ...]:
+    """Union by path; a delete wins over an update of the same path."""
+    merged: dict[str, bool] = {}
+    for change in [*old, *new]:
+        merged[change.path] = merged.get(change.path, False) or change.deleted
+    return tuple(PathChange(p, d) for p, d in sorted(merged.items()))
+
+
+def to_job(row: JobRow, shown: JobRow | None = None) -> Job:
+    """A job as clients see it; a merged job shows the state of its successor."""
+    live = shown or row
+    state = live.state if live.state != MERGED else JobState.QUEUED.value
+    return Job(
+        job_id=row.id,
+        realm_id=row.realm_id,
+        kind=JobKind(row.kind),
+        priority=max(row.priority, live.priority),
+        state=JobState(state),
+        attempt=live.attempt,
+        create_time=row.create_time,
+        start_time=live.start_time,
+        finish_time=live.finish_time,
+        error_message=live.error_message,
+        progress_done=live.progress_done,
+        progress_total=live.progress_total,
+        path_changes=decode_paths(live.paths),
+    )
+
+
+def _resolve(session: Session, row: JobRow) -> Job:
+    live = row
+    for _ in range(64):  # chains are short; the bound guards against cycles
+        if live.state != MERGED or live.superseded_by is None:
+            break
+        nxt = session.get(JobRow, live.superseded_by)
+        if nxt is None:
+            break
+        live = nxt
+    return to_job(row, live if live is not row else None)
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    row = session.get(JobRow, job_id)
+    if row is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    return _resolve(session, row)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    realm_id: str | None,
+    kind: JobKind | None,
+    state: JobState | None,
+    before_id: int | None,
+    limit: int,
+) -> list[Job]:
+    q = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
+    if realm_id:
+        q = q.where(JobRow.realm_id == realm_id)
+    if kind is not None:
+        q = q.where(JobRow.kind == kind.value)
+    if state is not None:
+        q = q.where(JobRow.state == state.value)
+    if before_id is not None:
+        q = q.where(JobRow.id < before_id)
+    return [_resolve(session, row) for row in session.scalars(q)]
+
+
+def queued_job(session: Session, realm_id: str, kind: JobKind) -> JobRow | None:
+    return session.scalars(
+        select(JobRow)
+        .where(JobRow.realm_id == realm_id, JobRow.kind == kind.value, JobRow.state == "queued")
+        .with_for_update()
+    ).first()
+
+
+def running_job(session: Session, realm_id: str) -> JobRow | None:
+    return session.scalars(
+        select(JobRow).where(JobRow.realm_id == realm_id, JobRow.state == "running")
+    ).first()
+
+
+def has_from_scratch(session: Session, realm_id: str, states: Sequence[str]) -> bool:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(JobRow)
+            .where(
+                JobRow.realm_id == realm_id,
+                JobRow.kind == JobKind.FROM_SCRATCH.value,
+                JobRow.state.in_(states),
+            )
+        )
+        or 0
+    ) > 0
+
+
+def insert_job(
+    session: Session,
+    *,
+    realm_id: str,
+    kind: JobKind,
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange] = (),
+) -> JobRow:
+    row = JobRow(
+        realm_id=realm_id,
+        kind=kind.value,
+        priority=priority,
+        state="queued",
+        seq=seq_of(now),
+        attempt=0,
+        counted_failures=0,
+        create_time=now,
+        error_message="",
+        progress_done=0,
+        progress_total=0,
+        paths=encode_paths(paths),
+        worker="",
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def try_insert_job(
+    session: Session,
+    *,
+    realm_id: str,
+    kind: JobKind,
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange] = (),
+) -> JobRow | None:
+    """Insert in a savepoint; None when the unique index refused it (a
+    concurrent enqueuer's job exists now), leaving the outer transaction usable."""
+    try:
+        with session.begin_nested():
+            return insert_job(
+                session, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
+            )
+    except exc.IntegrityError:
+        return None
+
+
+def merge_into(row: JobRow, priority: int, paths: Sequence[PathChange] = ()) -> None:
+    row.priority = max(row.priority, priority)
+    if paths:
+        row.paths = encode_paths(merge_paths(decode_paths(row.paths), paths))
+
+
+def raise_priority(session: Session, job_id: int, priority: int) -> None:
+    session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.priority < priority)
+        .values(priority=priority)
+    )
+
+
+# -- claiming ---------------------------------------------------------------
+
+
+def claim(
+    session: Session,
+    *,
+    limit: int,
+    min_priority: int,
+    max_priority: int | None,
+    kinds: Sequence[JobKind] | None,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+) -> list[Lease]:
+    """Lease up to `limit` queued jobs: highest priority, then oldest, at most
+    one per realm and none of a realm that already has a running job.
+
+    Candidate job rows and their realms are locked with SKIP LOCKED, so
+    concurrent claimers on PostgreSQL never take the same job, nor two jobs of
+    one realm; on SQLite the transaction holds the write lock (BEGIN IMMEDIATE).
+    """
+    if limit <= 0:
+        return []
+    scan = limit * 4 + 32
+    while True:
+        q = (
+            select(JobRow.id, JobRow.realm_id)
+            .where(JobRow.state == "queued", JobRow.priority >= min_priority)
+            .order_by(JobRow.priority.desc(), JobRow.seq, JobRow.id)
+            .limit(scan)
+            .with_for_update(skip_locked=True)
+        )
+        if max_priority is not None:
+            q = q.where(JobRow.priority <= max_priority)
+        if kinds:
+            q = q.where(JobRow.kind.in_([k.value for k in kinds]))
+        candidates = session.execute(q).all()
+        first_per_realm: dict[str, int] = {}
+        for job_id, realm_id in candidates:
+            first_per_realm.setdefault(realm_id, job_id)
+        if not first_per_realm:
+            return []
+        locked = set(
+            session.scalars(
+                select(RealmRow.realm_id)
+                .where(RealmRow.realm_id.in_(list(first_per_realm)))
+                .with_for_update(skip_locked=True)
+            )
+        )
+        busy = set(
+            session.scalars(
+                select(JobRow.realm_id).where(
+                    JobRow.realm_id.in_(list(locked)), JobRow.state == "running"
+                )
+            )
+        )
+        chosen = [
+            job_id
+            for realm_id, job_id in first_per_realm.items()
+            if realm_id in locked and realm_id not in busy
+        ][:limit]
+        if len(chosen) >= limit or len(candidates) < scan or scan >= 100_000:
+            break
+        scan *= 4  # the head of the queue is blocked by busy realms: look further
+    if not chosen:
+        return []
+    leases = {job_id: secrets.token_hex(16) for job_id in chosen}
+    attempt_ids: dict[int, int] = {}
+    for job_id, lease_id in leases.items():
+        attempt_ids[job_id] = session.execute(
+            insert(JobAttemptRow)
+            .values(
+                job_id=job_id,
+                lease_id=lease_id,
+                worker=worker[:200],
+                start_time=now,
+                outcome=AttemptOutcome.RUNNING.value,
+                error_message="",
+            )
+            .returning(JobAttemptRow.id)
+        ).scalar_one()
+    rows = []
+    for job_id in chosen:
+        row = session.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id)
+            .values(
+                state="running",
+                attempt=JobRow.attempt + 1,
+                start_time=now,
+                lease_id=leases[job_id],
+                lease_attempt_id=attempt_ids[job_id],
+                lease_expire_time=lease_until,
+                worker=worker[:200],
+                progress_done=0,
+                progress_total=0,
+            )
+            .returning(JobRow)
+        ).scalar_one()
+        rows.append(row)
+    rows.sort(key=lambda r: (-r.priority, r.seq, r.id))
+    return [Lease(lease_id=r.lease_id or "", job=to_job(r), expire_time=lease_until) for r in rows]
+
+
+# -- fenced operations ------------------------------------------------------
+
+
+def current(session: Session, lease_id: str, *, lock: bool = True) -> JobRow:
+    """The running job held under `lease_id`, or StaleLease."""
+    q = select(JobRow).where(JobRow.lease_id == lease_id, JobRow.state == "running")
+    if lock:
+        q = q.with_for_update()
+    row = session.scalars(q).first() if lease_id else None
+    if row is None:
+        raise StaleLease(f"lease {lease_id[:40]!r} is not current")
+    return row
+
+
+def extend(
+    session: Session,
+    lease_ids: Sequence[str],
+    until: datetime,
+    progress: dict[str, tuple[int, int]],
+) -> set[str]:
+    """Extend current leases; returns the ones that were current."""
+    extended: set[str] = set()
+    for lease_id in lease_ids:
+        values: dict[str, object] = {"lease_expire_time": until}
+        if lease_id in progress:
+            done, total = progress[lease_id]
+            values["progress_done"] = max(0, done)
+            values["progress_total"] = max(0, total)
+        result = session.execute(
+            update(JobRow)
+            .where(JobRow.lease_id == lease_id, JobRow.state == "running")
+            .values(**values)
+            .returning(JobRow.id)
+        ).first()
+        if result is not None:
+            extended.add(lease_id)
+    return extended
+
+
+def end_attempt(
+    session: Session, attempt_id: int | None, outcome: AttemptOutcome, now: datetime, message: str
+) -> None:
+    if attempt_id is None:
+        return
+    session.execute(
+        update(JobAttemptRow)
+        .where(JobAttemptRow.id == attempt_id)
+        .values(outcome=outcome.value, end_time=now, error_message=message[:2000])
+    )
+
+
+def finish(row: JobRow, state: JobState, now: datetime, message: str = "") -> None:
+    row.state = state.value
+    row.finish_time = now
+    row.error_message = message[:2000]
+    row.lease_id = None
+    row.lease_expire_time = None
+
+
+def requeue(session: Session, row: JobRow) -> None:
+    """Put a running job back in the queue, keeping its place in line. If a job
+    of the same realm and kind was queued meanwhile, fold this one into it."""
+    row.lease_id = None
+    row.lease_expire_time = None
+    row.lease_attempt_id = None
+    other = queued_job(session, row.realm_id, JobKind(row.kind))
+    if other is None:
+        row.state = "queued"
+        session.flush()
+        return
+    other.priority = max(other.priority, row.priority)
+    other.seq = min(other.seq, row.seq)
+    other.paths = encode_paths(merge_paths(decode_paths(other.paths), decode_paths(row.paths)))
+    row.state = MERGED
+    row.superseded_by = other.id
+    session.flush()
+
+
+def expired(session: Session, now: datetime, limit: int) -> list[JobRow]:
+    return list(
+        session.scalars(
+            select(JobRow)
+            .where(JobRow.state == "running", JobRow.lease_expire_time < now)
+            .order_by(JobRow.lease_expire_time)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def attempts_of(session: Session, job_id: int) -> list[tuple[str, str]]:
+    """(lease_id, outcome) of every attempt of a job, oldest first."""
+    return [
+        (r.lease_id, r.outcome)
+        for r in session.scalars(
+            select(JobAttemptRow).where(JobAttemptRow.job_id == job_id).order_by(JobAttemptRow.id)
+        )
+    ]
+
+
+def active_leases(session: Session) -> list[str]:
+    return [
+        lease
+        for lease in session.scalars(select(JobRow.lease_id).where(JobRow.state == "running"))
+        if lease
+    ]
+
+
+def queue_depth(session: Session) -> list[tuple[int, int, datetime | None]]:
+    """(priority, queued count, oldest create_time) per priority."""
+    rows = session.execute(
+        select(JobRow.priority, func.count(), func.min(JobRow.create_time))
+        .where(JobRow.state == "queued")
+        .group_by(JobRow.priority)
+    ).all()
+    return [(int(p), int(c), t) for p, c, t in rows]
+
+
+def realm_ids_with_jobs(session: Session, realm_ids: Sequence[str]) -> set[str]:
+    return set(
+        session.scalars(
+            select(JobRow.realm_id).where(
+                JobRow.realm_id.in_(list(realm_ids)),
+                or_(JobRow.state.in_(ACTIVE), and_(JobRow.state == "succeeded")),
+            )
+        )
+    )
+
+
+def delete_jobs_of(session: Session, realm_id: str) -> None:
+    session.execute(delete(JobRow).where(JobRow.realm_id == realm_id))

@@ -1,0 +1,392 @@
+"""Every SQL statement about realms, their files, index entries and
+idempotency keys. Functions take an open session and return domain objects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from realm_service.domain import IndexEntry, Realm, RealmFile, RealmState
+from realm_service.errors import FileNotFound, RealmAlreadyExists, RealmNotFound
+from realm_service.store.tables import (
+    IdempotencyKeyRow,
+    IndexEntryRow,
+    RealmFileRow,
+    RealmRow,
+)
+
+
+def to_realm(row: RealmRow) -> Realm:
+    return Realm(
+        realm_id=row.realm_id,
+        display_name=row.display_name,
+        state=RealmState(row.state),
+        create_time=row.create_time,
+        files=row.files,
+        cards=row.cards,
+        errors=row.errors,
+        entries=row.entries,
+        last_index_time=row.last_index_time,
+        current_generation=row.current_generation,
+        created_priority=row.created_priority,
+    )
+
+
+def to_file(row: RealmFileRow) -> RealmFile:
+    return RealmFile(path=row.path, mtime=row.mtime, size=row.size, sha256=row.sha256)
+
+
+def to_entry(row: IndexEntryRow) -> IndexEntry:
+    return IndexEntry(
+        path=row.path,
+        mtime=row.mtime,
+        size=row.size,
+        sha256=row.sha256,
+        media_type=row.media_type,
+        card_type=row.card_type,
+        title=row.title,
+        search_text=row.search_text,
+        links=tuple(json.loads(row.links or "[]")),
+        error_message=row.error_message,
+    )
+
+
+# -- realms -------------------------------------------------------------------
+
+
+def insert_realm(
+    session: Session, *, realm_id: str, display_name: str, priority: int, now: datetime
+) -> Realm:
+    if session.get(RealmRow, realm_id) is not None:
+        raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
+    row = RealmRow(
+        realm_id=realm_id,
+        display_name=display_name,
+        state=RealmState.INDEXING.value,
+        created_priority=priority,
+        create_time=now,
+        files=0,
+        cards=0,
+        errors=0,
+        entries=0,
+    )
+    session.add(row)
+    session.flush()  # a concurrent creator fails here on the primary key
+    return to_realm(row)
+
+
+def get_realm(session: Session, realm_id: str, *, lock: bool = False) -> Realm:
+    q = select(RealmRow).where(RealmRow.realm_id == realm_id)
+    if lock:
+        q = q.with_for_update()
+    row = session.scalars(q).first()
+    if row is None:
+        raise RealmNotFound(f"realm {realm_id!r} does not exist")
+    return to_realm(row)
+
+
+def realm_exists(session: Session, realm_id: str) -> bool:
+    return session.get(RealmRow, realm_id) is not None
+
+
+def list_realms(session: Session, *, after: str | None, limit: int) -> list[Realm]:
+    q = select(RealmRow).order_by(RealmRow.realm_id).limit(limit)
+    if after:
+        q = q.where(RealmRow.realm_id > after)
+    return [to_realm(r) for r in session.scalars(q)]
+
+
+def realm_ids_page(session: Session, *, after: str | None, limit: int) -> list[str]:
+    q = select(RealmRow.realm_id).order_by(RealmRow.realm_id).limit(limit)
+    if after:
+        q = q.where(RealmRow.realm_id > after)
+    return list(session.scalars(q))
+
+
+def set_realm_state(session: Session, realm_id: str, state: RealmState) -> None:
+    session.execute(update(RealmRow).where(RealmRow.realm_id == realm_id).values(state=state.value))
+
+
+# -- files --------------------------------------------------------------------
+
+
+def put_file(
+    session: Session, *, realm_id: str, path: str, content: bytes, now: datetime
+) -> RealmFile:
+    digest = hashlib.sha256(content).hexdigest()
+    row = session.get(RealmFileRow, (realm_id, path))
+    if row is None:
+        row = RealmFileRow(
+            realm_id=realm_id, path=path, content=content, mtime=now, size=len(content)
+        )
+        row.sha256 = digest
+        session.add(row)
+        session.execute(
+            update(RealmRow).where(RealmRow.realm_id == realm_id).values(files=RealmRow.files + 1)
+        )
+    else:
+        row.content = content
+        row.mtime = now
+        row.size = len(content)
+        row.sha256 = digest
+    session.flush()
+    return to_file(row)
+
+
+def put_files(
+    session: Session, *, realm_id: str, files: Sequence[tuple[str, bytes]], now: datetime
+) -> None:
+    """Insert many new files of a realm that has none of them yet."""
+    if not files:
+        return
+    session.execute(
+        insert(RealmFileRow),
+        [
+            {
+                "realm_id": realm_id,
+                "path": path,
+                "content": content,
+                "mtime": now,
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
+            for path, content in files
+        ],
+    )
+    session.execute(
+        update(RealmRow)
+        .where(RealmRow.realm_id == realm_id)
+        .values(files=RealmRow.files + len(files))
+    )
+
+
+def delete_file(session: Session, *, realm_id: str, path: str) -> None:
+    result = session.execute(
+        delete(RealmFileRow).where(RealmFileRow.realm_id == realm_id, RealmFileRow.path == path)
+    )
+    if getattr(result, "rowcount", 0) == 0:
+        raise FileNotFound(f"file {path[:200]!r} does not exist in realm {realm_id!r}")
+    session.execute(
+        update(RealmRow).where(RealmRow.realm_id == realm_id).values(files=RealmRow.files - 1)
+    )
+
+
+def list_files(session: Session, realm_id: str) -> list[RealmFile]:
+    q = (
+        select(RealmFileRow.path, RealmFileRow.mtime, RealmFileRow.size, RealmFileRow.sha256)
+        .where(RealmFileRow.realm_id == realm_id)
+        .order_by(RealmFileRow.path)
+    )
+
+    return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in session.execute(q)]
+
+
+def read_file(session: Session, *, realm_id: str, path: str) -> tuple[RealmFile, bytes]:
+    row = session.get(RealmFileRow, (realm_id, path))
+    if row is None:
+        raise FileNotFound(f"file {path[:200]!r} does not exist in realm {realm_id!r}")
+    return to_file(row), row.content
+
+
+# -- index entries ------------------------------------------------------------
+
+
+def stage_entries(
+    session: Session,
+    *,
+    realm_id: str,
+    generation: int,
+    entries: Sequence[IndexEntry],
+    deleted_paths: Sequence[str],
+) -> None:
+    """Write entries (and tombstones) under a generation; re-sent paths replace."""
+    paths = [e.path for e in entries] + list(deleted_paths)
+    if not paths:
+        return
+    for start in range(0, len(paths), 500):
+        chunk = paths[start : start + 500]
+        session.execute(
+            delete(IndexEntryRow).where(
+                IndexEntryRow.realm_id == realm_id,
+                IndexEntryRow.generation == generation,
+                IndexEntryRow.path.in_(chunk),
+            )
+        )
+    rows: list[dict[str, object]] = [
+        {
+            "realm_id": realm_id,
+            "generation": generation,
+            "path": e.path,
+            "deleted": False,
+            "mtime": e.mtime,
+            "size": e.size,
+            "sha256": e.sha256,
+            "media_type": e.media_type,
+            "card_type": e.card_type,
+            "title": e.title,
+            "search_text": e.search_text,
+            "links": json.dumps(list(e.links)),
+            "error_message": e.error_message,
+        }
+        for e in {e.path: e for e in entries}.values()
+    ]
+    epoch = datetime.fromtimestamp(0).astimezone()
+    rows += [
+        {
+            "realm_id": realm_id,
+            "generation": generation,
+            "path": p,
+            "deleted": True,
+            "mtime": epoch,
+            "size": 0,
+            "sha256": "",
+            "media_type": "",
+            "card_type": "",
+            "title": "",
+            "search_text": "",
+            "links": "[]",
+            "error_message": "",
+        }
+        for p in dict.fromkeys(deleted_paths)
+        if p not in {e.path for e in entries}
+    ]
+    if rows:
+        session.execute(insert(IndexEntryRow), rows)
+
+
+def count_staged(session: Session, realm_id: str, generation: int) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(IndexEntryRow)
+            .where(
+                IndexEntryRow.realm_id == realm_id,
+                IndexEntryRow.generation == generation,
+                IndexEntryRow.deleted.is_(False),
+            )
+        )
+        or 0
+    )
+
+
+def switch_generation(
+    session: Session, *, realm_id: str, generation: int, from_scratch: bool, now: datetime
+) -> None:
+    """Make a completed job's entries the realm's index, with its stats, in the
+    caller's transaction: searches see the old index or the new, never half."""
+    realm = session.scalars(
+        select(RealmRow).where(RealmRow.realm_id == realm_id).with_for_update()
+    ).one()
+    current = realm.current_generation
+    if from_scratch or current is None:
+        session.execute(
+            delete(IndexEntryRow).where(
+                IndexEntryRow.realm_id == realm_id,
+                or_(IndexEntryRow.generation != generation, IndexEntryRow.deleted.is_(True)),
+            )
+        )
+        realm.current_generation = generation
+    else:
+        staged_paths = select(IndexEntryRow.path).where(
+            IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation
+        )
+        session.execute(
+            delete(IndexEntryRow).where(
+                IndexEntryRow.realm_id == realm_id,
+                IndexEntryRow.generation == current,
+                IndexEntryRow.path.in_(staged_paths.scalar_subquery()),
+            )
+        )
+        session.execute(
+            delete(IndexEntryRow).where(
+                IndexEntryRow.realm_id == realm_id,
+                or_(
+                    and_(IndexEntryRow.generation == generation, IndexEntryRow.deleted.is_(True)),
+                    and_(
+                        IndexEntryRow.generation != generation,
+                        IndexEntryRow.generation != current,
+                    ),
+                ),
+            )
+        )
+        session.execute(
+            update(IndexEntryRow)
+            .where(IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation)
+            .values(generation=current)
+        )
+    gen = realm.current_generation
+    base = select(func.count()).select_from(IndexEntryRow)
+    where = (IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == gen)
+    realm.entries = int(session.scalar(base.where(*where)) or 0)
+    realm.errors = int(session.scalar(base.where(*where, IndexEntryRow.error_message != "")) or 0)
+    realm.cards = int(
+        session.scalar(
+            base.where(*where, IndexEntryRow.card_type != "", IndexEntryRow.error_message == "")
+        )
+        or 0
+    )
+    realm.files = int(
+        session.scalar(
+            select(func.count()).select_from(RealmFileRow).where(RealmFileRow.realm_id == realm_id)
+        )
+        or 0
+    )
+    realm.last_index_time = now
+    realm.state = RealmState.READY.value
+
+
+def search(
+    session: Session,
+    *,
+    realm_id: str,
+    generation: int | None,
+    card_type: str,
+    text: str,
+    after_path: str | None,
+    limit: int,
+) -> list[IndexEntry]:
+    if generation is None:
+        return []
+    q = (
+        select(IndexEntryRow)
+        .where(IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation)
+        .order_by(IndexEntryRow.path)
+        .limit(limit)
+    )
+    if card_type:
+        q = q.where(IndexEntryRow.card_type == card_type)
+    if text:
+        pattern = (
+            "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        )
+        q = q.where(
+            or_(
+                func.lower(IndexEntryRow.search_text).like(pattern, escape="\\"),
+                func.lower(IndexEntryRow.title).like(pattern, escape="\\"),
+            )
+        )
+    if after_path:
+        q = q.where(IndexEntryRow.path > after_path)
+    return [to_entry(r) for r in session.scalars(q)]
+
+
+# -- idempotency ----------------------------------------------------------------
+
+
+def find_key(session: Session, scope: str, key: str) -> tuple[str, int | None] | None:
+    row = session.get(IdempotencyKeyRow, (scope, key))
+    return None if row is None else (row.realm_id, row.job_id)
+
+
+def put_key(
+    session: Session, *, scope: str, key: str, realm_id: str, job_id: int | None, now: datetime
+) -> None:
+    session.add(
+        IdempotencyKeyRow(scope=scope, key=key, realm_id=realm_id, job_id=job_id, create_time=now)
+    )
+    session.flush()
