@@ -76,7 +76,7 @@ class JobQueue:
             except Conflict:
                 if attempt == 4:
                     raise
-        self._after_enqueue(result)
+        self.after_enqueue(result)
         return result
 
     def enqueue_in(
@@ -143,7 +143,7 @@ class JobQueue:
             return None
         return self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority).job
 
-    def _after_enqueue(self, result: EnqueueResult) -> None:
+    def after_enqueue(self, result: EnqueueResult) -> None:
         if result.disposition in (Disposition.INSERTED, Disposition.RERUN_SCHEDULED):
             log.info(
                 "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
