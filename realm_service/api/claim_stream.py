@@ -1,0 +1,355 @@
+"""The ClaimJobs stream: protocol checks, credits, leases, fenced results.
+
+Reading happens in a task; writing happens in the handler's generator, fed by
+an outbox queue. When the stream ends for any reason, the leases it still
+holds are released at once as interrupted (they do not count as failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from realm.v1 import realm_service_pb2 as spb
+from realm.v1 import resources_pb2 as pb
+
+from realm_service.api.convert import (
+    JOB_STATE_TO_PB,
+    KIND_FROM_PB,
+    entry_from_pb,
+    job_pb,
+    ts,
+)
+from realm_service.dispatcher import Dispatcher, WorkerStream
+from realm_service.domain import JobKind, JobState, Lease, validate_path
+from realm_service.errors import InvalidArgument, RealmError, StaleLease
+from realm_service.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+MAX_CREDITS = 10_000
+MAX_ENTRIES_PER_BATCH = 5_000
+MAX_ID = 200
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d
+
+
+class ProtocolError(InvalidArgument):
+    """The worker broke the ClaimJobs protocol."""
+
+
+class ClaimSession:
+    """One ClaimJobs call."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        dispatcher: Dispatcher,
+        *,
+        heartbeat_seconds: float,
+        ping_seconds: float,
+    ) -> None:
+        self.queue = queue
+        self.dispatcher = dispatcher
+        self.heartbeat_seconds = heartbeat_seconds
+        self.ping_seconds = ping_seconds
+        self.outbox: asyncio.Queue[spb.ClaimJobsResponse | None] = asyncio.Queue()
+        self.stream: WorkerStream | None = None
+        self.error: RealmError | None = None
+        self.last_heard = time.monotonic()
+
+    # -- entry point ------------------------------------------------------------
+
+    async def run(
+        self,
+        requests: AsyncIterator[spb.ClaimJobsRequest],
+        context: grpc.aio.ServicerContext[spb.ClaimJobsRequest, spb.ClaimJobsResponse],
+    ) -> AsyncIterator[spb.ClaimJobsResponse]:
+        try:
+            first = await asyncio.wait_for(anext(requests), timeout=30)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
+        stream = self._hello(first)
+        if stream is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, self.error.message if self.error else "bad hello"
+            )
+        assert stream is not None
+        self.stream = stream
+        self.dispatcher.add(stream)
+        log.info("stream opened stream=%s min_priority=%s", stream.label, stream.min_priority)
+        reader = asyncio.create_task(self._read(requests))
+        pinger = asyncio.create_task(self._ping())
+        try:
+            yield spb.ClaimJobsResponse(
+                settings=spb.StreamSettings(
+                    lease_duration=_duration(self.queue.settings.lease_duration.total_seconds()),
+                    heartbeat_interval=_duration(self.heartbeat_seconds),
+                    stream_id=stream.stream_id,
+                )
+            )
+            while True:
+                message = await self.outbox.get()
+                if message is None:
+                    break
+                yield message
+            if self.error is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.error.message)
+        finally:
+            reader.cancel()
+            pinger.cancel()
+            self.dispatcher.remove(stream)
+            held = list(stream.outstanding)
+            stream.outstanding.clear()
+            if held:
+                await asyncio.to_thread(self.queue.release, held, "stream closed")
+                self.dispatcher.wake()
+            log.info("stream closed stream=%s released=%d", stream.label, len(held))
+
+    def _hello(self, message: spb.ClaimJobsRequest) -> WorkerStream | None:
+        if message.WhichOneof("message") != "hello":
+            self.error = ProtocolError("the first message must be hello")
+            return None
+        hello = message.hello
+        if not hello.worker_id or len(hello.worker_id) > MAX_ID:
+            self.error = ProtocolError(f"hello.worker_id is required, at most {MAX_ID} characters")
+            return None
+        if len(hello.incarnation_id) > MAX_ID:
+            self.error = ProtocolError(f"hello.incarnation_id is longer than {MAX_ID} characters")
+            return None
+        kinds: list[JobKind] = []
+        for k in hello.kinds:
+            if k not in KIND_FROM_PB:
+                self.error = ProtocolError(f"hello.kinds has an unknown kind {k}")
+                return None
+            kinds.append(KIND_FROM_PB[k])
+        min_priority = hello.min_priority if hello.HasField("min_priority") else 0
+        if not 0 <= min_priority <= 100:
+            self.error = ProtocolError(f"hello.min_priority {min_priority} is out of range 0-100")
+            return None
+        return WorkerStream(
+            worker_id=hello.worker_id,
+            incarnation_id=hello.incarnation_id,
+            kinds=tuple(sorted(set(kinds))),
+            min_priority=min_priority,
+            deliver=self._deliver,
+        )
+
+    def _deliver(self, leases: list[Lease]) -> None:
+        self.outbox.put_nowait(
+            spb.ClaimJobsResponse(
+                assignments=spb.JobAssignments(
+                    assignments=[
+                        spb.JobAssignment(
+                            job=job_pb(lease.job),
+                            lease_id=lease.lease_id,
+                            lease_expire_time=ts(lease.expire_time),
+                        )
+                        for lease in leases
+                    ]
+                )
+            )
+        )
+
+    def _fail(self, error: RealmError) -> None:
+        self.error = error
+        self.outbox.put_nowait(None)
+
+    # -- reading --------------------------------------------------------------------
+
+    async def _read(self, requests: AsyncIterator[spb.ClaimJobsRequest]) -> None:
+        try:
+            async for message in requests:
+                self.last_heard = time.monotonic()
+                await self._handle(message)
+        except RealmError as e:
+            self._fail(e)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream reader failed")
+        self.outbox.put_nowait(None)  # the worker closed its side
+
+    async def _handle(self, message: spb.ClaimJobsRequest) -> None:
+        stream = self.stream
+        assert stream is not None
+        kind = message.WhichOneof("message")
+        if kind == "hello":
+            raise ProtocolError("hello may only be sent once, as the first message")
+        if kind == "credit":
+            n = message.credit.credits
+            if n <= 0 or n > MAX_CREDITS:
+                raise ProtocolError(f"credit.credits {n} is out of range 1-{MAX_CREDITS}")
+            if stream.credits + len(stream.outstanding) + n > MAX_CREDITS:
+                raise ProtocolError(f"more than {MAX_CREDITS} credits outstanding")
+            stream.credits += n
+            self.dispatcher.wake()
+        elif kind == "heartbeat":
+            await self._heartbeat(message.heartbeat)
+        elif kind == "entries":
+            await self._entries(message.entries)
+        elif kind == "results":
+            await self._results(message.results)
+        elif kind == "release":
+            await self._release(message.release)
+        elif kind == "ping":
+            if not message.ping.reply:
+                self.outbox.put_nowait(
+                    spb.ClaimJobsResponse(ping=spb.Ping(nonce=message.ping.nonce, reply=True))
+                )
+        else:
+            raise ProtocolError("empty message: set one of the message fields")
+
+    def _refusal(self, lease_id: str, reason: str) -> spb.LeaseAck:
+        return spb.LeaseAck(lease_id=lease_id[:64], accepted=False, reason=reason)
+
+    def _held(self, lease_id: str) -> bool:
+        assert self.stream is not None
+        return lease_id in self.stream.outstanding
+
+    async def _heartbeat(self, hb: spb.Heartbeat) -> None:
+        progress: dict[str, tuple[int, int]] = {}
+        acks: list[spb.LeaseAck] = []
+        for lp in hb.leases[:MAX_CREDITS]:
+            if self._held(lp.lease_id):
+                progress[lp.lease_id] = (lp.progress.done, lp.progress.total)
+            else:
+                acks.append(self._refusal(lp.lease_id, "lease is not held by this stream"))
+        if progress:
+            result = await asyncio.to_thread(self.queue.heartbeat, progress)
+            for lease_id, until in result.items():
+                if until is None:
+                    self._drop(lease_id)
+                    acks.append(self._refusal(lease_id, "lease is no longer current"))
+                else:
+                    acks.append(
+                        spb.LeaseAck(
+                            lease_id=lease_id,
+                            accepted=True,
+                            lease_expire_time=ts(until),
+                            job_state=pb.Job.STATE_RUNNING,
+                        )
+                    )
+            self.queue.db.jobs_changed(
+                [self.stream.outstanding[x].job.job_id for x in progress if self._held(x)]
+                if self.stream
+                else []
+            )
+        if acks:
+            self.outbox.put_nowait(spb.ClaimJobsResponse(acks=spb.LeaseAcks(acks=acks)))
+
+    async def _entries(self, batch: spb.IndexEntryBatch) -> None:
+        if len(batch.entries) + len(batch.deleted_paths) > MAX_ENTRIES_PER_BATCH:
+            raise ProtocolError(f"entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
+        if not self._held(batch.lease_id):
+            self._ack([self._refusal(batch.lease_id, "lease is not held by this stream")])
+            return
+        try:
+            entries = [entry_from_pb(e, f"entries[{i}]") for i, e in enumerate(batch.entries)]
+            deleted = [validate_path(p, "deleted_paths") for p in batch.deleted_paths]
+        except InvalidArgument as e:
+            self._ack([self._refusal(batch.lease_id, e.message)])
+            return
+        try:
+            await asyncio.to_thread(self.queue.add_entries, batch.lease_id, entries, deleted)
+        except StaleLease as e:
+            self._drop(batch.lease_id)
+            self._ack([self._refusal(batch.lease_id, e.message)])
+
+    async def _results(self, results: spb.JobResults) -> None:
+        acks: list[spb.LeaseAck] = []
+        for r in results.results[:MAX_CREDITS]:
+            if not self._held(r.lease_id):
+                acks.append(self._refusal(r.lease_id, "lease is not held by this stream"))
+                continue
+            try:
+                if r.outcome == spb.JobResult.OUTCOME_SUCCEEDED:
+                    job = await asyncio.to_thread(
+                        self.queue.complete, r.lease_id, entries_uploaded=r.entries_uploaded
+                    )
+                elif r.outcome in (
+                    spb.JobResult.OUTCOME_FAILED,
+                    spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
+                ):
+                    job = await asyncio.to_thread(
+                        self.queue.fail,
+                        r.lease_id,
+                        r.error_message[:2000] or "failed without a message",
+                        permanent=r.outcome == spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
+                    )
+                else:
+                    acks.append(self._refusal(r.lease_id, "result.outcome is unspecified"))
+                    continue
+            except StaleLease as e:
+                self._drop(r.lease_id)
+                acks.append(self._refusal(r.lease_id, e.message))
+                continue
+            self._drop(r.lease_id)
+            acks.append(
+                spb.LeaseAck(
+                    lease_id=r.lease_id, accepted=True, job_state=JOB_STATE_TO_PB[job.state]
+                )
+            )
+            if job.state is JobState.QUEUED:
+                self.dispatcher.wake()
+        self._ack(acks)
+
+    async def _release(self, release: spb.ReleaseLeases) -> None:
+        held = [lease for lease in release.lease_ids[:MAX_CREDITS] if self._held(lease)]
+        acks = [
+            self._refusal(lease, "lease is not held by this stream")
+            for lease in release.lease_ids[:MAX_CREDITS]
+            if lease not in held
+        ]
+        if held:
+            await asyncio.to_thread(self.queue.release, held, "released by worker")
+            for lease in held:
+                self._drop(lease)
+                acks.append(
+                    spb.LeaseAck(lease_id=lease, accepted=True, job_state=pb.Job.STATE_QUEUED)
+                )
+            self.dispatcher.wake()
+        self._ack(acks)
+
+    def _drop(self, lease_id: str) -> None:
+        if self.stream is not None:
+            self.stream.outstanding.pop(lease_id, None)
+
+    def _ack(self, acks: list[spb.LeaseAck]) -> None:
+        if acks:
+            self.outbox.put_nowait(spb.ClaimJobsResponse(acks=spb.LeaseAcks(acks=acks)))
+
+    # -- liveness -------------------------------------------------------------------
+
+    async def _ping(self) -> None:
+        nonce = 0
+        while True:
+            await asyncio.sleep(self.ping_seconds)
+            silent = time.monotonic() - self.last_heard
+            if silent > self.ping_seconds * 3:
+                log.warning("stream silent for %.1fs; closing", silent)
+                self.outbox.put_nowait(None)
+                return
+            if silent >= self.ping_seconds:
+                nonce += 1
+                self.outbox.put_nowait(spb.ClaimJobsResponse(ping=spb.Ping(nonce=nonce)))
+
+    def drain(self, grace_seconds: float) -> None:
+        if self.stream is not None:
+            self.stream.draining = True
+        self.outbox.put_nowait(
+            spb.ClaimJobsResponse(drain=spb.Drain(grace=_duration(grace_seconds)))
+        )
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)

@@ -1,0 +1,165 @@
+"""Domain objects <-> realm.v1 messages. The only place that knows both."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from realm.v1 import resources_pb2 as pb
+
+from realm_service.domain import (
+    Disposition,
+    IndexEntry,
+    Job,
+    JobKind,
+    JobState,
+    Realm,
+    RealmFile,
+    RealmState,
+)
+from realm_service.errors import InvalidArgument
+
+KIND_TO_PB = {
+    JobKind.FROM_SCRATCH: pb.JOB_KIND_FROM_SCRATCH_INDEX,
+    JobKind.INCREMENTAL: pb.JOB_KIND_INCREMENTAL_INDEX,
+}
+KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}
+JOB_STATE_TO_PB = {
+    JobState.QUEUED: pb.Job.STATE_QUEUED,
+    JobState.RUNNING: pb.Job.STATE_RUNNING,
+    JobState.SUCCEEDED: pb.Job.STATE_SUCCEEDED,
+    JobState.FAILED: pb.Job.STATE_FAILED,
+}
+JOB_STATE_FROM_PB = {v: k for k, v in JOB_STATE_TO_PB.items()}
+REALM_STATE_TO_PB = {
+    RealmState.INDEXING: pb.Realm.STATE_INDEXING,
+    RealmState.READY: pb.Realm.STATE_READY,
+    RealmState.INDEX_FAILED: pb.Realm.STATE_INDEX_FAILED,
+}
+DISPOSITION_TO_PB = {
+    Disposition.INSERTED: pb.DISPOSITION_INSERTED,
+    Disposition.MERGED: pb.DISPOSITION_MERGED,
+    Disposition.ATTACHED: pb.DISPOSITION_ATTACHED,
+    Disposition.RERUN_SCHEDULED: pb.DISPOSITION_RERUN_SCHEDULED,
+}
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def from_ts(value: Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def realm_pb(realm: Realm) -> pb.Realm:
+    return pb.Realm(
+        realm_id=realm.realm_id,
+        display_name=realm.display_name,
+        state=REALM_STATE_TO_PB[realm.state],
+        stats=pb.RealmStats(
+            files=realm.files,
+            cards=realm.cards,
+            errors=realm.errors,
+            entries=realm.entries,
+            last_index_time=ts(realm.last_index_time),
+        ),
+        create_time=ts(realm.create_time),
+    )
+
+
+def job_pb(job: Job) -> pb.Job:
+    return pb.Job(
+        job_id=str(job.job_id),
+        realm_id=job.realm_id,
+        kind=KIND_TO_PB[job.kind],
+        priority=job.priority,
+        state=JOB_STATE_TO_PB[job.state],
+        attempt=job.attempt,
+        create_time=ts(job.create_time),
+        start_time=ts(job.start_time),
+        finish_time=ts(job.finish_time),
+        error_message=job.error_message,
+        progress=pb.JobProgress(done=job.progress_done, total=job.progress_total),
+        path_changes=[pb.PathChange(path=c.path, deleted=c.deleted) for c in job.path_changes],
+    )
+
+
+def file_pb(f: RealmFile) -> pb.RealmFile:
+    return pb.RealmFile(path=f.path, mtime=ts(f.mtime), size=f.size, sha256=f.sha256)
+
+
+def entry_pb(e: IndexEntry) -> pb.IndexEntry:
+    return pb.IndexEntry(
+        path=e.path,
+        mtime=ts(e.mtime),
+        size=e.size,
+        sha256=e.sha256,
+        media_type=e.media_type,
+        card_type=e.card_type,
+        title=e.title,
+        search_text=e.search_text,
+        links=list(e.links),
+        error_message=e.error_message,
+    )
+
+
+def entry_from_pb(e: pb.IndexEntry, field: str) -> IndexEntry:
+    from realm_service.domain import validate_path
+
+    validate_path(e.path, f"{field}.path")
+    if len(e.sha256) > 64 or len(e.media_type) > 200 or len(e.card_type) > 400:
+        raise InvalidArgument(f"{field}: sha256, media_type or card_type is too long")
+    return IndexEntry(
+        path=e.path,
+        mtime=from_ts(e.mtime) if e.HasField("mtime") else datetime.fromtimestamp(0, UTC),
+        size=max(0, e.size),
+        sha256=e.sha256,
+        media_type=e.media_type,
+        card_type=e.card_type,
+        title=e.title[:10_000],
+        search_text=e.search_text[:1_000_000],
+        links=tuple(e.links[:1000]),
+        error_message=e.error_message[:2000],
+    )
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument(f"page_size {value} is negative")
+    if value > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size {value} is over the limit of {MAX_PAGE_SIZE}")
+    return value or DEFAULT_PAGE_SIZE
+
+
+def encode_token(kind: str, value: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
+
+
+def decode_token(kind: str, token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token is malformed") from None
+    prefix, sep, value = raw.partition(":")
+    if prefix != kind or not sep:
+        raise InvalidArgument("page_token does not belong to this listing") from None
+    return value
+
+
+def job_id(value: str, field: str = "job_id") -> int:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not value.isdigit() or len(value) > 18:
+        raise InvalidArgument(f"{field} {value[:40]!r} is not a job id (decimal digits)")
+    return int(value)

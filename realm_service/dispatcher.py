@@ -1,0 +1,164 @@
+"""Hands queued jobs to connected worker streams, in priority order.
+
+One asyncio task owns dispatching. It wakes on new work (an in-process signal,
+or PostgreSQL NOTIFY from another instance), on new credits, and on a polling
+fallback. Streams with the same filter (kinds, minimum priority) are served by
+one claim for their summed credits, so a thousand idle streams cost one query
+per wake-up, not a thousand.
+
+Reserved slots: across the streams that accept SYSTEM-level work, at most
+`slots - reserved` of them hold SYSTEM jobs at once, so a USER job finds a free
+slot immediately during a storm. When all such streams together have no more
+slots than are reserved, one SYSTEM job may still run, so the backlog never
+starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from realm_service.domain import SYSTEM, JobKind, Lease
+from realm_service.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class WorkerStream:
+    """Server-side state of one ClaimJobs stream."""
+
+    worker_id: str
+    incarnation_id: str
+    kinds: tuple[JobKind, ...]
+    min_priority: int
+    deliver: Callable[[list[Lease]], None]
+    stream_id: str = field(default_factory=lambda: f"s{next(_ids)}")
+    credits: int = 0
+    outstanding: dict[str, Lease] = field(default_factory=dict)
+    draining: bool = False
+
+    @property
+    def accepts_system(self) -> bool:
+        return self.min_priority <= SYSTEM
+
+    @property
+    def system_outstanding(self) -> int:
+        return sum(1 for lease in self.outstanding.values() if lease.job.priority <= SYSTEM)
+
+    @property
+    def label(self) -> str:
+        return f"{self.worker_id}/{self.incarnation_id[:8]}/{self.stream_id}"
+
+
+class Dispatcher:
+    def __init__(
+        self, queue: JobQueue, *, reserved_slots: int = 1, poll_seconds: float = 1.0
+    ) -> None:
+        self.queue = queue
+        self.reserved_slots = reserved_slots
+        self.poll_seconds = poll_seconds
+        self.streams: dict[str, WorkerStream] = {}
+        self.paused = False
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_assigned: Callable[[list[Lease]], None] = lambda leases: None
+
+    # -- registration -------------------------------------------------------
+
+    def add(self, stream: WorkerStream) -> None:
+        self.streams[stream.stream_id] = stream
+        self.wake()
+
+    def remove(self, stream: WorkerStream) -> None:
+        self.streams.pop(stream.stream_id, None)
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def wake_threadsafe(self) -> None:
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.queue.db.on_new_work(self.wake_threadsafe)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+            self._wake.clear()
+            if self.paused:
+                continue
+            try:
+                while await self._round():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatch round failed; retrying")
+                await asyncio.sleep(0.2)
+
+    async def _round(self) -> bool:
+        """One claim per stream filter; True if anything was assigned."""
+        ready = [s for s in self.streams.values() if s.credits > 0 and not s.draining]
+        if not ready:
+            return False
+        groups: dict[tuple[tuple[JobKind, ...], int], list[WorkerStream]] = {}
+        for s in ready:
+            groups.setdefault((s.kinds, s.min_priority), []).append(s)
+        assigned = False
+        # Dedicated lanes (higher minimum priority) pick first: they can take
+        # nothing else, while shared streams can.
+        for (kinds, min_priority), members in sorted(groups.items(), key=lambda g: -g[0][1]):
+            want = sum(s.credits for s in members)
+            leases = await asyncio.to_thread(
+                self.queue.claim,
+                want,
+                worker=",".join(sorted({s.worker_id for s in members}))[:200],
+                min_priority=min_priority,
+                kinds=list(kinds) or None,
+                system_limit=self._system_budget() if min_priority <= SYSTEM else None,
+            )
+            if leases:
+                assigned = True
+                self._distribute(members, leases)
+        return assigned
+
+    def _system_budget(self) -> int:
+        shared = [s for s in self.streams.values() if s.accepts_system and not s.draining]
+        slots = sum(s.credits + len(s.outstanding) for s in shared)
+        busy = sum(s.system_outstanding for s in shared)
+        allowed = slots - self.reserved_slots if slots > self.reserved_slots else min(slots, 1)
+        return max(0, allowed - busy)
+
+    def _distribute(self, members: list[WorkerStream], leases: list[Lease]) -> None:
+        batches: dict[str, list[Lease]] = {s.stream_id: [] for s in members}
+        live = [s for s in members if s.stream_id in self.streams]
+        pending = list(leases)
+        while pending and live:
+            live.sort(key=lambda s: -s.credits)
+            target = live[0]
+            if target.credits <= 0:
+                break
+            lease = pending.pop(0)
+            target.credits -= 1
+            target.outstanding[lease.lease_id] = lease
+            batches[target.stream_id].append(lease)
+        if pending:  # every stream went away meanwhile: give the jobs back at once
+            asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.queue.release, [p.lease_id for p in pending], "no stream")
+            )
+        for s in live:
+            if batches[s.stream_id]:
+                s.deliver(batches[s.stream_id])
+        self.on_assigned(leases)

@@ -1,0 +1,225 @@
+"""Builds and runs the gRPC server: servicer, health, reflection, metrics,
+the dispatcher, the reaper and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from realm.v1 import realm_service_pb2, realm_service_pb2_grpc
+
+from realm_service import metrics
+from realm_service.api.auth import AuthInterceptor
+from realm_service.api.servicer import RealmServicer
+from realm_service.config import Settings
+from realm_service.dispatcher import Dispatcher
+from realm_service.domain import Lease
+from realm_service.queue import JobQueue, QueueSettings
+from realm_service.realms import Realms
+from realm_service.store.db import Database, open_database
+from realm_service.watch import JobWatch
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "realm.v1.RealmService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RealmServer:
+    settings: Settings
+    db: Database
+    queue: JobQueue
+    realms: Realms
+    dispatcher: Dispatcher
+    watch: JobWatch
+    servicer: RealmServicer
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.watch.start()
+        self.tasks = [
+            asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
+            asyncio.create_task(self._reaper(), name="reaper"),
+            asyncio.create_task(self._health_and_metrics(), name="health"),
+        ]
+        await self._set_health(True)
+        log.info("serving address=%s store=%s", self.address, self.db.backend)
+
+    async def _set_health(self, ok: bool) -> None:
+        status = SERVING if ok else NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _reaper(self) -> None:
+        interval = max(0.05, min(5.0, self.settings.lease_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                jobs = await asyncio.to_thread(self.queue.reap_expired)
+                if jobs:
+                    metrics.LEASES_EXPIRED.inc(len(jobs))
+                    self.dispatcher.wake()
+            except Exception as e:
+                log.warning("reaper failed: %s", e)
+
+    async def _health_and_metrics(self) -> None:
+        while True:
+            ok = await asyncio.to_thread(self.db.ping)
+            if not self.servicer.draining:
+                await self._set_health(ok)
+            if ok:
+                with contextlib.suppress(Exception):
+                    now = datetime.now(UTC)
+                    for priority, count, oldest in await asyncio.to_thread(self.queue.depth):
+                        metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
+                        age = (now - oldest).total_seconds() if oldest else 0.0
+                        metrics.QUEUE_OLDEST.labels(str(priority)).set(age)
+            streams = list(self.dispatcher.streams.values())
+            metrics.STREAMS.set(len(streams))
+            metrics.CREDITS.set(sum(s.credits for s in streams))
+            metrics.OUTSTANDING.set(sum(len(s.outstanding) for s in streams))
+            await asyncio.sleep(2.0)
+
+    async def drain_and_stop(self) -> None:
+        """Stop taking work, tell workers, wait the grace for results, requeue
+        the rest, stop."""
+        if self.servicer.draining:
+            await self.stopped.wait()
+            return
+        grace = self.settings.drain_grace_seconds
+        log.info("draining grace=%.1fs streams=%d", grace, len(self.servicer.sessions))
+        self.servicer.draining = True
+        self.dispatcher.paused = True
+        await self._set_health(False)
+        for session in list(self.servicer.sessions):
+            session.drain(grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        while asyncio.get_running_loop().time() < deadline:
+            if not any(s.outstanding for s in self.dispatcher.streams.values()):
+                break
+            await asyncio.sleep(0.05)
+        for session in list(self.servicer.sessions):
+            session.close()
+        await self.server.stop(grace=1.0)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self.db.close)
+        self.stopped.set()
+        log.info("stopped")
+
+
+def build_server(settings: Settings, *, db: Database | None = None) -> RealmServer:
+    db = db or open_database(settings.store_url)
+    queue = JobQueue(
+        db,
+        settings=QueueSettings(
+            lease_duration=timedelta(seconds=settings.lease_seconds),
+            max_attempts=settings.max_attempts,
+        ),
+    )
+    realms = Realms(db, queue, max_file_size=settings.max_file_size)
+    dispatcher = Dispatcher(queue, reserved_slots=settings.reserved_slots)
+    dispatcher.on_assigned = _record_assignments
+    watch = JobWatch(queue)
+    servicer = RealmServicer(
+        realms,
+        queue,
+        dispatcher,
+        watch,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        ping_seconds=settings.ping_seconds,
+    )
+    limit = settings.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(settings.tokens)] if settings.auth_enabled else [],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
+    )
+    realm_service_pb2_grpc.add_RealmServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            realm_service_pb2.DESCRIPTOR.services_by_name["RealmService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    if settings.tls_cert:
+        with open(settings.tls_key, "rb") as k, open(settings.tls_cert, "rb") as cert:
+            creds = grpc.ssl_server_credentials([(k.read(), cert.read())])
+        port = server.add_secure_port(settings.listen, creds)
+    else:
+        port = server.add_insecure_port(settings.listen)
+    return RealmServer(
+        settings=settings,
+        db=db,
+        queue=queue,
+        realms=realms,
+        dispatcher=dispatcher,
+        watch=watch,
+        servicer=servicer,
+        server=server,
+        health=health_servicer,
+        port=port,
+    )
+
+
+def _record_assignments(leases: list[Lease]) -> None:
+    now = datetime.now(UTC)
+    for lease in leases:
+        metrics.DISPATCH_LATENCY.observe(max(0.0, (now - lease.job.create_time).total_seconds()))
+    metrics.ASSIGNED.inc(len(leases))
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    import concurrent.futures
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32))
+    srv = build_server(settings)
+    if settings.metrics_listen:
+        from prometheus_client import start_http_server
+
+        host, _, mport = settings.metrics_listen.rpartition(":")
+        start_http_server(int(mport), addr=host or "127.0.0.1", registry=metrics.REGISTRY)
+    await srv.start()
+    print(f"realm-service listening on {srv.address}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    await srv.drain_and_stop()

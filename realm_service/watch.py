@@ -1,0 +1,68 @@
+"""Following a job's changes: in-process signals, with polling as the fallback
+for changes made by other server instances."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from realm_service.domain import Job
+from realm_service.queue import JobQueue
+
+
+class JobWatch:
+    def __init__(self, queue: JobQueue, *, poll_seconds: float = 0.5) -> None:
+        self.queue = queue
+        self.poll_seconds = poll_seconds
+        self._events: dict[int, set[asyncio.Event]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.queue.db.on_job_change(self._changed_threadsafe)
+
+    def _changed_threadsafe(self, job_id: int) -> None:
+        if self._loop is not None and job_id in self._events:
+            self._loop.call_soon_threadsafe(self._changed, job_id)
+
+    def _changed(self, job_id: int) -> None:
+        for event in self._events.get(job_id, ()):
+            event.set()
+
+    async def follow(self, job_id: int) -> AsyncIterator[Job]:
+        """Snapshots of the job until (and including) a terminal one."""
+        event = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(event)
+        try:
+            while True:
+                event.clear()
+                job = await asyncio.to_thread(self.queue.get_job, job_id)
+                yield job
+                if job.state.terminal:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=self.poll_seconds)
+        finally:
+            waiters = self._events.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._events[job_id]
+
+    async def wait_terminal(self, job_id: int, timeout: float | None) -> Job:
+        """The job once terminal, or as it is when the timeout passes."""
+        last: Job | None = None
+
+        async def _follow() -> None:
+            nonlocal last
+            async for job in self.follow(job_id):
+                last = job
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                _follow(), timeout=None if timeout is None else max(0.0, timeout - 0.2)
+            )
+        if last is None:
+            last = await asyncio.to_thread(self.queue.get_job, job_id)
+        return last
