@@ -1,0 +1,126 @@
+"""A hand-driven ClaimJobs stream for tests: send any message, read replies
+with timeouts. It speaks the protocol only as far as a test tells it to."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import grpc
+from realm.v1 import realm_service_pb2 as spb
+from realm.v1 import realm_service_pb2_grpc as sgrpc
+from realm.v1 import resources_pb2 as pb
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class StreamClient:
+    def __init__(
+        self,
+        stub: sgrpc.RealmServiceStub,
+        *,
+        hello: spb.WorkerHello | None = None,
+        send_hello: bool = True,
+        metadata: Metadata = (),
+    ) -> None:
+        self._out: queue.Queue[spb.ClaimJobsRequest | None] = queue.Queue()
+        self.inbox: queue.Queue[spb.ClaimJobsResponse | grpc.RpcError | None] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        if send_hello:
+            self.send(
+                spb.ClaimJobsRequest(
+                    hello=hello or spb.WorkerHello(worker_id="test-worker", incarnation_id="inc")
+                )
+            )
+        self.call = stub.ClaimJobs(self._requests(), metadata=list(metadata))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _requests(self) -> Iterator[spb.ClaimJobsRequest]:
+        while (message := self._out.get()) is not None:
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.inbox.put(message)
+        except grpc.RpcError as e:
+            self.error = e
+            self.inbox.put(e)
+            return
+        self.inbox.put(None)
+
+    def send(self, message: spb.ClaimJobsRequest) -> None:
+        self._out.put(message)
+
+    def credit(self, n: int) -> None:
+        self.send(spb.ClaimJobsRequest(credit=spb.CreditGrant(credits=n)))
+
+    def next(self, timeout: float = 10.0, *, skip_pings: bool = True) -> spb.ClaimJobsResponse:
+        while True:
+            item = self.inbox.get(timeout=timeout)
+            if isinstance(item, grpc.RpcError):
+                raise item
+            if item is None:
+                raise EOFError("the server closed the stream")
+            if skip_pings and item.HasField("ping"):
+                continue
+            return item
+
+    def settings(self) -> spb.StreamSettings:
+        message = self.next()
+        assert message.HasField("settings"), message
+        return message.settings
+
+    def assignments(self, count: int, timeout: float = 10.0) -> list[spb.JobAssignment]:
+        got: list[spb.JobAssignment] = []
+        while len(got) < count:
+            message = self.next(timeout)
+            if message.HasField("assignments"):
+                got.extend(message.assignments.assignments)
+        return got
+
+    def acks(self, timeout: float = 10.0) -> list[spb.LeaseAck]:
+        while True:
+            message = self.next(timeout)
+            if message.HasField("acks"):
+                return list(message.acks.acks)
+
+    def complete(self, lease_id: str, entries: Sequence[pb.IndexEntry] = ()) -> spb.LeaseAck:
+        if entries:
+            self.send(
+                spb.ClaimJobsRequest(
+                    entries=spb.IndexEntryBatch(lease_id=lease_id, entries=list(entries))
+                )
+            )
+        self.send(
+            spb.ClaimJobsRequest(
+                results=spb.JobResults(
+                    results=[
+                        spb.JobResult(
+                            lease_id=lease_id,
+                            outcome=spb.JobResult.OUTCOME_SUCCEEDED,
+                            entries_uploaded=len(entries),
+                        )
+                    ]
+                )
+            )
+        )
+        (ack,) = self.acks()
+        return ack
+
+    def wait_closed(self, timeout: float = 10.0) -> grpc.RpcError | None:
+        """Drain replies until the stream ends; returns its error, if any."""
+        while True:
+            item = self.inbox.get(timeout=timeout)
+            if isinstance(item, grpc.RpcError):
+                return item
+            if item is None:
+                return None
+
+    def close(self) -> None:
+        self._out.put(None)
+
+    def cancel(self) -> None:
+        self.call.cancel()
