@@ -60,7 +60,10 @@ class FakeRealmService(realm_service_pb2_grpc.RealmServiceServicer):
         self, method: str, request: Message, context: grpc.ServicerContext, empty: _Response
     ) -> _Response:
         earlier = len(self.requests(method))
-        self.calls.append(RecordedCall(method, request, dict(context.invocation_metadata())))
+        metadata = {
+            key: value for key, value in context.invocation_metadata() if isinstance(value, str)
+        }
+        self.calls.append(RecordedCall(method, request, metadata))
         if self.delay:
             time.sleep(self.delay)
         if method in self.errors:
@@ -138,6 +141,11 @@ class FakeRealmService(realm_service_pb2_grpc.RealmServiceServicer):
             yield rs.WatchJobResponse(job=job)
         if self.watch_error is not None:
             context.abort(*self.watch_error)
+
+    def ClaimJobs(
+        self, request_iterator: Iterator[rs.ClaimJobsRequest], context: grpc.ServicerContext
+    ) -> Iterator[rs.ClaimJobsResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "realmctl never calls ClaimJobs")
 
 
 @dataclass
