@@ -42,11 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         console.error(exc.message)
         return exc.exit_code
     except KeyboardInterrupt:
-        console.stderr.write("\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (e.g. `realmctl ls | head`): nothing left to say.
+        # The reader went away (e.g. `realmctl ls | head`): nothing left to say,
+        # and nothing for the interpreter to fail flushing at exit either.
+        _discard_stdout()
         return EXIT_ERROR
+
+
+def _discard_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
