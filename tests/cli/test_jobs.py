@@ -256,6 +256,16 @@ def test_progress_bar_redraws_in_place_on_a_terminal() -> None:
     )
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_redraws_in_place_only_on_a_terminal() -> None:
+    assert ProgressBar.for_stream(Terminal()).in_place
+    assert not ProgressBar.for_stream(io.StringIO()).in_place
+
+
 def test_progress_bar_draws_nothing_when_nothing_happened() -> None:
     stream = io.StringIO()
     bar = ProgressBar(stream, in_place=True)
