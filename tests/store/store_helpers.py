@@ -1,0 +1,78 @@
+"""Helpers of the store tests: a fake clock and readers that see the store the
+way a client would (realms, the current index)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from realm_service.domain import USER, IndexEntry, Realm
+from realm_service.queue import JobQueue
+from realm_service.store import realms_sql
+
+LEASE = timedelta(seconds=30)
+MAX_ATTEMPTS = 3
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta | float) -> datetime:
+        self.now += delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
+        return self.now
+
+
+def make_realm(
+    queue: JobQueue,
+    realm_id: str,
+    files: dict[str, bytes] | None = None,
+    priority: int = USER,
+) -> Realm:
+    """A realm row (and files) with no job: tests enqueue explicitly."""
+    now = queue.clock()
+    with queue.db.transaction() as s:
+        realm = realms_sql.insert_realm(
+            s, realm_id=realm_id, display_name=realm_id.upper(), priority=priority, now=now
+        )
+        if files:
+            realms_sql.put_files(s, realm_id=realm_id, files=list(files.items()), now=now)
+    return realm
+
+
+def get_realm(queue: JobQueue, realm_id: str) -> Realm:
+    with queue.db.transaction() as s:
+        return realms_sql.get_realm(s, realm_id)
+
+
+def index_of(queue: JobQueue, realm_id: str) -> list[IndexEntry]:
+    """Every entry searches can see in the realm's current generation, by path."""
+    with queue.db.transaction() as s:
+        realm = realms_sql.get_realm(s, realm_id)
+        return realms_sql.search(
+            s,
+            realm_id=realm_id,
+            generation=realm.current_generation,
+            card_type="",
+            text="",
+            after_path=None,
+            limit=10_000,
+        )
+
+
+def entry(path: str, card_type: str = "", title: str = "", error: str = "") -> IndexEntry:
+    return IndexEntry(
+        path=path,
+        mtime=datetime(2026, 11, 1, tzinfo=UTC),
+        size=len(path),
+        sha256=path.encode().hex()[:64],
+        media_type="application/vnd.card+json" if card_type else "text/plain",
+        card_type=card_type,
+        title=title,
+        search_text=title.lower(),
+        error_message=error,
+    )

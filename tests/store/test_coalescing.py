@@ -1,0 +1,209 @@
+"""Coalescing per realm and kind (DESIGN.md section 4): every rule, and what
+each enqueue reports."""
+
+from __future__ import annotations
+
+import pytest
+from store_helpers import make_realm
+
+from realm_service.domain import SYSTEM, USER, Disposition, JobKind, JobState, PathChange
+from realm_service.errors import RealmNotFound
+from realm_service.queue import JobQueue
+
+FS = JobKind.FROM_SCRATCH
+INC = JobKind.INCREMENTAL
+
+
+def upd(path: str) -> PathChange:
+    return PathChange(path, False)
+
+
+def rm(path: str) -> PathChange:
+    return PathChange(path, True)
+
+
+def active(queue: JobQueue, realm_id: str) -> list[tuple[JobKind, JobState]]:
+    return sorted(
+        (j.kind, j.state)
+        for j in queue.list_jobs(realm_id=realm_id)
+        if j.state in (JobState.QUEUED, JobState.RUNNING)
+    )
+
+
+def test_first_enqueue_inserts(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    result = queue.enqueue("r", FS, USER)
+    assert result.disposition is Disposition.INSERTED
+    assert (result.job.state, result.job.priority, result.job.kind) == (JobState.QUEUED, USER, FS)
+    assert queue.get_job(result.job.job_id) == result.job
+
+
+def test_enqueue_for_unknown_realm_is_refused(queue: JobQueue) -> None:
+    with pytest.raises(RealmNotFound):
+        queue.enqueue("nope", FS, USER)
+    assert queue.list_jobs() == []
+
+
+def test_from_scratch_onto_queued_merges_with_max_priority(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    first = queue.enqueue("r", FS, SYSTEM).job
+    up = queue.enqueue("r", FS, 40)
+    assert up.disposition is Disposition.MERGED
+    assert (up.job.job_id, up.job.priority) == (first.job_id, 40)
+    down = queue.enqueue("r", FS, 5)  # a lower request never lowers it
+    assert down.disposition is Disposition.MERGED
+    assert (down.job.job_id, down.job.priority) == (first.job_id, 40)
+    assert queue.get_job(first.job_id).priority == 40
+    assert active(queue, "r") == [(FS, JobState.QUEUED)]
+
+
+def test_from_scratch_onto_running_attaches(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    job = queue.enqueue("r", FS, USER).job
+    [lease] = queue.claim(1)
+    attached = queue.enqueue("r", FS, 90)
+    assert attached.disposition is Disposition.ATTACHED
+    assert attached.job.job_id == job.job_id
+    assert attached.job.state is JobState.RUNNING
+    assert active(queue, "r") == [(FS, JobState.RUNNING)]
+    # The running job's result answers both requests.
+    assert queue.complete(lease.lease_id).state is JobState.SUCCEEDED
+    assert queue.get_job(attached.job.job_id).state is JobState.SUCCEEDED
+
+
+def test_from_scratch_with_content_changed_schedules_one_rerun(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    running = queue.enqueue("r", FS, USER).job
+    [lease] = queue.claim(1)
+    rerun = queue.enqueue("r", FS, SYSTEM, content_changed=True)
+    assert rerun.disposition is Disposition.RERUN_SCHEDULED
+    assert rerun.job.job_id != running.job_id
+    assert (rerun.job.state, rerun.job.priority) == (JobState.QUEUED, SYSTEM)
+    again = queue.enqueue("r", FS, 30, content_changed=True)
+    assert again.disposition is Disposition.MERGED
+    assert (again.job.job_id, again.job.priority) == (rerun.job.job_id, 30)
+    plain = queue.enqueue("r", FS, USER)  # a queued rerun exists: merge, not attach
+    assert plain.disposition is Disposition.MERGED
+    assert plain.job.job_id == rerun.job.job_id
+    assert active(queue, "r") == [(FS, JobState.QUEUED), (FS, JobState.RUNNING)]
+    # The rerun waits for the running job of its realm, then runs.
+    assert queue.claim(5) == []
+    queue.complete(lease.lease_id)
+    [next_lease] = queue.claim(5)
+    assert next_lease.job.job_id == rerun.job.job_id
+
+
+def test_incremental_onto_queued_merges_paths_delete_wins(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    first = queue.enqueue("r", INC, SYSTEM, paths=[upd("a"), rm("b"), upd("c")]).job
+    merged = queue.enqueue("r", INC, USER, paths=[rm("a"), upd("b"), upd("d")])
+    assert merged.disposition is Disposition.MERGED
+    assert merged.job.job_id == first.job_id
+    assert merged.job.priority == USER
+    expected = (rm("a"), rm("b"), upd("c"), upd("d"))
+    assert merged.job.path_changes == expected
+    assert queue.get_job(first.job_id).path_changes == expected
+    lower = queue.enqueue("r", INC, SYSTEM, paths=[upd("a")])
+    assert lower.job.priority == USER
+    assert lower.job.path_changes == expected  # the delete of "a" still wins
+
+
+def test_incremental_attaches_when_running_covers_every_path_and_op(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    job = queue.enqueue("r", INC, USER, paths=[upd("a"), rm("b"), upd("c")]).job
+    [lease] = queue.claim(1)
+    attached = queue.enqueue("r", INC, USER, paths=[upd("a"), rm("b")])
+    assert attached.disposition is Disposition.ATTACHED
+    assert attached.job.job_id == job.job_id
+    assert attached.job.state is JobState.RUNNING
+    assert active(queue, "r") == [(INC, JobState.RUNNING)]
+    assert lease.job.path_changes == (upd("a"), rm("b"), upd("c"))
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        [upd("z")],  # a path the running job does not have
+        [rm("a")],  # the same path, another operation
+        [upd("b")],  # an update of a path the running job deletes
+        [upd("a"), upd("z")],  # partly covered
+    ],
+)
+def test_incremental_not_covered_is_queued(queue: JobQueue, incoming: list[PathChange]) -> None:
+    make_realm(queue, "r")
+    running = queue.enqueue("r", INC, USER, paths=[upd("a"), rm("b")]).job
+    queue.claim(1)
+    queued = queue.enqueue("r", INC, USER, paths=incoming)
+    assert queued.disposition is Disposition.RERUN_SCHEDULED
+    assert queued.job.job_id != running.job_id
+    assert queued.job.state is JobState.QUEUED
+    assert queued.job.path_changes == tuple(sorted(incoming, key=lambda c: c.path))
+    # A further uncovered change merges into that queued job.
+    more = queue.enqueue("r", INC, SYSTEM, paths=[rm("y")])
+    assert more.disposition is Disposition.MERGED
+    assert more.job.job_id == queued.job.job_id
+    assert rm("y") in more.job.path_changes
+    assert active(queue, "r") == [(INC, JobState.QUEUED), (INC, JobState.RUNNING)]
+
+
+def test_incremental_onto_queued_from_scratch_merges(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    scratch = queue.enqueue("r", FS, SYSTEM).job
+    inc = queue.enqueue("r", INC, 50, paths=[upd("a")])
+    assert inc.disposition is Disposition.MERGED
+    assert inc.job.job_id == scratch.job_id
+    assert inc.job.kind is FS
+    assert inc.job.priority == 50
+    assert active(queue, "r") == [(FS, JobState.QUEUED)]
+
+
+def test_incremental_while_from_scratch_runs_is_a_new_job(queue: JobQueue) -> None:
+    """A started from-scratch job may already have read the file: no merge."""
+    make_realm(queue, "r")
+    scratch = queue.enqueue("r", FS, USER).job
+    queue.claim(1)
+    inc = queue.enqueue("r", INC, USER, paths=[upd("a")])
+    assert inc.disposition is Disposition.INSERTED
+    assert inc.job.job_id != scratch.job_id
+    assert inc.job.kind is INC
+    assert active(queue, "r") == [(FS, JobState.RUNNING), (INC, JobState.QUEUED)]
+
+
+def test_from_scratch_never_merges_into_incremental(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    inc = queue.enqueue("r", INC, USER, paths=[upd("a")]).job
+    scratch = queue.enqueue("r", FS, SYSTEM)
+    assert scratch.disposition is Disposition.INSERTED
+    assert scratch.job.job_id != inc.job_id
+    assert queue.get_job(inc.job_id).priority == USER  # untouched
+    # ... nor attaches to a running incremental.
+    queue.claim(1)  # takes the incremental (higher priority)
+    assert queue.get_job(inc.job_id).state is JobState.RUNNING
+    again = queue.enqueue("r", FS, 70)
+    assert again.disposition is Disposition.MERGED
+    assert again.job.job_id == scratch.job.job_id
+    assert active(queue, "r") == [(FS, JobState.QUEUED), (INC, JobState.RUNNING)]
+
+
+def test_realms_never_coalesce_with_each_other(queue: JobQueue) -> None:
+    make_realm(queue, "r1")
+    make_realm(queue, "r2")
+    a = queue.enqueue("r1", FS, USER)
+    b = queue.enqueue("r2", FS, USER)
+    assert a.disposition is b.disposition is Disposition.INSERTED
+    assert a.job.job_id != b.job.job_id
+
+
+def test_enqueue_in_commits_with_the_callers_transaction(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), queue.db.transaction() as s:
+        queue.enqueue_in(s, "r", FS, USER)
+        raise Boom
+    assert queue.list_jobs(realm_id="r") == []
+    with queue.db.transaction() as s:
+        result = queue.enqueue_in(s, "r", FS, USER)
+    assert queue.get_job(result.job.job_id).state is JobState.QUEUED
