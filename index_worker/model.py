@@ -1,0 +1,114 @@
+"""The worker's own view of the ClaimJobs protocol: plain, immutable values.
+
+Only `client` and `convert` know the generated messages; everything else in
+the worker (jobs, session, runner) speaks these types, so it can be read and
+tested without grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class JobKind(enum.Enum):
+    """The index work a job asks for."""
+
+    FROM_SCRATCH = "from-scratch"
+    INCREMENTAL = "incremental"
+
+
+class Outcome(enum.Enum):
+    """How an attempt ended, as reported to the server."""
+
+    SUCCEEDED = "succeeded"
+    # Retryable: counts toward the job's attempts cap.
+    FAILED = "failed"
+    # The job cannot succeed (its realm is gone): no retry.
+    FAILED_PERMANENTLY = "failed-permanently"
+
+
+@dataclass(frozen=True)
+class PathChange:
+    """One path of an incremental job."""
+
+    path: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A job received under a lease; `kind` is None for kinds this worker does not know."""
+
+    lease_id: str
+    job_id: str
+    realm_id: str
+    kind: JobKind | None
+    priority: int
+    path_changes: tuple[PathChange, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The server's answer to hello; durations in seconds (0 when the server left them unset)."""
+
+    lease_duration: float
+    heartbeat_interval: float
+    stream_id: str
+
+
+@dataclass(frozen=True)
+class LeaseAck:
+    """What became of a message about one lease."""
+
+    lease_id: str
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DrainNotice:
+    """The server is shutting down; `grace` seconds remain to send results."""
+
+    grace: float
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """The result of one lease."""
+
+    lease_id: str
+    outcome: Outcome
+    error_message: str = ""
+    entries_uploaded: int = 0
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Metadata of a stored realm file; mtime is None when the server left it unset."""
+
+    path: str
+    mtime: datetime | None
+    size: int
+    sha256: str
+
+
+@dataclass
+class Progress:
+    """Files visited out of files to visit; mutated by the job, read by heartbeats."""
+
+    done: int = 0
+    total: int = 0
+
+
+class StreamClosedError(Exception):
+    """The ClaimJobs stream is closed; nothing more can be sent on it."""
+
+
+class RealmGoneError(Exception):
+    """The job's realm no longer exists (NOT_FOUND from the realm file RPCs)."""
+
+
+class FileAccessError(Exception):
+    """A realm file RPC failed for another reason (retryable at the job level)."""
