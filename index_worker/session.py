@@ -1,0 +1,320 @@
+"""One connected ClaimJobs stream: slots, credits, jobs, heartbeats and drain.
+
+Credit accounting keeps one invariant: jobs held + jobs unwinding + credits
+granted but not yet used <= concurrency. A credit is consumed by each job the
+server assigns and given back only once the job's slot is free again (its
+result sent, or its work cancelled after the lease was lost), because acks do
+not return credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from index_worker.client import ClaimStream, StreamBrokenError
+from index_worker.config import WorkerConfig
+from index_worker.indexer import IndexEntry
+from index_worker.jobs import JobLimits, RealmFiles, execute_job
+from index_worker.model import (
+    Assignment,
+    DrainNotice,
+    JobOutcome,
+    LeaseAck,
+    Outcome,
+    Progress,
+    StreamClosedError,
+    StreamSettings,
+)
+
+logger = logging.getLogger(__name__)
+
+# How long to wait for the server to end the call after we half-close it.
+CLOSE_TIMEOUT = 5.0
+# Used when the server's settings leave the heartbeat interval unset.
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+
+
+@dataclass
+class _HeldJob:
+    assignment: Assignment
+    progress: Progress = field(default_factory=Progress)
+    task: asyncio.Task[None] | None = None
+
+
+class Session:
+    """Runs jobs received on one stream until it breaks or has been drained."""
+
+    def __init__(
+        self,
+        stream: ClaimStream,
+        files: RealmFiles,
+        config: WorkerConfig,
+        settings: StreamSettings,
+    ) -> None:
+        self._stream = stream
+        self._files = files
+        self._config = config
+        self._settings = settings
+        self._limits = JobLimits(
+            batch_size=config.batch_size, read_concurrency=config.read_concurrency
+        )
+        self._held: dict[str, _HeldJob] = {}
+        self._unwinding = 0
+        self._outstanding_credits = 0
+        self._draining = False
+        self._drain_deadline: float | None = None
+        self._drain_changed = asyncio.Event()
+        self._pending_results: list[JobOutcome] = []
+        self._flush_scheduled = False
+
+    @property
+    def free_slots(self) -> int:
+        return (
+            self._config.concurrency - len(self._held) - self._unwinding - self._outstanding_credits
+        )
+
+    def request_drain(self, timeout: float, reason: str) -> None:
+        """Stop taking jobs; finish those held within `timeout` s, then release them.
+
+        A second request can only bring the deadline closer.
+        """
+        deadline = asyncio.get_running_loop().time() + max(0.0, timeout)
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+            logger.info(
+                "draining",
+                extra={"reason": reason, "timeout_s": round(timeout, 3), **self._worker()},
+            )
+        self._draining = True
+        self._drain_changed.set()
+
+    async def run(self) -> None:
+        """Return after a drain (or a stream the server ended while we drained).
+
+        Raises StreamBrokenError or FatalStreamError when the stream fails; held
+        jobs are then cancelled, since the server requeues them on its side.
+        """
+        serve = asyncio.create_task(self._stream.serve(self), name="claim-stream")
+        beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeats")
+        try:
+            self._grant_free()
+            drain_requested = asyncio.create_task(self._drain_changed.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {serve, beat, drain_requested}, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                drain_requested.cancel()
+            if serve in done or beat in done:
+                _raise_if_failed(serve, beat)
+                raise StreamBrokenError("the server ended the stream without a drain")
+            if not await self._finish_or_release(serve, beat):
+                return
+            self._flush()
+            self._stream.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await serve
+            except TimeoutError:
+                logger.warning("server kept the stream open after close", extra=self._worker())
+            except StreamBrokenError as exc:
+                logger.info("stream ended after close", extra={"error": str(exc)})
+        finally:
+            await self._teardown(serve, beat)
+
+    # StreamHandler: called by the stream's reader on the event loop.
+
+    def on_assignments(self, assignments: list[Assignment]) -> None:
+        refused: list[str] = []
+        for assignment in assignments:
+            if assignment.lease_id in self._held:
+                logger.warning("duplicate assignment ignored", extra=self._fields(assignment))
+                continue
+            if self._outstanding_credits <= 0:
+                # The server broke the credit rule; running the job would
+                # overcommit this worker, so give it straight back.
+                logger.warning("assignment beyond credits", extra=self._fields(assignment))
+                refused.append(assignment.lease_id)
+                continue
+            self._outstanding_credits -= 1
+            if self._draining:
+                logger.info("job released unstarted", extra=self._fields(assignment))
+                refused.append(assignment.lease_id)
+                continue
+            self._start(assignment)
+        if refused:
+            self._stream.send_release(refused)
+
+    def on_acks(self, acks: list[LeaseAck]) -> None:
+        for ack in acks:
+            held = self._held.get(ack.lease_id)
+            if ack.accepted or held is None:
+                continue
+            logger.warning(
+                "job lease lost", extra={**self._fields(held.assignment), "reason": ack.reason}
+            )
+            self._drop(held)
+
+    def on_drain(self, notice: DrainNotice) -> None:
+        # Keep a margin so that results reach the server before it requeues.
+        margin = min(1.0, notice.grace * 0.2)
+        self.request_drain(notice.grace - margin, reason="server")
+
+    # Jobs.
+
+    def _start(self, assignment: Assignment) -> None:
+        held = _HeldJob(assignment)
+        self._held[assignment.lease_id] = held
+        held.task = asyncio.create_task(self._run_job(held), name=f"job-{assignment.job_id}")
+        logger.info("job started", extra=self._fields(assignment))
+
+    async def _run_job(self, held: _HeldJob) -> None:
+        assignment = held.assignment
+        lease_id = assignment.lease_id
+
+        async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
+            await self._stream.upload(lease_id, entries, deleted)
+
+        if self._config.noop_for_benchmarks:
+            outcome = JobOutcome(lease_id, Outcome.SUCCEEDED)
+        else:
+            try:
+                outcome = await execute_job(
+                    assignment, self._files, upload, held.progress, self._limits
+                )
+            except StreamClosedError:
+                return  # the session is ending; the server requeues the job
+        # No await between the outcome and this bookkeeping, so a lost-lease
+        # ack cannot slip in and have both a result and a release sent.
+        if self._held.get(lease_id) is not held:
+            return
+        del self._held[lease_id]
+        self._pending_results.append(outcome)
+        self._schedule_flush()
+        fields = {**self._fields(assignment), "outcome": outcome.outcome.value}
+        fields["entries"] = outcome.entries_uploaded
+        if outcome.error_message:
+            fields["error"] = outcome.error_message
+        level = logging.INFO if outcome.outcome is Outcome.SUCCEEDED else logging.WARNING
+        logger.log(level, "job finished", extra=fields)
+
+    def _drop(self, held: _HeldJob) -> None:
+        """Forget a job without a result; its slot frees once its work has stopped."""
+        del self._held[held.assignment.lease_id]
+        task = held.task
+        if task is None or task.done():
+            self._schedule_flush()
+            return
+        self._unwinding += 1
+        task.cancel()
+
+        def unwound(_: asyncio.Task[None]) -> None:
+            self._unwinding -= 1
+            self._schedule_flush()
+
+        task.add_done_callback(unwound)
+
+    async def _finish_or_release(self, serve: asyncio.Task[None], beat: asyncio.Task[None]) -> bool:
+        """Wait for held jobs until the drain deadline, then release the rest.
+
+        Returns False when the stream ended meanwhile (nothing left to close).
+        """
+        loop = asyncio.get_running_loop()
+        while self._held and self._drain_deadline is not None:
+            remaining = self._drain_deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._drain_changed.clear()
+            changed = asyncio.create_task(self._drain_changed.wait())
+            jobs = {h.task for h in self._held.values() if h.task is not None}
+            try:
+                await asyncio.wait(
+                    {*jobs, serve, beat, changed},
+                    timeout=remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                changed.cancel()
+            if serve.done() or beat.done():
+                _raise_if_failed(serve, beat)
+                logger.info("stream ended during drain", extra=self._worker())
+                return False
+        leftovers = list(self._held.values())
+        for held in leftovers:
+            logger.info("job released", extra=self._fields(held.assignment))
+            self._drop(held)
+        tasks = [h.task for h in leftovers if h.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if leftovers:
+            self._stream.send_release([h.assignment.lease_id for h in leftovers])
+        return True
+
+    async def _teardown(self, serve: asyncio.Task[None], beat: asyncio.Task[None]) -> None:
+        jobs = list(self._held.values())
+        for held in jobs:
+            logger.info("job abandoned with the stream", extra=self._fields(held.assignment))
+            self._drop(held)
+        for task in (serve, beat):
+            task.cancel()
+        pending = [serve, beat, *(h.task for h in jobs if h.task is not None)]
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._stream.cancel()
+
+    # Credits, results, heartbeats.
+
+    def _grant_free(self) -> None:
+        if self._draining:
+            return
+        free = self.free_slots
+        if free > 0:
+            self._outstanding_credits += free
+            self._stream.send_credit(free)
+
+    def _schedule_flush(self) -> None:
+        # Deferred by one loop turn so jobs finishing together share one
+        # JobResults and one CreditGrant.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._pending_results:
+            results, self._pending_results = self._pending_results, []
+            self._stream.send_results(results)
+        self._grant_free()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self._settings.heartbeat_interval
+        if interval <= 0:
+            lease = self._settings.lease_duration
+            interval = lease / 3 if lease > 0 else DEFAULT_HEARTBEAT_INTERVAL
+        interval = max(interval, 0.01)
+        while True:
+            await asyncio.sleep(interval)
+            if self._held:
+                self._stream.send_heartbeat(
+                    [(lease_id, held.progress) for lease_id, held in self._held.items()]
+                )
+
+    def _worker(self) -> dict[str, str]:
+        return {"worker": self._config.worker_id, "stream": self._settings.stream_id}
+
+    def _fields(self, assignment: Assignment) -> dict[str, object]:
+        return {
+            "job": assignment.job_id,
+            "realm": assignment.realm_id,
+            "lease": assignment.lease_id,
+            "kind": assignment.kind.value if assignment.kind else "unknown",
+            "priority": assignment.priority,
+            "worker": self._config.worker_id,
+        }
+
+
+def _raise_if_failed(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.result()

@@ -1,0 +1,249 @@
+"""Index jobs: what a from-scratch or incremental job reads, uploads and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+
+import pytest
+from fake_realm_server import WAIT, FakeRealmService, FakeStream, assignment, running
+from realm.v1 import realm_service_pb2 as pb
+from realm.v1 import resources_pb2 as res
+
+from index_worker.indexer import IndexEntry
+from index_worker.jobs import JobLimits, execute_job
+from index_worker.model import Assignment, FileInfo, JobKind, Outcome, Progress
+
+pytestmark = pytest.mark.timeout(15)
+
+
+def card_json(title: str, module: str = "./pet", name: str = "Pet") -> bytes:
+    return json.dumps(
+        {
+            "data": {
+                "type": "card",
+                "attributes": {"title": title},
+                "relationships": {"owner": {"links": {"self": "../Person/1"}}},
+                "meta": {"adoptsFrom": {"module": module, "name": name}},
+            }
+        }
+    ).encode()
+
+
+REALM = {
+    ".gitignore": b"*.log\nprivate/\n!keep.log\n",
+    "realm.json": b'{"name": "Pets"}',
+    "index.json": card_json("Home", "https://x/base/cards-grid", "CardsGrid"),
+    "Pet/mango.json": card_json("Mango"),
+    "Pet/ringo.json": card_json("Ringo"),
+    "Pet/broken.json": b'{"data": {"type": "card", "attributes": {}}}',
+    "notes.txt": b"feeding schedule",
+    "debug.log": b"noise",
+    "keep.log": b"kept on purpose",
+    "private/secret.json": b"{}",
+    "logo.png": b"\x89PNG\r\n\x1a\n\x00\x00",
+}
+INDEXED = sorted(set(REALM) - {".gitignore", "debug.log", "private/secret.json"})
+
+
+async def collect(
+    stream: FakeStream, lease_id: str
+) -> tuple[list[pb.IndexEntryBatch], pb.JobResult]:
+    """Every entry batch of the lease, and its result."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            message = await stream.next("results")
+            found = [r for r in message.results.results if r.lease_id == lease_id]
+            if found:
+                break
+    batches = [r.entries for r in stream.of_kind("entries") if r.entries.lease_id == lease_id]
+    return batches, found[0]
+
+
+def run(coroutine_factory: object) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(10):
+            await coroutine_factory()  # type: ignore[operator]
+
+    asyncio.run(bounded())
+
+
+def test_from_scratch_uploads_every_unignored_file_in_bounded_batches() -> None:
+    async def scenario() -> None:
+        service = FakeRealmService(realms={"pets": dict(REALM)})
+        async with running(service, batch_size=3):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            job = assignment("pets")
+            await stream.assign(job)
+            batches, result = await collect(stream, job.lease_id)
+
+            assert result.outcome == pb.JobResult.OUTCOME_SUCCEEDED
+            assert all(0 < len(b.entries) <= 3 for b in batches)
+            assert len(batches) == -(-len(INDEXED) // 3)
+            entries = {e.path: e for b in batches for e in b.entries}
+            assert [e.path for b in batches for e in b.entries] == INDEXED  # path order
+            assert result.entries_uploaded == len(INDEXED)
+            # The result comes after the last batch, on the same stream.
+            kinds = stream.kinds()
+            assert kinds.index("results") > max(i for i, k in enumerate(kinds) if k == "entries")
+
+            mango = entries["Pet/mango.json"]
+            assert (mango.card_type, mango.title) == ("./pet/Pet", "Mango")
+            assert list(mango.links) == ["../Person/1"]
+            assert mango.media_type == "application/vnd.card+json"
+            assert mango.mtime.seconds > 0
+            assert entries["index.json"].card_type == "https://x/base/cards-grid/CardsGrid"
+            assert entries["realm.json"].media_type == "application/json"
+            assert "adoptsFrom" in entries["Pet/broken.json"].error_message
+            assert entries["notes.txt"].search_text == "feeding schedule"
+            assert entries["logo.png"].search_text == ""
+            # The file RPCs carry the worker's token too.
+            assert service.file_metadata
+            assert all(m["authorization"] == "Bearer worker-token" for m in service.file_metadata)
+            read = sorted(path for rpc, _, path in service.file_calls if rpc == "ReadRealmFile")
+            assert read == sorted([".gitignore", *INDEXED])
+
+    run(scenario)
+
+
+def test_incremental_sends_deleted_paths_and_reindexes_changed_files() -> None:
+    async def scenario() -> None:
+        service = FakeRealmService(realms={"pets": dict(REALM)})
+        changes = (
+            ("Pet/gone.json", True),
+            ("Pet/mango.json", False),
+            ("Pet/vanished.json", False),  # changed, but deleted again before the read
+            ("debug.log", False),  # now ignored
+        )
+        async with running(service):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            job = assignment("pets", kind=res.JOB_KIND_INCREMENTAL_INDEX, changes=changes)
+            await stream.assign(job)
+            batches, result = await collect(stream, job.lease_id)
+
+            assert result.outcome == pb.JobResult.OUTCOME_SUCCEEDED
+            assert result.entries_uploaded == 1
+            deleted = sorted(p for b in batches for p in b.deleted_paths)
+            assert deleted == ["Pet/gone.json", "Pet/vanished.json", "debug.log"]
+            assert [e.path for b in batches for e in b.entries] == ["Pet/mango.json"]
+            listed = [c for c in service.file_calls if c[0] == "ListRealmFiles"]
+            assert len(listed) == 1  # only to tell "file gone" from "realm gone"
+
+    run(scenario)
+
+
+def test_incremental_with_a_new_gitignore_decides_every_file_again() -> None:
+    async def scenario() -> None:
+        realm = {".gitignore": b"Pet/\n", "Pet/a.json": card_json("A"), "notes.txt": b"n"}
+        service = FakeRealmService(realms={"r": realm})
+        async with running(service):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            job = assignment(
+                "r", kind=res.JOB_KIND_INCREMENTAL_INDEX, changes=((".gitignore", False),)
+            )
+            await stream.assign(job)
+            batches, result = await collect(stream, job.lease_id)
+            assert [p for b in batches for p in b.deleted_paths] == ["Pet/a.json"]
+            assert [e.path for b in batches for e in b.entries] == ["notes.txt"]
+            assert result.entries_uploaded == 1
+
+    run(scenario)
+
+
+def test_job_for_a_realm_that_is_gone_fails_permanently() -> None:
+    async def scenario() -> None:
+        service = FakeRealmService(realms={})
+        async with running(service):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            job = assignment("deleted-realm")
+            await stream.assign(job)
+            _, result = await collect(stream, job.lease_id)
+            assert result.outcome == pb.JobResult.OUTCOME_FAILED_PERMANENTLY
+            assert "deleted-realm" in result.error_message
+            assert (await stream.next("credit")).credit.credits == 1
+
+    run(scenario)
+
+
+def test_noop_mode_succeeds_without_reading_anything() -> None:
+    async def scenario() -> None:
+        service = FakeRealmService(realms={"pets": dict(REALM)})
+        async with running(service, noop_for_benchmarks=True):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            jobs = [assignment("pets"), assignment("pets")]
+            await stream.assign(*jobs)
+            message = await stream.next("results")
+            # Jobs finishing together share one JobResults and one CreditGrant.
+            results = message.results.results
+            assert [r.lease_id for r in results] == [j.lease_id for j in jobs]
+            assert all(r.outcome == pb.JobResult.OUTCOME_SUCCEEDED for r in results)
+            assert all(r.entries_uploaded == 0 for r in results)
+            assert (await stream.next("credit")).credit.credits == 2
+            assert service.file_calls == []
+            assert stream.of_kind("entries") == []
+
+    run(scenario)
+
+
+class MemoryFiles:
+    """RealmFiles over a dict, for job logic without a server."""
+
+    def __init__(self, files: dict[str, bytes], fail_reads: bool = False) -> None:
+        self.files = files
+        self.fail_reads = fail_reads
+
+    async def list_files(self, realm_id: str) -> list[FileInfo]:
+        return [FileInfo(p, None, len(c), "") for p, c in sorted(self.files.items())]
+
+    async def read_file(self, realm_id: str, path: str) -> tuple[FileInfo, bytes] | None:
+        if self.fail_reads:
+            from index_worker.model import FileAccessError
+
+            raise FileAccessError(f"ReadRealmFile({realm_id}, {path}): UNAVAILABLE: down")
+        content = self.files.get(path)
+        return None if content is None else (FileInfo(path, None, len(content), ""), content)
+
+
+def test_batches_are_also_bounded_in_bytes() -> None:
+    files = {f"{i:03}.txt": b"x" * 1000 for i in range(20)}
+    uploads: list[Sequence[IndexEntry]] = []
+
+    async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
+        uploads.append(list(entries))
+
+    job = Assignment("lease", "1", "r", JobKind.FROM_SCRATCH, 10)
+    limits = JobLimits(batch_size=500, batch_max_bytes=4000, read_concurrency=4)
+    progress = Progress()
+    outcome = asyncio.run(execute_job(job, MemoryFiles(files), upload, progress, limits))
+    assert outcome.outcome is Outcome.SUCCEEDED
+    assert outcome.entries_uploaded == 20
+    assert all(1 <= len(batch) <= 3 for batch in uploads)
+    assert [e.path for batch in uploads for e in batch] == sorted(files)
+    assert (progress.done, progress.total) == (20, 20)
+
+
+def test_failing_reads_fail_the_attempt_retryably() -> None:
+    async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
+        raise AssertionError("nothing to upload")
+
+    job = Assignment("lease", "1", "r", JobKind.FROM_SCRATCH, 10)
+    files = MemoryFiles({"a.txt": b"a"}, fail_reads=True)
+    outcome = asyncio.run(execute_job(job, files, upload, Progress(), JobLimits()))
+    assert outcome.outcome is Outcome.FAILED
+    assert "UNAVAILABLE" in outcome.error_message
+
+
+def test_unknown_job_kind_fails_without_touching_files() -> None:
+    async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
+        raise AssertionError("nothing to upload")
+
+    job = Assignment("lease", "1", "r", None, 10)
+    outcome = asyncio.run(execute_job(job, MemoryFiles({}), upload, Progress(), JobLimits()))
+    assert outcome.outcome is Outcome.FAILED
+    assert "kind" in outcome.error_message
