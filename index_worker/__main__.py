@@ -1,13 +1,50 @@
-"""Entry point of index_worker."""
+"""Entry point: `index-worker --server HOST:PORT` or `python -m index_worker`.
+
+Exit status: 0 after a stop on SIGTERM/SIGINT, 1 when the server refuses the
+worker (bad token, wrong role, protocol error) or the worker itself fails,
+2 for bad settings.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import sys
+from collections.abc import Sequence
+
+from index_worker.config import ConfigError, load_config
+from index_worker.logs import configure_logging
+
+logger = logging.getLogger("index_worker")
+
+EXIT_BAD_CONFIG = 2
+EXIT_FAILED = 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("index_worker: not implemented yet", file=sys.stderr)
-    return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"index-worker: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    configure_logging(config.log_level)
+    # grpc's C core logs reconnects on its own; our log lines already say it.
+    # Read when grpc is first imported, hence the late import below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from index_worker.runner import Worker, run_until_signalled
+
+    if config.noop_for_benchmarks:
+        logger.warning("noop mode: jobs succeed without indexing; for benchmarks only")
+
+    async def run() -> int:
+        return await run_until_signalled(Worker(config))
+
+    try:
+        return asyncio.run(run())
+    except Exception:
+        logger.exception("worker failed")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
