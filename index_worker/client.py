@@ -176,12 +176,12 @@ class ClaimStream:
 
         Raises StreamBrokenError or FatalStreamError when the call fails.
         """
+        reader = asyncio.create_task(self._read_loop(handler), name="claim-reader")
         tasks = {
-            asyncio.create_task(self._read_loop(handler), name="claim-reader"),
+            reader,
             asyncio.create_task(self._write_loop(), name="claim-writer"),
             asyncio.create_task(self._watch_liveness(), name="claim-watchdog"),
         }
-        reader = next(t for t in tasks if t.get_name() == "claim-reader")
         try:
             while not reader.done():
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

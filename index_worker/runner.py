@@ -61,6 +61,7 @@ class Worker:
             self.config.reconnect_backoff_base, self.config.reconnect_backoff_max, self._rng
         )
         while not self.stopping:
+            error = ""
             try:
                 await self._run_stream(backoff)
             except FatalStreamError as exc:
@@ -69,11 +70,15 @@ class Worker:
                 )
                 return EXIT_REFUSED
             except StreamBrokenError as exc:
-                logger.warning("stream broken", extra={**fields, "error": str(exc)})
+                error = str(exc)
             if self.stopping:
                 break
             delay = backoff.next_delay()
-            logger.info("reconnecting", extra={**fields, "delay_s": round(delay, 3)})
+            if error:
+                extra = {**fields, "delay_s": round(delay, 3), "error": error}
+                logger.warning("stream broken; reconnecting", extra=extra)
+            else:
+                logger.info("reconnecting", extra={**fields, "delay_s": round(delay, 3)})
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop_event.wait()

@@ -110,7 +110,10 @@ class Session:
                 drain_requested.cancel()
             if serve in done or beat in done:
                 _raise_if_failed(serve, beat)
-                raise StreamBrokenError("the server ended the stream without a drain")
+                if not self._draining:
+                    raise StreamBrokenError("the server ended the stream without a drain")
+                logger.info("stream ended during drain", extra=self._worker())
+                return
             if not await self._finish_or_release(serve, beat):
                 return
             self._flush()

@@ -22,6 +22,7 @@ from fake_realm_server import (
 from realm.v1 import realm_service_pb2 as pb
 
 from index_worker.runner import Worker
+from index_worker.session import Session
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -162,7 +163,7 @@ def test_heartbeats_report_progress_of_held_leases() -> None:
 
 def test_refused_lease_cancels_the_job_and_frees_its_slot() -> None:
     async def scenario() -> None:
-        service = FakeRealmService(realms={"r": {"a.txt": b"a"}})
+        service = FakeRealmService(heartbeat_interval=0.05, realms={"r": {"a.txt": b"a"}})
         gate = gated(service, "r", "a.txt")
         async with running(service, concurrency=1):
             stream = await service.next_stream(0)
@@ -170,14 +171,18 @@ def test_refused_lease_cancels_the_job_and_frees_its_slot() -> None:
             job = assignment("r")
             await stream.assign(job)
             await service.read_started("a.txt")
+            await stream.next("heartbeat")
             await stream.send(lost(job.lease_id))
             assert (await stream.next("credit")).credit.credits == 1
+            beats_before = len(stream.of_kind("heartbeat"))
             async with asyncio.timeout(WAIT):
                 while service.cancelled_reads != ["a.txt"]:
                     await asyncio.sleep(0.01)
             gate.set()
             await quiet(stream, "results")
             assert stream.of_kind("entries") == []
+            later = stream.of_kind("heartbeat")[beats_before:]
+            assert all(job.lease_id not in str(beat) for beat in later)
 
     run(scenario)
 
@@ -349,5 +354,24 @@ def test_unreachable_server_is_retried_until_stopped() -> None:
         worker.stop()
         async with asyncio.timeout(WAIT):
             assert await task == 0
+
+    run(scenario)
+
+
+def test_failing_side_task_stops_the_worker_with_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken_heartbeats(self: Session) -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("heartbeat bug")
+
+    monkeypatch.setattr(Session, "_heartbeat_loop", broken_heartbeats)
+
+    async def scenario() -> None:
+        service = FakeRealmService()
+        async with running(service) as h:
+            with pytest.raises(RuntimeError, match="heartbeat bug"):
+                await h.exit_code()
+            assert len(service.streams) == 1
 
     run(scenario)
