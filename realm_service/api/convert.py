@@ -160,6 +160,8 @@ def decode_token(kind: str, token: str) -> str | None:
 def job_id(value: str, field: str = "job_id") -> int:
     if not value:
         raise InvalidArgument(f"{field} is required")
-    if not value.isdigit() or len(value) > 18:
+    # str.isdigit() also accepts non-ASCII digits ("²", "٣"), which int()
+    # rejects or silently maps onto another job's id.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise InvalidArgument(f"{field} {value[:40]!r} is not a job id (decimal digits)")
     return int(value)

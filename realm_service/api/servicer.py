@@ -220,7 +220,7 @@ class RealmServicer(sgrpc.RealmServiceServicer):
     async def ListJobs(self, request: spb.ListJobsRequest, context: Ctx) -> spb.ListJobsResponse:
         size = c.page_size(request.page_size)
         before = c.decode_token("jobs", request.page_token)
-        if before is not None and not before.isdigit():
+        if before is not None and not (before.isascii() and before.isdigit()):
             raise InvalidArgument("page_token is malformed")
         if request.realm_id:
             from realm_service.domain import validate_realm_id

@@ -1,0 +1,479 @@
+"""Bad input (DESIGN.md section 8): every RPC answers its documented status
+with a message naming the field, and the store is exactly as before. One
+server per backend serves the whole table; each case checks the store itself,
+and the server must keep serving after each."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from realm.v1 import realm_service_pb2 as spb
+from realm.v1 import resources_pb2 as pb
+
+from tests.api.conftest import LiveServer
+from tests.api.helpers import RPC_TIMEOUT, hello, rpc_error, store_snapshot
+from tests.api.worker_stream import StreamClient
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+MAX_FILE_SIZE = 64 * 1024  # BASE settings of tests/api/conftest.py
+
+SEEDED = "seeded"  # exists, with docs/a.txt, created with request_id SEED_KEY
+SEED_KEY = "seed-key"
+UNKNOWN = "no-such-realm"
+
+
+def token(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class Case:
+    rpc: str
+    request: Message
+    code: grpc.StatusCode
+    names: str  # what the message must mention (the field, or the missing thing)
+    id: str
+
+
+CASES: list[Case] = []
+
+
+def case(rpc: str, request: Message, code: grpc.StatusCode, names: str, id: str) -> None:
+    CASES.append(Case(rpc, request, code, names, f"{rpc}-{id}"))
+
+
+BAD_REALM_IDS = {
+    "empty": "",
+    "uppercase": "Realm",
+    "64-chars": "a" * 64,
+    "leading-dash": "-realm",
+    "trailing-dash": "realm-",
+    "underscore": "my_realm",
+    "space": "my realm",
+}
+BAD_PATHS = {
+    "empty": "",
+    "dotdot": "../escape.txt",
+    "inner-dotdot": "a/../../b.txt",
+    "leading-slash": "/etc/passwd",
+    "nul": "a\x00b.txt",
+    "control": "a\x01b.txt",
+    "newline": "a\nb.txt",
+    "empty-segment": "a//b.txt",
+    "trailing-slash": "a/",
+    "dot": "./a.txt",
+    "backslash": "a\\b.txt",
+    "too-long": "a/" * 600 + "b",
+    "long-segment": "x" * 256,
+}
+BAD_PRIORITIES = {"negative": -1, "over-100": 101}
+BAD_PAGE_SIZES = {"negative": -1, "over-1000": 1001}
+BAD_TOKENS = {
+    "garbage": "%%%not a token%%%",
+    "not-utf8": base64.urlsafe_b64encode(b"\xff\xfe").decode(),
+    "no-kind": token("just-a-value"),
+}
+
+for name, rid in BAD_REALM_IDS.items():
+    case("CreateRealm", spb.CreateRealmRequest(realm_id=rid), INVALID, "realm_id", name)
+    case("GetRealm", spb.GetRealmRequest(realm_id=rid), INVALID, "realm_id", name)
+    case("ReindexRealm", spb.ReindexRealmRequest(realm_id=rid), INVALID, "realm_id", name)
+    case(
+        "WriteRealmFile",
+        spb.WriteRealmFileRequest(realm_id=rid, path="a.txt", content=b"x"),
+        INVALID,
+        "realm_id",
+        name,
+    )
+    case(
+        "DeleteRealmFile",
+        spb.DeleteRealmFileRequest(realm_id=rid, path="docs/a.txt"),
+        INVALID,
+        "realm_id",
+        name,
+    )
+    case("ListRealmFiles", spb.ListRealmFilesRequest(realm_id=rid), INVALID, "realm_id", name)
+    case(
+        "ReadRealmFile",
+        spb.ReadRealmFileRequest(realm_id=rid, path="realm.json"),
+        INVALID,
+        "realm_id",
+        name,
+    )
+    case("SearchRealm", spb.SearchRealmRequest(realm_id=rid), INVALID, "realm_id", name)
+    if rid:  # an empty realm_id means "all realms" in ListJobs
+        case("ListJobs", spb.ListJobsRequest(realm_id=rid), INVALID, "realm_id", name)
+
+for name, path in BAD_PATHS.items():
+    case(
+        "CreateRealm",
+        spb.CreateRealmRequest(
+            realm_id="fresh",
+            initial_files=[pb.FileContent(path="ok.txt"), pb.FileContent(path=path)],
+        ),
+        INVALID,
+        "initial_files[1].path",
+        name,
+    )
+    case(
+        "WriteRealmFile",
+        spb.WriteRealmFileRequest(realm_id=SEEDED, path=path, content=b"x"),
+        INVALID,
+        "path",
+        name,
+    )
+    case(
+        "DeleteRealmFile",
+        spb.DeleteRealmFileRequest(realm_id=SEEDED, path=path),
+        INVALID,
+        "path",
+        name,
+    )
+    case(
+        "ReadRealmFile",
+        spb.ReadRealmFileRequest(realm_id=SEEDED, path=path),
+        INVALID,
+        "path",
+        name,
+    )
+
+for name, p in BAD_PRIORITIES.items():
+    case(
+        "CreateRealm",
+        spb.CreateRealmRequest(realm_id="fresh", priority=p),
+        INVALID,
+        "priority",
+        name,
+    )
+    case(
+        "ReindexRealm",
+        spb.ReindexRealmRequest(realm_id=SEEDED, priority=p),
+        INVALID,
+        "priority",
+        name,
+    )
+    case("ReindexAllRealms", spb.ReindexAllRealmsRequest(priority=p), INVALID, "priority", name)
+    case(
+        "WriteRealmFile",
+        spb.WriteRealmFileRequest(realm_id=SEEDED, path="a.txt", priority=p),
+        INVALID,
+        "priority",
+        name,
+    )
+    case(
+        "DeleteRealmFile",
+        spb.DeleteRealmFileRequest(realm_id=SEEDED, path="docs/a.txt", priority=p),
+        INVALID,
+        "priority",
+        name,
+    )
+
+for name, size in BAD_PAGE_SIZES.items():
+    case("ListRealms", spb.ListRealmsRequest(page_size=size), INVALID, "page_size", name)
+    case("ListJobs", spb.ListJobsRequest(page_size=size), INVALID, "page_size", name)
+    case(
+        "SearchRealm",
+        spb.SearchRealmRequest(realm_id=SEEDED, page_size=size),
+        INVALID,
+        "page_size",
+        name,
+    )
+
+for name, t in {**BAD_TOKENS, "other-listing": token("jobs:5")}.items():
+    case("ListRealms", spb.ListRealmsRequest(page_token=t), INVALID, "page_token", name)
+    case(
+        "SearchRealm",
+        spb.SearchRealmRequest(realm_id=SEEDED, page_token=t),
+        INVALID,
+        "page_token",
+        name,
+    )
+for name, t in {
+    **BAD_TOKENS,
+    "other-listing": token(f"realms:{SEEDED}"),
+    "not-an-id": token("jobs:abc"),
+    "unicode-digit": token("jobs:\u00b2"),
+}.items():
+    case("ListJobs", spb.ListJobsRequest(page_token=t), INVALID, "page_token", name)
+
+# Unknown realms, files and jobs.
+for rpc, request in {
+    "GetRealm": spb.GetRealmRequest(realm_id=UNKNOWN),
+    "ReindexRealm": spb.ReindexRealmRequest(realm_id=UNKNOWN),
+    "WriteRealmFile": spb.WriteRealmFileRequest(realm_id=UNKNOWN, path="a.txt", content=b"x"),
+    "DeleteRealmFile": spb.DeleteRealmFileRequest(realm_id=UNKNOWN, path="a.txt"),
+    "ListRealmFiles": spb.ListRealmFilesRequest(realm_id=UNKNOWN),
+    "ReadRealmFile": spb.ReadRealmFileRequest(realm_id=UNKNOWN, path="realm.json"),
+    "SearchRealm": spb.SearchRealmRequest(realm_id=UNKNOWN),
+}.items():
+    case(rpc, request, NOT_FOUND, UNKNOWN, "unknown-realm")
+case(
+    "ReadRealmFile",
+    spb.ReadRealmFileRequest(realm_id=SEEDED, path="docs/missing.txt"),
+    NOT_FOUND,
+    "docs/missing.txt",
+    "unknown-file",
+)
+case(
+    "DeleteRealmFile",
+    spb.DeleteRealmFileRequest(realm_id=SEEDED, path="docs/missing.txt"),
+    NOT_FOUND,
+    "docs/missing.txt",
+    "unknown-file",
+)
+for rpc, make in {"GetJob": spb.GetJobRequest, "WatchJob": spb.WatchJobRequest}.items():
+    case(rpc, make(job_id="987654321"), NOT_FOUND, "987654321", "unknown-job")
+    for name, jid in {
+        "empty": "",
+        "letters": "abc",
+        "negative": "-1",
+        "space": " 1",
+        "too-long": "1" * 19,
+        "unicode-digit": "\u00b2",
+        "arabic-digit": "\u0663",
+    }.items():
+        case(rpc, make(job_id=jid), INVALID, "job_id", name)
+
+# Sizes, names and keys.
+too_big = b"x" * (MAX_FILE_SIZE + 1)
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(
+        realm_id="fresh", initial_files=[pb.FileContent(path="a", content=too_big)]
+    ),
+    INVALID,
+    "initial_files[0].content",
+    "oversized-file",
+)
+case(
+    "WriteRealmFile",
+    spb.WriteRealmFileRequest(realm_id=SEEDED, path="big.bin", content=too_big),
+    INVALID,
+    "content",
+    "oversized-file",
+)
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(
+        realm_id="fresh",
+        initial_files=[pb.FileContent(path="a.txt"), pb.FileContent(path="a.txt", content=b"2")],
+    ),
+    INVALID,
+    "initial_files[1].path",
+    "duplicate-file",
+)
+for reserved in ("realm.json", "index.json"):
+    case(
+        "CreateRealm",
+        spb.CreateRealmRequest(realm_id="fresh", initial_files=[pb.FileContent(path=reserved)]),
+        INVALID,
+        "initial_files[0].path",
+        f"reserved-{reserved}",
+    )
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(realm_id="fresh", request_id=SEED_KEY),
+    INVALID,
+    "request_id",
+    "request-id-of-another-realm",
+)
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(realm_id="fresh", request_id="k" * 129),
+    INVALID,
+    "request_id",
+    "request-id-too-long",
+)
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(realm_id="fresh", display_name="x" * 201),
+    INVALID,
+    "display_name",
+    "display-name-too-long",
+)
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(realm_id="fresh", display_name="a\x07b"),
+    INVALID,
+    "display_name",
+    "display-name-control",
+)
+case(
+    "SearchRealm",
+    spb.SearchRealmRequest(realm_id=SEEDED, text="t" * 401),
+    INVALID,
+    "text",
+    "text-too-long",
+)
+case("ListJobs", spb.ListJobsRequest(kind=99), INVALID, "kind", "unknown-kind")  # type: ignore[arg-type]
+case("ListJobs", spb.ListJobsRequest(state=99), INVALID, "state", "unknown-state")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def seeded(module_live: LiveServer) -> LiveServer:
+    """The module's server with one indexed realm and no queued work, so that
+    streams granting credits receive nothing and change nothing."""
+    created = module_live.stub.CreateRealm(
+        spb.CreateRealmRequest(
+            realm_id=SEEDED,
+            request_id=SEED_KEY,
+            initial_files=[pb.FileContent(path="docs/a.txt", content=b"hello")],
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    stream = StreamClient(module_live.stub, hello=hello("seeder"))
+    stream.settings()
+    stream.credit(1)
+    (a,) = stream.assignments(1)
+    assert a.job.job_id == created.job.job_id
+    assert stream.complete(a.lease_id).accepted
+    stream.close()
+    assert stream.wait_closed() is None
+    return module_live
+
+
+def invoke(live: LiveServer, rpc: str, request: Message) -> Any:
+    method: Callable[..., Any] = getattr(live.stub, rpc)
+    if rpc == "WatchJob":
+        return list(method(request, timeout=RPC_TIMEOUT))
+    return method(request, timeout=RPC_TIMEOUT)
+
+
+def assert_serving(live: LiveServer) -> None:
+    health = health_pb2_grpc.HealthStub(live.channel)
+    status = health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id=SEEDED), timeout=RPC_TIMEOUT).realm
+    assert realm.realm_id == SEEDED
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_request_is_refused_and_changes_nothing(seeded: LiveServer, c: Case) -> None:
+    before = store_snapshot(seeded.srv.db)
+    error = rpc_error(lambda: invoke(seeded, c.rpc, c.request))
+    assert error.code() == c.code, error.details()
+    assert c.names in (error.details() or ""), error.details()
+    assert store_snapshot(seeded.srv.db) == before
+    assert_serving(seeded)
+
+
+# -- the ClaimJobs stream ---------------------------------------------------------------
+
+
+def _request(**kwargs: Any) -> spb.ClaimJobsRequest:
+    return spb.ClaimJobsRequest(**kwargs)
+
+
+def _credit(n: int) -> spb.ClaimJobsRequest:
+    return _request(credit=spb.CreditGrant(credits=n))
+
+
+def _hello(**kwargs: Any) -> spb.ClaimJobsRequest:
+    return _request(hello=spb.WorkerHello(**{"worker_id": "w", "incarnation_id": "i", **kwargs}))
+
+
+# (id, messages sent after the stream opens, whether a hello goes first, what the error names)
+VIOLATIONS: list[tuple[str, list[spb.ClaimJobsRequest], bool, str]] = [
+    ("no-hello", [_credit(1)], False, "hello"),
+    ("empty-first-message", [_request()], False, "hello"),
+    ("hello-twice", [_hello()], True, "hello"),
+    ("credit-zero", [_credit(0)], True, "credit"),
+    ("credit-negative", [_credit(-3)], True, "credit"),
+    ("credit-over-10000", [_credit(10_001)], True, "credit"),
+    ("credits-summing-over-10000", [_credit(6000), _credit(6000)], True, "credits"),
+    ("empty-message", [_request()], True, "message"),
+    ("min-priority-negative", [_hello(min_priority=-1)], False, "min_priority"),
+    ("min-priority-over-100", [_hello(min_priority=101)], False, "min_priority"),
+    ("no-worker-id", [_hello(worker_id="")], False, "worker_id"),
+    ("worker-id-too-long", [_hello(worker_id="w" * 201)], False, "worker_id"),
+    ("unknown-kind", [_hello(kinds=[7])], False, "kinds"),
+]
+
+
+@pytest.mark.parametrize(
+    ("messages", "with_hello", "names"),
+    [v[1:] for v in VIOLATIONS],
+    ids=[v[0] for v in VIOLATIONS],
+)
+def test_stream_protocol_violation_aborts_the_stream(
+    seeded: LiveServer, messages: list[spb.ClaimJobsRequest], with_hello: bool, names: str
+) -> None:
+    before = store_snapshot(seeded.srv.db)
+    stream = StreamClient(seeded.stub, send_hello=False)
+    if with_hello:
+        stream.send(_hello())
+    for m in messages:
+        stream.send(m)
+    error = stream.wait_closed(timeout=RPC_TIMEOUT)
+    assert error is not None, "the stream ended without an error"
+    assert error.code() == INVALID, error.details()
+    assert names in (error.details() or ""), error.details()
+    assert store_snapshot(seeded.srv.db) == before
+    assert_serving(seeded)
+
+
+LEASE = "0123456789abcdef0123456789abcdef"  # never given to anyone
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _request(
+            results=spb.JobResults(
+                results=[spb.JobResult(lease_id=LEASE, outcome=spb.JobResult.OUTCOME_SUCCEEDED)]
+            )
+        ),
+        _request(
+            results=spb.JobResults(
+                results=[spb.JobResult(lease_id=LEASE, outcome=spb.JobResult.OUTCOME_FAILED)]
+            )
+        ),
+        _request(heartbeat=spb.Heartbeat(leases=[spb.LeaseProgress(lease_id=LEASE)])),
+        _request(
+            entries=spb.IndexEntryBatch(
+                lease_id=LEASE, entries=[pb.IndexEntry(path="docs/a.txt", size=5)]
+            )
+        ),
+        _request(release=spb.ReleaseLeases(lease_ids=[LEASE])),
+    ],
+    ids=["result", "failure", "heartbeat", "entries", "release"],
+)
+def test_messages_about_leases_never_given_are_refused(
+    seeded: LiveServer, message: spb.ClaimJobsRequest
+) -> None:
+    before = store_snapshot(seeded.srv.db)
+    # No credits: the seeded realm's queued job must stay where it is.
+    stream = StreamClient(seeded.stub, hello=hello("w"), answer_pings=True)
+    stream.settings()
+    stream.send(message)
+    (ack,) = stream.acks()
+    assert (ack.lease_id, ack.accepted) == (LEASE, False)
+    assert ack.reason
+    # The stream stays usable: a ping is answered.
+    stream.send(_request(ping=spb.Ping(nonce=42)))
+    reply = stream.next(skip_pings=False)
+    assert reply.ping.nonce == 42 and reply.ping.reply
+    stream.close()
+    assert stream.wait_closed() is None
+    assert store_snapshot(seeded.srv.db) == before
+    assert_serving(seeded)
+
+
+def test_a_good_stream_still_works_after_all_of_the_above(seeded: LiveServer) -> None:
+    reindex = seeded.stub.ReindexRealm(spb.ReindexRealmRequest(realm_id=SEEDED))
+    assert reindex.disposition == pb.DISPOSITION_INSERTED
+    stream = StreamClient(seeded.stub, hello=hello("good"), answer_pings=True)
+    stream.settings()
+    stream.credit(1)
+    (a,) = stream.assignments(1)
+    assert a.job.job_id == reindex.job.job_id
+    assert stream.complete(a.lease_id).accepted
+    stream.close()
