@@ -226,6 +226,23 @@ class Realms:
         if enqueued is not None:
             self.queue.after_enqueue(EnqueueResult(enqueued, Disposition.INSERTED))
 
+    def boot_mount(self, *, batch: int = 500, limit: int = 100_000) -> int:
+        """At start, mount the realms that have no index yet, so one whose first
+        job is missing (e.g. it failed) gets one at its creation's priority.
+        Indexed realms mount lazily on first use. Returns the realms mounted."""
+        mounted = 0
+        after: str | None = None
+        while mounted < limit:
+            with self.db.transaction() as s:
+                ids = realms_sql.realm_ids_page(s, after=after, limit=batch, unindexed_only=True)
+            for realm_id in ids:
+                self.ensure_mounted(realm_id)
+            mounted += len(ids)
+            if len(ids) < batch:
+                break
+            after = ids[-1]
+        return mounted
+
     # -- reads ----------------------------------------------------------------
 
     def get(self, realm_id: str) -> Realm:

@@ -62,12 +62,20 @@ class RealmServer:
             asyncio.create_task(self._health_and_metrics(), name="health"),
         ]
         await self._set_health(True)
+        self.tasks.append(asyncio.create_task(self._boot_mount(), name="boot-mount"))
         log.info("serving address=%s store=%s", self.address, self.db.backend)
 
     async def _set_health(self, ok: bool) -> None:
         status = SERVING if ok else NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
+
+    async def _boot_mount(self) -> None:
+        try:
+            count = await asyncio.to_thread(self.realms.boot_mount)
+            log.info("boot mount done realms=%d", count)
+        except Exception as e:  # lazy mounts still cover every realm
+            log.warning("boot mount failed: %s", e)
 
     async def _reaper(self) -> None:
         interval = max(0.05, min(5.0, self.settings.lease_seconds / 4))

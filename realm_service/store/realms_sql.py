@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from realm_service.domain import IndexEntry, Realm, RealmFile, RealmState
@@ -16,6 +16,7 @@ from realm_service.errors import FileNotFound, RealmAlreadyExists, RealmNotFound
 from realm_service.store.tables import (
     IdempotencyKeyRow,
     IndexEntryRow,
+    JobRow,
     RealmFileRow,
     RealmRow,
 )
@@ -101,10 +102,21 @@ def list_realms(session: Session, *, after: str | None, limit: int) -> list[Real
     return [to_realm(r) for r in session.scalars(q)]
 
 
-def realm_ids_page(session: Session, *, after: str | None, limit: int) -> list[str]:
+def realm_ids_page(
+    session: Session, *, after: str | None, limit: int, unindexed_only: bool = False
+) -> list[str]:
     q = select(RealmRow.realm_id).order_by(RealmRow.realm_id).limit(limit)
     if after:
         q = q.where(RealmRow.realm_id > after)
+    if unindexed_only:
+        # Realms with no index whose first job is missing, or queued below the
+        # priority their creation asked for: the ones a mount must act on.
+        scratch = (JobRow.realm_id == RealmRow.realm_id) & (JobRow.kind == "from-scratch")
+        has_job = exists().where(scratch, JobRow.state.in_(("queued", "running", "succeeded")))
+        queued_low = exists().where(
+            scratch, JobRow.state == "queued", JobRow.priority < RealmRow.created_priority
+        )
+        q = q.where(RealmRow.current_generation.is_(None), or_(~has_job, queued_low))
     return list(session.scalars(q))
 
 
