@@ -366,7 +366,18 @@ class Connection:
     def __init__(self, config: WorkerConfig, rng: random.Random | None = None) -> None:
         self._config = config
         self._rng = rng
-        self._channel = grpc.aio.insecure_channel(config.server, options=channel_options())
+        if config.tls:
+            roots = None
+            if config.ca_cert:
+                with open(config.ca_cert, "rb") as f:
+                    roots = f.read()
+            self._channel = grpc.aio.secure_channel(
+                config.server,
+                grpc.ssl_channel_credentials(root_certificates=roots),
+                options=channel_options(),
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(config.server, options=channel_options())
         self._stub = pb_grpc.RealmServiceStub(self._channel)
         self._metadata = call_metadata(config.token)
 

@@ -49,6 +49,9 @@ class WorkerConfig:
     ping_timeout: float = 10.0
     noop_for_benchmarks: bool = False
     log_level: str = "INFO"
+    # TLS to the server: on when tls is set or a CA file is given.
+    tls: bool = False
+    ca_cert: str | None = None
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -92,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="report every job as succeeded without indexing (benchmarks only)",
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INFO)")
+    p.add_argument(
+        "--tls", action="store_const", const="true", help="connect with TLS (system roots)"
+    )
+    p.add_argument("--ca-cert", help="PEM file of the CA that signed the server (implies --tls)")
     return p
 
 
@@ -135,6 +142,9 @@ def load_config(
         found = raw("reconnect_backoff_max") or raw("reconnect_backoff_base")
         source = found[0] if found else "--reconnect-backoff-max"
         raise ConfigError(f"{source}: backoff max {maximum} is below the backoff base {base}")
+    ca_cert = get("ca_cert", _optional_str, None)
+    if ca_cert is not None and not os.path.isfile(ca_cert):
+        raise ConfigError(f"--ca-cert or {ENV_PREFIX}CA_CERT: no such file (got {ca_cert!r})")
     return WorkerConfig(
         server=server,
         token=get("token", _optional_str, None),
@@ -152,6 +162,8 @@ def load_config(
         ping_timeout=get("ping_timeout", _positive_float, 10.0),
         noop_for_benchmarks=get("noop_for_benchmarks", _bool, False),
         log_level=get("log_level", _log_level, "INFO"),
+        tls=get("tls", _bool, False) or raw("ca_cert") is not None,
+        ca_cert=ca_cert,
     )
 
 
