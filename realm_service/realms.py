@@ -37,7 +37,7 @@ from realm_service.domain import (
     validate_realm_id,
     validate_request_id,
 )
-from realm_service.errors import Conflict, InvalidArgument, RealmAlreadyExists
+from realm_service.errors import Conflict, InvalidArgument, PermissionDenied, RealmAlreadyExists
 from realm_service.queue import JobQueue
 from realm_service.store import jobs_sql, realms_sql
 from realm_service.store.db import Database
@@ -242,6 +242,15 @@ class Realms:
                 break
             after = ids[-1]
         return mounted
+
+    def check_worker_access(self, realm_id: str) -> None:
+        """Workers read only realms whose job is running (a lease is held)."""
+        validate_realm_id(realm_id)
+        with self.db.transaction() as s:
+            if not jobs_sql.realm_has_running_job(s, realm_id):
+                raise PermissionDenied(
+                    f"workers may read only realms of jobs they hold; {realm_id!r} has none running"
+                )
 
     # -- reads ----------------------------------------------------------------
 

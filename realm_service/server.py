@@ -151,6 +151,7 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
     dispatcher = Dispatcher(queue, reserved_slots=settings.reserved_slots)
     dispatcher.on_assigned = _record_assignments
     watch = JobWatch(queue)
+    auth = AuthInterceptor(settings.tokens) if settings.auth_enabled else None
     servicer = RealmServicer(
         realms,
         queue,
@@ -158,10 +159,11 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
         watch,
         heartbeat_seconds=settings.heartbeat_seconds,
         ping_seconds=settings.ping_seconds,
+        auth=auth,
     )
     limit = settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(settings.tokens)] if settings.auth_enabled else [],
+        interceptors=[auth] if auth is not None else [],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

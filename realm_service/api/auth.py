@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -47,8 +47,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: dict[str, str]) -> None:
         self.tokens = tokens
 
-    def role_of(self, metadata: tuple[tuple[str, str | bytes], ...]) -> str | None:
-        for key, value in metadata:
+    def role_of(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str):
                 scheme, _, token = value.partition(" ")
                 if scheme.lower() != "bearer" or not token:

@@ -19,6 +19,7 @@ from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import realm_service_pb2_grpc as sgrpc
 
 from realm_service.api import convert as c
+from realm_service.api.auth import AuthInterceptor
 from realm_service.api.claim_stream import ClaimSession
 from realm_service.api.status import status_of
 from realm_service.dispatcher import Dispatcher
@@ -70,7 +71,9 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         *,
         heartbeat_seconds: float,
         ping_seconds: float,
+        auth: AuthInterceptor | None = None,
     ) -> None:
+        self.auth = auth
         self.realms = realms
         self.queue = queue
         self.dispatcher = dispatcher
@@ -178,10 +181,15 @@ class RealmServicer(sgrpc.RealmServiceServicer):
             job=c.job_pb(result.job), disposition=c.DISPOSITION_TO_PB[result.disposition]
         )
 
+    async def _check_worker(self, realm_id: str, context: Ctx) -> None:
+        if self.auth is not None and self.auth.role_of(context.invocation_metadata()) == "worker":
+            await call(self.realms.check_worker_access, realm_id)
+
     @rpc
     async def ListRealmFiles(
         self, request: spb.ListRealmFilesRequest, context: Ctx
     ) -> spb.ListRealmFilesResponse:
+        await self._check_worker(request.realm_id, context)
         files = await call(self.realms.list_files, request.realm_id)
         return spb.ListRealmFilesResponse(files=[c.file_pb(f) for f in files])
 
@@ -189,6 +197,7 @@ class RealmServicer(sgrpc.RealmServiceServicer):
     async def ReadRealmFile(
         self, request: spb.ReadRealmFileRequest, context: Ctx
     ) -> spb.ReadRealmFileResponse:
+        await self._check_worker(request.realm_id, context)
         stored, content = await call(self.realms.read_file, request.realm_id, request.path)
         return spb.ReadRealmFileResponse(file=c.file_pb(stored), content=content)
 

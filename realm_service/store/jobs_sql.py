@@ -117,6 +117,10 @@ def running_job(session: Session, realm_id: str) -> JobRow | None:
     ).first()
 
 
+def realm_has_running_job(session: Session, realm_id: str) -> bool:
+    return running_job(session, realm_id) is not None
+
+
 def has_from_scratch(session: Session, realm_id: str, states: Sequence[str]) -> bool:
     return (
         session.scalar(
