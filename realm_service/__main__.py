@@ -113,7 +113,12 @@ def _dev(settings: Settings, workers: int, concurrency: int) -> int:
         server_cmd += ["--metrics-listen", settings.metrics_listen]
     server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
-    line = server.stdout.readline()
+    line = ""
+    for _ in range(10):  # the address line follows at most a few others
+        line = server.stdout.readline()
+        if not line or "listening on" in line:
+            break
+        print(line, end="", flush=True)
     if "listening on" not in line:
         server.wait()
         print("realm-service: the server did not start", file=sys.stderr)

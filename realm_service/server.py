@@ -223,7 +223,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         from prometheus_client import start_http_server
 
         host, _, mport = settings.metrics_listen.rpartition(":")
-        start_http_server(int(mport), addr=host or "127.0.0.1", registry=metrics.REGISTRY)
+        httpd, _thread = start_http_server(
+            int(mport), addr=host or "127.0.0.1", registry=metrics.REGISTRY
+        )
+        log.info("metrics address=%s:%s", host or "127.0.0.1", httpd.server_port)
+        print(f"realm-service metrics on http://{host}:{httpd.server_port}/metrics", flush=True)
     await srv.start()
     print(f"realm-service listening on {srv.address}", flush=True)
     stop = asyncio.Event()
