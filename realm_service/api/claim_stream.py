@@ -8,6 +8,7 @@ holds are released at once as interrupted (they do not count as failures).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -293,6 +294,13 @@ class ClaimSession:
             except StaleLease as e:
                 self._drop(r.lease_id)
                 acks.append(self._refusal(r.lease_id, e.message))
+                # A lease can still be current here (the entry count did not
+                # match). The stream no longer holds it, so end the attempt
+                # now, as a failure, rather than leave the job running until
+                # the lease expires.
+                with contextlib.suppress(StaleLease):
+                    await asyncio.to_thread(self.queue.fail, r.lease_id, e.message)
+                    self.dispatcher.wake()
                 continue
             self._drop(r.lease_id)
             acks.append(
