@@ -93,6 +93,9 @@ class JobQueue:
         jobs makes a concurrent duplicate insert fail; we then merge into the
         winner's row inside a savepoint so the caller's transaction survives."""
         now = self.clock()
+        # One change per path, a delete winning, as merges already do: a job
+        # must never list a path twice, or as both updated and deleted.
+        paths = jobs_sql.merge_paths((), paths)
         for _ in range(3):
             queued = jobs_sql.queued_job(session, realm_id, kind)
             if kind is JobKind.INCREMENTAL and queued is None:

@@ -207,3 +207,29 @@ def test_enqueue_in_commits_with_the_callers_transaction(queue: JobQueue) -> Non
     with queue.db.transaction() as s:
         result = queue.enqueue_in(s, "r", FS, USER)
     assert queue.get_job(result.job.job_id).state is JobState.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("incoming", "stored"),
+    [
+        ([upd("a"), upd("a")], (upd("a"),)),
+        ([upd("a"), rm("a")], (rm("a"),)),
+        ([rm("a"), upd("a"), upd("b")], (rm("a"), upd("b"))),
+    ],
+)
+def test_a_new_incremental_lists_each_path_once_delete_winning(
+    queue: JobQueue, incoming: list[PathChange], stored: tuple[PathChange, ...]
+) -> None:
+    make_realm(queue, "r")
+    job = queue.enqueue("r", INC, USER, paths=incoming).job
+    assert job.path_changes == stored
+    assert queue.get_job(job.job_id).path_changes == stored
+
+
+def test_an_update_and_delete_of_a_path_attaches_to_a_running_delete(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    running = queue.enqueue("r", INC, USER, paths=[rm("a")]).job
+    queue.claim(1)
+    result = queue.enqueue("r", INC, USER, paths=[upd("a"), rm("a")])
+    assert result.disposition is Disposition.ATTACHED
+    assert result.job.job_id == running.job_id
