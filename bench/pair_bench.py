@@ -1,0 +1,881 @@
+"""Benchmarks of the service pair: a real `realm-service` process and real
+`index-worker` processes (or a minimal ClaimJobs client in this process) on
+loopback, over SQLite or PostgreSQL.
+
+    .venv/bin/python bench/pair_bench.py --store sqlite
+    .venv/bin/python bench/pair_bench.py --store postgresql
+    .venv/bin/python bench/pair_bench.py --store sqlite --quick      # under a minute
+
+Items (see bench/README.md, "Service pair"):
+  throughput  drain queued no-op jobs with 1, 2, 4 worker processes, next to a
+              bare SQL claim-and-complete loop on the same store
+  wakeup      idle system, one ReindexRealm: time until a worker stream has the job
+  streams     1,000 idle ClaimJobs streams: server RSS per stream, wake-up with them
+  storm       a priority-10 realm's job start and CreateRealm(wait_for_index)
+              return during a 100,000-job SYSTEM storm, next to an idle system
+  create      CreateRealm latency next to grpc.health.v1 Check and GetJob
+  index       files indexed per second by a real worker (5,000 small cards)
+
+Every result is one JSON line on stdout; a table follows at the end. Progress
+goes to stderr. Every comparison is measured in the same run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pair_client import BenchStream
+from pair_proc import (
+    BIN,
+    BenchStore,
+    Proc,
+    Workdir,
+    bench_store,
+    card_file,
+    env_pg_url,
+    lease_token,
+    log,
+    remaining_jobs,
+    rss_kib,
+    seed_jobs,
+    seed_realms,
+    start_server,
+    start_worker,
+)
+from realm.v1 import realm_service_pb2 as spb
+from realm.v1 import realm_service_pb2_grpc as sgrpc
+from realm.v1 import resources_pb2 as pb
+
+HERE = Path(__file__).resolve().parent
+USER = 10
+SYSTEM = 0
+ITEMS = ("throughput", "wakeup", "storm", "create", "index")
+
+
+@dataclass
+class Config:
+    store: str
+    quick: bool
+    pg_url: str
+    log_level: str
+    jobs: int = 50_000
+    workers: tuple[int, ...] = (1, 2, 4)
+    worker_concurrency: int = 64
+    drain_limit_s: float = 240.0
+    bare_batch: int = 64
+    bare_single_s: float = 10.0
+    wake_samples: int = 200
+    idle_streams: int = 1000
+    idle_channels: int = 10
+    storm_jobs: int = 100_000
+    storm_realms: int = 50
+    storm_streams: int = 4
+    storm_credits: int = 4
+    create_samples: int = 300
+    index_files: int = 5000
+    index_realms: int = 3
+    only: tuple[str, ...] = ITEMS
+    keep: bool = False
+    py_spy: str = ""
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> Config:
+        return cls(
+            quick=True,
+            jobs=2_000,
+            drain_limit_s=20.0,
+            bare_single_s=1.0,
+            wake_samples=30,
+            idle_streams=100,
+            idle_channels=2,
+            storm_jobs=5_000,
+            storm_realms=10,
+            create_samples=40,
+            index_files=500,
+            index_realms=1,
+            **kw,
+        )
+
+
+# -- figures ------------------------------------------------------------------------
+
+
+RESULTS: list[dict[str, Any]] = []
+
+
+def emit(record: dict[str, Any]) -> None:
+    RESULTS.append(record)
+    print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def pct(values: Iterable[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = max(0, min(len(xs) - 1, round(p / 100 * len(xs) + 0.5) - 1))
+    return xs[k]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def summary(values_s: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": ms(pct(values_s, 50)),
+        "p99_ms": ms(pct(values_s, 99)),
+        "mean_ms": ms(statistics.fmean(values_s)) if values_s else float("nan"),
+        "max_ms": ms(max(values_s)) if values_s else float("nan"),
+        "n": len(values_s),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    return total
+
+
+# -- shared pieces ----------------------------------------------------------------
+
+
+class Pair:
+    """A store plus a server process; workers are added by the scenario."""
+
+    def __init__(self, cfg: Config, workdir: Path, label: str, extra: tuple[str, ...] = ()):
+        self.cfg, self.workdir, self.label, self.extra = cfg, workdir, label, extra
+        self.procs: list[Proc] = []
+
+    def __enter__(self) -> Pair:
+        self._store_cm = bench_store(self.cfg.store, self.workdir, self.label, self.cfg.pg_url)
+        self.store: BenchStore = self._store_cm.__enter__()
+        return self
+
+    def start_server(self) -> None:
+        self.server = start_server(
+            self.store, self.workdir, self.label, log_level=self.cfg.log_level, extra=self.extra
+        )
+        self.procs.append(self.server)
+
+    def add_worker(self, label: str, *, concurrency: int, noop: bool) -> Proc:
+        proc = start_worker(
+            self.server.address,
+            self.workdir,
+            f"{self.label}-{label}",
+            concurrency=concurrency,
+            noop=noop,
+            log_level=self.cfg.log_level,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            code = proc.stop()
+            if code not in (0, -15, None):
+                log(f"{proc.log_path.name} exited {code}:\n{proc.tail()}")
+        self._store_cm.__exit__(None, None, None)
+
+
+async def wait_log(proc: Proc, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in proc.log_path.read_text(errors="replace"):
+            return
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.log_path.name} exited:\n{proc.tail()}")
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{proc.log_path.name}: no {text!r} within {timeout}s:\n{proc.tail()}")
+
+
+def profile(cfg: Config, pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    """With --py-spy DIR: sample `pid` until SIGINT into DIR/NAME.txt (collapsed stacks)."""
+    if not cfg.py_spy:
+        return None
+    out = Path(cfg.py_spy) / f"{cfg.store}-{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            *(str(BIN / "py-spy"), "record", "--pid", str(pid), "--format", "raw"),
+            *("--rate", "200", "--output", str(out), "--nonblocking", "--threads"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+# -- 1. throughput ------------------------------------------------------------------
+
+
+def steady_rate(samples: list[tuple[float, int]], total: int) -> tuple[float, float]:
+    """Jobs/s between 10% and 90% drained (linear interpolation), and the
+    time from the first sample to fully drained (or the last sample)."""
+
+    def time_at(remaining: float) -> float | None:
+        for (t0, r0), (t1, r1) in itertools.pairwise(samples):
+            if r0 >= remaining >= r1 and r0 != r1:
+                return t0 + (t1 - t0) * (r0 - remaining) / (r0 - r1)
+        return None
+
+    hi, lo = time_at(total * 0.9), time_at(total * 0.1)
+    if hi is None or lo is None or lo <= hi:
+        # Did not get to 10% left: rate over what was done.
+        done = total - samples[-1][1]
+        first = time_at(total - 1) or samples[0][0]
+        span = samples[-1][0] - first
+        return (done / span if span > 0 else 0.0), samples[-1][0] - samples[0][0]
+    return total * 0.8 / (lo - hi), samples[-1][0] - samples[0][0]
+
+
+def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, Any]:
+    label = f"tp{n_workers}"
+    with Pair(cfg, workdir, label) as pair:
+        ids = [f"tp-{i:06d}" for i in range(cfg.jobs)]
+        t = time.perf_counter()
+        seed_realms(pair.store, ids)
+        seed_jobs(pair.store, ids, priority=SYSTEM)
+        log(f"throughput: seeded {cfg.jobs} jobs in {time.perf_counter() - t:.1f}s")
+        pair.start_server()
+        conn = pair.store.connect()
+        cpu0 = {"server": cpu_seconds(pair.server.pid), "pg": postgres_cpu_seconds()}
+        spy = profile(cfg, pair.server.pid, f"{label}-server")
+        t_spawn = time.perf_counter()
+        workers = [
+            pair.add_worker(f"w{i}", concurrency=cfg.worker_concurrency, noop=True)
+            for i in range(n_workers)
+        ]
+        samples: list[tuple[float, int]] = []
+        deadline = t_spawn + cfg.drain_limit_s
+        while True:
+            remaining = remaining_jobs(conn)
+            now = time.perf_counter()
+            samples.append((now, remaining))
+            if remaining == 0 or now > deadline:
+                break
+            time.sleep(0.1)
+        worker_cpu = sum(cpu_seconds(w.pid) for w in workers)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        server_cpu = cpu_seconds(pair.server.pid) - cpu0["server"]
+        pg_cpu = postgres_cpu_seconds() - cpu0["pg"] if cfg.store == "postgresql" else 0.0
+        states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        conn.close()
+    # Start the clock at the first job done, so worker start-up is not counted.
+    started = [s for s in samples if s[1] < cfg.jobs]
+    rate, _ = steady_rate(samples, cfg.jobs)
+    wall = samples[-1][0] - (started[0][0] if started else t_spawn)
+    return {
+        "jobs": cfg.jobs,
+        "workers": n_workers,
+        "worker_concurrency": cfg.worker_concurrency,
+        "jobs_per_s": round(rate, 1),
+        "drain_s": round(wall, 2),
+        "spawn_to_drained_s": round(samples[-1][0] - t_spawn, 2),
+        "drained": samples[-1][1] == 0,
+        "states": states,
+        "cpu_s": {
+            "server": round(server_cpu, 2),
+            "workers": round(worker_cpu, 2),
+            "postgres": round(pg_cpu, 2),
+        },
+    }
+
+
+def bare_loop(store: BenchStore, batch: int, max_jobs: int, max_s: float) -> dict[str, Any]:
+    """Claim `batch` queued jobs in priority order (one transaction, a lease per
+    job), then mark them succeeded (a second transaction): the store's own cost
+    of moving a job through the queue, without the service around it."""
+    conn = store.connect()
+    pg = store.kind == "postgresql"
+    done = 0
+    t0 = time.perf_counter()
+    select = "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq, id " + (
+        "LIMIT %s FOR UPDATE SKIP LOCKED" if pg else "LIMIT ?"
+    )
+    ph = "%s" if pg else "?"
+    claim = (
+        f"UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_id = {ph}, "
+        f"start_time = {ph}, lease_expire_time = {ph} WHERE id = {ph}"
+    )
+    finish = (
+        f"UPDATE jobs SET state = 'succeeded', finish_time = {ph}, lease_id = NULL, "
+        f"lease_expire_time = NULL WHERE id = {ph}"
+    )
+
+    def stamp(dt: datetime) -> Any:
+        return dt if pg else dt.replace(tzinfo=None).isoformat(" ")
+
+    while done < max_jobs and time.perf_counter() - t0 < max_s:
+        now = datetime.now(UTC)
+        if pg:
+            with conn.transaction():
+                ids = [r[0] for r in conn.execute(select, (batch,)).fetchall()]
+                conn.cursor().executemany(
+                    claim,
+                    [(lease_token(), now, now + timedelta(seconds=30), i) for i in ids],
+                )
+            with conn.transaction():
+                conn.cursor().executemany(finish, [(now, i) for i in ids])
+        else:
+            conn.execute("BEGIN IMMEDIATE")
+            ids = [r[0] for r in conn.execute(select, (batch,)).fetchall()]
+            conn.executemany(
+                claim,
+                [(lease_token(), stamp(now), stamp(now + timedelta(seconds=30)), i) for i in ids],
+            )
+            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(finish, [(stamp(now), i) for i in ids])
+            conn.execute("COMMIT")
+        if not ids:
+            break
+        done += len(ids)
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return {"batch": batch, "jobs": done, "s": round(elapsed, 2), "jobs_per_s": done / elapsed}
+
+
+def run_throughput(cfg: Config, workdir: Path) -> None:
+    with Pair(cfg, workdir, "bare") as pair:
+        ids = [f"bare-{i:06d}" for i in range(cfg.jobs)]
+        seed_realms(pair.store, ids)
+        seed_jobs(pair.store, ids, priority=SYSTEM)
+        single = bare_loop(pair.store, 1, cfg.jobs // 5, cfg.bare_single_s)
+        batched = bare_loop(pair.store, cfg.bare_batch, cfg.jobs, cfg.drain_limit_s)
+    for b in (single, batched):
+        emit(
+            {
+                "item": "throughput_bare_sql",
+                "store": cfg.store,
+                "batch": b["batch"],
+                "jobs": b["jobs"],
+                "jobs_per_s": round(b["jobs_per_s"], 1),
+            }
+        )
+        log(f"bare SQL batch={b['batch']}: {b['jobs_per_s']:.0f} jobs/s")
+    target = 5000 if cfg.store == "postgresql" else 10_000
+    for n in cfg.workers:
+        r = drain_with_workers(cfg, workdir, n)
+        r = {"item": "throughput", "store": cfg.store, **r}
+        r["vs_bare_batched"] = round(r["jobs_per_s"] / batched["jobs_per_s"], 3)
+        r["vs_bare_single"] = round(r["jobs_per_s"] / single["jobs_per_s"], 3)
+        if n == 2:
+            r["target"] = f">= {target} jobs/s with 2 workers"
+            r["met"] = r["jobs_per_s"] >= target
+        emit(r)
+        log(f"throughput workers={n}: {r['jobs_per_s']} jobs/s ({r['drain_s']}s)")
+
+
+# -- 2 + 6. wake-up, idle and with many idle streams ----------------------------------
+
+
+async def wake_samples(
+    stub: sgrpc.RealmServiceStub, stream: BenchStream, realms: list[str], n: int
+) -> tuple[list[float], list[float]]:
+    wakes: list[float] = []
+    rpcs: list[float] = []
+    for i in range(n):
+        realm = realms[i % len(realms)]
+        t0 = time.perf_counter()
+        reply = await stub.ReindexRealm(
+            spb.ReindexRealmRequest(realm_id=realm, priority=USER), timeout=30
+        )
+        t1 = time.perf_counter()
+        arrived = await stream.arrival(reply.job.job_id, timeout=30)
+        await stream.acked(reply.job.job_id, timeout=30)
+        wakes.append(arrived - t0)
+        rpcs.append(t1 - t0)
+        await asyncio.sleep(0.01 + random.random() * 0.01)
+    return wakes, rpcs
+
+
+async def run_wakeup(cfg: Config, workdir: Path) -> None:
+    with Pair(cfg, workdir, "wake") as pair:
+        realms = [f"wake-{i:02d}" for i in range(20)]
+        seed_realms(pair.store, realms)
+        pair.start_server()
+        channel = grpc.aio.insecure_channel(pair.server.address)
+        stub = sgrpc.RealmServiceStub(channel)
+        # Two credits: the dispatcher hands a job to the stream with the most
+        # credits, so this stream gets it even with idle streams holding one.
+        timer = BenchStream(channel, "bench-timer", credits=2)
+        await timer.open()
+        await wake_samples(stub, timer, realms, 10)  # warm-up
+        wakes, rpcs = await wake_samples(stub, timer, realms, cfg.wake_samples)
+        idle = summary(wakes)
+        emit(
+            {
+                "item": "wakeup",
+                "store": cfg.store,
+                "streams": 1,
+                "enqueue": "ReindexRealm",
+                **idle,
+                "rpc_p50_ms": ms(pct(rpcs, 50)),
+                "target": "p50 < 3 ms",
+                "met": idle["p50_ms"] < 3,
+            }
+        )
+        log(f"wake-up idle: p50 {idle['p50_ms']} ms p99 {idle['p99_ms']} ms")
+
+        await asyncio.sleep(1.0)
+        rss_before = rss_kib(pair.server.pid)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "pair_streams.py"),
+                "--server",
+                pair.server.address,
+                "--streams",
+                str(cfg.idle_streams),
+                "--channels",
+                str(cfg.idle_channels),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 180)
+            if not line.startswith("ready"):
+                raise RuntimeError(f"idle streams did not connect: {line!r}")
+            await asyncio.sleep(3.0)
+            rss_connected = rss_kib(pair.server.pid)
+            await wake_samples(stub, timer, realms, 10)
+            wakes_n, rpcs_n = await wake_samples(stub, timer, realms, cfg.wake_samples)
+            rss_after = rss_kib(pair.server.pid)
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            try:
+                holder.wait(30)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+        per_stream = (rss_connected - rss_before) / cfg.idle_streams
+        many = summary(wakes_n)
+        ratio = many["p50_ms"] / idle["p50_ms"]
+        emit(
+            {
+                "item": "idle_streams",
+                "store": cfg.store,
+                "streams": cfg.idle_streams,
+                "channels": cfg.idle_channels,
+                "rss_before_kib": rss_before,
+                "rss_connected_kib": rss_connected,
+                "rss_after_wakeups_kib": rss_after,
+                "rss_per_stream_kib": round(per_stream, 1),
+                "target": "< 200 KiB per stream",
+                "met": per_stream < 200,
+            }
+        )
+        emit(
+            {
+                "item": "wakeup",
+                "store": cfg.store,
+                "streams": cfg.idle_streams + 1,
+                "enqueue": "ReindexRealm",
+                **many,
+                "rpc_p50_ms": ms(pct(rpcs_n, 50)),
+                "vs_idle_p50": round(ratio, 2),
+                "target": "p50 within 2x of one stream",
+                "met": ratio <= 2,
+            }
+        )
+        log(f"{cfg.idle_streams} streams: {per_stream:.1f} KiB/stream, wake p50 {many['p50_ms']}")
+        await timer.close()
+        await channel.close()
+
+
+# -- 3. a user's job in a storm ------------------------------------------------------
+
+
+async def storm_samples(
+    stub: sgrpc.RealmServiceStub, streams: list[BenchStream], prefix: str, n: int
+) -> tuple[list[float], list[float], int]:
+    starts: list[float] = []
+    returns: list[float] = []
+    failed = 0
+    for i in range(n):
+        t0 = time.perf_counter()
+        reply = await stub.CreateRealm(
+            spb.CreateRealmRequest(
+                realm_id=f"{prefix}-{i:03d}", priority=USER, wait_for_index=True
+            ),
+            timeout=60,
+        )
+        t1 = time.perf_counter()
+        job_id = reply.job.job_id
+        arrived = [s.arrivals[job_id] for s in streams if job_id in s.arrivals]
+        if reply.job.state != pb.Job.STATE_SUCCEEDED or not arrived:
+            failed += 1
+            continue
+        starts.append(min(arrived) - t0)
+        returns.append(t1 - t0)
+        await asyncio.sleep(0.01 + random.random() * 0.01)
+    return starts, returns, failed
+
+
+async def run_storm(cfg: Config, workdir: Path) -> None:
+    with Pair(cfg, workdir, "storm") as pair:
+        ids = [f"storm-{i:06d}" for i in range(cfg.storm_jobs)]
+        seed_realms(pair.store, ids)
+        pair.start_server()
+        channel = grpc.aio.insecure_channel(pair.server.address)
+        stub = sgrpc.RealmServiceStub(channel)
+        holders = [
+            BenchStream(
+                channel,
+                f"holder-{k}",
+                credits=cfg.storm_credits,
+                hold=lambda a: a.job.priority <= SYSTEM,
+            )
+            for k in range(cfg.storm_streams)
+        ]
+        for h in holders:
+            await h.open()
+        await storm_samples(stub, holders, "warm", 5)
+        idle_start, idle_return, idle_failed = await storm_samples(
+            stub, holders, "idle", cfg.storm_realms
+        )
+
+        t = time.perf_counter()
+        await asyncio.to_thread(seed_jobs, pair.store, ids, priority=SYSTEM)
+        log(f"storm: {cfg.storm_jobs} SYSTEM jobs queued in {time.perf_counter() - t:.1f}s")
+        slots = cfg.storm_streams * cfg.storm_credits
+        busy = slots - 1  # one reserved slot (the server's default)
+        deadline = time.monotonic() + 60
+        while sum(len(h.held) for h in holders) < busy:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the storm did not fill the ordinary slots")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        held = sum(len(h.held) for h in holders)
+        storm_start, storm_return, storm_failed = await storm_samples(
+            stub, holders, "storm", cfg.storm_realms
+        )
+        queued = pair.store.scalar(
+            f"SELECT count(*) FROM jobs WHERE state = 'queued' AND priority = {SYSTEM}"
+        )
+        for h in holders:
+            await h.close()
+        await channel.close()
+
+    idle_s, storm_s = summary(idle_start), summary(storm_start)
+    idle_r, storm_r = summary(idle_return), summary(storm_return)
+    ratio = storm_s["p99_ms"] / idle_s["p99_ms"]
+    for phase, s, r, failed in (
+        ("idle", idle_s, idle_r, idle_failed),
+        ("storm", storm_s, storm_r, storm_failed),
+    ):
+        record: dict[str, Any] = {
+            "item": "storm",
+            "store": cfg.store,
+            "phase": phase,
+            "system_jobs_queued": cfg.storm_jobs if phase == "storm" else 0,
+            "slots": slots,
+            "held_system_leases": held if phase == "storm" else 0,
+            "job_start": s,
+            "create_wait_return": r,
+            "failed": failed,
+        }
+        if phase == "storm":
+            record["system_jobs_still_queued"] = queued
+            record["start_p99_vs_idle"] = round(ratio, 2)
+            record["target"] = "start p99 <= 20 ms and <= 2x idle"
+            record["met"] = s["p99_ms"] <= 20 and ratio <= 2
+        emit(record)
+        log(
+            f"storm {phase}: start p50 {s['p50_ms']} p99 {s['p99_ms']} ms; return p50 {r['p50_ms']}"
+        )
+
+
+# -- 5. CreateRealm latency next to a bare unary RPC ------------------------------------
+
+
+async def run_create(cfg: Config, workdir: Path) -> None:
+    with Pair(cfg, workdir, "create") as pair:
+        pair.start_server()
+        channel = grpc.aio.insecure_channel(pair.server.address)
+        stub = sgrpc.RealmServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        first = await stub.CreateRealm(spb.CreateRealmRequest(realm_id="known"), timeout=30)
+        known_job = first.job.job_id
+        counter = iter(range(10**9))
+
+        async def create() -> None:
+            await stub.CreateRealm(
+                spb.CreateRealmRequest(realm_id=f"c-{next(counter):06d}"), timeout=30
+            )
+
+        async def check() -> None:
+            await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+
+        async def get_job() -> None:
+            await stub.GetJob(spb.GetJobRequest(job_id=known_job), timeout=30)
+
+        calls: dict[str, Callable[[], Any]] = {
+            "CreateRealm": create,
+            "Health.Check": check,
+            "GetJob": get_job,
+        }
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for i in range(20 + cfg.create_samples):
+            order = list(calls)
+            random.shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                await calls[name]()
+                if i >= 20:
+                    times[name].append(time.perf_counter() - t0)
+        await channel.close()
+    s = {name: summary(v) for name, v in times.items()}
+    ratio = s["CreateRealm"]["p50_ms"] / s["Health.Check"]["p50_ms"]
+    emit(
+        {
+            "item": "create_latency",
+            "store": cfg.store,
+            "echo": "grpc.health.v1.Health/Check on the same server",
+            **{name: v for name, v in s.items()},
+            "create_p50_vs_echo": round(ratio, 2),
+            "create_p50_vs_getjob": round(s["CreateRealm"]["p50_ms"] / s["GetJob"]["p50_ms"], 2),
+            "target": "CreateRealm p50 <= 4x echo p50",
+            "met": ratio <= 4,
+        }
+    )
+    log(f"create: p50 {s['CreateRealm']['p50_ms']} ms; echo {s['Health.Check']['p50_ms']} ms")
+
+
+# -- 7. indexing rate ----------------------------------------------------------------------
+
+
+def ts_s(t: Any) -> float:
+    return float(t.seconds + t.nanos / 1e9)
+
+
+async def run_index(cfg: Config, workdir: Path) -> None:
+    from index_worker.indexer import index_file
+
+    files = [card_file(i) for i in range(cfg.index_files)]
+    with Pair(cfg, workdir, "index") as pair:
+        pair.start_server()
+        worker = pair.add_worker("real", concurrency=2, noop=False)
+        await wait_log(worker, "stream open")
+        channel = grpc.aio.insecure_channel(
+            pair.server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        stub = sgrpc.RealmServiceStub(channel)
+        runs = []
+        for r in range(cfg.index_realms):
+            realm_id = f"idx-{r}"
+            t0 = time.perf_counter()
+            reply = await stub.CreateRealm(
+                spb.CreateRealmRequest(
+                    realm_id=realm_id,
+                    initial_files=[pb.FileContent(path=p, content=c) for p, c in files],
+                ),
+                timeout=120,
+            )
+            t_created = time.perf_counter()
+            job = reply.job
+            while job.state not in (pb.Job.STATE_SUCCEEDED, pb.Job.STATE_FAILED):
+                await asyncio.sleep(0.05)
+                job = (await stub.GetJob(spb.GetJobRequest(job_id=job.job_id))).job
+            t_done = time.perf_counter()
+            realm = (await stub.GetRealm(spb.GetRealmRequest(realm_id=realm_id))).realm
+            run_s = ts_s(job.finish_time) - ts_s(job.start_time)
+            runs.append(
+                {
+                    "files": realm.stats.files,
+                    "cards": realm.stats.cards,
+                    "errors": realm.stats.errors,
+                    "state": pb.Job.State.Name(job.state),
+                    "create_rpc_s": round(t_created - t0, 3),
+                    "job_run_s": round(run_s, 3),
+                    "create_to_indexed_s": round(t_done - t0, 3),
+                    "files_per_s": round(realm.stats.files / run_s, 1),
+                }
+            )
+            log(f"index {realm_id}: {runs[-1]}")
+
+        # Side by side: the bare file RPC the worker uses, at the worker's read
+        # concurrency (8), and the indexer alone in this process.
+        paths = [p for p, _ in files]
+        sem = asyncio.Semaphore(8)
+
+        async def read(path: str) -> None:
+            async with sem:
+                await stub.ReadRealmFile(
+                    spb.ReadRealmFileRequest(realm_id="idx-0", path=path), timeout=30
+                )
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(read(p) for p in paths))
+        reads_per_s = len(paths) / (time.perf_counter() - t0)
+        await channel.close()
+    now = datetime.now(UTC)
+    t0 = time.perf_counter()
+    for path, content in files:
+        index_file(path, content, now)
+    indexer_per_s = len(files) / (time.perf_counter() - t0)
+    rates = [r["files_per_s"] for r in runs]
+    emit(
+        {
+            "item": "index",
+            "store": cfg.store,
+            "card_files": cfg.index_files,
+            "worker_concurrency": 2,
+            "read_concurrency": 8,
+            "files_per_s": round(statistics.median(rates), 1),
+            "runs": runs,
+            "bare_read_rpc_per_s": round(reads_per_s, 1),
+            "indexer_only_per_s": round(indexer_per_s, 1),
+            "vs_bare_reads": round(statistics.median(rates) / reads_per_s, 3),
+        }
+    )
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def table() -> str:
+    lines = ["", "item                          figure", "-" * 78]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"{name:<30}{text}")
+
+    for r in RESULTS:
+        item = r["item"]
+        met = "" if "met" not in r else ("  [met]" if r["met"] else "  [MISSED]")
+        if item == "throughput_bare_sql":
+            row(f"bare SQL loop batch={r['batch']}", f"{r['jobs_per_s']:>10.0f} jobs/s")
+        elif item == "throughput":
+            row(
+                f"throughput workers={r['workers']}",
+                f"{r['jobs_per_s']:>10.0f} jobs/s  ({r['vs_bare_batched']:.2f}x bare batched, "
+                f"{r['vs_bare_single']:.2f}x bare single){met}",
+            )
+        elif item == "wakeup":
+            row(
+                f"wake-up, {r['streams']} stream(s)",
+                f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms{met}",
+            )
+        elif item == "idle_streams":
+            row(
+                f"{r['streams']} idle streams",
+                f"{r['rss_per_stream_kib']:.1f} KiB RSS per stream{met}",
+            )
+        elif item == "storm":
+            s, c = r["job_start"], r["create_wait_return"]
+            row(
+                f"storm {r['phase']}: job start",
+                f"p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms{met}",
+            )
+            row(
+                f"storm {r['phase']}: create+wait",
+                f"p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms",
+            )
+        elif item == "create_latency":
+            for name in ("CreateRealm", "Health.Check", "GetJob"):
+                row(
+                    name,
+                    f"p50 {r[name]['p50_ms']:.2f} ms  p99 {r[name]['p99_ms']:.2f} ms"
+                    + (met if name == "CreateRealm" else ""),
+                )
+        elif item == "index":
+            row(
+                "indexing (real worker)",
+                f"{r['files_per_s']:>10.0f} files/s  (bare reads {r['bare_read_rpc_per_s']:.0f}/s,"
+                f" indexer alone {r['indexer_only_per_s']:.0f}/s)",
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    p = argparse.ArgumentParser(
+        description="Service-pair benchmarks (realm-service + index-worker processes)."
+    )
+    p.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument("--quick", action="store_true", help="small sizes; finishes in under a minute")
+    p.add_argument("--only", default=",".join(ITEMS), help=f"comma list of {', '.join(ITEMS)}")
+    p.add_argument("--pg-url", default=env_pg_url(), help="PostgreSQL database for schemas")
+    p.add_argument("--log-level", default="INFO", help="server and worker log level (INFO)")
+    p.add_argument("--jobs", type=int, help="throughput: jobs to drain (50,000)")
+    p.add_argument("--worker-concurrency", type=int, help="throughput: jobs per worker (64)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--py-spy", default="", help="profile the server of each drain into this dir")
+    args = p.parse_args(argv)
+    common = {"store": args.store, "pg_url": args.pg_url, "log_level": args.log_level}
+    cfg = Config.quick_config(**common) if args.quick else Config(quick=False, **common)
+    if args.jobs:
+        cfg.jobs = args.jobs
+    if args.worker_concurrency:
+        cfg.worker_concurrency = args.worker_concurrency
+    cfg.only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    cfg.keep = args.keep
+    cfg.py_spy = args.py_spy
+    unknown = set(cfg.only) - set(ITEMS)
+    if unknown:
+        p.error(f"unknown items {sorted(unknown)}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    work = Workdir(keep=cfg.keep)
+    log(f"store={cfg.store} quick={cfg.quick} workdir={work.path}")
+    t0 = time.perf_counter()
+    only = cfg.only
+    try:
+        if "throughput" in only:
+            run_throughput(cfg, work.path)
+        if "wakeup" in only:
+            asyncio.run(run_wakeup(cfg, work.path))
+        if "storm" in only:
+            asyncio.run(run_storm(cfg, work.path))
+        if "create" in only:
+            asyncio.run(run_create(cfg, work.path))
+        if "index" in only:
+            asyncio.run(run_index(cfg, work.path))
+    finally:
+        work.cleanup()
+    print(table())
+    print(f"\n{cfg.store}, {'quick' if cfg.quick else 'full'} run: {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
