@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ from pair_proc import (
     bench_store,
     card_file,
     env_pg_url,
-    lease_token,
     log,
     remaining_jobs,
     rss_kib,
@@ -99,8 +98,8 @@ class Config:
     def quick_config(cls, **kw: Any) -> Config:
         return cls(
             quick=True,
-            jobs=2_000,
-            drain_limit_s=20.0,
+            jobs=1_000,
+            drain_limit_s=10.0,
             bare_single_s=1.0,
             wake_samples=30,
             idle_streams=100,
@@ -316,51 +315,45 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
 
 
 def bare_loop(store: BenchStore, batch: int, max_jobs: int, max_s: float) -> dict[str, Any]:
-    """Claim `batch` queued jobs in priority order (one transaction, a lease per
-    job), then mark them succeeded (a second transaction): the store's own cost
-    of moving a job through the queue, without the service around it."""
+    """The store's own cost of moving jobs through the queue, without the
+    service around it: one statement leases the next `batch` queued jobs in
+    priority order (skipping locked rows on PostgreSQL) and commits; a second
+    marks them succeeded and commits."""
     conn = store.connect()
     pg = store.kind == "postgresql"
-    done = 0
-    t0 = time.perf_counter()
-    select = "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq, id " + (
-        "LIMIT %s FOR UPDATE SKIP LOCKED" if pg else "LIMIT ?"
-    )
-    ph = "%s" if pg else "?"
+    if pg:
+        lease, now, until = "md5(random()::text || id::text)", "now()", "now() + interval '30s'"
+        pick = "LIMIT %s FOR UPDATE SKIP LOCKED"
+    else:
+        lease = "lower(hex(randomblob(16)))"
+        now, until = "strftime('%Y-%m-%d %H:%M:%f', 'now')", "datetime('now', '+30 seconds')"
+        pick = "LIMIT ?"
     claim = (
-        f"UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_id = {ph}, "
-        f"start_time = {ph}, lease_expire_time = {ph} WHERE id = {ph}"
+        f"UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_id = {lease}, "
+        f"start_time = {now}, lease_expire_time = {until} WHERE id IN (SELECT id FROM jobs "
+        f"WHERE state = 'queued' ORDER BY priority DESC, seq, id {pick}) RETURNING id"
     )
     finish = (
-        f"UPDATE jobs SET state = 'succeeded', finish_time = {ph}, lease_id = NULL, "
-        f"lease_expire_time = NULL WHERE id = {ph}"
+        f"UPDATE jobs SET state = 'succeeded', finish_time = {now}, lease_id = NULL, "
+        "lease_expire_time = NULL WHERE id IN ({})"
     )
-
-    def stamp(dt: datetime) -> Any:
-        return dt if pg else dt.replace(tzinfo=None).isoformat(" ")
-
+    done = 0
+    t0 = time.perf_counter()
     while done < max_jobs and time.perf_counter() - t0 < max_s:
-        now = datetime.now(UTC)
         if pg:
             with conn.transaction():
-                ids = [r[0] for r in conn.execute(select, (batch,)).fetchall()]
-                conn.cursor().executemany(
-                    claim,
-                    [(lease_token(), now, now + timedelta(seconds=30), i) for i in ids],
-                )
-            with conn.transaction():
-                conn.cursor().executemany(finish, [(now, i) for i in ids])
+                ids = [r[0] for r in conn.execute(claim, (batch,)).fetchall()]
+            if ids:
+                with conn.transaction():
+                    conn.execute(finish.format("%s" + ", %s" * (len(ids) - 1)), ids)
         else:
             conn.execute("BEGIN IMMEDIATE")
-            ids = [r[0] for r in conn.execute(select, (batch,)).fetchall()]
-            conn.executemany(
-                claim,
-                [(lease_token(), stamp(now), stamp(now + timedelta(seconds=30)), i) for i in ids],
-            )
+            ids = [r[0] for r in conn.execute(claim, (batch,)).fetchall()]
             conn.execute("COMMIT")
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(finish, [(stamp(now), i) for i in ids])
-            conn.execute("COMMIT")
+            if ids:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(finish.format("?" + ", ?" * (len(ids) - 1)), ids)
+                conn.execute("COMMIT")
         if not ids:
             break
         done += len(ids)
@@ -835,6 +828,7 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--log-level", default="INFO", help="server and worker log level (INFO)")
     p.add_argument("--jobs", type=int, help="throughput: jobs to drain (50,000)")
     p.add_argument("--worker-concurrency", type=int, help="throughput: jobs per worker (64)")
+    p.add_argument("--drain-limit", type=float, help="throughput: seconds per drain at most (240)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--py-spy", default="", help="profile the server of each drain into this dir")
     args = p.parse_args(argv)
@@ -842,6 +836,8 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg = Config.quick_config(**common) if args.quick else Config(quick=False, **common)
     if args.jobs:
         cfg.jobs = args.jobs
+    if args.drain_limit:
+        cfg.drain_limit_s = args.drain_limit
     if args.worker_concurrency:
         cfg.worker_concurrency = args.worker_concurrency
     cfg.only = tuple(x.strip() for x in args.only.split(",") if x.strip())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import sqlite3
@@ -31,7 +30,7 @@ from sqlalchemy import insert
 
 from realm_service.store.db import open_database
 from realm_service.store.jobs_sql import seq_of
-from realm_service.store.tables import JobRow, RealmFileRow, RealmRow
+from realm_service.store.tables import JobRow, RealmRow
 
 BIN = Path(sys.executable).parent
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -174,31 +173,6 @@ def seed_jobs(store: BenchStore, realm_ids: Sequence[str], *, priority: int = 0)
             ]
             with db.transaction() as s:
                 s.execute(insert(JobRow), rows)
-    finally:
-        db.close()
-
-
-def seed_files(store: BenchStore, realm_id: str, files: Sequence[tuple[str, bytes]]) -> None:
-    import hashlib
-
-    db = open_database(store.url, migrate=False)
-    now = datetime.now(UTC)
-    try:
-        with db.transaction() as s:
-            s.execute(
-                insert(RealmFileRow),
-                [
-                    {
-                        "realm_id": realm_id,
-                        "path": path,
-                        "content": content,
-                        "mtime": now,
-                        "size": len(content),
-                        "sha256": hashlib.sha256(content).hexdigest(),
-                    }
-                    for path, content in files
-                ],
-            )
     finally:
         db.close()
 
@@ -355,10 +329,6 @@ class Workdir:
     def cleanup(self) -> None:
         if not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)
-
-
-def lease_token() -> str:
-    return secrets.token_hex(16)
 
 
 def env_pg_url() -> str:
