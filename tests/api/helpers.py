@@ -148,7 +148,10 @@ def counted_failures(db: Database, job_id: int) -> int:
 
 
 def bulk_insert_realms(db: Database, realm_ids: Sequence[str], *, priority: int = SYSTEM) -> None:
-    """Realm rows (no files, no jobs) in one statement: the storm's raw material."""
+    """Realm rows in one statement, as if created and indexed long ago (a
+    deploy's reindex storm finds realms like these): READY, with a current
+    generation, no files and no jobs. Being indexed, a server's boot mount
+    leaves them alone, so inserting them under a running server races nothing."""
     now = datetime.now(UTC)
     with db.transaction() as s:
         s.execute(
@@ -157,9 +160,11 @@ def bulk_insert_realms(db: Database, realm_ids: Sequence[str], *, priority: int 
                 {
                     "realm_id": realm_id,
                     "display_name": realm_id,
-                    "state": "indexing",
+                    "state": "ready",
                     "created_priority": priority,
                     "create_time": now,
+                    "current_generation": 0,
+                    "last_index_time": now,
                     "files": 0,
                     "cards": 0,
                     "errors": 0,
@@ -170,16 +175,43 @@ def bulk_insert_realms(db: Database, realm_ids: Sequence[str], *, priority: int 
         )
 
 
+def bulk_queue_from_scratch(
+    db: Database, realm_ids: Sequence[str], *, priority: int = SYSTEM
+) -> None:
+    """One queued from-scratch job per realm, in the given order, in one
+    statement: the rows `jobs_sql.insert_job` would write, minus its cost."""
+    now = datetime.now(UTC)
+    base = jobs_sql.seq_of(now)
+    with db.transaction() as s:
+        s.execute(
+            insert(JobRow),
+            [
+                {
+                    "realm_id": realm_id,
+                    "kind": "from-scratch",
+                    "priority": priority,
+                    "state": "queued",
+                    "seq": base + i,
+                    "attempt": 0,
+                    "counted_failures": 0,
+                    "create_time": now,
+                    "error_message": "",
+                    "progress_done": 0,
+                    "progress_total": 0,
+                    "paths": "[]",
+                    "worker": "",
+                }
+                for i, realm_id in enumerate(realm_ids)
+            ],
+        )
+
+
 def queued_count(db: Database, *, priority: int | None = None) -> int:
     q = select(func.count()).select_from(JobRow).where(JobRow.state == "queued")
     if priority is not None:
         q = q.where(JobRow.priority == priority)
     with db.transaction() as s:
         return int(s.scalar(q) or 0)
-
-
-def jobs_seq_of(now: datetime) -> int:
-    return jobs_sql.seq_of(now)
 
 
 # -- RPC shortcuts ----------------------------------------------------------------

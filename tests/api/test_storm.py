@@ -13,6 +13,7 @@ from realm.v1 import resources_pb2 as pb
 from tests.api.conftest import LiveServer
 from tests.api.helpers import (
     bulk_insert_realms,
+    bulk_queue_from_scratch,
     collect_assignments,
     create_realm,
     entry_for,
@@ -20,10 +21,13 @@ from tests.api.helpers import (
     open_stream,
     poll,
     queued_count,
+    realm_jobs,
+    stored_jobs,
 )
 from tests.api.worker_stream import StreamClient
 
 STORM = 2000
+BULK = 120  # realms for ReindexAllRealms, which enqueues them one by one
 SYSTEM = 0
 USER = 10
 
@@ -31,9 +35,9 @@ USER = 10
 def _storm(start: Callable[..., LiveServer], reserved_slots: int) -> LiveServer:
     # Long leases and pings: the storm's jobs are held, never finished.
     live = start(reserved_slots=reserved_slots, lease_seconds=60, ping_seconds=30)
-    bulk_insert_realms(live.srv.db, [f"storm-{i:04d}" for i in range(STORM)])
-    reply = live.stub.ReindexAllRealms(spb.ReindexAllRealmsRequest(priority=SYSTEM), timeout=120)
-    assert (reply.jobs_enqueued, reply.realms) == (STORM, STORM)
+    realms = [f"storm-{i:04d}" for i in range(STORM)]
+    bulk_insert_realms(live.srv.db, realms)
+    bulk_queue_from_scratch(live.srv.db, realms, priority=SYSTEM)
     assert queued_count(live.srv.db, priority=SYSTEM) == STORM
     return live
 
@@ -101,3 +105,34 @@ def test_without_reserved_slots_the_user_job_is_next_when_a_slot_frees(
     assert queued_count(live.srv.db, priority=SYSTEM) == STORM - 3
     for s in streams:
         s.close()
+
+
+def test_reindex_all_realms_queues_one_system_job_per_realm(live: LiveServer) -> None:
+    """The storm's own entry point: one SYSTEM job per realm, coalescing with
+    what each realm already has queued or running."""
+    bulk_insert_realms(live.srv.db, [f"bulk-{i:03d}" for i in range(BULK)])
+    queued = create_realm(live.stub, "has-queued", priority=USER).job
+    running = create_realm(live.stub, "has-running", priority=USER).job
+    stream = open_stream(live.stub, "w")
+    # Leave "has-queued" queued: the stream takes only the newer realm's job.
+    live.stub.ReindexRealm(spb.ReindexRealmRequest(realm_id="has-running", priority=90))
+    stream.credit(1)
+    (a,) = stream.assignments(1)
+    assert a.job.job_id == running.job_id
+
+    reply = live.stub.ReindexAllRealms(spb.ReindexAllRealmsRequest(), timeout=120)
+    assert (reply.jobs_enqueued, reply.realms) == (BULK, BULK + 2)
+    jobs = stored_jobs(live.srv.db)
+    assert len(jobs) == len({j.realm_id for j in jobs}) == BULK + 2
+    assert {j.priority for j in jobs if j.realm_id.startswith("bulk-")} == {SYSTEM}
+    # Merged into the queued job (priority kept at the max), attached to the running one.
+    assert [(j.job_id, j.priority) for j in realm_jobs(live.stub, "has-queued")] == [
+        (queued.job_id, USER)
+    ]
+    assert [j.job_id for j in realm_jobs(live.stub, "has-running")] == [running.job_id]
+
+    again = live.stub.ReindexAllRealms(spb.ReindexAllRealmsRequest(priority=5), timeout=120)
+    assert (again.jobs_enqueued, again.realms) == (0, BULK + 2)
+    assert len(stored_jobs(live.srv.db)) == BULK + 2
+    assert {j.priority for j in stored_jobs(live.srv.db) if j.realm_id.startswith("bulk-")} == {5}
+    stream.close()
