@@ -256,3 +256,11 @@ def counted_failures(store_url: str, job_id: str) -> int:
             text("SELECT counted_failures FROM jobs WHERE id = :id"), {"id": int(job_id)}
         ).scalar_one()
         return int(value)
+
+
+def stored_job_states(store_url: str, job_ids: Sequence[str]) -> dict[str, str]:
+    """The stored state of each job (queued, running, succeeded, failed, merged)."""
+    with _engine(store_url) as engine, engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, state FROM jobs"))
+        states = {str(job_id): state for job_id, state in rows}
+    return {job_id: states[job_id] for job_id in job_ids}
