@@ -1,0 +1,88 @@
+"""The server restarts under connected workers: SIGTERM drains it while jobs
+run and others wait; a new server on the same port and store takes over; the
+workers reconnect on their own and every job completes, once."""
+
+from __future__ import annotations
+
+import pytest
+from realm.v1 import resources_pb2 as pb
+
+from tests.e2e.conftest import System
+from tests.e2e.helpers import (
+    assert_index_whole,
+    bulk_cards,
+    counted_failures,
+    create_realm,
+    get_job,
+    job_attempts,
+    poll,
+    realm_jobs,
+    stored_job_states,
+    wait_job,
+)
+
+pytestmark = pytest.mark.e2e
+
+REALMS = 5
+FILES_PER_REALM = 150
+SERVER_FLAGS = ("--lease-seconds", "300", "--drain-grace-seconds", "2", "--reserved-slots", "0")
+
+
+def test_server_restart_under_running_workers(store_url: str, system: System) -> None:
+    first = system.start_server(store_url, *SERVER_FLAGS)
+    workers = [
+        system.start_worker(
+            first, f"w{i}", "--concurrency", "1", "--read-concurrency", "1", "--batch-size", "20"
+        )
+        for i in (1, 2)
+    ]
+    stub = first.stub()
+    contents = {f"realm-{i}": bulk_cards(FILES_PER_REALM) for i in range(REALMS)}
+    jobs = {
+        realm_id: create_realm(stub, realm_id, files).job.job_id
+        for realm_id, files in contents.items()
+    }
+
+    def busy() -> dict[str, pb.Job] | None:
+        snapshot = {realm_id: get_job(stub, job_id) for realm_id, job_id in jobs.items()}
+        states = [job.state for job in snapshot.values()]
+        running = [j for j in snapshot.values() if j.state == pb.Job.STATE_RUNNING]
+        ok = any(j.progress.done > 0 for j in running) and pb.Job.STATE_QUEUED in states
+        return snapshot if ok else None
+
+    before = poll(busy, what="a job running with progress while others wait")
+    assert not any(j.state == pb.Job.STATE_FAILED for j in before.values())
+
+    assert first.proc.stop() == 0
+    for worker in workers:
+        assert worker.alive(), f"{worker.name} exited with the server"
+    # The drain requeued what did not finish in its grace: nothing is left running.
+    at_stop = stored_job_states(store_url, list(jobs.values()))
+    assert set(at_stop.values()) <= {"queued", "succeeded"}, at_stop
+    unfinished = [job_id for job_id, state in at_stop.items() if state == "queued"]
+    assert unfinished, at_stop
+
+    second = system.start_server(store_url, *SERVER_FLAGS, port=first.port, name="server-2")
+    assert second.address == first.address
+    stub = second.stub()
+    for realm_id, job_id in jobs.items():
+        done = wait_job(stub, job_id, timeout=120)
+        assert done.state == pb.Job.STATE_SUCCEEDED, done
+        # Attempts cut short by the drain are interrupted, never counted as failures.
+        attempts = job_attempts(store_url, job_id)
+        assert [a.outcome for a in attempts][-1] == "completed", attempts
+        assert {a.outcome for a in attempts[:-1]} <= {"interrupted"}, attempts
+        assert {a.worker for a in attempts} <= {"w1", "w2"}
+        assert done.attempt == len(attempts)
+        assert counted_failures(store_url, job_id) == 0
+        # Exactly one job for the realm: the restart's boot mount added none.
+        assert [j.job_id for j in realm_jobs(stub, realm_id)] == [job_id]
+        assert_index_whole(stub, realm_id, [*contents[realm_id], "realm.json", "index.json"])
+
+    # The jobs left unfinished by the first server completed through the
+    # second one, so the workers reconnected to it.
+    for job_id in unfinished:
+        assert "completed" in [a.outcome for a in job_attempts(store_url, job_id)]
+    for worker in workers:
+        assert worker.alive()
+        assert worker.stop() == 0
