@@ -144,7 +144,10 @@ class JobQueue:
             return None
         if jobs_sql.has_from_scratch(session, realm_id, ("running", "succeeded")):
             return None
-        return self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority).job
+        result = self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
+        # A concurrent mount may have inserted it first: we merged into its job
+        # (raising its priority) and added nothing, so report nothing added.
+        return result.job if result.disposition is Disposition.INSERTED else None
 
     def after_enqueue(self, result: EnqueueResult) -> None:
         if result.disposition in (Disposition.INSERTED, Disposition.RERUN_SCHEDULED):

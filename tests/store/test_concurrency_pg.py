@@ -1,0 +1,309 @@
+"""Several processes on one PostgreSQL store, as several server instances would
+be: racing enqueues make one job per realm; racing claimers take every job
+exactly once and never run two jobs of one realm at the same time."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select, text
+
+from realm_service.domain import SYSTEM, USER, Disposition, Job, JobKind, JobState, PathChange
+from realm_service.queue import JobQueue, QueueSettings
+from realm_service.store.db import Database, open_database
+from realm_service.store.jobs_sql import encode_paths
+from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow
+
+SPAWN = multiprocessing.get_context("spawn")
+FS = JobKind.FROM_SCRATCH
+INC = JobKind.INCREMENTAL
+
+
+def create_realms(db: Database, realm_ids: list[str]) -> None:
+    now = datetime.now(UTC)
+    with db.transaction() as s:
+        s.execute(
+            insert(RealmRow),
+            [
+                {
+                    "realm_id": realm_id,
+                    "display_name": realm_id,
+                    "state": "indexing",
+                    "created_priority": USER,
+                    "create_time": now,
+                    "files": 0,
+                    "cards": 0,
+                    "errors": 0,
+                    "entries": 0,
+                }
+                for realm_id in realm_ids
+            ],
+        )
+
+
+def run_processes(target: Callable[..., Any], args: list[tuple[Any, ...]], timeout: float) -> list:  # type: ignore[type-arg]
+    """Start one spawned process per args tuple, all released at once by a
+    barrier; return what each sent back. Bounded by `timeout` seconds."""
+    barrier = SPAWN.Barrier(len(args))
+    results = SPAWN.Queue()
+    processes = [
+        SPAWN.Process(target=_run_one, args=(target, (*a, barrier), results, n), daemon=True)
+        for n, a in enumerate(args)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        gathered = dict(results.get(timeout=timeout) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    failures = [v for v in gathered.values() if isinstance(v, str)]
+    assert not failures, failures[0]
+    return [gathered[n] for n in range(len(args))]
+
+
+def _run_one(target: Callable[..., Any], args: tuple[Any, ...], results: Any, n: int) -> None:
+    try:
+        results.put((n, target(*args)))
+    except BaseException as e:  # report, so the test fails with the cause
+        import traceback
+
+        results.put((n, f"process {n} failed: {e!r}\n{traceback.format_exc()}"))
+
+
+# -- (a) racing enqueues ---------------------------------------------------------
+
+
+def race_first_index(
+    url: str, realm_ids: list[str], priority: int, barrier: Any
+) -> list[tuple[str, int, str]]:
+    """One process of the race: for each realm, wait for the others, then ask
+    for the realm's first index (by enqueue, or by the mount pipeline's rule)."""
+    db = open_database(url, migrate=False, pool_size=2)
+    queue = JobQueue(db)
+    out = []
+    try:
+        for n, realm_id in enumerate(realm_ids):
+            barrier.wait(timeout=60)
+            if n % 2 == 0:
+                result = queue.enqueue(realm_id, FS, priority)
+                out.append((realm_id, result.job.job_id, result.disposition.value))
+            else:
+                with db.transaction() as s:
+                    job = queue.ensure_first_index(s, realm_id, priority)
+                out.append((realm_id, job.job_id if job else -1, "ensure"))
+    finally:
+        db.close()
+    return out
+
+
+def test_racing_enqueues_make_one_job_per_realm(pg_url: str) -> None:
+    realms = [f"race-{i:02d}" for i in range(20)]
+    priorities = [SYSTEM, USER, 20, SYSTEM, 50, USER]
+    db = open_database(pg_url)
+    try:
+        create_realms(db, realms)
+        results = run_processes(
+            race_first_index, [(pg_url, realms, p) for p in priorities], timeout=90
+        )
+        queue = JobQueue(db)
+        for n, realm_id in enumerate(realms):
+            [job] = queue.list_jobs(realm_id=realm_id)
+            assert (job.kind, job.state) == (FS, JobState.QUEUED)
+            assert job.priority == max(priorities)  # raised by each, never lowered
+            answers = [r for per_process in results for r in per_process if r[0] == realm_id]
+            assert len(answers) == len(priorities)
+            if n % 2 == 0:
+                # Everyone was told the same job; exactly one inserted it.
+                assert {job_id for _, job_id, _ in answers} == {job.job_id}
+                assert Counter(d for _, _, d in answers) == {
+                    Disposition.INSERTED.value: 1,
+                    Disposition.MERGED.value: len(priorities) - 1,
+                }
+            else:
+                # The mount rule: one caller added the job, the others did not.
+                added = sorted(job_id for _, job_id, _ in answers)
+                assert added == [-1] * (len(priorities) - 1) + [job.job_id]
+    finally:
+        db.close()
+
+
+def test_a_mount_that_loses_the_insert_race_reports_no_job(pg_url: str) -> None:
+    """Two mounts of one realm: the second finds no job yet, blocks on the
+    unique index while the first commits, then merges into its job. It added
+    nothing and must say so (callers log and announce a returned job as new)."""
+    db = open_database(pg_url)
+    queue = JobQueue(db)
+    second: list[Job | None] = []
+    try:
+        create_realms(db, ["r"])
+        with db.transaction() as first:
+            mine = queue.ensure_first_index(first, "r", SYSTEM)
+            assert mine is not None
+
+            def mount_again() -> None:
+                with db.transaction() as s:
+                    second.append(queue.ensure_first_index(s, "r", USER))
+
+            thread = threading.Thread(target=mount_again)
+            thread.start()
+            wait_for_a_lock_wait(db)
+        thread.join(timeout=30)
+        assert second == [None]
+        [job] = queue.list_jobs(realm_id="r")
+        assert (job.job_id, job.priority) == (mine.job_id, USER)  # raised, not added
+    finally:
+        db.close()
+
+
+def wait_for_a_lock_wait(db: Database, timeout: float = 10.0) -> None:
+    stop_at = time.monotonic() + timeout
+    with db.engine.connect() as conn:
+        while time.monotonic() < stop_at:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the second mount never waited on the first one's insert")
+
+
+# -- (b) racing claimers -----------------------------------------------------------
+
+REALMS = 300
+JOBS_PER_REALM = 10  # 3,000 jobs when the machine keeps up
+PRODUCE_S = 12.0  # no follow-up jobs after this; then drain
+DEADLINE_S = 50.0
+
+Record = tuple[int, str, str, datetime, datetime]  # job, realm, lease, start, end
+
+
+def claimer(url: str, worker: str, batch: int, barrier: Any) -> list[Record]:
+    """Claim in batches, "work" a little, complete, and enqueue the realm's
+    next job until it has had JOBS_PER_REALM (or the production window ends);
+    stop when nothing is queued or running. start/end come from the database's
+    clock while the jobs surely run: after the claim committed, before the
+    first completion of the batch."""
+    db = open_database(url, migrate=False, pool_size=2)
+    queue = JobQueue(db, settings=QueueSettings(lease_duration=QueueSettings().lease_duration * 20))
+    records: list[Record] = []
+    barrier.wait(timeout=60)
+    began = time.monotonic()
+    try:
+        with db.engine.connect() as clock_conn:
+
+            def db_now() -> datetime:
+                value: datetime = clock_conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+                clock_conn.rollback()
+                return value
+
+            while time.monotonic() - began < DEADLINE_S:
+                leases = queue.claim(batch, worker=worker)
+                if not leases:
+                    if not queue.list_jobs(state=JobState.QUEUED, limit=1) and not queue.list_jobs(
+                        state=JobState.RUNNING, limit=1
+                    ):
+                        break  # nothing left anywhere: the run is over
+                    time.sleep(0.005)
+                    continue
+                start = db_now()
+                time.sleep(0.002)  # the work: long enough for overlaps to show
+                end = db_now()
+                for lease in leases:
+                    queue.complete(lease.lease_id)
+                    job = lease.job
+                    records.append((job.job_id, job.realm_id, lease.lease_id, start, end))
+                    if time.monotonic() - began < PRODUCE_S:
+                        follow_up(queue, job.realm_id, len(records))
+    finally:
+        db.close()
+    return records
+
+
+def follow_up(queue: JobQueue, realm_id: str, n: int) -> None:
+    jobs = queue.list_jobs(realm_id=realm_id, limit=100)
+    if len(jobs) >= JOBS_PER_REALM:
+        return
+    kinds = Counter(j.kind for j in jobs)
+    if kinds[FS] <= kinds[INC]:
+        queue.enqueue(realm_id, FS, n % 3 * 10, content_changed=True)
+    else:
+        queue.enqueue(realm_id, INC, n % 3 * 10, paths=[PathChange(f"f{n}.json", False)])
+
+
+def queue_initial_jobs(db: Database, realms: list[str]) -> None:
+    """An incremental and a from-scratch job per realm, inserted in one go."""
+    now = datetime.now(UTC)
+    base = int(now.timestamp() * 1_000_000)
+    rows = []
+    for n, realm_id in enumerate(realms):
+        for k, (kind, paths) in enumerate(((INC, [PathChange("a.json", False)]), (FS, []))):
+            rows.append(
+                {
+                    "realm_id": realm_id,
+                    "kind": kind.value,
+                    "priority": (n + k) % 4 * 10,
+                    "state": "queued",
+                    "seq": base + 2 * n + k,
+                    "attempt": 0,
+                    "counted_failures": 0,
+                    "create_time": now,
+                    "error_message": "",
+                    "progress_done": 0,
+                    "progress_total": 0,
+                    "paths": encode_paths(paths),
+                    "worker": "",
+                }
+            )
+    with db.transaction() as s:
+        s.execute(insert(JobRow), rows)
+
+
+def test_racing_claimers_take_each_job_once_and_serialize_realms(pg_url: str) -> None:
+    realms = [f"drain-{i:03d}" for i in range(REALMS)]
+    db = open_database(pg_url)
+    try:
+        create_realms(db, realms)
+        queue_initial_jobs(db, realms)
+        results = run_processes(
+            claimer, [(pg_url, f"w{p}", 3 + 2 * p) for p in range(4)], timeout=DEADLINE_S + 60
+        )
+        assert all(results), "every claimer took part"
+        records = [r for per_process in results for r in per_process]
+        queue = JobQueue(db)
+        jobs = queue.list_jobs(limit=100_000)
+        assert len(jobs) > 2 * len(realms)  # follow-ups were queued after completions
+        assert {j.state for j in jobs} == {JobState.SUCCEEDED}  # drained
+        claimed = Counter(job_id for job_id, *_ in records)
+        assert max(claimed.values()) == 1  # no job claimed twice
+        assert set(claimed) == {j.job_id for j in jobs}  # and every job claimed
+        assert len({lease for _, _, lease, _, _ in records}) == len(records)
+        with db.transaction() as s:
+            attempts = s.execute(select(JobAttemptRow.job_id, JobAttemptRow.outcome)).all()
+        assert sorted(attempts) == sorted((j.job_id, "completed") for j in jobs)
+
+        per_realm: dict[str, list[tuple[datetime, datetime, int]]] = defaultdict(list)
+        for job_id, realm_id, _, start, end in records:
+            assert start < end
+            per_realm[realm_id].append((start, end, job_id))
+        assert set(per_realm) == set(realms)
+        for realm_id, spans in per_realm.items():
+            spans.sort()
+            for (_, end, before), (start, _, after) in itertools.pairwise(spans):
+                assert end < start, f"{realm_id}: jobs {before} and {after} ran at once"
+    finally:
+        db.close()
