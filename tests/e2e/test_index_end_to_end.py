@@ -1,6 +1,7 @@
-"""A realm's life through real processes: create it with cards of two types, a
-non-card file, a broken card and .gitignored files; the first index; searches;
-then one file's change re-indexes that path alone."""
+"""A realm's life through real processes: create it with cards of two types,
+non-card files, a broken card and .gitignored files; the first index; searches;
+then one file's change re-indexes that path alone, a new .gitignore decides
+every file again, and a deleted card leaves the index."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def realm_files() -> dict[str, bytes]:
 IGNORED = {".gitignore", "debug.log", "scratch/draft.json"}
 
 
-def test_create_index_search_then_incremental_change(store_url: str, system: System) -> None:
+def test_create_index_search_then_incremental_changes(store_url: str, system: System) -> None:
     server = system.start_server(store_url)
     system.start_worker(server, "e2e-worker", "--concurrency", "2")
     stub = server.stub()
@@ -213,3 +214,28 @@ def test_create_index_search_then_incremental_change(store_url: str, system: Sys
             (job.job_id, pb.JOB_KIND_INCREMENTAL_INDEX, pb.Job.STATE_SUCCEEDED),
         ]
     )
+
+    # A new .gitignore decides every file again: what it no longer ignores is
+    # indexed, what it now ignores leaves the index.
+    written = stub.WriteRealmFile(
+        spb.WriteRealmFileRequest(realm_id="museum", path=".gitignore", content=b"notes/\n"),
+        timeout=RPC_TIMEOUT,
+    )
+    assert wait_job(stub, written.job.job_id).state == pb.Job.STATE_SUCCEEDED
+    now_indexed = sorted({*indexable, "debug.log", "scratch/draft.json"} - {"notes/readme.md"})
+    assert search_paths(stub, "museum") == now_indexed
+    assert search_paths(stub, "museum", text="Ivan") == ["scratch/draft.json"]
+    assert search_paths(stub, "museum", text="zeppelin") == ["debug.log"]
+
+    # A deleted card leaves the index.
+    deleted = stub.DeleteRealmFile(
+        spb.DeleteRealmFileRequest(realm_id="museum", path=pet_path(0)), timeout=RPC_TIMEOUT
+    )
+    assert [(c.path, c.deleted) for c in deleted.job.path_changes] == [(pet_path(0), True)]
+    assert wait_job(stub, deleted.job.job_id).state == pb.Job.STATE_SUCCEEDED
+    assert pet_path(0) not in search_paths(stub, "museum", card_type=card_type(PET))
+    final = get_realm(stub, "museum")
+    assert final.stats.entries == len(now_indexed) - 1
+    assert final.stats.cards == realm.stats.cards + 1 - 1  # Ivan in, Rex out
+    assert final.stats.files == len(stored) - 1
+    assert final.stats.errors == 1

@@ -24,8 +24,8 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.e2e
 
 REALMS = 5
-FILES_PER_REALM = 150
-SERVER_FLAGS = ("--lease-seconds", "300", "--drain-grace-seconds", "2", "--reserved-slots", "0")
+FILES_PER_REALM = 200
+SERVER_FLAGS = ("--lease-seconds", "300", "--drain-grace-seconds", "1", "--reserved-slots", "0")
 
 
 def test_server_restart_under_running_workers(store_url: str, system: System) -> None:
@@ -72,7 +72,8 @@ def test_server_restart_under_running_workers(store_url: str, system: System) ->
         attempts = job_attempts(store_url, job_id)
         assert [a.outcome for a in attempts][-1] == "completed", attempts
         assert {a.outcome for a in attempts[:-1]} <= {"interrupted"}, attempts
-        assert {a.worker for a in attempts} <= {"w1", "w2"}
+        # An attempt names the workers it was claimed for (both, when both had room).
+        assert {w for a in attempts for w in a.worker.split(",")} <= {"w1", "w2"}
         assert done.attempt == len(attempts)
         assert counted_failures(store_url, job_id) == 0
         # Exactly one job for the realm: the restart's boot mount added none.

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 # Enough files that one worker reading them one at a time takes seconds.
 BIG = 500
 # Far longer than any wait below: a job that comes back did not come back by expiring.
-LEASE_SECONDS = "300"
+SERVER_FLAGS = ("--lease-seconds", "300", "--heartbeat-seconds", "0.2")
 # A job must come back within this, much sooner than its lease would expire.
 RELEASE_WAIT = 30.0
 
@@ -61,7 +61,7 @@ def wait_requeued(server: Server, job_id: str) -> pb.Job:
 
 
 def test_sigkilled_worker_job_completes_once_on_another(store_url: str, system: System) -> None:
-    server = system.start_server(store_url, "--lease-seconds", LEASE_SECONDS)
+    server = system.start_server(store_url, *SERVER_FLAGS)
     stub = server.stub()
     files = bulk_cards(BIG)
     job_id = create_realm(stub, "big", files).job.job_id
@@ -103,7 +103,7 @@ def test_sigkilled_worker_job_completes_once_on_another(store_url: str, system: 
 def test_sigtermed_worker_finishes_or_releases_and_exits_0(
     store_url: str, system: System, drain: str
 ) -> None:
-    server = system.start_server(store_url, "--lease-seconds", LEASE_SECONDS)
+    server = system.start_server(store_url, *SERVER_FLAGS)
     stub = server.stub()
     big_files = bulk_cards(BIG)
     small_files = bulk_cards(5, prefix="small")
