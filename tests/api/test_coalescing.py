@@ -4,12 +4,15 @@ client sees them: the disposition of each request and the jobs it leaves."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
+import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
-from tests.api.conftest import LiveServer
+from realm_service.config import Settings
+from tests.api.conftest import BASE, LiveServer
 from tests.api.helpers import (
     create_realm,
     get_job,
@@ -25,6 +28,12 @@ ATTACHED = pb.DISPOSITION_ATTACHED
 RERUN = pb.DISPOSITION_RERUN_SCHEDULED
 FROM_SCRATCH = pb.JOB_KIND_FROM_SCRATCH_INDEX
 INCREMENTAL = pb.JOB_KIND_INCREMENTAL_INDEX
+
+
+@pytest.fixture
+def server_settings(store_url: str) -> Settings:
+    """`live` with leases no test here outlives: none expires unless a test makes it."""
+    return replace(BASE, store_url=store_url, lease_seconds=60)
 
 
 def changes(job: pb.Job) -> list[tuple[str, bool]]:

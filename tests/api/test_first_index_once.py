@@ -15,6 +15,7 @@ import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
+from realm_service.config import Settings
 from tests.api.conftest import BASE, LiveServer, start_live_server
 from tests.api.helpers import (
     CompletingWorker,
@@ -29,6 +30,12 @@ from tests.api.helpers import (
 
 REALMS = 40
 USER = 10
+
+
+@pytest.fixture
+def server_settings(store_url: str) -> Settings:
+    """`live` with leases no test here outlives: none expires unless a test makes it."""
+    return replace(BASE, store_url=store_url, lease_seconds=60)
 
 
 def _create_concurrently(live: LiveServer, realm_ids: list[str]) -> list[spb.CreateRealmResponse]:
@@ -103,8 +110,8 @@ def test_worker_reads_files_of_a_held_job_at_once(live: LiveServer) -> None:
 @pytest.fixture
 def two_servers(pg_url: str) -> Iterator[tuple[LiveServer, LiveServer]]:
     """Two instances over one PostgreSQL schema."""
-    a, stop_a = start_live_server(replace(BASE, store_url=pg_url))
-    b, stop_b = start_live_server(replace(BASE, store_url=pg_url))
+    a, stop_a = start_live_server(replace(BASE, store_url=pg_url, lease_seconds=60))
+    b, stop_b = start_live_server(replace(BASE, store_url=pg_url, lease_seconds=60))
     try:
         yield a, b
     finally:

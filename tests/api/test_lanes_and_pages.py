@@ -4,18 +4,27 @@ listing: each page walk sees every item exactly once, in the listing's order."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
-from tests.api.conftest import LiveServer
+from realm_service.config import Settings
+from tests.api.conftest import BASE, LiveServer
 from tests.api.helpers import (
     collect_assignments,
     create_realm,
     open_stream,
     stored_jobs,
 )
+
+
+@pytest.fixture
+def server_settings(store_url: str) -> Settings:
+    """`live` with leases no test here outlives: none expires unless a test makes it."""
+    return replace(BASE, store_url=store_url, lease_seconds=60)
 
 
 def test_a_lane_stream_never_receives_jobs_below_its_minimum(live: LiveServer) -> None:

@@ -5,6 +5,7 @@ that is no longer current is refused and changes nothing."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,8 @@ from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
 from realm_service.clock import utcnow
-from tests.api.conftest import LiveServer
+from realm_service.config import Settings
+from tests.api.conftest import BASE, LiveServer
 from tests.api.helpers import (
     attempt_outcomes,
     counted_failures,
@@ -24,6 +26,12 @@ from tests.api.helpers import (
     store_snapshot,
 )
 from tests.api.worker_stream import StreamClient
+
+
+@pytest.fixture
+def server_settings(store_url: str) -> Settings:
+    """`live` with leases no test here outlives: none expires unless a test makes it."""
+    return replace(BASE, store_url=store_url, lease_seconds=60)
 
 
 def _files(live: LiveServer, realm_id: str) -> list[pb.RealmFile]:

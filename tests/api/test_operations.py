@@ -8,8 +8,10 @@ import itertools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
+import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -18,8 +20,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
+from realm_service.config import Settings
 from realm_service.store.db import open_database
-from tests.api.conftest import LiveServer
+from tests.api.conftest import BASE, LiveServer
 from tests.api.helpers import (
     RPC_TIMEOUT,
     attempt_outcomes,
@@ -53,6 +56,12 @@ RPCS = {
     "WatchJob",
     "ClaimJobs",
 }
+
+
+@pytest.fixture
+def server_settings(store_url: str) -> Settings:
+    """`live` with leases no test here outlives: none expires unless a test makes it."""
+    return replace(BASE, store_url=store_url, lease_seconds=60)
 
 
 def health_of(live: LiveServer, service: str = "") -> int:

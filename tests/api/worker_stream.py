@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
@@ -15,6 +16,10 @@ from realm.v1 import realm_service_pb2_grpc as sgrpc
 from realm.v1 import resources_pb2 as pb
 
 Metadata = Sequence[tuple[str, str]]
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 class StreamClient:
@@ -66,8 +71,11 @@ class StreamClient:
         self.send(spb.ClaimJobsRequest(credit=spb.CreditGrant(credits=n)))
 
     def next(self, timeout: float = 10.0, *, skip_pings: bool = True) -> spb.ClaimJobsResponse:
+        """The next message; queue.Empty after `timeout` seconds in all (the
+        server's pings, skipped, do not extend it)."""
+        deadline = time.monotonic() + timeout
         while True:
-            item = self.inbox.get(timeout=timeout)
+            item = self.inbox.get(timeout=_left(deadline))
             if isinstance(item, grpc.RpcError):
                 raise item
             if item is None:
@@ -100,15 +108,17 @@ class StreamClient:
 
     def assignments(self, count: int, timeout: float = 10.0) -> list[spb.JobAssignment]:
         got: list[spb.JobAssignment] = []
+        deadline = time.monotonic() + timeout
         while len(got) < count:
-            message = self.next(timeout)
+            message = self.next(_left(deadline))
             if message.HasField("assignments"):
                 got.extend(message.assignments.assignments)
         return got
 
     def acks(self, timeout: float = 10.0) -> list[spb.LeaseAck]:
+        deadline = time.monotonic() + timeout
         while True:
-            message = self.next(timeout)
+            message = self.next(_left(deadline))
             if message.HasField("acks"):
                 return list(message.acks.acks)
 
@@ -190,8 +200,9 @@ class StreamClient:
 
     def wait_closed(self, timeout: float = 10.0) -> grpc.RpcError | None:
         """Drain replies until the stream ends; returns its error, if any."""
+        deadline = time.monotonic() + timeout
         while True:
-            item = self.inbox.get(timeout=timeout)
+            item = self.inbox.get(timeout=_left(deadline))
             if isinstance(item, grpc.RpcError):
                 return item
             if item is None:
