@@ -139,6 +139,7 @@ class RealmServer:
 
 
 def build_server(settings: Settings, *, db: Database | None = None) -> RealmServer:
+    owns_db = db is None
     db = db or open_database(settings.store_url)
     queue = JobQueue(
         db,
@@ -172,6 +173,9 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
+            # gRPC sets SO_REUSEPORT by default, which lets a second server
+            # bind a port in use and silently take half of its connections.
+            ("grpc.so_reuseport", 0),
         ],
     )
     realm_service_pb2_grpc.add_RealmServiceServicer_to_server(servicer, server)
@@ -185,12 +189,17 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
         ],
         server,
     )
-    if settings.tls_cert:
-        with open(settings.tls_key, "rb") as k, open(settings.tls_cert, "rb") as cert:
-            creds = grpc.ssl_server_credentials([(k.read(), cert.read())])
-        port = server.add_secure_port(settings.listen, creds)
-    else:
-        port = server.add_insecure_port(settings.listen)
+    try:
+        if settings.tls_cert:
+            with open(settings.tls_key, "rb") as k, open(settings.tls_cert, "rb") as cert:
+                creds = grpc.ssl_server_credentials([(k.read(), cert.read())])
+            port = server.add_secure_port(settings.listen, creds)
+        else:
+            port = server.add_insecure_port(settings.listen)
+    except RuntimeError as e:  # grpc's "Failed to bind": the port is in use or not ours
+        if owns_db:
+            db.close()
+        raise OSError(f"cannot listen on {settings.listen}: {e}") from e
     return RealmServer(
         settings=settings,
         db=db,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from realm.v1 import resources_pb2 as pb
 
-from tests.e2e.conftest import System
+from tests.e2e.conftest import System, program
 from tests.e2e.helpers import (
     assert_index_whole,
     bulk_cards,
@@ -87,3 +87,23 @@ def test_server_restart_under_running_workers(store_url: str, system: System) ->
     for worker in workers:
         assert worker.alive()
         assert worker.stop() == 0
+
+
+def test_second_server_on_a_port_in_use_refuses_to_start(sqlite_url: str, system: System) -> None:
+    """Only the port matters here, so one store is enough. The restart above
+    relies on it: a new server must never share a port with a live one."""
+    first = system.start_server(sqlite_url)
+    clash = system.start(
+        "clash",
+        [*program("realm-service", "realm_service"), "serve",
+         "--listen", first.address, "--store", sqlite_url],
+    )  # fmt: skip
+    assert clash.wait(timeout=60) == 1
+    assert "listening on" not in clash.stdout()
+    assert "Traceback" not in clash.stderr()
+    assert first.address in clash.stderr()
+    # The first server still answers, alone.
+    stub = first.stub()
+    create_realm(stub, "still-here", {})
+    assert get_job(stub, "1").realm_id == "still-here"
+    assert first.proc.alive()
