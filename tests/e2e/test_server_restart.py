@@ -1,14 +1,18 @@
 """The server restarts under connected workers: SIGTERM drains it while jobs
 run and others wait; a new server on the same port and store takes over; the
-workers reconnect on their own and every job completes, once."""
+workers reconnect on their own and every job completes, once. After a crash
+(SIGKILL) the lease expires instead. A port in use is refused."""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 from realm.v1 import resources_pb2 as pb
 
 from tests.e2e.conftest import System, program
 from tests.e2e.helpers import (
+    Attempt,
     assert_index_whole,
     bulk_cards,
     counted_failures,
@@ -87,6 +91,41 @@ def test_server_restart_under_running_workers(store_url: str, system: System) ->
     for worker in workers:
         assert worker.alive()
         assert worker.stop() == 0
+
+
+def test_server_crash_lease_expires_and_job_completes_once(store_url: str, system: System) -> None:
+    """A SIGKILLed server releases nothing: the new one's reaper requeues the
+    expired lease (an attempt that counts), and the worker, reconnected, runs
+    the job again to completion."""
+    flags = ("--lease-seconds", "5", "--heartbeat-seconds", "0.3")
+    first = system.start_server(store_url, *flags)
+    stub = first.stub()
+    files = bulk_cards(FILES_PER_REALM)
+    job_id = create_realm(stub, "crashed", files).job.job_id
+    worker = system.start_worker(first, "w1", "--concurrency", "1", "--read-concurrency", "1")
+    poll(
+        lambda: (
+            (job := get_job(stub, job_id)).state == pb.Job.STATE_RUNNING and job.progress.done > 0
+        ),
+        what="the job running with progress",
+    )
+    first.proc.send(signal.SIGKILL)
+    assert first.proc.wait() == -signal.SIGKILL
+    assert stored_job_states(store_url, [job_id]) == {job_id: "running"}
+
+    second = system.start_server(store_url, *flags, port=first.port, name="server-2")
+    stub = second.stub()
+    done = wait_job(stub, job_id, timeout=120)
+    assert done.state == pb.Job.STATE_SUCCEEDED, done
+    assert done.attempt == 2
+    assert job_attempts(store_url, job_id) == [
+        Attempt("expired", "w1"),
+        Attempt("completed", "w1"),
+    ]
+    assert counted_failures(store_url, job_id) == 1
+    assert [j.job_id for j in realm_jobs(stub, "crashed")] == [job_id]
+    assert_index_whole(stub, "crashed", [*files, "realm.json", "index.json"])
+    assert worker.stop() == 0
 
 
 def test_second_server_on_a_port_in_use_refuses_to_start(sqlite_url: str, system: System) -> None:
