@@ -274,7 +274,7 @@ def test_requeue_folds_into_a_job_queued_meanwhile(
     first = queue.enqueue("r", FS, 30).job
     lease = claim_one(queue, first.job_id)
     clock.advance(1)
-    queue.enqueue("other", FS, USER)
+    other = queue.enqueue("other", FS, 30).job
     clock.advance(1)
     rerun = queue.enqueue("r", FS, SYSTEM, content_changed=True)
     assert rerun.disposition is Disposition.RERUN_SCHEDULED
@@ -293,8 +293,11 @@ def test_requeue_folds_into_a_job_queued_meanwhile(
     assert queued[0].priority == 30
     old_view = queue.get_job(first.job_id)
     assert (old_view.job_id, old_view.state) == (first.job_id, JobState.QUEUED)
-    [next_lease] = queue.claim(1)  # older than "other"'s job
+    # Same priority as "other"'s job, and older (the first job's place in
+    # line), although its id is newer.
+    [next_lease] = queue.claim(1)
     assert next_lease.job.job_id == rerun.job.job_id
+    assert [lease.job.job_id for lease in queue.claim(1)] == [other.job_id]
     running = queue.get_job(first.job_id)
     assert running.state is JobState.RUNNING
     assert running.attempt == next_lease.job.attempt

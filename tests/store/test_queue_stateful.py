@@ -1,0 +1,422 @@
+"""A stateful property test: random sequences of enqueues, claims, lease
+operations, clock jumps and reaps, checked step by step against a small model
+of DESIGN.md section 4 and 5 (coalescing, order, serial runs, fencing, the
+attempts cap)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import delete, func, select
+from store_helpers import LEASE, FakeClock, entry, make_realm
+
+from realm_service.domain import Disposition, JobKind, JobState, PathChange
+from realm_service.errors import StaleLease
+from realm_service.queue import JobQueue, QueueSettings
+from realm_service.store.db import Database, open_database
+from realm_service.store.tables import (
+    IdempotencyKeyRow,
+    IndexEntryRow,
+    JobAttemptRow,
+    JobRow,
+    RealmFileRow,
+    RealmRow,
+)
+
+REALMS = ("a", "b", "c")
+PRIORITIES = (0, 1, 10, 50, 100)
+# A low cap, so that random runs reach it often.
+MAX_ATTEMPTS = 2
+FS = JobKind.FROM_SCRATCH
+INC = JobKind.INCREMENTAL
+
+path_changes = st.lists(
+    st.builds(PathChange, st.sampled_from(["x", "y", "z"]), st.booleans()), min_size=1, max_size=4
+)
+claims = st.tuples(
+    st.integers(1, 4),  # limit
+    st.sampled_from((0, 0, 1, 10, 50)),  # min_priority
+    st.sampled_from([None, [FS], [INC]]),  # kinds
+    st.sampled_from([None, None, 0, 1]),  # system_limit
+)
+ACTIONS = (
+    *["claim"] * 3,
+    *["fail"] * 2,
+    *["enqueue"] * 3,
+    *["complete"] * 2,
+    "release",
+    *["wait"] * 2,
+    "reap",
+    "heartbeat_and_upload",
+)
+Request = tuple[str, JobKind, int, list[PathChange], bool]
+requests = st.tuples(
+    st.sampled_from(REALMS),
+    st.sampled_from(JobKind),
+    st.sampled_from(PRIORITIES),
+    path_changes,
+    st.booleans(),
+)
+
+
+@dataclass
+class ModelJob:
+    job_id: int
+    realm: str
+    kind: JobKind
+    priority: int
+    seq: int
+    state: str = "queued"  # queued | running | succeeded | failed | merged
+    paths: dict[str, bool] = field(default_factory=dict)
+    failures: int = 0
+    claims: int = 0
+    lease: str | None = None
+    expire: datetime | None = None
+    successor: int | None = None
+
+
+def merged_paths(old: dict[str, bool], new: Sequence[PathChange]) -> dict[str, bool]:
+    out = dict(old)
+    for change in new:
+        out[change.path] = out.get(change.path, False) or change.deleted
+    return out
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """One example: an emptied store with three realms and a fresh model."""
+
+    db: Database
+
+    def __init__(self) -> None:
+        super().__init__()
+        with self.db.transaction() as s:
+            for table in (
+                JobAttemptRow,
+                IndexEntryRow,
+                RealmFileRow,
+                IdempotencyKeyRow,
+                JobRow,
+                RealmRow,
+            ):
+                s.execute(delete(table))
+        self.clock = FakeClock()
+        self.queue = JobQueue(
+            self.db,
+            settings=QueueSettings(lease_duration=LEASE, max_attempts=MAX_ATTEMPTS),
+            clock=self.clock,
+        )
+        for realm in REALMS:
+            make_realm(self.queue, realm)
+        self.jobs: dict[int, ModelJob] = {}
+        self.seen_leases: list[str] = []
+
+    # -- the model ---------------------------------------------------------
+
+    def _queued(self, realm: str, kind: JobKind) -> ModelJob | None:
+        found = [
+            j for j in self.jobs.values() if (j.realm, j.kind, j.state) == (realm, kind, "queued")
+        ]
+        assert len(found) <= 1
+        return found[0] if found else None
+
+    def _running(self, realm: str) -> ModelJob | None:
+        found = [j for j in self.jobs.values() if (j.realm, j.state) == (realm, "running")]
+        assert len(found) <= 1
+        return found[0] if found else None
+
+    def _live(self, job: ModelJob) -> ModelJob:
+        while job.state == "merged" and job.successor is not None:
+            job = self.jobs[job.successor]
+        return job
+
+    def _by_lease(self, lease_id: str) -> ModelJob | None:
+        for job in self.jobs.values():
+            if job.state == "running" and job.lease == lease_id:
+                return job
+        return None
+
+    def _requeue(self, job: ModelJob) -> None:
+        job.lease = None
+        other = self._queued(job.realm, job.kind)
+        if other is None:
+            job.state = "queued"
+            return
+        other.priority = max(other.priority, job.priority)
+        other.seq = min(other.seq, job.seq)
+        other.paths = merged_paths(other.paths, [PathChange(p, d) for p, d in job.paths.items()])
+        job.state = "merged"
+        job.successor = other.job_id
+
+    def _count_failure(self, job: ModelJob, permanent: bool = False) -> None:
+        job.failures += 1
+        if permanent or job.failures >= MAX_ATTEMPTS:
+            job.state = "failed"
+            job.lease = None
+        else:
+            self._requeue(job)
+
+    def _expected_claim(
+        self, limit: int, min_priority: int, kinds: list[JobKind] | None, system_limit: int | None
+    ) -> list[ModelJob]:
+        busy = {j.realm for j in self.jobs.values() if j.state == "running"}
+        line = sorted(
+            (j for j in self.jobs.values() if j.state == "queued"),
+            key=lambda j: (-j.priority, j.seq, j.job_id),
+        )
+
+        def take(n: int, low: int, high: int | None) -> list[ModelJob]:
+            out: list[ModelJob] = []
+            for job in line:
+                if len(out) >= n:
+                    break
+                if job.priority < low or (high is not None and job.priority > high):
+                    continue
+                if (kinds and job.kind not in kinds) or job.realm in busy:
+                    continue
+                out.append(job)
+                busy.add(job.realm)
+            return out
+
+        if system_limit is None:
+            return take(limit, min_priority, None)
+        taken = take(limit, max(min_priority, 1), None)
+        room = min(limit - len(taken), system_limit)
+        if room > 0 and min_priority <= 0:
+            taken += take(room, min_priority, 0)
+        return taken
+
+    def _pick_lease(self, data: st.DataObject) -> str:
+        """Mostly a lease that is current, sometimes any lease ever handed out
+        (released, failed, expired, completed, or of an earlier attempt)."""
+        held = [j.lease for j in self.jobs.values() if j.state == "running" and j.lease]
+        if held and data.draw(st.integers(0, 3), label="current lease?"):
+            return data.draw(st.sampled_from(held), label="lease")
+        return data.draw(st.sampled_from([*self.seen_leases, "0" * 32]), label="lease")
+
+    # -- rules ---------------------------------------------------------------
+
+    @initialize(requests=st.lists(requests, min_size=1, max_size=6))
+    def start(self, requests: list[Request]) -> None:
+        for request in requests:
+            self._enqueue(*request)
+
+    @rule(data=st.data())
+    def step(self, data: st.DataObject) -> None:
+        """One weighted action. A rule per action would let Hypothesis's rule
+        choice (it favours some rules and enables a random subset per example)
+        produce many runs that never claim, or never finish what they claim."""
+        action = data.draw(st.sampled_from(ACTIONS), label="action")
+        getattr(self, action)(data)
+
+    def enqueue(self, data: st.DataObject) -> None:
+        for request in data.draw(st.lists(requests, min_size=1, max_size=3), label="requests"):
+            self._enqueue(*request)
+
+    def _enqueue(
+        self,
+        realm: str,
+        kind: JobKind,
+        priority: int,
+        paths: list[PathChange],
+        content_changed: bool,
+    ) -> None:
+        if kind is FS:
+            paths = []
+        result = self.queue.enqueue(
+            realm, kind, priority, paths=paths, content_changed=content_changed
+        )
+        queued = self._queued(realm, kind)
+        running = self._running(realm)
+        expected: tuple[Disposition, ModelJob | None]
+        if kind is INC and queued is None and (scratch := self._queued(realm, FS)) is not None:
+            scratch.priority = max(scratch.priority, priority)
+            expected = (Disposition.MERGED, scratch)
+        elif queued is not None:
+            queued.priority = max(queued.priority, priority)
+            queued.paths = merged_paths(queued.paths, paths)
+            expected = (Disposition.MERGED, queued)
+        elif (
+            running is not None
+            and running.kind is kind
+            and (
+                (kind is FS and not content_changed)
+                or (kind is INC and merged_paths({}, paths).items() <= running.paths.items())
+            )
+        ):
+            expected = (Disposition.ATTACHED, running)
+        else:
+            same_kind_runs = running is not None and running.kind is kind
+            disposition = Disposition.RERUN_SCHEDULED if same_kind_runs else Disposition.INSERTED
+            expected = (disposition, None)
+        assert result.disposition is expected[0]
+        if expected[1] is None:
+            assert result.job.job_id not in self.jobs
+            self.jobs[result.job.job_id] = ModelJob(
+                job_id=result.job.job_id,
+                realm=realm,
+                kind=kind,
+                priority=priority,
+                seq=int(self.clock().timestamp() * 1_000_000),
+                paths=merged_paths({}, paths),
+            )
+        else:
+            assert result.job.job_id == expected[1].job_id
+        job = self.jobs[result.job.job_id]
+        assert result.job.priority == job.priority
+        assert [(c.path, c.deleted) for c in result.job.path_changes] == sorted(job.paths.items())
+
+    def claim(self, data: st.DataObject) -> None:
+        limit, min_priority, kinds, system_limit = data.draw(claims, label="claim")
+        expected = self._expected_claim(limit, min_priority, kinds, system_limit)
+        got = self.queue.claim(
+            limit, worker="w", min_priority=min_priority, kinds=kinds, system_limit=system_limit
+        )
+        assert [lease.job.job_id for lease in got] == [j.job_id for j in expected]
+        for lease, job in zip(got, expected, strict=True):
+            assert lease.lease_id not in {j.lease for j in self.jobs.values()}
+            job.state = "running"
+            job.lease = lease.lease_id
+            job.expire = self.clock() + LEASE
+            job.claims += 1
+            assert lease.expire_time == job.expire
+            assert lease.job.attempt == job.claims
+        self.seen_leases += [lease.lease_id for lease in got]
+
+    def heartbeat_and_upload(self, data: st.DataObject) -> None:
+        lease = self._pick_lease(data)
+        job = self._by_lease(lease)
+        got = self.queue.heartbeat({lease: (1, 2)})
+        if job is None:
+            assert got == {lease: None}
+            with pytest.raises(StaleLease):
+                self.queue.add_entries(lease, [entry("x")])
+        else:
+            job.expire = self.clock() + LEASE
+            assert got == {lease: job.expire}
+            self.queue.add_entries(lease, [entry("x")])
+
+    def complete(self, data: st.DataObject) -> None:
+        lease = self._pick_lease(data)
+        job = self._by_lease(lease)
+        if job is None:
+            with pytest.raises(StaleLease):
+                self.queue.complete(lease)
+            return
+        done = self.queue.complete(lease)
+        assert (done.job_id, done.state) == (job.job_id, JobState.SUCCEEDED)
+        job.state = "succeeded"
+        job.lease = None
+
+    def fail(self, data: st.DataObject) -> None:
+        lease = self._pick_lease(data)
+        permanent = data.draw(st.sampled_from((False,) * 7 + (True,)), label="permanent")
+        job = self._by_lease(lease)
+        if job is None:
+            with pytest.raises(StaleLease):
+                self.queue.fail(lease, "boom", permanent=permanent)
+            return
+        self.queue.fail(lease, "boom", permanent=permanent)
+        self._count_failure(job, permanent)
+
+    def release(self, data: st.DataObject) -> None:
+        held = [j.lease for j in self.jobs.values() if j.state == "running" and j.lease]
+        chosen = data.draw(
+            st.lists(st.sampled_from([*held, "stale"]), max_size=3, unique=True), label="release"
+        )
+        expected = []
+        for lease in chosen:
+            job = self._by_lease(lease)
+            if job is not None:
+                expected.append(job.job_id)
+                self._requeue(job)
+        assert [j.job_id for j in self.queue.release(chosen)] == expected
+
+    def wait(self, data: st.DataObject) -> None:
+        # 0 keeps enqueue times equal (ties broken by id); 31 s passes a lease.
+        self.clock.advance(data.draw(st.sampled_from((0, 0.000001, 0.5, 5, 29, 31)), label="wait"))
+
+    def _expired(self) -> list[ModelJob]:
+        now = self.clock()
+        return [
+            j
+            for j in self.jobs.values()
+            if j.state == "running" and j.expire is not None and j.expire < now
+        ]
+
+    def reap(self, data: st.DataObject) -> None:
+        due = self._expired()
+        got = self.queue.reap_expired()
+        assert sorted(j.job_id for j in got) == sorted(j.job_id for j in due)
+        for job in due:
+            self._count_failure(job)
+
+    # -- invariants --------------------------------------------------------
+
+    @invariant()
+    def store_matches_model(self) -> None:
+        seen = {job.job_id: job for job in self.queue.list_jobs(limit=10_000)}
+        assert set(seen) == set(self.jobs)  # no job lost, none invented
+        for job_id, model in self.jobs.items():
+            live = self._live(model)
+            job = seen[job_id]
+            assert live.state in ("queued", "running", "succeeded", "failed")
+            assert job.state.value == live.state, job_id
+            assert job.priority == max(model.priority, live.priority)
+            assert [(c.path, c.deleted) for c in job.path_changes] == sorted(live.paths.items())
+
+    @invariant()
+    def one_running_job_per_realm(self) -> None:
+        with self.db.transaction() as s:
+            counts = s.execute(
+                select(JobRow.realm_id, func.count())
+                .where(JobRow.state == "running")
+                .group_by(JobRow.realm_id)
+            ).all()
+        assert all(n == 1 for _, n in counts)
+
+    @invariant()
+    def attempts_and_the_cap(self) -> None:
+        with self.db.transaction() as s:
+            rows = s.execute(select(JobAttemptRow.job_id, JobAttemptRow.outcome)).all()
+        outcomes: dict[int, Counter[str]] = {}
+        for job_id, outcome in rows:
+            outcomes.setdefault(job_id, Counter())[outcome] += 1
+        for job_id, model in self.jobs.items():
+            seen = outcomes.get(job_id, Counter())
+            bad = seen["failed"] + seen["expired"]
+            assert bad == model.failures <= MAX_ATTEMPTS
+            assert seen["completed"] == (1 if model.state == "succeeded" else 0)
+            assert seen["running"] == (1 if model.state == "running" else 0)
+            assert sum(seen.values()) == model.claims
+            if model.failures == MAX_ATTEMPTS:
+                assert model.state == "failed"
+
+
+def test_queue_against_the_model(store_url: str) -> None:
+    db = open_database(store_url)
+    machine = type("Machine", (QueueMachine,), {"db": db})
+    try:
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                max_examples=30,
+                stateful_step_count=30,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
+    finally:
+        db.close()
