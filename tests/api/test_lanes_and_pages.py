@@ -16,9 +16,11 @@ from tests.api.conftest import BASE, LiveServer
 from tests.api.helpers import (
     collect_assignments,
     create_realm,
+    get_job,
     open_stream,
     stored_jobs,
 )
+from tests.api.worker_stream import StreamClient
 
 
 @pytest.fixture
@@ -51,6 +53,36 @@ def test_a_lane_stream_never_receives_jobs_below_its_minimum(live: LiveServer) -
     (a,) = lane.assignments(1)
     assert a.job.job_id == edge
     for s in (lane, shared):
+        s.close()
+
+
+def test_a_stream_receives_only_the_kinds_it_runs(live: LiveServer) -> None:
+    """A worker that runs only incremental jobs never gets a from-scratch one,
+    however urgent; the first index waits for a worker that runs it."""
+    indexed = create_realm(live.stub, "kinds").job.job_id
+    general = open_stream(live.stub, "general", credits=1)
+    (a,) = general.assignments(1)
+    assert a.job.job_id == indexed and general.complete(a.lease_id).accepted
+
+    hello = spb.WorkerHello(
+        worker_id="inc-only", incarnation_id="i", kinds=[pb.JOB_KIND_INCREMENTAL_INDEX]
+    )
+    picky = StreamClient(live.stub, hello=hello, answer_pings=True)
+    picky.settings()
+    picky.credit(2)
+    urgent = create_realm(live.stub, "urgent-scratch", priority=90).job.job_id
+    write = live.stub.WriteRealmFile(
+        spb.WriteRealmFileRequest(realm_id="kinds", path="n.txt", content=b"n", priority=5)
+    )
+    assert write.job.kind == pb.JOB_KIND_INCREMENTAL_INDEX
+    (b,) = picky.assignments(1)
+    assert b.job.job_id == write.job.job_id
+    assert get_job(live.stub, urgent).state == pb.Job.STATE_QUEUED
+    general.credit(1)
+    (c,) = general.assignments(1)
+    assert c.job.job_id == urgent
+    assert picky.poll() is None
+    for s in (general, picky):
         s.close()
 
 

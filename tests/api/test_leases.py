@@ -88,6 +88,8 @@ def test_result_for_a_released_and_re_leased_job_is_refused(live: LiveServer) ->
     stream.release([old.lease_id])
     (ack,) = stream.acks()
     assert ack.accepted and ack.job_state == pb.Job.STATE_QUEUED
+    assert attempt_outcomes(live.srv.db, int(created.job.job_id)) == ["interrupted"]
+    assert counted_failures(live.srv.db, int(created.job.job_id)) == 0
     stream.credit(1)
     (new,) = stream.assignments(1)
     assert new.job.job_id == created.job.job_id and new.lease_id != old.lease_id
