@@ -192,3 +192,25 @@ def test_result_with_a_wrong_entry_count_is_refused_and_the_job_retried(
     assert b.job.job_id == job_id
     assert stream.complete(b.lease_id, [entry_for(f) for f in files]).accepted
     stream.close()
+
+
+def test_bad_entries_are_refused_and_the_lease_kept(live: LiveServer) -> None:
+    """Entries that fail validation are refused with the field named; they
+    are not a protocol violation, and the lease stays the worker's."""
+    create_realm(live.stub, "picky")
+    stream = open_stream(live.stub, "w", credits=1)
+    (a,) = stream.assignments(1)
+    before = store_snapshot(live.srv.db)
+    stream.send_entries(a.lease_id, [pb.IndexEntry(path="../outside.json")])
+    stream.send_entries(a.lease_id, [], deleted_paths=["/abs"])
+    stream.send_entries(a.lease_id, [pb.IndexEntry(path="ok.json", sha256="f" * 65)])
+    refused = _refusals(stream, 3)
+    assert [(r.lease_id, r.accepted) for r in refused] == [(a.lease_id, False)] * 3
+    assert "entries[0].path" in refused[0].reason
+    assert "deleted_paths" in refused[1].reason
+    assert "sha256" in refused[2].reason
+    assert store_snapshot(live.srv.db) == before
+    files = _files(live, "picky")
+    ack = stream.complete(a.lease_id, [entry_for(f) for f in files])
+    assert ack.accepted and ack.job_state == pb.Job.STATE_SUCCEEDED
+    stream.close()
