@@ -220,13 +220,13 @@ def queued_count(db: Database, *, priority: int | None = None) -> int:
 def create_realm(
     stub: sgrpc.RealmServiceStub, realm_id: str, **kwargs: Any
 ) -> spb.CreateRealmResponse:
-    return stub.CreateRealm(  # type: ignore[no-any-return]
+    return stub.CreateRealm(
         spb.CreateRealmRequest(realm_id=realm_id, **kwargs), timeout=RPC_TIMEOUT
     )
 
 
 def get_job(stub: sgrpc.RealmServiceStub, job_id: str) -> pb.Job:
-    return stub.GetJob(spb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT).job  # type: ignore[no-any-return]
+    return stub.GetJob(spb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT).job
 
 
 def realm_jobs(stub: sgrpc.RealmServiceStub, realm_id: str) -> list[pb.Job]:

@@ -50,7 +50,11 @@ def test_create_retried_with_its_request_id_returns_the_first_result(live: LiveS
     assert store_snapshot(live.srv.db) == before
 
     for request_id in ("", "req-2"):
-        error = rpc_error(lambda r=request_id: create_realm(live.stub, "idem", request_id=r))
+
+        def again_with(r: str = request_id) -> None:
+            create_realm(live.stub, "idem", request_id=r)
+
+        error = rpc_error(again_with)
         assert error.code() == grpc.StatusCode.ALREADY_EXISTS
         assert "idem" in (error.details() or "")
     assert store_snapshot(live.srv.db) == before
@@ -72,7 +76,7 @@ def test_concurrent_creates_without_request_id_one_wins(live: LiveServer) -> Non
         try:
             create_realm(live.stub, "contested")
         except grpc.RpcError as e:
-            return e.code()  # type: ignore[no-any-return]
+            return e.code()
         return grpc.StatusCode.OK
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -126,12 +130,10 @@ def test_file_writes_and_deletes_coalesce_into_incremental_jobs(live: LiveServer
         request = spb.WriteRealmFileRequest(realm_id="inc", path=path, content=path.encode())
         if priority is not None:
             request.priority = priority
-        return live.stub.WriteRealmFile(request)  # type: ignore[no-any-return]
+        return live.stub.WriteRealmFile(request)
 
     def delete(path: str) -> spb.DeleteRealmFileResponse:
-        return live.stub.DeleteRealmFile(  # type: ignore[no-any-return]
-            spb.DeleteRealmFileRequest(realm_id="inc", path=path)
-        )
+        return live.stub.DeleteRealmFile(spb.DeleteRealmFileRequest(realm_id="inc", path=path))
 
     first = create_realm(
         live.stub,

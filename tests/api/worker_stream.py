@@ -42,7 +42,7 @@ class StreamClient:
                     hello=hello or spb.WorkerHello(worker_id="test-worker", incarnation_id="inc")
                 )
             )
-        self.call = stub.ClaimJobs(self._requests(), metadata=list(metadata))
+        self.call = stub.ClaimJobs(self._requests(), metadata=tuple(metadata))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
