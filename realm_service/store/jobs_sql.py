@@ -10,8 +10,9 @@ import json
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import and_, delete, exc, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exc, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from realm_service.domain import AttemptOutcome, Job, JobKind, JobState, Lease, PathChange
@@ -266,39 +267,53 @@ def claim(
     if not chosen:
         return []
     leases = {job_id: secrets.token_hex(16) for job_id in chosen}
-    attempt_ids: dict[int, int] = {}
-    for job_id, lease_id in leases.items():
-        attempt_ids[job_id] = session.execute(
-            insert(JobAttemptRow)
-            .values(
-                job_id=job_id,
-                lease_id=lease_id,
-                worker=worker[:200],
-                start_time=now,
-                outcome=AttemptOutcome.RUNNING.value,
-                error_message="",
-            )
-            .returning(JobAttemptRow.id)
-        ).scalar_one()
-    rows = []
-    for job_id in chosen:
-        row = session.execute(
-            update(JobRow)
-            .where(JobRow.id == job_id)
-            .values(
-                state="running",
-                attempt=JobRow.attempt + 1,
-                start_time=now,
-                lease_id=leases[job_id],
-                lease_attempt_id=attempt_ids[job_id],
-                lease_expire_time=lease_until,
-                worker=worker[:200],
-                progress_done=0,
-                progress_total=0,
-            )
-            .returning(JobRow)
-        ).scalar_one()
-        rows.append(row)
+    # A fixed number of statements per claim, whatever its size: one
+    # multi-row insert of the attempts, one executemany update of the jobs,
+    # one select of the leased rows.
+    attempt_ids = {
+        job_id: attempt_id
+        for attempt_id, job_id in session.execute(
+            insert(JobAttemptRow).returning(
+                JobAttemptRow.id, JobAttemptRow.job_id, sort_by_parameter_order=True
+            ),
+            [
+                {
+                    "job_id": job_id,
+                    "lease_id": lease_id,
+                    "worker": worker[:200],
+                    "start_time": now,
+                    "outcome": AttemptOutcome.RUNNING.value,
+                    "error_message": "",
+                }
+                for job_id, lease_id in leases.items()
+            ],
+        )
+    }
+    jobs = cast(Table, JobRow.__table__)
+    session.execute(
+        update(jobs)
+        .where(jobs.c.id == bindparam("b_id"))
+        .values(
+            state="running",
+            attempt=jobs.c.attempt + 1,
+            start_time=now,
+            lease_id=bindparam("b_lease"),
+            lease_attempt_id=bindparam("b_attempt"),
+            lease_expire_time=lease_until,
+            worker=worker[:200],
+            progress_done=0,
+            progress_total=0,
+        ),
+        [
+            {"b_id": job_id, "b_lease": leases[job_id], "b_attempt": attempt_ids[job_id]}
+            for job_id in chosen
+        ],
+    )
+    rows = list(
+        session.scalars(
+            select(JobRow).where(JobRow.id.in_(chosen)).execution_options(populate_existing=True)
+        )
+    )
     rows.sort(key=lambda r: (-r.priority, r.seq, r.id))
     return [Lease(lease_id=r.lease_id or "", job=to_job(r), expire_time=lease_until) for r in rows]
 

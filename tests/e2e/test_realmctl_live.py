@@ -56,6 +56,10 @@ def test_realmctl_commands_against_a_live_server(
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
         return system.realmctl(*args, server=server)
 
+    def ctl_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return list(pool.map(lambda args: ctl(*args), calls))
+
     initial = {
         "people/ada.json": card(PERSON, {"name": "Ada Lovelace", "city": "London"}),
         "people/alan.json": card(PERSON, {"name": "Alan Turing", "city": "Wilmslow"}),
@@ -77,8 +81,18 @@ def test_realmctl_commands_against_a_live_server(
     assert "(from-scratch, priority 10, succeeded)" in out
     assert "succeeded" in created.stderr.splitlines()[-1]
 
+    # Reads that do not depend on each other run at once: get, files, cat, search.
+    realm_out, files_out, cat_out, people_out, found_out, second_out = ctl_all(
+        ("--json", "get", "notes"),
+        ("--json", "files", "notes"),
+        ("cat", "notes", "people/ada.json"),
+        ("--json", "search", "notes", "--type", card_type(PERSON)),
+        ("search", "notes", "--text", "WILMSLOW"),
+        ("--json", "create", "scratch", "--priority", "20"),
+    )
+
     # get, as JSON: stats of the first index.
-    realm = ok_json(ctl("--json", "get", "notes"))
+    realm = ok_json(realm_out)
     assert (realm["realm_id"], realm["state"]) == ("notes", "STATE_READY")
     stats = realm["stats"]
     stored_count = len(initial) + 3  # docs/extra.md, realm.json, index.json
@@ -86,26 +100,26 @@ def test_realmctl_commands_against_a_live_server(
     assert stats["cards"] == "4"  # three cards and index.json
     assert stats.get("errors", "0") == "0"
 
+    # files and cat: what was stored, byte for byte.
+    files = {f["path"]: f for f in ok_json(files_out)}
+    assert set(files) == {*initial, "docs/extra.md", "realm.json", "index.json"}
+    assert files["docs/extra.md"]["sha256"] == sha256(extra.read_bytes())
+    assert files["notes/todo.txt"]["size"] == str(len(initial["notes/todo.txt"]))
+    assert ok(cat_out).encode() == initial["people/ada.json"]
+
+    # search by type and by text.
+    people = ok_json(people_out)
+    assert [e["path"] for e in people] == ["people/ada.json", "people/alan.json"]
+    assert people[0]["title"] == "Ada Lovelace"
+    found = ok(found_out)
+    assert [line.split()[0] for line in found.splitlines()[1:]] == ["people/alan.json"]
+
     # A second realm, without waiting; ls shows both.
-    second = ok_json(ctl("--json", "create", "scratch", "--priority", "20"))
+    second = ok_json(second_out)
     assert (second["realm"]["realm_id"], second["job"]["priority"]) == ("scratch", 20)
     table = ok(ctl("ls")).splitlines()
     assert table[0].split()[:3] == ["REALM_ID", "NAME", "STATE"]
     assert [line.split()[0] for line in table[1:]] == ["notes", "scratch"]
-
-    # files and cat: what was stored, byte for byte.
-    files = {f["path"]: f for f in ok_json(ctl("--json", "files", "notes"))}
-    assert set(files) == {*initial, "docs/extra.md", "realm.json", "index.json"}
-    assert files["docs/extra.md"]["sha256"] == sha256(extra.read_bytes())
-    assert files["notes/todo.txt"]["size"] == str(len(initial["notes/todo.txt"]))
-    assert ok(ctl("cat", "notes", "people/ada.json")).encode() == initial["people/ada.json"]
-
-    # search by type and by text.
-    people = ok_json(ctl("--json", "search", "notes", "--type", card_type(PERSON)))
-    assert [e["path"] for e in people] == ["people/ada.json", "people/alan.json"]
-    assert people[0]["title"] == "Ada Lovelace"
-    found = ok(ctl("search", "notes", "--text", "WILMSLOW"))
-    assert [line.split()[0] for line in found.splitlines()[1:]] == ["people/alan.json"]
 
     # push a directory: incremental jobs for its paths; watch them to the end.
     pushed_files = {
@@ -163,8 +177,7 @@ def test_realmctl_commands_against_a_live_server(
         (("watch", "987654321"), "NOT_FOUND"),
         (("create", "notes"), "ALREADY_EXISTS"),
     ]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda case: ctl(*case[0]), refusals))
+    results = ctl_all(*(args for args, _ in refusals))
     for (args, code), result in zip(refusals, results, strict=True):
         line = one_line_error(result, code)
         assert line != f"realmctl: error: {code}: ", args

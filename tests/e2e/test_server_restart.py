@@ -28,7 +28,10 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.e2e
 
 REALMS = 5
+# The two oldest realms are big enough to be mid-way when the server stops
+# (the workers read one file at a time); the others wait, and are small.
 FILES_PER_REALM = 200
+FILES_PER_WAITING_REALM = 20
 SERVER_FLAGS = ("--lease-seconds", "300", "--drain-grace-seconds", "1", "--reserved-slots", "0")
 
 
@@ -41,7 +44,10 @@ def test_server_restart_under_running_workers(store_url: str, system: System) ->
         for i in (1, 2)
     ]
     stub = first.stub()
-    contents = {f"realm-{i}": bulk_cards(FILES_PER_REALM) for i in range(REALMS)}
+    contents = {
+        f"realm-{i}": bulk_cards(FILES_PER_REALM if i < 2 else FILES_PER_WAITING_REALM)
+        for i in range(REALMS)
+    }
     jobs = {
         realm_id: create_realm(stub, realm_id, files).job.job_id
         for realm_id, files in contents.items()
