@@ -149,6 +149,6 @@ def test_second_server_on_a_port_in_use_refuses_to_start(sqlite_url: str, system
     assert first.address in clash.stderr()
     # The first server still answers, alone.
     stub = first.stub()
-    create_realm(stub, "still-here", {})
-    assert get_job(stub, "1").realm_id == "still-here"
+    job = create_realm(stub, "still-here", {}).job
+    assert get_job(stub, job.job_id).realm_id == "still-here"
     assert first.proc.alive()
