@@ -73,6 +73,8 @@ def start_live_server(settings: Settings) -> tuple[LiveServer, Callable[[], None
         asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        if not thread.is_alive():
+            loop.close()  # its self-pipe sockets, else left to the garbage collector
 
     return live, stop
 
