@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("schema is up to date", flush=True)
         return 0
     if args.command == "dev":
-        return _dev(settings, args.workers, args.worker_concurrency)
+        return _dev(settings, args.workers, args.worker_concurrency, _server_flags(argv[1:]))
     from realm_service.server import serve
 
     try:
@@ -95,13 +95,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _dev(settings: Settings, workers: int, concurrency: int) -> int:
+def _server_flags(dev_argv: list[str]) -> list[str]:
+    """dev's arguments without its own: the server flags, as given, for its server."""
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own.add_argument("--workers")
+    own.add_argument("--worker-concurrency")
+    return own.parse_known_args(dev_argv)[1]
+
+
+def _dev(settings: Settings, workers: int, concurrency: int, server_flags: list[str]) -> int:
     """A server and N workers as child processes; Ctrl-C stops them all."""
     server_cmd = [
         sys.executable,
         "-m",
         "realm_service",
         "serve",
+        *server_flags,
         "--listen",
         settings.listen,
         "--store",
@@ -124,6 +133,13 @@ def _dev(settings: Settings, workers: int, concurrency: int) -> int:
         print("realm-service: the server did not start", file=sys.stderr)
         return 1
     address = line.rsplit(" ", 1)[-1].strip()
+    # The workers need what the server asks of them: a token, the certificate to trust.
+    worker_env = dict(os.environ)
+    tokens = {role: token for token, role in settings.tokens.items()}
+    token = tokens.get("worker") or tokens.get("admin")
+    if token:
+        worker_env["INDEX_WORKER_TOKEN"] = token
+    worker_tls = ["--ca-cert", settings.tls_cert] if settings.tls_cert else []
     procs: list[subprocess.Popen[Any]] = [server]
     for i in range(workers):
         procs.append(
@@ -138,7 +154,9 @@ def _dev(settings: Settings, workers: int, concurrency: int) -> int:
                     str(concurrency),
                     "--worker-id",
                     f"dev-worker-{i + 1}",
-                ]
+                    *worker_tls,
+                ],
+                env=worker_env,
             )
         )
     print(
