@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import grpc
 import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
@@ -176,4 +177,32 @@ def test_two_servers_notify_wakes_the_other_and_never_double_assigns(
         assert get_job(a.stub, r.job.job_id).state == pb.Job.STATE_SUCCEEDED
     assert Counter(j.realm_id for j in stored_jobs(a.srv.db)) == Counter(
         ["notified"] + [r.realm.realm_id for r in created]
+    )
+
+
+def test_two_servers_racing_one_create_make_one_realm_and_one_job(
+    two_servers: tuple[LiveServer, LiveServer],
+) -> None:
+    a, b = two_servers
+    servers = [a, b] * 4
+
+    def create(args: tuple[int, str, str]) -> tuple[str, str]:
+        i, realm_id, request_id = args
+        try:
+            reply = create_realm(servers[i].stub, realm_id, request_id=request_id)
+        except grpc.RpcError as e:
+            return e.code().name, ""
+        return "OK", reply.job.job_id
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        retried = list(pool.map(create, [(i, "retried", "one-key") for i in range(8)]))
+        raced = list(pool.map(create, [(i, "raced", "") for i in range(8)]))
+    # Retries with one request id all get the first result...
+    assert {code for code, _ in retried} == {"OK"}
+    assert len({job for _, job in retried}) == 1
+    # ...and without one, a single create wins.
+    assert sorted(code for code, _ in raced) == ["ALREADY_EXISTS"] * 7 + ["OK"]
+    (won,) = [job for code, job in raced if code == "OK"]
+    assert sorted((str(j.job_id), j.realm_id, j.priority) for j in stored_jobs(a.srv.db)) == sorted(
+        [(retried[0][1], "retried", USER), (won, "raced", USER)]
     )
