@@ -1,7 +1,8 @@
 """A realm's life through real processes: create it with cards of two types,
 non-card files, a broken card and .gitignored files; the first index; searches;
 then one file's change re-indexes that path alone, a new .gitignore decides
-every file again, and a deleted card leaves the index."""
+every file again, and a deleted card leaves the index. Writes made while the
+first index runs end up in the index too."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from tests.e2e.helpers import (
     PERSON,
     PET,
     RPC_TIMEOUT,
+    assert_index_whole,
+    bulk_cards,
     card,
     card_type,
     create_realm,
     entry_key,
+    get_job,
     get_realm,
     list_files,
+    poll,
     realm_jobs,
     search_all,
     search_paths,
@@ -239,3 +244,55 @@ def test_create_index_search_then_incremental_changes(store_url: str, system: Sy
     assert final.stats.cards == realm.stats.cards + 1 - 1  # Ivan in, Rex out
     assert final.stats.files == len(stored) - 1
     assert final.stats.errors == 1
+
+
+def test_writes_during_a_from_scratch_job_converge(store_url: str, system: System) -> None:
+    """Files written and deleted while the first index runs (some already read
+    by it, some not yet): once every job ended, the index is exactly the files."""
+    server = system.start_server(store_url, "--heartbeat-seconds", "0.2")
+    stub = server.stub()
+    files = bulk_cards(400)
+    first = create_realm(stub, "busy", files).job.job_id
+    system.start_worker(server, "w", "--concurrency", "2", "--read-concurrency", "1")
+    poll(
+        lambda: (
+            (job := get_job(stub, first)).state == pb.Job.STATE_RUNNING
+            and 0 < job.progress.done < job.progress.total
+        ),
+        what="the first index mid-way",
+    )
+
+    paths = sorted(files)
+    writes = {
+        paths[0]: card(PERSON, {"name": "Rewritten early"}),  # read before the write
+        paths[-1]: card(PERSON, {"name": "Rewritten late"}),  # read after it
+        "new/added.json": card(PET, {"title": "Newcomer"}),
+    }
+    deletes = [paths[1], paths[-2]]
+    jobs = []
+    for path, content in writes.items():
+        request = spb.WriteRealmFileRequest(realm_id="busy", path=path, content=content)
+        jobs.append(stub.WriteRealmFile(request, timeout=RPC_TIMEOUT).job)
+    for path in deletes:
+        request = spb.DeleteRealmFileRequest(realm_id="busy", path=path)
+        jobs.append(stub.DeleteRealmFile(request, timeout=RPC_TIMEOUT).job)
+    assert {j.kind for j in jobs} == {pb.JOB_KIND_INCREMENTAL_INDEX}
+
+    for job_id in [first, *{j.job_id for j in jobs}]:
+        assert wait_job(stub, job_id).state == pb.Job.STATE_SUCCEEDED
+    # The first index ran once, undisturbed.
+    assert get_job(stub, first).attempt == 1
+    changes = {
+        (c.path, c.deleted)
+        for job in realm_jobs(stub, "busy")
+        if job.kind == pb.JOB_KIND_INCREMENTAL_INDEX
+        for c in job.path_changes
+    }
+    assert changes == {(p, False) for p in writes} | {(p, True) for p in deletes}
+
+    stored = [f.path for f in list_files(stub, "busy")]
+    assert sorted(stored) == sorted({*files, *writes, "realm.json", "index.json"} - set(deletes))
+    assert_index_whole(stub, "busy", stored)
+    assert search_paths(stub, "busy", text="rewritten early") == [paths[0]]
+    assert search_paths(stub, "busy", text="rewritten late") == [paths[-1]]
+    assert search_paths(stub, "busy", card_type=card_type(PET)) == ["new/added.json"]
