@@ -171,3 +171,25 @@ def test_dev_passes_server_flags_on(system: System, tmp_path: Path) -> None:
 
     os.kill(dev.pid, signal.SIGINT)
     assert dev.wait(timeout=60) == 0
+
+
+def test_dev_stops_everything_when_a_child_dies(system: System, tmp_path: Path) -> None:
+    dev = system.start(
+        "dev",
+        [*program("realm-service", "realm_service"), "dev", "--workers", "2",
+         "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path / 'dev.db'}"],
+    )  # fmt: skip
+    dev.wait_for_stdout(r"server on 127\.0\.0\.1:\d+")
+    children = poll(
+        lambda: (found := children_of(dev.pid)) and len(found) >= 3 and found,
+        what="the server and two workers",
+    )
+    worker = next(c for c in children if "index_worker" in c.cmdline)
+    os.kill(worker.pid, signal.SIGKILL)
+    # A half system is no use: dev stops the others and reports the failure.
+    assert dev.wait(timeout=60) == 1
+    poll(
+        lambda: not any(still_running(c) for c in children),
+        timeout=10,
+        what="every child of realm-service dev to be gone",
+    )
