@@ -274,32 +274,65 @@ class JobQueue:
 
     def complete(self, lease_id: str, *, entries_uploaded: int = 0) -> Job:
         """Finish a lease successfully; the job's entries become the realm's index."""
+        done = self.complete_many([(lease_id, entries_uploaded)])[lease_id]
+        if isinstance(done, StaleLease):
+            raise done
+        return done
+
+    def complete_many(self, results: Sequence[tuple[str, int]]) -> dict[str, Job | StaleLease]:
+        """`complete` for several (lease, entries uploaded) in one transaction.
+        Each lease is fenced on its own: one that is not current, or whose
+        entry count does not match, is refused (its StaleLease is returned and
+        nothing of it is applied) while the others complete."""
         now = self.clock()
+        done: dict[str, Job | StaleLease] = {}
         with self.db.transaction() as session:
-            row = jobs_sql.current(session, lease_id)
-            generation = row.lease_attempt_id
-            assert generation is not None
-            if entries_uploaded:
-                staged = realms_sql.count_staged(session, row.realm_id, generation)
-                if staged != entries_uploaded:
-                    raise StaleLease(
-                        f"lease {lease_id}: {entries_uploaded} entries reported, "
-                        f"{staged} received; the result was not applied"
+            rows = jobs_sql.current_many(session, [lease_id for lease_id, _ in results])
+            accepted: list[tuple[str, JobRow]] = []
+            counted: list[tuple[str, JobRow, int]] = []
+            for lease_id, uploaded in results:
+                row = rows.pop(lease_id, None)  # a lease listed twice is current once
+                if row is None:
+                    done[lease_id] = StaleLease(f"lease {lease_id[:40]!r} is not current")
+                elif uploaded:
+                    counted.append((lease_id, row, uploaded))
+                else:
+                    accepted.append((lease_id, row))
+            staged = realms_sql.count_staged_many(
+                session, [(row.realm_id, row.lease_attempt_id or 0) for _, row, _ in counted]
+            )
+            for lease_id, row, uploaded in counted:
+                received = staged.get((row.realm_id, row.lease_attempt_id or 0), 0)
+                if received != uploaded:
+                    done[lease_id] = StaleLease(
+                        f"lease {lease_id}: {uploaded} entries reported, "
+                        f"{received} received; the result was not applied"
                     )
-            realms_sql.switch_generation(
+                else:
+                    accepted.append((lease_id, row))
+            scratch = JobKind.FROM_SCRATCH.value
+            realms_sql.switch_generations(
                 session,
-                realm_id=row.realm_id,
-                generation=generation,
-                from_scratch=row.kind == JobKind.FROM_SCRATCH.value,
+                [(r.realm_id, r.lease_attempt_id or 0, r.kind == scratch) for _, r in accepted],
                 now=now,
             )
-            jobs_sql.end_attempt(session, generation, AttemptOutcome.COMPLETED, now, "")
-            jobs_sql.finish(row, JobState.SUCCEEDED, now)
-            job = jobs_sql.to_job(row)
-        self._log_end(job, lease_id, "succeeded")
-        self.db.jobs_changed([job.job_id])
-        self.db.new_work_committed()  # the realm's next job may run now
-        return job
+            jobs_sql.end_attempts(
+                session,
+                [row.lease_attempt_id for _, row in accepted if row.lease_attempt_id is not None],
+                AttemptOutcome.COMPLETED,
+                now,
+            )
+            finished: list[tuple[str, Job]] = []
+            for lease_id, row in accepted:
+                jobs_sql.finish(row, JobState.SUCCEEDED, now)
+                finished.append((lease_id, jobs_sql.to_job(row)))
+        for lease_id, job in finished:
+            done[lease_id] = job
+            self._log_end(job, lease_id, "succeeded")
+        if finished:
+            self.db.jobs_changed([job.job_id for _, job in finished])
+            self.db.new_work_committed()  # the realms' next jobs may run now
+        return done
 
     def fail(self, lease_id: str, message: str, *, permanent: bool = False) -> Job:
         """A failed attempt: counts toward the cap; retried until it is reached."""

@@ -27,7 +27,7 @@ from realm_service.api.convert import (
     ts,
 )
 from realm_service.dispatcher import Dispatcher, WorkerStream
-from realm_service.domain import JobKind, JobState, Lease, validate_path
+from realm_service.domain import Job, JobKind, JobState, Lease, validate_path
 from realm_service.errors import InvalidArgument, RealmError, StaleLease
 from realm_service.queue import JobQueue
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_CREDITS = 10_000
 MAX_ENTRIES_PER_BATCH = 5_000
+COMPLETE_BATCH = 500  # successful results completed per transaction
 MAX_ID = 200
 
 
@@ -268,49 +269,65 @@ class ClaimSession:
             self._ack([self._refusal(batch.lease_id, e.message)])
 
     async def _results(self, results: spb.JobResults) -> None:
-        acks: list[spb.LeaseAck] = []
-        for r in results.results[:MAX_CREDITS]:
-            if not self._held(r.lease_id):
-                acks.append(self._refusal(r.lease_id, "lease is not held by this stream"))
+        acks: dict[int, spb.LeaseAck] = {}
+        succeeded: list[tuple[int, spb.JobResult]] = []
+        seen: set[str] = set()
+        for i, r in enumerate(results.results[:MAX_CREDITS]):
+            if not self._held(r.lease_id) or r.lease_id in seen:
+                acks[i] = self._refusal(r.lease_id, "lease is not held by this stream")
+                continue
+            seen.add(r.lease_id)
+            if r.outcome == spb.JobResult.OUTCOME_SUCCEEDED:
+                succeeded.append((i, r))
+        # Successes share one transaction (and one dispatcher wake-up).
+        for start in range(0, len(succeeded), COMPLETE_BATCH):
+            chunk = succeeded[start : start + COMPLETE_BATCH]
+            done = await asyncio.to_thread(
+                self.queue.complete_many, [(r.lease_id, r.entries_uploaded) for _, r in chunk]
+            )
+            for i, r in chunk:
+                outcome = done[r.lease_id]
+                if isinstance(outcome, StaleLease):
+                    acks[i] = await self._refused_result(r.lease_id, outcome)
+                else:
+                    acks[i] = self._accepted(r.lease_id, outcome)
+        for i, r in enumerate(results.results[:MAX_CREDITS]):
+            if i in acks or r.outcome == spb.JobResult.OUTCOME_SUCCEEDED:
+                continue
+            if r.outcome not in (
+                spb.JobResult.OUTCOME_FAILED,
+                spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
+            ):
+                acks[i] = self._refusal(r.lease_id, "result.outcome is unspecified")
                 continue
             try:
-                if r.outcome == spb.JobResult.OUTCOME_SUCCEEDED:
-                    job = await asyncio.to_thread(
-                        self.queue.complete, r.lease_id, entries_uploaded=r.entries_uploaded
-                    )
-                elif r.outcome in (
-                    spb.JobResult.OUTCOME_FAILED,
-                    spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
-                ):
-                    job = await asyncio.to_thread(
-                        self.queue.fail,
-                        r.lease_id,
-                        r.error_message[:2000] or "failed without a message",
-                        permanent=r.outcome == spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
-                    )
-                else:
-                    acks.append(self._refusal(r.lease_id, "result.outcome is unspecified"))
-                    continue
-            except StaleLease as e:
-                self._drop(r.lease_id)
-                acks.append(self._refusal(r.lease_id, e.message))
-                # A lease can still be current here (the entry count did not
-                # match). The stream no longer holds it, so end the attempt
-                # now, as a failure, rather than leave the job running until
-                # the lease expires.
-                with contextlib.suppress(StaleLease):
-                    await asyncio.to_thread(self.queue.fail, r.lease_id, e.message)
-                    self.dispatcher.wake()
-                continue
-            self._drop(r.lease_id)
-            acks.append(
-                spb.LeaseAck(
-                    lease_id=r.lease_id, accepted=True, job_state=JOB_STATE_TO_PB[job.state]
+                job = await asyncio.to_thread(
+                    self.queue.fail,
+                    r.lease_id,
+                    r.error_message[:2000] or "failed without a message",
+                    permanent=r.outcome == spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
                 )
-            )
-            if job.state is JobState.QUEUED:
-                self.dispatcher.wake()
-        self._ack(acks)
+            except StaleLease as e:
+                acks[i] = await self._refused_result(r.lease_id, e)
+                continue
+            acks[i] = self._accepted(r.lease_id, job)
+        self._ack([acks[i] for i in sorted(acks)])
+
+    def _accepted(self, lease_id: str, job: Job) -> spb.LeaseAck:
+        self._drop(lease_id)
+        if job.state is JobState.QUEUED:
+            self.dispatcher.wake()
+        return spb.LeaseAck(lease_id=lease_id, accepted=True, job_state=JOB_STATE_TO_PB[job.state])
+
+    async def _refused_result(self, lease_id: str, error: StaleLease) -> spb.LeaseAck:
+        self._drop(lease_id)
+        # A lease can still be current here (the entry count did not match).
+        # The stream no longer holds it, so end the attempt now, as a failure,
+        # rather than leave the job running until the lease expires.
+        with contextlib.suppress(StaleLease):
+            await asyncio.to_thread(self.queue.fail, lease_id, error.message)
+            self.dispatcher.wake()
+        return self._refusal(lease_id, error.message)
 
     async def _release(self, release: spb.ReleaseLeases) -> None:
         held = [lease for lease in release.lease_ids[:MAX_CREDITS] if self._held(lease)]

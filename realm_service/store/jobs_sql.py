@@ -332,6 +332,20 @@ def current(session: Session, lease_id: str, *, lock: bool = True) -> JobRow:
     return row
 
 
+def current_many(session: Session, lease_ids: Sequence[str]) -> dict[str, JobRow]:
+    """The running jobs held under any of `lease_ids`, locked, by lease."""
+    wanted = [lease for lease in dict.fromkeys(lease_ids) if lease]
+    if not wanted:
+        return {}
+    rows = session.scalars(
+        select(JobRow)
+        .where(JobRow.lease_id.in_(wanted), JobRow.state == "running")
+        .order_by(JobRow.id)
+        .with_for_update()
+    )
+    return {row.lease_id: row for row in rows if row.lease_id}
+
+
 def extend(
     session: Session,
     lease_ids: Sequence[str],
@@ -367,6 +381,18 @@ def end_attempt(
         .where(JobAttemptRow.id == attempt_id)
         .values(outcome=outcome.value, end_time=now, error_message=message[:2000])
     )
+
+
+def end_attempts(
+    session: Session, attempt_ids: Sequence[int], outcome: AttemptOutcome, now: datetime
+) -> None:
+    """end_attempt for several attempts with one outcome and no message."""
+    if attempt_ids:
+        session.execute(
+            update(JobAttemptRow)
+            .where(JobAttemptRow.id.in_(list(attempt_ids)))
+            .values(outcome=outcome.value, end_time=now, error_message="")
+        )
 
 
 def finish(row: JobRow, state: JobState, now: datetime, message: str = "") -> None:

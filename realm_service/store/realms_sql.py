@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from realm_service.domain import IndexEntry, Realm, RealmFile, RealmState
@@ -286,70 +286,142 @@ def count_staged(session: Session, realm_id: str, generation: int) -> int:
     )
 
 
+def count_staged_many(
+    session: Session, generations: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """`count_staged` for several (realm, generation) pairs in one query."""
+    if not generations:
+        return {}
+    wanted = set(generations)
+    rows = session.execute(
+        select(IndexEntryRow.realm_id, IndexEntryRow.generation, func.count())
+        .where(
+            IndexEntryRow.realm_id.in_(sorted({r for r, _ in wanted})),
+            IndexEntryRow.generation.in_(sorted({g for _, g in wanted})),
+            IndexEntryRow.deleted.is_(False),
+        )
+        .group_by(IndexEntryRow.realm_id, IndexEntryRow.generation)
+    )
+    return {(r, g): int(n) for r, g, n in rows if (r, g) in wanted}
+
+
 def switch_generation(
     session: Session, *, realm_id: str, generation: int, from_scratch: bool, now: datetime
 ) -> None:
     """Make a completed job's entries the realm's index, with its stats, in the
     caller's transaction: searches see the old index or the new, never half."""
-    realm = session.scalars(
-        select(RealmRow).where(RealmRow.realm_id == realm_id).with_for_update()
-    ).one()
-    current = realm.current_generation
-    if from_scratch or current is None:
+    switch_generations(session, [(realm_id, generation, from_scratch)], now=now)
+
+
+def switch_generations(
+    session: Session, jobs: Sequence[tuple[str, int, bool]], *, now: datetime
+) -> None:
+    """`switch_generation` for completed jobs of distinct realms, given as
+    (realm, generation, from_scratch). Generations that replace a realm's
+    index (from-scratch jobs, or a realm's first) take a fixed number of
+    statements however many there are; incremental merges go one by one."""
+    if not jobs:
+        return
+    ids = [realm_id for realm_id, _, _ in jobs]
+    realms = {
+        row.realm_id: row
+        for row in session.scalars(
+            select(RealmRow)
+            .where(RealmRow.realm_id.in_(ids))
+            .order_by(RealmRow.realm_id)
+            .with_for_update()
+        )
+    }
+    current: dict[str, int] = {}
+    replaced: dict[str, int] = {}
+    for realm_id, generation, from_scratch in jobs:
+        realm = realms.get(realm_id)
+        if realm is None:
+            raise RealmNotFound(f"realm {realm_id!r} does not exist")
+        if from_scratch or realm.current_generation is None:
+            replaced[realm_id] = current[realm_id] = generation
+        else:
+            _merge_generation(session, realm_id, generation, realm.current_generation)
+            current[realm_id] = realm.current_generation
+    if replaced:
+        # Generations are attempt ids, unique across realms: an entry of these
+        # realms that is not in one of the new generations is not in its own.
         session.execute(
             delete(IndexEntryRow).where(
-                IndexEntryRow.realm_id == realm_id,
-                or_(IndexEntryRow.generation != generation, IndexEntryRow.deleted.is_(True)),
-            )
-        )
-        realm.current_generation = generation
-    else:
-        staged_paths = select(IndexEntryRow.path).where(
-            IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation
-        )
-        session.execute(
-            delete(IndexEntryRow).where(
-                IndexEntryRow.realm_id == realm_id,
-                IndexEntryRow.generation == current,
-                IndexEntryRow.path.in_(staged_paths.scalar_subquery()),
-            )
-        )
-        session.execute(
-            delete(IndexEntryRow).where(
-                IndexEntryRow.realm_id == realm_id,
+                IndexEntryRow.realm_id.in_(list(replaced)),
                 or_(
-                    and_(IndexEntryRow.generation == generation, IndexEntryRow.deleted.is_(True)),
-                    and_(
-                        IndexEntryRow.generation != generation,
-                        IndexEntryRow.generation != current,
-                    ),
+                    IndexEntryRow.generation.not_in(list(replaced.values())),
+                    IndexEntryRow.deleted.is_(True),
                 ),
             )
         )
-        session.execute(
-            update(IndexEntryRow)
-            .where(IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation)
-            .values(generation=current)
+    counts: dict[str, tuple[int, int, int]] = {}
+    for realm_id, entries, errors, cards in session.execute(
+        select(
+            IndexEntryRow.realm_id,
+            func.count(),
+            func.sum(case((IndexEntryRow.error_message != "", 1), else_=0)),
+            func.sum(
+                case(
+                    (and_(IndexEntryRow.card_type != "", IndexEntryRow.error_message == ""), 1),
+                    else_=0,
+                )
+            ),
         )
-    gen = realm.current_generation
-    base = select(func.count()).select_from(IndexEntryRow)
-    where = (IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == gen)
-    realm.entries = int(session.scalar(base.where(*where)) or 0)
-    realm.errors = int(session.scalar(base.where(*where, IndexEntryRow.error_message != "")) or 0)
-    realm.cards = int(
-        session.scalar(
-            base.where(*where, IndexEntryRow.card_type != "", IndexEntryRow.error_message == "")
+        .where(
+            IndexEntryRow.realm_id.in_(ids),
+            IndexEntryRow.generation.in_(sorted(set(current.values()))),
         )
-        or 0
+        .group_by(IndexEntryRow.realm_id)
+    ):
+        counts[realm_id] = (int(entries or 0), int(errors or 0), int(cards or 0))
+    files: dict[str, int] = {
+        realm_id: int(n)
+        for realm_id, n in session.execute(
+            select(RealmFileRow.realm_id, func.count())
+            .where(RealmFileRow.realm_id.in_(ids))
+            .group_by(RealmFileRow.realm_id)
+        )
+    }
+    for realm_id in ids:
+        realm = realms[realm_id]
+        realm.current_generation = current[realm_id]
+        realm.entries, realm.errors, realm.cards = counts.get(realm_id, (0, 0, 0))
+        realm.files = files.get(realm_id, 0)
+        realm.last_index_time = now
+        realm.state = RealmState.READY.value
+
+
+def _merge_generation(session: Session, realm_id: str, generation: int, current: int) -> None:
+    """An incremental job's entries replace those of the same paths in the
+    realm's current generation; its tombstones remove them."""
+    staged_paths = select(IndexEntryRow.path).where(
+        IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation
     )
-    realm.files = int(
-        session.scalar(
-            select(func.count()).select_from(RealmFileRow).where(RealmFileRow.realm_id == realm_id)
+    session.execute(
+        delete(IndexEntryRow).where(
+            IndexEntryRow.realm_id == realm_id,
+            IndexEntryRow.generation == current,
+            IndexEntryRow.path.in_(staged_paths.scalar_subquery()),
         )
-        or 0
     )
-    realm.last_index_time = now
-    realm.state = RealmState.READY.value
+    session.execute(
+        delete(IndexEntryRow).where(
+            IndexEntryRow.realm_id == realm_id,
+            or_(
+                and_(IndexEntryRow.generation == generation, IndexEntryRow.deleted.is_(True)),
+                and_(
+                    IndexEntryRow.generation != generation,
+                    IndexEntryRow.generation != current,
+                ),
+            ),
+        )
+    )
+    session.execute(
+        update(IndexEntryRow)
+        .where(IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation)
+        .values(generation=current)
+    )
 
 
 def search(
