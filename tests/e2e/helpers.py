@@ -264,3 +264,13 @@ def stored_job_states(store_url: str, job_ids: Sequence[str]) -> dict[str, str]:
         rows = conn.execute(text("SELECT id, state FROM jobs"))
         states = {str(job_id): state for job_id, state in rows}
     return {job_id: states[job_id] for job_id in job_ids}
+
+
+def stored_entry_rows(store_url: str, realm_id: str) -> int:
+    """Index entry rows kept for a realm, in every generation (staged ones too)."""
+    with _engine(store_url) as engine, engine.connect() as conn:
+        value = conn.execute(
+            text("SELECT count(*) FROM index_entries WHERE realm_id = :realm"),
+            {"realm": realm_id},
+        ).scalar_one()
+        return int(value)

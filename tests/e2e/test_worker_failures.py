@@ -24,6 +24,7 @@ from tests.e2e.helpers import (
     job_attempts,
     poll,
     realm_jobs,
+    stored_entry_rows,
     wait_job,
 )
 
@@ -37,13 +38,13 @@ SERVER_FLAGS = ("--lease-seconds", "300", "--heartbeat-seconds", "0.2")
 RELEASE_WAIT = 30.0
 
 
-def wait_running_with_progress(server: Server, job_id: str) -> pb.Job:
+def wait_running_with_progress(server: Server, job_id: str, min_done: int = 1) -> pb.Job:
     stub = server.stub()
 
     def running() -> pb.Job | None:
         job = get_job(stub, job_id)
         assert job.state in (pb.Job.STATE_QUEUED, pb.Job.STATE_RUNNING), job
-        ok = job.state == pb.Job.STATE_RUNNING and job.progress.done > 0
+        ok = job.state == pb.Job.STATE_RUNNING and job.progress.done >= min_done
         return job if ok else None
 
     job = poll(running, what=f"job {job_id} running with progress")
@@ -69,7 +70,8 @@ def test_sigkilled_worker_job_completes_once_on_another(store_url: str, system: 
     doomed = system.start_worker(
         server, "doomed", "--concurrency", "1", "--read-concurrency", "1", "--batch-size", "50"
     )
-    mid = wait_running_with_progress(server, job_id)
+    # Past a few upload batches, so the attempt leaves staged entries behind.
+    mid = wait_running_with_progress(server, job_id, min_done=120)
     assert mid.attempt == 1
     doomed.send(signal.SIGKILL)
     assert doomed.wait() == -signal.SIGKILL
@@ -89,11 +91,12 @@ def test_sigkilled_worker_job_completes_once_on_another(store_url: str, system: 
     ]
     assert counted_failures(store_url, job_id) == 0
 
-    # One job for the realm, succeeded once; the index is whole, without
-    # leftovers of the killed attempt's uploads.
+    # One job for the realm, succeeded once; the index is whole, and what the
+    # killed attempt had uploaded (in batches of 50) is gone from the store.
     jobs = realm_jobs(stub, "big")
     assert [(j.job_id, j.state) for j in jobs] == [(job_id, pb.Job.STATE_SUCCEEDED)]
     assert_index_whole(stub, "big", [*files, "realm.json", "index.json"])
+    assert stored_entry_rows(store_url, "big") == len(files) + 2
 
     assert server.proc.alive()
     assert rescuer.stop() == 0
