@@ -125,6 +125,13 @@ async def _incremental(
         # A new .gitignore can hide or reveal any file: decide every file again.
         for info in await files.list_files(realm_id):
             deleted_by_path.setdefault(info.path, False)
+    if any(deleted_by_path.values()):
+        # "Delete wins" when changes are merged, but a path deleted and then
+        # written again exists: the realm's files are the truth.
+        present = {info.path for info in await files.list_files(realm_id)}
+        for path, deleted in list(deleted_by_path.items()):
+            if deleted and path in present:
+                deleted_by_path[path] = False
     patterns = await _load_gitignore(files, realm_id)
     progress.total = len(deleted_by_path)
 

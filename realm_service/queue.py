@@ -113,11 +113,12 @@ class JobQueue:
                 if kind is JobKind.FROM_SCRATCH and not content_changed:
                     return EnqueueResult(jobs_sql.to_job(running), Disposition.ATTACHED)
                 if kind is JobKind.INCREMENTAL:
+                    # With content_changed (a file was just written or deleted)
+                    # the running job may have read the path already; its result
+                    # cannot answer the change, so a follow-up job is queued.
+                    incoming = {(c.path, c.deleted) for c in paths}
                     covered = {(c.path, c.deleted) for c in jobs_sql.decode_paths(running.paths)}
-                    if (
-                        all((c.path, c.deleted) for c in paths)
-                        and {(c.path, c.deleted) for c in paths} <= covered
-                    ):
+                    if incoming and incoming <= covered and not content_changed:
                         return EnqueueResult(jobs_sql.to_job(running), Disposition.ATTACHED)
             row = jobs_sql.try_insert_job(
                 session, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths

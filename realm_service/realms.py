@@ -307,7 +307,12 @@ class Realms:
                 s, realm_id=realm_id, path=path, content=content, now=self.clock()
             )
             result = self.queue.enqueue_in(
-                s, realm_id, JobKind.INCREMENTAL, prio, paths=[PathChange(path, False)]
+                s,
+                realm_id,
+                JobKind.INCREMENTAL,
+                prio,
+                paths=[PathChange(path, False)],
+                content_changed=True,
             )
         self.queue.after_enqueue(result)
         return stored, result
@@ -320,7 +325,12 @@ class Realms:
             realms_sql.get_realm(s, realm_id, lock=True)
             realms_sql.delete_file(s, realm_id=realm_id, path=path)
             result = self.queue.enqueue_in(
-                s, realm_id, JobKind.INCREMENTAL, prio, paths=[PathChange(path, True)]
+                s,
+                realm_id,
+                JobKind.INCREMENTAL,
+                prio,
+                paths=[PathChange(path, True)],
+                content_changed=True,
             )
         self.queue.after_enqueue(result)
         return result

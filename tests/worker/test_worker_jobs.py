@@ -130,7 +130,28 @@ def test_incremental_sends_deleted_paths_and_reindexes_changed_files() -> None:
             assert deleted == ["Pet/gone.json", "Pet/vanished.json", "debug.log"]
             assert [e.path for b in batches for e in b.entries] == ["Pet/mango.json"]
             listed = [c for c in service.file_calls if c[0] == "ListRealmFiles"]
-            assert len(listed) == 1  # only to tell "file gone" from "realm gone"
+            # Once to check the deleted paths are really gone, once to tell
+            # "file gone" from "realm gone".
+            assert len(listed) == 2
+
+    run(scenario)
+
+
+def test_a_path_deleted_then_written_again_is_indexed_not_deleted() -> None:
+    async def scenario() -> None:
+        service = FakeRealmService(realms={"pets": dict(REALM)})
+        # Merged changes say "deleted" (a delete wins), but the file exists now.
+        changes = (("Pet/mango.json", True), ("Pet/gone.json", True))
+        async with running(service):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            job = assignment("pets", kind=res.JOB_KIND_INCREMENTAL_INDEX, changes=changes)
+            await stream.assign(job)
+            batches, result = await collect(stream, job.lease_id)
+
+            assert result.outcome == pb.JobResult.OUTCOME_SUCCEEDED
+            assert [e.path for b in batches for e in b.entries] == ["Pet/mango.json"]
+            assert sorted(p for b in batches for p in b.deleted_paths) == ["Pet/gone.json"]
 
     run(scenario)
 
