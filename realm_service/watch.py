@@ -51,7 +51,8 @@ class JobWatch:
                     del self._events[job_id]
 
     async def wait_terminal(self, job_id: int, timeout: float | None) -> Job:
-        """The job once terminal, or as it is when the timeout passes."""
+        """The job once terminal, or as it is when the timeout passes. A small
+        margin (at most 0.2 s) is kept so the answer beats the caller's deadline."""
         last: Job | None = None
 
         async def _follow() -> None:
@@ -61,7 +62,8 @@ class JobWatch:
 
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                _follow(), timeout=None if timeout is None else max(0.0, timeout - 0.2)
+                _follow(),
+                timeout=None if timeout is None else max(0.0, timeout - min(0.2, timeout / 5)),
             )
         if last is None:
             last = await asyncio.to_thread(self.queue.get_job, job_id)

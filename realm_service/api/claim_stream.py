@@ -34,7 +34,8 @@ from realm_service.queue import JobQueue
 log = logging.getLogger(__name__)
 
 MAX_CREDITS = 10_000
-MAX_ENTRIES_PER_BATCH = 5_000
+MAX_ENTRIES_PER_BATCH = 1_000  # the contract's bound on IndexEntryBatch.entries
+MAX_DELETED_PER_BATCH = 10_000
 COMPLETE_BATCH = 500  # successful results completed per transaction
 MAX_ID = 200
 
@@ -251,8 +252,12 @@ class ClaimSession:
             self.outbox.put_nowait(spb.ClaimJobsResponse(acks=spb.LeaseAcks(acks=acks)))
 
     async def _entries(self, batch: spb.IndexEntryBatch) -> None:
-        if len(batch.entries) + len(batch.deleted_paths) > MAX_ENTRIES_PER_BATCH:
-            raise ProtocolError(f"entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
+        if len(batch.entries) > MAX_ENTRIES_PER_BATCH:
+            raise ProtocolError(f"entries.entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
+        if len(batch.deleted_paths) > MAX_DELETED_PER_BATCH:
+            raise ProtocolError(
+                f"entries.deleted_paths: more than {MAX_DELETED_PER_BATCH} per batch"
+            )
         if not self._held(batch.lease_id):
             self._ack([self._refusal(batch.lease_id, "lease is not held by this stream")])
             return
