@@ -82,9 +82,20 @@ class RealmServer:
         while True:
             await asyncio.sleep(interval)
             try:
+                # Leases held before the reap: a reaped job's lease among them
+                # is the one that expired (later leases are not in the snapshot).
+                held = [
+                    (stream, lease_id, lease.job.job_id)
+                    for stream in list(self.dispatcher.streams.values())
+                    for lease_id, lease in list(stream.outstanding.items())
+                ]
                 jobs = await asyncio.to_thread(self.queue.reap_expired)
                 if jobs:
                     metrics.LEASES_EXPIRED.inc(len(jobs))
+                    reaped = {job.job_id for job in jobs}
+                    for stream, lease_id, job_id in held:
+                        if job_id in reaped:  # no longer held: free its slot
+                            stream.outstanding.pop(lease_id, None)
                     self.dispatcher.wake()
             except Exception as e:
                 log.warning("reaper failed: %s", e)
