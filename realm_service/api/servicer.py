@@ -100,10 +100,10 @@ class RealmServicer(sgrpc.RealmServiceServicer):
             request_id=request.request_id,
             files=[(f.path, f.content) for f in request.initial_files],
         )
-        job = result.job
+        job, realm = result.job, result.realm
         if request.wait_for_index and not job.state.terminal:
             job = await self.watch.wait_terminal(job.job_id, context.time_remaining())
-        realm = await call(self.realms.get, request.realm_id)
+            realm = await call(self.realms.get, request.realm_id)
         return spb.CreateRealmResponse(realm=c.realm_pb(realm), job=c.job_pb(job))
 
     @rpc
