@@ -233,3 +233,18 @@ def test_an_update_and_delete_of_a_path_attaches_to_a_running_delete(queue: JobQ
     result = queue.enqueue("r", INC, USER, paths=[upd("a"), rm("a")])
     assert result.disposition is Disposition.ATTACHED
     assert result.job.job_id == running.job_id
+
+
+def test_a_fresh_file_change_never_attaches_to_a_running_incremental(queue: JobQueue) -> None:
+    """content_changed: the file was just written or deleted, and the running
+    job may have read it already, so its result cannot answer the change."""
+    make_realm(queue, "r")
+    running = queue.enqueue("r", INC, USER, paths=[upd("a"), rm("b")]).job
+    queue.claim(1)
+    follow = queue.enqueue("r", INC, USER, paths=[upd("a")], content_changed=True)
+    assert follow.disposition is Disposition.RERUN_SCHEDULED
+    assert follow.job.job_id != running.job_id
+    assert follow.job.path_changes == (upd("a"),)
+    again = queue.enqueue("r", INC, USER, paths=[rm("b")], content_changed=True)
+    assert again.disposition is Disposition.MERGED
+    assert again.job.job_id == follow.job.job_id
