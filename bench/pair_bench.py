@@ -15,6 +15,8 @@ Items (see bench/README.md, "Service pair"):
               return during a 100,000-job SYSTEM storm, next to an idle system
   create      CreateRealm latency next to grpc.health.v1 Check and GetJob
   index       files indexed per second by a real worker (5,000 small cards)
+  stmt        what one SQL statement of the claim path costs through SQLAlchemy
+              (built per call as the store does, prebuilt, raw DB-API), same store
 
 Every result is one JSON line on stdout; a table follows at the end. Progress
 goes to stderr. Every comparison is measured in the same run, side by side.
@@ -65,7 +67,7 @@ from realm.v1 import resources_pb2 as pb
 HERE = Path(__file__).resolve().parent
 USER = 10
 SYSTEM = 0
-ITEMS = ("throughput", "wakeup", "storm", "create", "index")
+ITEMS = ("throughput", "wakeup", "storm", "create", "index", "stmt")
 
 
 @dataclass
@@ -135,6 +137,11 @@ def pct(values: Iterable[float], p: float) -> float:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+def ts_s(t: Any) -> float:
+    """A protobuf Timestamp as seconds since the epoch."""
+    return float(t.seconds + t.nanos / 1e9)
 
 
 def summary(values_s: list[float]) -> dict[str, float]:
@@ -398,9 +405,13 @@ def run_throughput(cfg: Config, workdir: Path) -> None:
 
 async def wake_samples(
     stub: sgrpc.RealmServiceStub, stream: BenchStream, realms: list[str], n: int
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float]]:
+    """(send -> assignment read, send -> RPC reply, job create_time -> assignment
+    read): the last is the server's part, from the enqueue's start (inside its
+    transaction) to the worker having the job, on the shared wall clock."""
     wakes: list[float] = []
     rpcs: list[float] = []
+    inner: list[float] = []
     for i in range(n):
         realm = realms[i % len(realms)]
         t0 = time.perf_counter()
@@ -412,8 +423,9 @@ async def wake_samples(
         await stream.acked(reply.job.job_id, timeout=30)
         wakes.append(arrived - t0)
         rpcs.append(t1 - t0)
+        inner.append(stream.arrivals_wall[reply.job.job_id] - ts_s(reply.job.create_time))
         await asyncio.sleep(0.01 + random.random() * 0.01)
-    return wakes, rpcs
+    return wakes, rpcs, inner
 
 
 async def run_wakeup(cfg: Config, workdir: Path) -> None:
@@ -428,7 +440,7 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
         timer = BenchStream(channel, "bench-timer", credits=2)
         await timer.open()
         await wake_samples(stub, timer, realms, 10)  # warm-up
-        wakes, rpcs = await wake_samples(stub, timer, realms, cfg.wake_samples)
+        wakes, rpcs, inner = await wake_samples(stub, timer, realms, cfg.wake_samples)
         idle = summary(wakes)
         emit(
             {
@@ -438,6 +450,7 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
                 "enqueue": "ReindexRealm",
                 **idle,
                 "rpc_p50_ms": ms(pct(rpcs, 50)),
+                "enqueue_to_arrival_p50_ms": ms(pct(inner, 50)),
                 "target": "p50 < 3 ms",
                 "met": idle["p50_ms"] < 3,
             }
@@ -469,7 +482,7 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
             await asyncio.sleep(3.0)
             rss_connected = rss_kib(pair.server.pid)
             await wake_samples(stub, timer, realms, 10)
-            wakes_n, rpcs_n = await wake_samples(stub, timer, realms, cfg.wake_samples)
+            wakes_n, rpcs_n, inner_n = await wake_samples(stub, timer, realms, cfg.wake_samples)
             rss_after = rss_kib(pair.server.pid)
         finally:
             assert holder.stdin is not None
@@ -503,6 +516,7 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
                 "enqueue": "ReindexRealm",
                 **many,
                 "rpc_p50_ms": ms(pct(rpcs_n, 50)),
+                "enqueue_to_arrival_p50_ms": ms(pct(inner_n, 50)),
                 "vs_idle_p50": round(ratio, 2),
                 "target": "p50 within 2x of one stream",
                 "met": ratio <= 2,
@@ -675,10 +689,6 @@ async def run_create(cfg: Config, workdir: Path) -> None:
 # -- 7. indexing rate ----------------------------------------------------------------------
 
 
-def ts_s(t: Any) -> float:
-    return float(t.seconds + t.nanos / 1e9)
-
-
 async def run_index(cfg: Config, workdir: Path) -> None:
     from index_worker.indexer import index_file
 
@@ -761,6 +771,73 @@ async def run_index(cfg: Config, workdir: Path) -> None:
     )
 
 
+# -- what one statement costs ------------------------------------------------------------
+
+
+def run_stmt(cfg: Config, workdir: Path) -> None:
+    """The claim's candidate query, executed in one open transaction: built per
+    call through the ORM session (as the store does), built once and executed
+    through Core, and as plain SQL through the DB-API driver."""
+    import timeit
+
+    from sqlalchemy import select
+
+    from realm_service.store.db import open_database
+    from realm_service.store.tables import JobRow
+
+    n = 300 if cfg.quick else 2000
+    with Pair(cfg, workdir, "stmt") as pair:
+        ids = [f"st-{i:04d}" for i in range(200)]
+        seed_realms(pair.store, ids)
+        seed_jobs(pair.store, ids, priority=SYSTEM)
+        db = open_database(pair.store.url, migrate=False)
+        jobs = JobRow.__table__
+        prebuilt = (
+            select(jobs.c.id, jobs.c.realm_id)
+            .where(jobs.c.state == "queued", jobs.c.priority >= 0)
+            .order_by(jobs.c.priority.desc(), jobs.c.seq, jobs.c.id)
+            .limit(36)
+        )
+        sql = (
+            "SELECT id, realm_id FROM jobs WHERE state = 'queued' AND priority >= 0 "
+            "ORDER BY priority DESC, seq, id LIMIT 36"
+        )
+        try:
+            with db.transaction() as session:
+                conn = session.connection()
+                raw = conn.connection.driver_connection
+                assert raw is not None
+
+                def orm_built_per_call() -> None:
+                    session.execute(
+                        select(JobRow.id, JobRow.realm_id)
+                        .where(JobRow.state == "queued", JobRow.priority >= 0)
+                        .order_by(JobRow.priority.desc(), JobRow.seq, JobRow.id)
+                        .limit(36)
+                    ).all()
+
+                def core_prebuilt() -> None:
+                    conn.execute(prebuilt).all()
+
+                def dbapi() -> None:
+                    raw.execute(sql).fetchall()
+
+                us = {}
+                for fn in (orm_built_per_call, core_prebuilt, dbapi) * 2:  # second pass counts
+                    us[fn.__name__] = timeit.timeit(fn, number=n) / n * 1e6
+        finally:
+            db.close()
+    emit(
+        {
+            "item": "stmt",
+            "store": cfg.store,
+            "statement": "claim candidates (SELECT ... ORDER BY priority DESC, seq, id LIMIT 36)",
+            **{f"{k}_us": round(v, 1) for k, v in us.items()},
+            "orm_vs_dbapi": round(us["orm_built_per_call"] / us["dbapi"], 1),
+        }
+    )
+
+
 # -- report ---------------------------------------------------------------------------
 
 
@@ -784,7 +861,9 @@ def table() -> str:
         elif item == "wakeup":
             row(
                 f"wake-up, {r['streams']} stream(s)",
-                f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms{met}",
+                f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  (RPC p50 "
+                f"{r['rpc_p50_ms']:.2f} ms, enqueue->worker p50 "
+                f"{r['enqueue_to_arrival_p50_ms']:.2f} ms){met}",
             )
         elif item == "idle_streams":
             row(
@@ -808,6 +887,12 @@ def table() -> str:
                     f"p50 {r[name]['p50_ms']:.2f} ms  p99 {r[name]['p99_ms']:.2f} ms"
                     + (met if name == "CreateRealm" else ""),
                 )
+        elif item == "stmt":
+            row(
+                "one claim-path SELECT",
+                f"ORM built per call {r['orm_built_per_call_us']:.0f} us, Core prebuilt "
+                f"{r['core_prebuilt_us']:.0f} us, DB-API {r['dbapi_us']:.0f} us",
+            )
         elif item == "index":
             row(
                 "indexing (real worker)",
@@ -866,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_create(cfg, work.path))
         if "index" in only:
             asyncio.run(run_index(cfg, work.path))
+        if "stmt" in only:
+            run_stmt(cfg, work.path)
     finally:
         work.cleanup()
     print(table())

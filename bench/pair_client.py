@@ -44,6 +44,7 @@ class BenchStream:
         self.min_priority = min_priority
         self.held: dict[str, spb.JobAssignment] = {}
         self.arrivals: dict[str, float] = {}
+        self.arrivals_wall: dict[str, float] = {}  # time.time(), to compare with server stamps
         self.completed = 0
         self.refused = 0
         self._arrival_waiters: dict[str, asyncio.Future[float]] = {}
@@ -130,10 +131,13 @@ class BenchStream:
             while True:
                 message = await self.call.read()
                 now = time.perf_counter()
+                wall = time.time()
                 if message is grpc.aio.EOF:
                     return
                 kind = message.WhichOneof("message")
                 if kind == "assignments":
+                    for a in message.assignments.assignments:
+                        self.arrivals_wall[a.job.job_id] = wall
                     self._on_assignments(message.assignments.assignments, now)
                 elif kind == "acks":
                     for ack in message.acks.acks:
