@@ -375,26 +375,32 @@ def bench_backlog(store: str, quick: bool, profile: bool) -> list[Result]:
 
 
 def profile_drain(backlog: Backlog, per_run: int, max_seconds: float) -> None:
-    """Where the time of claim(16) + complete each goes: statements per job,
-    the share of wall time spent waiting on the database, then cProfile."""
-    backlog.top_up()
-    say(f"profile: queue claim(16) + complete each at backlog {backlog.size:,}")
-    with sql_timer(backlog.db) as spent:
-        jobs, seconds, _ = drain_queue(backlog.queue, 16, per_run, max_seconds, False)
-    say(
-        f"  {spent.statements / jobs:.1f} statements per job; time in the driver"
-        f" (statement sent to result read) {spent.seconds / seconds:.0%} of the wall time"
-    )
-    for sql, (count, total) in spent.top(12):
-        say(f"  {count:6d} x {total / count * 1e6:7.0f} us  {sql}")
-    backlog.top_up()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    drain_queue(backlog.queue, 16, per_run, max_seconds, False)
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(30)
-    say(out.getvalue())
+    """Where the time of a claim-and-complete loop goes: statements per job,
+    the share of wall time spent waiting on the database (statement sent to
+    result read), the costliest statements, then cProfile."""
+    variants = [("complete each", False)]
+    if hasattr(backlog.queue, "complete_many"):
+        variants.append(("complete_many", True))
+    for name, batched in variants:
+        backlog.top_up()
+        say(f"profile: queue claim(16) + {name} at backlog {backlog.size:,}")
+        with sql_timer(backlog.db) as spent:
+            jobs, seconds, _ = drain_queue(backlog.queue, 16, per_run, max_seconds, batched)
+        say(
+            f"  {jobs / seconds:.0f} jobs/s, {spent.statements / jobs:.2f} statements per job,"
+            f" {spent.seconds / jobs * 1e3:.2f} ms per job in the driver"
+            f" = {spent.seconds / seconds:.0%} of the wall time"
+        )
+        for sql, (count, total) in spent.top(12):
+            say(f"  {count:6d} x {total / count * 1e6:7.0f} us  {sql}")
+        backlog.top_up()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        drain_queue(backlog.queue, 16, per_run, max_seconds, batched)
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+        say(out.getvalue())
 
 
 class SqlTime:
