@@ -508,6 +508,8 @@ def source_state() -> dict[str, object]:
     changed = git("status", "--porcelain", "--", "realm_service")
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
         "realm_service_modified": bool(changed),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
     }

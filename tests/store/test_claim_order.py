@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from store_helpers import FakeClock, make_realm
 
-from realm_service.domain import SYSTEM, USER, JobKind, JobState, PathChange
+from realm_service.domain import SYSTEM, USER, JobKind, JobState, Lease, PathChange
 from realm_service.queue import JobQueue
 from realm_service.store.tables import JobRow
 
@@ -13,7 +13,7 @@ FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
 
 
-def ids(leases: list) -> list[int]:  # type: ignore[type-arg]
+def ids(leases: list[Lease]) -> list[int]:
     return [lease.job.job_id for lease in leases]
 
 

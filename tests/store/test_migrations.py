@@ -22,7 +22,7 @@ def schema_differences(db: Database) -> list[Any]:
         context = MigrationContext.configure(
             conn, opts={"compare_type": True, "compare_server_default": True}
         )
-        diffs = compare_metadata(context, Base.metadata)
+        diffs: list[Any] = compare_metadata(context, Base.metadata)
     if db.backend == "sqlite":
         diffs = [
             d

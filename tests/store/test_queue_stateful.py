@@ -202,7 +202,7 @@ class QueueMachine(RuleBasedStateMachine):
         """Mostly a lease that is current, sometimes any lease ever handed out
         (released, failed, expired, completed, or of an earlier attempt)."""
         held = [j.lease for j in self.jobs.values() if j.state == "running" and j.lease]
-        if held and data.draw(st.integers(0, 3), label="current lease?"):
+        if held and data.draw(st.integers(0, 3), label="current lease?") > 0:
             return data.draw(st.sampled_from(held), label="lease")
         return data.draw(st.sampled_from([*self.seen_leases, "0" * 32]), label="lease")
 
