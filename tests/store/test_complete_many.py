@@ -1,0 +1,105 @@
+"""complete_many: several results in one transaction, each fenced on its own,
+with the same outcome as completing them one by one."""
+
+from __future__ import annotations
+
+from store_helpers import entry, get_realm, index_of, make_realm
+
+from realm_service.domain import USER, IndexEntry, Job, JobKind, JobState, Lease, PathChange
+from realm_service.errors import StaleLease
+from realm_service.queue import JobQueue
+
+FS = JobKind.FROM_SCRATCH
+INC = JobKind.INCREMENTAL
+FILES = {"realm.json": b"{}", "a.json": b"{}", "b.json": b"{}"}
+FIRST = [entry("realm.json"), entry("a.json", "m/A", "Ann"), entry("b.json", error="bad")]
+
+
+def indexed_realm(queue: JobQueue, realm_id: str) -> None:
+    make_realm(queue, realm_id, FILES)
+    queue.enqueue(realm_id, FS, USER)
+    [lease] = queue.claim(1)
+    queue.add_entries(lease.lease_id, FIRST)
+    queue.complete(lease.lease_id, entries_uploaded=len(FIRST))
+
+
+def start_jobs(queue: JobQueue, prefix: str) -> dict[str, Lease]:
+    """Four realms, each with a running job and its entries uploaded: two
+    first indexes, a from-scratch rebuild and an incremental patch."""
+    indexed_realm(queue, f"{prefix}-rebuild")
+    indexed_realm(queue, f"{prefix}-patch")
+    for n in range(2):
+        make_realm(queue, f"{prefix}-new{n}", FILES)
+        queue.enqueue(f"{prefix}-new{n}", FS, USER)
+    queue.enqueue(f"{prefix}-rebuild", FS, USER)
+    queue.enqueue(
+        f"{prefix}-patch",
+        INC,
+        USER,
+        paths=[PathChange("a.json", False), PathChange("b.json", True)],
+    )
+    leases = {lease.job.realm_id: lease for lease in queue.claim(10)}
+    assert len(leases) == 4
+    uploads: dict[str, tuple[list[IndexEntry], list[str]]] = {
+        f"{prefix}-new0": (FIRST, []),
+        f"{prefix}-new1": ([entry("a.json", "m/A", "Only")], []),
+        f"{prefix}-rebuild": ([entry("c.json", "m/C", "New")], []),
+        f"{prefix}-patch": ([entry("a.json", "m/A", "Ann 2")], ["b.json"]),
+    }
+    for realm_id, (entries, deleted) in uploads.items():
+        queue.add_entries(leases[realm_id].lease_id, entries, deleted)
+    return leases
+
+
+def outcome(queue: JobQueue, realm_id: str) -> tuple[object, ...]:
+    realm = get_realm(queue, realm_id)
+    return (
+        index_of(queue, realm_id),
+        (realm.files, realm.entries, realm.cards, realm.errors, realm.state),
+    )
+
+
+def test_a_batch_ends_as_one_by_one_would(queue: JobQueue) -> None:
+    single = start_jobs(queue, "one")
+    batch = start_jobs(queue, "all")
+    for lease in single.values():
+        queue.complete(lease.lease_id)
+    done = queue.complete_many([(lease.lease_id, 0) for lease in batch.values()])
+    assert set(done) == {lease.lease_id for lease in batch.values()}
+    for realm_id, lease in batch.items():
+        job = done[lease.lease_id]
+        assert isinstance(job, Job)
+        assert (job.job_id, job.state) == (lease.job.job_id, JobState.SUCCEEDED)
+        assert queue.attempts(job.job_id) == [(lease.lease_id, "completed")]
+        twin = realm_id.replace("all-", "one-")
+        assert outcome(queue, realm_id) == outcome(queue, twin), realm_id
+    assert [e.title for e in index_of(queue, "all-patch")] == ["Ann 2", ""]  # b.json gone
+
+
+def test_each_result_is_fenced_on_its_own(queue: JobQueue) -> None:
+    for name in ("good", "released", "short"):
+        make_realm(queue, name, FILES)
+        queue.enqueue(name, FS, USER)
+    leases = {lease.job.realm_id: lease for lease in queue.claim(3)}
+    queue.release([leases["released"].lease_id])
+    for lease in leases.values():
+        if lease.job.realm_id != "released":
+            queue.add_entries(lease.lease_id, [entry("a.json", "m/A", "A")])
+    good, released, short = (leases[n].lease_id for n in ("good", "released", "short"))
+    done = queue.complete_many([(good, 1), (released, 0), (short, 5), ("unknown", 0), (good, 1)])
+    assert set(done) == {good, released, short, "unknown"}
+    assert isinstance(done[good], Job) and done[good].state is JobState.SUCCEEDED
+    for refused in (released, short, "unknown"):
+        assert isinstance(done[refused], StaleLease), refused
+    # Nothing of a refused result was applied.
+    assert queue.get_job(leases["short"].job.job_id).state is JobState.RUNNING
+    assert index_of(queue, "short") == []
+    assert queue.attempts(leases["short"].job.job_id) == [(short, "running")]
+    assert queue.get_job(leases["released"].job.job_id).state is JobState.QUEUED
+    # The refused short upload can still complete once its entries match.
+    assert queue.complete(short, entries_uploaded=1).state is JobState.SUCCEEDED
+    assert [e.path for e in index_of(queue, "good")] == ["a.json"]
+
+
+def test_an_empty_batch_does_nothing(queue: JobQueue) -> None:
+    assert queue.complete_many([]) == {}
