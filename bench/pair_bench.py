@@ -912,6 +912,7 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--pg-url", default=env_pg_url(), help="PostgreSQL database for schemas")
     p.add_argument("--log-level", default="INFO", help="server and worker log level (INFO)")
     p.add_argument("--jobs", type=int, help="throughput: jobs to drain (50,000)")
+    p.add_argument("--workers", help="throughput: comma list of worker process counts (1,2,4)")
     p.add_argument("--worker-concurrency", type=int, help="throughput: jobs per worker (64)")
     p.add_argument("--drain-limit", type=float, help="throughput: seconds per drain at most (240)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -923,6 +924,8 @@ def parse_args(argv: list[str] | None) -> Config:
         cfg.jobs = args.jobs
     if args.drain_limit:
         cfg.drain_limit_s = args.drain_limit
+    if args.workers:
+        cfg.workers = tuple(int(x) for x in args.workers.split(","))
     if args.worker_concurrency:
         cfg.worker_concurrency = args.worker_concurrency
     cfg.only = tuple(x.strip() for x in args.only.split(",") if x.strip())
