@@ -69,6 +69,17 @@ class Result:
     claim_rate: float | None = None  # jobs per second of time spent in claim()
     runs: int = 1
     median_rate: float | None = None
+    # This process's CPU time per job (least of the runs): little affected by
+    # other load on the machine; on SQLite it includes the database's work.
+    cpu_ms_per_job: float | None = None
+
+
+@dataclass
+class Run:
+    jobs: int
+    seconds: float
+    claim_seconds: float
+    cpu_seconds: float
 
 
 # -- stores -------------------------------------------------------------------
@@ -162,13 +173,12 @@ def analyze(db: Database) -> None:
 # -- the queue's loop -----------------------------------------------------------
 
 
-def drain_queue(
-    queue: JobQueue, k: int, max_jobs: int, max_seconds: float, batched: bool
-) -> tuple[int, float, float]:
+def drain_queue(queue: JobQueue, k: int, max_jobs: int, max_seconds: float, batched: bool) -> Run:
     """Claim k, complete each (or all at once); returns (jobs, seconds, claim seconds)."""
     jobs = 0
     claiming = 0.0
     started = time.perf_counter()
+    cpu = time.process_time()
     while jobs < max_jobs and time.perf_counter() - started < max_seconds:
         t0 = time.perf_counter()
         leases = queue.claim(min(k, max_jobs - jobs), worker="bench")
@@ -182,7 +192,7 @@ def drain_queue(
             for lease in leases:
                 queue.complete(lease.lease_id)
         jobs += len(leases)
-    return jobs, time.perf_counter() - started, claiming
+    return Run(jobs, time.perf_counter() - started, claiming, time.process_time() - cpu)
 
 
 # -- the bare loop --------------------------------------------------------------
@@ -215,9 +225,7 @@ def create_plain_table(db: Database, rows: int) -> None:
         )
 
 
-def drain_bare(
-    db: Database, k: int, max_jobs: int, max_seconds: float, batched: bool
-) -> tuple[int, float, float]:
+def drain_bare(db: Database, k: int, max_jobs: int, max_seconds: float, batched: bool) -> Run:
     lock = " FOR UPDATE SKIP LOCKED" if db.backend == "postgresql" else ""
     claim = text(
         "UPDATE bench_plain SET state = 'running' WHERE id IN (SELECT id FROM bench_plain"
@@ -230,6 +238,7 @@ def drain_bare(
     jobs = 0
     claiming = 0.0
     started = time.perf_counter()
+    cpu = time.process_time()
     while jobs < max_jobs and time.perf_counter() - started < max_seconds:
         t0 = time.perf_counter()
         with db.engine.begin() as conn:
@@ -245,7 +254,7 @@ def drain_bare(
                 with db.engine.begin() as conn:
                     conn.execute(done_one, {"id": job_id})
         jobs += len(ids)
-    return jobs, time.perf_counter() - started, claiming
+    return Run(jobs, time.perf_counter() - started, claiming, time.process_time() - cpu)
 
 
 # -- items ----------------------------------------------------------------------
@@ -257,17 +266,16 @@ def best_of(
     bench: str,
     variant: str,
     backlog: int,
-    one: Callable[[], tuple[int, float, float]],
+    one: Callable[[], Run],
 ) -> Result:
     return summarize([one() for _ in range(runs)], store, bench, variant, backlog)
 
 
-def summarize(
-    measured: list[tuple[int, float, float]], store: str, bench: str, variant: str, backlog: int
-) -> Result:
+def summarize(measured: list[Run], store: str, bench: str, variant: str, backlog: int) -> Result:
     """The best run (highest rate) of several (jobs, seconds, claim seconds)."""
-    jobs, seconds, claiming = max(measured, key=lambda m: m[0] / m[1])
-    rates = [m[0] / m[1] for m in measured]
+    best = max(measured, key=lambda m: m.jobs / m.seconds)
+    jobs, seconds, claiming = best.jobs, best.seconds, best.claim_seconds
+    rates = [m.jobs / m.seconds for m in measured]
     result = Result(
         store=store,
         bench=bench,
@@ -279,6 +287,7 @@ def summarize(
         claim_rate=round(jobs / claiming, 1) if claiming else None,
         runs=len(measured),
         median_rate=round(statistics.median(rates), 1),
+        cpu_ms_per_job=round(min(m.cpu_seconds / m.jobs for m in measured) * 1e3, 3),
     )
     print(json.dumps(asdict(result)), flush=True)
     return result
@@ -302,7 +311,7 @@ def bench_drain(db: Database, store: str, quick: bool) -> list[Result]:
     for name, k, batched in variants:
         say(f"drain: queue {name}")
 
-        def one(k: int = k, batched: bool = batched) -> tuple[int, float, float]:
+        def one(k: int = k, batched: bool = batched) -> Run:
             supply()
             return drain_queue(queue, k, max_jobs, max_seconds, batched)
 
@@ -314,7 +323,7 @@ def bench_drain(db: Database, store: str, quick: bool) -> list[Result]:
     ]:
         say(f"drain: bare {name}")
 
-        def one_bare(k: int = k, batched: bool = batched) -> tuple[int, float, float]:
+        def one_bare(k: int = k, batched: bool = batched) -> Run:
             create_plain_table(db, max_jobs)
             return drain_bare(db, k, max_jobs, max_seconds, batched)
 
@@ -358,7 +367,7 @@ def bench_backlog(store: str, quick: bool, profile: bool) -> list[Result]:
             backlog.top_up()
             analyze(backlog.db)
             say(f"  filled in {time.perf_counter() - started:.1f} s")
-        measured: list[list[tuple[int, float, float]]] = [[], []]
+        measured: list[list[Run]] = [[], []]
         for n in range(runs):
             for side, backlog in enumerate(backlogs):
                 say(f"backlog: run {n + 1}/{runs} at {backlog.size:,}")
@@ -385,7 +394,8 @@ def profile_drain(backlog: Backlog, per_run: int, max_seconds: float) -> None:
         backlog.top_up()
         say(f"profile: queue claim(16) + {name} at backlog {backlog.size:,}")
         with sql_timer(backlog.db) as spent:
-            jobs, seconds, _ = drain_queue(backlog.queue, 16, per_run, max_seconds, batched)
+            run = drain_queue(backlog.queue, 16, per_run, max_seconds, batched)
+            jobs, seconds = run.jobs, run.seconds
         say(
             f"  {jobs / seconds:.0f} jobs/s, {spent.statements / jobs:.2f} statements per job,"
             f" {spent.seconds / jobs * 1e3:.2f} ms per job in the driver"
@@ -443,13 +453,14 @@ def sql_timer(db: Database) -> Iterator[SqlTime]:
 def table(results: list[Result]) -> str:
     lines = [
         f"{'store':<11} {'bench':<8} {'variant':<34} {'backlog':>10} {'jobs':>6}"
-        f" {'jobs/s':>9} {'median':>9} {'claim jobs/s':>13}",
+        f" {'jobs/s':>9} {'median':>9} {'claim jobs/s':>13} {'cpu ms/job':>11}",
     ]
     for r in results:
         claim = f"{r.claim_rate:,.0f}" if r.claim_rate else "-"
         lines.append(
             f"{r.store:<11} {r.bench:<8} {r.variant:<34} {r.backlog:>10,} {r.jobs:>6}"
             f" {r.rate:>9,.0f} {r.median_rate or 0:>9,.0f} {claim:>13}"
+            f" {r.cpu_ms_per_job or 0:>11.3f}"
         )
     return "\n".join(lines)
 
