@@ -433,7 +433,7 @@ class JobQueue:
     # -- reads --------------------------------------------------------------------
 
     def get_job(self, job_id: int) -> Job:
-        with self.db.transaction() as session:
+        with self.db.read_transaction() as session:
             return jobs_sql.get_job(session, job_id)
 
     def list_jobs(
@@ -445,15 +445,15 @@ class JobQueue:
         before_id: int | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        with self.db.transaction() as session:
+        with self.db.read_transaction() as session:
             return jobs_sql.list_jobs(
                 session, realm_id=realm_id, kind=kind, state=state, before_id=before_id, limit=limit
             )
 
     def attempts(self, job_id: int) -> list[tuple[str, str]]:
-        with self.db.transaction() as session:
+        with self.db.read_transaction() as session:
             return jobs_sql.attempts_of(session, job_id)
 
     def depth(self) -> list[tuple[int, int, datetime | None]]:
-        with self.db.transaction() as session:
+        with self.db.read_transaction() as session:
             return jobs_sql.queue_depth(session)

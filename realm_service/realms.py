@@ -233,7 +233,7 @@ class Realms:
         mounted = 0
         after: str | None = None
         while mounted < limit:
-            with self.db.transaction() as s:
+            with self.db.read_transaction() as s:
                 ids = realms_sql.realm_ids_page(s, after=after, limit=batch, unindexed_only=True)
             for realm_id in ids:
                 self.ensure_mounted(realm_id)
@@ -246,7 +246,7 @@ class Realms:
     def check_worker_access(self, realm_id: str) -> None:
         """Workers read only realms whose job is running (a lease is held)."""
         validate_realm_id(realm_id)
-        with self.db.transaction() as s:
+        with self.db.read_transaction() as s:
             if not jobs_sql.realm_has_running_job(s, realm_id):
                 raise PermissionDenied(
                     f"workers may read only realms of jobs they hold; {realm_id!r} has none running"
@@ -256,22 +256,22 @@ class Realms:
 
     def get(self, realm_id: str) -> Realm:
         validate_realm_id(realm_id)
-        with self.db.transaction() as s:
+        with self.db.read_transaction() as s:
             return realms_sql.get_realm(s, realm_id)
 
     def list_realms(self, *, after: str | None, limit: int) -> list[Realm]:
-        with self.db.transaction() as s:
+        with self.db.read_transaction() as s:
             return realms_sql.list_realms(s, after=after, limit=limit)
 
     def list_files(self, realm_id: str) -> list[RealmFile]:
         self.ensure_mounted(realm_id)
-        with self.db.transaction() as s:
+        with self.db.read_transaction() as s:
             return realms_sql.list_files(s, realm_id)
 
     def read_file(self, realm_id: str, path: str) -> tuple[RealmFile, bytes]:
         validate_path(path)
         self.ensure_mounted(realm_id)
-        with self.db.transaction() as s:
+        with self.db.read_transaction() as s:
             return realms_sql.read_file(s, realm_id=realm_id, path=path)
 
     def search(
@@ -280,7 +280,7 @@ class Realms:
         validate_realm_id(realm_id)
         if len(card_type) > 400 or len(text) > 400:
             raise InvalidArgument("card_type and text are limited to 400 characters")
-        with self.db.transaction() as s:
+        with self.db.read_transaction() as s:
             realm = realms_sql.get_realm(s, realm_id)
             return realms_sql.search(
                 s,

@@ -1,8 +1,11 @@
 """Engine, sessions, migrations, error translation and wake-ups.
 
-SQLite runs in WAL mode with a busy timeout, and every transaction starts with
-BEGIN IMMEDIATE: the claim's select-then-update is then atomic, which the
-stdlib driver's deferred transactions would not guarantee. PostgreSQL goes
+SQLite runs in WAL mode with a busy timeout, and every transaction that may
+write starts with BEGIN IMMEDIATE: the claim's select-then-update is then
+atomic, which the stdlib driver's deferred transactions would not guarantee.
+Transactions that only read (`read_transaction`) start with a plain BEGIN: in
+WAL mode they read a snapshot without the write lock, so they neither wait for
+writers nor hold them up. PostgreSQL goes
 through psycopg 3; new work is announced with NOTIFY on a channel derived from
 the schema so tests in separate schemas do not wake each other.
 """
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK_KEY = 0x7265616C6D  # pg_advisory_lock key shared by all servers
+_READ_ONLY = "realm_read_only"  # execution option: this transaction only reads
 
 
 def normalize_url(url: str) -> str:
@@ -95,7 +99,8 @@ class Database:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get(_READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
 
@@ -107,9 +112,17 @@ class Database:
         with translate_errors(), self.sessions() as session, session.begin():
             yield session
 
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[Session]:
+        """Like `transaction`, for work that only reads (on SQLite it does not
+        take the write lock; a write in it may fail as a Conflict)."""
+        with translate_errors(), self.sessions() as session, session.begin():
+            session.connection(execution_options={_READ_ONLY: True})
+            yield session
+
     def ping(self) -> bool:
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
                 conn.execute(text("SELECT 1"))
                 conn.rollback()
             return True
