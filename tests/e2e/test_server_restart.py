@@ -30,9 +30,12 @@ pytestmark = pytest.mark.e2e
 REALMS = 5
 # The two oldest realms are big enough to be mid-way when the server stops
 # (the workers read one file at a time); the others wait, and are small.
-FILES_PER_REALM = 200
+FILES_PER_REALM = 800
 FILES_PER_WAITING_REALM = 20
-SERVER_FLAGS = ("--lease-seconds", "300", "--drain-grace-seconds", "1", "--reserved-slots", "0")
+SERVER_FLAGS = (
+    "--lease-seconds", "300", "--heartbeat-seconds", "0.2",
+    "--drain-grace-seconds", "1", "--reserved-slots", "0",
+)  # fmt: skip
 
 
 def test_server_restart_under_running_workers(store_url: str, system: System) -> None:

@@ -31,7 +31,7 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.e2e
 
 # Enough files that one worker reading them one at a time takes seconds.
-BIG = 500
+BIG = 1000
 # Far longer than any wait below: a job that comes back did not come back by expiring.
 SERVER_FLAGS = ("--lease-seconds", "300", "--heartbeat-seconds", "0.2")
 # A job must come back within this, much sooner than its lease would expire.

@@ -187,7 +187,7 @@ def wait_for_a_lock_wait(db: Database, timeout: float = 10.0) -> None:
 REALMS = 300
 JOBS_PER_REALM = 10  # 3,000 jobs when the machine keeps up
 PRODUCE_S = 12.0  # no follow-up jobs after this; then drain
-DEADLINE_S = 50.0
+DEADLINE_S = 180.0  # a bound on a hung run only: a loaded machine drains slower
 
 Record = tuple[int, str, str, datetime, datetime]  # job, realm, lease, start, end
 
