@@ -288,9 +288,9 @@ class JobQueue:
         now = self.clock()
         done: dict[str, Job | StaleLease] = {}
         with self.db.transaction() as session:
-            rows = jobs_sql.current_many(session, [lease_id for lease_id, _ in results])
-            accepted: list[tuple[str, JobRow]] = []
-            counted: list[tuple[str, JobRow, int]] = []
+            rows = jobs_sql.held_many(session, [lease_id for lease_id, _ in results])
+            accepted: list[tuple[str, jobs_sql.HeldJob]] = []
+            counted: list[tuple[str, jobs_sql.HeldJob, int]] = []
             for lease_id, uploaded in results:
                 row = rows.pop(lease_id, None)  # a lease listed twice is current once
                 if row is None:
@@ -323,10 +323,10 @@ class JobQueue:
                 AttemptOutcome.COMPLETED,
                 now,
             )
-            finished: list[tuple[str, Job]] = []
-            for lease_id, row in accepted:
-                jobs_sql.finish(row, JobState.SUCCEEDED, now)
-                finished.append((lease_id, jobs_sql.to_job(row)))
+            succeeded = jobs_sql.succeed_many(session, [row for _, row in accepted], now)
+            finished = [
+                (lease_id, job) for (lease_id, _), job in zip(accepted, succeeded, strict=True)
+            ]
         for lease_id, job in finished:
             done[lease_id] = job
             self._log_end(job, lease_id, "succeeded")

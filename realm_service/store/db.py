@@ -68,6 +68,13 @@ class Database:
         self._job_change_listeners: list[Callable[[int], None]] = []
         self._listen_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # SQLite has one writer at a time. Threads of this process take turns
+        # on this lock, handed over at once, instead of meeting the database's
+        # busy handler, which sleeps 1 to 100 ms between retries; other
+        # processes on the same file still wait through busy_timeout.
+        self._write_turn: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if self.backend == "sqlite" else contextlib.nullcontext()
+        )
         if self.backend == "sqlite":
             self.engine = self._sqlite_engine()
         else:
@@ -109,7 +116,7 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session inside one transaction, with storage errors translated."""
-        with translate_errors(), self.sessions() as session, session.begin():
+        with self._write_turn, translate_errors(), self.sessions() as session, session.begin():
             yield session
 
     @contextlib.contextmanager

@@ -10,9 +10,23 @@ import json
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, exc, func, insert, or_, select, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exc,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from realm_service.domain import AttemptOutcome, Job, JobKind, JobState, Lease, PathChange
@@ -203,6 +217,84 @@ def raise_priority(session: Session, job_id: int, priority: int) -> None:
 # -- claiming ---------------------------------------------------------------
 
 
+_JOBS = cast(Table, JobRow.__table__)
+_ATTEMPTS = cast(Table, JobAttemptRow.__table__)
+_REALMS = cast(Table, RealmRow.__table__)
+# What a claim reads of each candidate: the Job it hands out is built from
+# these and the values the claim sets, with no second read of the rows.
+_CLAIM_COLUMNS = (
+    _JOBS.c.id,
+    _JOBS.c.realm_id,
+    _JOBS.c.kind,
+    _JOBS.c.priority,
+    _JOBS.c.attempt,
+    _JOBS.c.create_time,
+    _JOBS.c.finish_time,
+    _JOBS.c.error_message,
+    _JOBS.c.paths,
+)
+_claim_statements: dict[tuple[bool, bool], Select[*tuple[Any, ...]]] = {}
+
+
+def _candidates(max_priority: bool, kinds: bool) -> Select[*tuple[Any, ...]]:
+    """The claim's candidate query, built once per shape and reused, so that
+    each claim costs its execution and not the building of the statement
+    (the compiled form is cached by SQLAlchemy). Jobs of a realm that already
+    has a running job are left out here; the partial unique index on running
+    jobs serves that test."""
+    key = (max_priority, kinds)
+    q = _claim_statements.get(key)
+    if q is None:
+        running = _JOBS.alias("running")
+        q = (
+            select(*_CLAIM_COLUMNS)
+            .where(
+                _JOBS.c.state == "queued",
+                _JOBS.c.priority >= bindparam("min_priority"),
+                ~exists().where(
+                    running.c.realm_id == _JOBS.c.realm_id, running.c.state == "running"
+                ),
+            )
+            .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
+            .limit(bindparam("scan"))
+            .with_for_update(skip_locked=True, of=_JOBS)
+        )
+        if max_priority:
+            q = q.where(_JOBS.c.priority <= bindparam("max_priority"))
+        if kinds:
+            q = q.where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)))
+        _claim_statements[key] = q
+    return q
+
+
+_LOCK_REALMS = (
+    select(_REALMS.c.realm_id)
+    .where(_REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
+    .with_for_update(skip_locked=True)
+)
+_BUSY_REALMS = select(_JOBS.c.realm_id).where(
+    _JOBS.c.realm_id.in_(bindparam("realm_ids", expanding=True)), _JOBS.c.state == "running"
+)
+_INSERT_ATTEMPTS = insert(_ATTEMPTS).returning(
+    _ATTEMPTS.c.id, _ATTEMPTS.c.job_id, sort_by_parameter_order=True
+)
+_START_JOBS = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"))
+    .values(
+        state="running",
+        attempt=_JOBS.c.attempt + 1,
+        start_time=bindparam("b_now"),
+        lease_id=bindparam("b_lease"),
+        lease_attempt_id=bindparam("b_attempt"),
+        lease_expire_time=bindparam("b_until"),
+        worker=bindparam("b_worker"),
+        progress_done=0,
+        progress_total=0,
+    )
+)
+
+
 def claim(
     session: Session,
     *,
@@ -217,70 +309,53 @@ def claim(
     """Lease up to `limit` queued jobs: highest priority, then oldest, at most
     one per realm and none of a realm that already has a running job.
 
-    Candidate job rows and their realms are locked with SKIP LOCKED, so
-    concurrent claimers on PostgreSQL never take the same job, nor two jobs of
-    one realm; on SQLite the transaction holds the write lock (BEGIN IMMEDIATE).
+    On SQLite the transaction holds the write lock (BEGIN IMMEDIATE), so the
+    candidate query's own test for running jobs is final: a claim is three
+    statements. On PostgreSQL candidate jobs and then their realms are locked
+    with SKIP LOCKED, and the realms are checked again for running jobs once
+    locked (a concurrent claim may have committed one meanwhile), so
+    concurrent claimers never take the same job, nor two jobs of one realm.
     """
     if limit <= 0:
         return []
-    scan = limit * 4 + 32
+    pg = session.get_bind().dialect.name == "postgresql"
+    query = _candidates(max_priority is not None, bool(kinds))
+    params: dict[str, Any] = {"min_priority": min_priority}
+    if max_priority is not None:
+        params["max_priority"] = max_priority
+    if kinds:
+        params["kinds"] = [k.value for k in kinds]
+    scan = limit * 2 + 16
     while True:
-        q = (
-            select(JobRow.id, JobRow.realm_id)
-            .where(JobRow.state == "queued", JobRow.priority >= min_priority)
-            .order_by(JobRow.priority.desc(), JobRow.seq, JobRow.id)
-            .limit(scan)
-            .with_for_update(skip_locked=True)
-        )
-        if max_priority is not None:
-            q = q.where(JobRow.priority <= max_priority)
-        if kinds:
-            q = q.where(JobRow.kind.in_([k.value for k in kinds]))
-        candidates = session.execute(q).all()
-        first_per_realm: dict[str, int] = {}
-        for job_id, realm_id in candidates:
-            first_per_realm.setdefault(realm_id, job_id)
-        if not first_per_realm:
-            return []
-        locked = set(
-            session.scalars(
-                select(RealmRow.realm_id)
-                .where(RealmRow.realm_id.in_(list(first_per_realm)))
-                .with_for_update(skip_locked=True)
-            )
-        )
-        busy = set(
-            session.scalars(
-                select(JobRow.realm_id).where(
-                    JobRow.realm_id.in_(list(locked)), JobRow.state == "running"
-                )
-            )
-        )
-        chosen = [
-            job_id
-            for realm_id, job_id in first_per_realm.items()
-            if realm_id in locked and realm_id not in busy
-        ][:limit]
+        candidates = session.execute(query, {**params, "scan": scan}).all()
+        first_per_realm: dict[str, Row[*tuple[Any, ...]]] = {}
+        for row in candidates:
+            first_per_realm.setdefault(row.realm_id, row)
+        if pg and first_per_realm:
+            ids = {"realm_ids": list(first_per_realm)}
+            locked = set(session.scalars(_LOCK_REALMS, ids))
+            locked -= set(session.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
+        else:
+            locked = set(first_per_realm)
+        chosen = [row for realm_id, row in first_per_realm.items() if realm_id in locked][:limit]
         if len(chosen) >= limit or len(candidates) < scan or scan >= 100_000:
             break
-        scan *= 4  # the head of the queue is blocked by busy realms: look further
+        scan *= 4  # the head of the queue holds several jobs of a realm: look further
     if not chosen:
         return []
-    leases = {job_id: secrets.token_hex(16) for job_id in chosen}
+    worker = worker[:200]
+    leases = {row.id: secrets.token_hex(16) for row in chosen}
     # A fixed number of statements per claim, whatever its size: one
-    # multi-row insert of the attempts, one executemany update of the jobs,
-    # one select of the leased rows.
-    attempt_ids = {
-        job_id: attempt_id
+    # multi-row insert of the attempts, one executemany update of the jobs.
+    attempt_ids = dict(
+        (job_id, attempt_id)
         for attempt_id, job_id in session.execute(
-            insert(JobAttemptRow).returning(
-                JobAttemptRow.id, JobAttemptRow.job_id, sort_by_parameter_order=True
-            ),
+            _INSERT_ATTEMPTS,
             [
                 {
                     "job_id": job_id,
                     "lease_id": lease_id,
-                    "worker": worker[:200],
+                    "worker": worker,
                     "start_time": now,
                     "outcome": AttemptOutcome.RUNNING.value,
                     "error_message": "",
@@ -288,34 +363,43 @@ def claim(
                 for job_id, lease_id in leases.items()
             ],
         )
-    }
-    jobs = cast(Table, JobRow.__table__)
+    )
     session.execute(
-        update(jobs)
-        .where(jobs.c.id == bindparam("b_id"))
-        .values(
-            state="running",
-            attempt=jobs.c.attempt + 1,
-            start_time=now,
-            lease_id=bindparam("b_lease"),
-            lease_attempt_id=bindparam("b_attempt"),
-            lease_expire_time=lease_until,
-            worker=worker[:200],
-            progress_done=0,
-            progress_total=0,
-        ),
+        _START_JOBS,
         [
-            {"b_id": job_id, "b_lease": leases[job_id], "b_attempt": attempt_ids[job_id]}
-            for job_id in chosen
+            {
+                "b_id": row.id,
+                "b_lease": leases[row.id],
+                "b_attempt": attempt_ids[row.id],
+                "b_now": now,
+                "b_until": lease_until,
+                "b_worker": worker,
+            }
+            for row in chosen
         ],
     )
-    rows = list(
-        session.scalars(
-            select(JobRow).where(JobRow.id.in_(chosen)).execution_options(populate_existing=True)
+    return [
+        Lease(
+            lease_id=leases[row.id],
+            expire_time=lease_until,
+            job=Job(
+                job_id=row.id,
+                realm_id=row.realm_id,
+                kind=JobKind(row.kind),
+                priority=row.priority,
+                state=JobState.RUNNING,
+                attempt=row.attempt + 1,
+                create_time=row.create_time,
+                start_time=now,
+                finish_time=row.finish_time,
+                error_message=row.error_message,
+                progress_done=0,
+                progress_total=0,
+                path_changes=decode_paths(row.paths),
+            ),
         )
-    )
-    rows.sort(key=lambda r: (-r.priority, r.seq, r.id))
-    return [Lease(lease_id=r.lease_id or "", job=to_job(r), expire_time=lease_until) for r in rows]
+        for row in chosen
+    ]
 
 
 # -- fenced operations ------------------------------------------------------
@@ -344,6 +428,82 @@ def current_many(session: Session, lease_ids: Sequence[str]) -> dict[str, JobRow
         .with_for_update()
     )
     return {row.lease_id: row for row in rows if row.lease_id}
+
+
+_HELD_COLUMNS = (
+    _JOBS.c.id,
+    _JOBS.c.realm_id,
+    _JOBS.c.kind,
+    _JOBS.c.priority,
+    _JOBS.c.attempt,
+    _JOBS.c.create_time,
+    _JOBS.c.start_time,
+    _JOBS.c.progress_done,
+    _JOBS.c.progress_total,
+    _JOBS.c.paths,
+    _JOBS.c.lease_id,
+    _JOBS.c.lease_attempt_id,
+)
+_HELD = (
+    select(*_HELD_COLUMNS)
+    .where(_JOBS.c.lease_id.in_(bindparam("leases", expanding=True)), _JOBS.c.state == "running")
+    .order_by(_JOBS.c.id)
+    .with_for_update()
+)
+_SUCCEED = (
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        state=JobState.SUCCEEDED.value,
+        finish_time=bindparam("now"),
+        error_message="",
+        lease_id=None,
+        lease_expire_time=None,
+    )
+)
+
+
+HeldJob = Row[*tuple[Any, ...]]  # a running job's row, as `held_many` reads it
+
+
+def held_many(session: Session, lease_ids: Sequence[str]) -> dict[str, Row[*tuple[Any, ...]]]:
+    """`current_many` as plain rows (the columns a completion needs), locked."""
+    wanted = [lease for lease in dict.fromkeys(lease_ids) if lease]
+    if not wanted:
+        return {}
+    return {row.lease_id: row for row in session.execute(_HELD, {"leases": wanted})}
+
+
+def succeed_many(session: Session, rows: Sequence[HeldJob], now: datetime) -> list[Job]:
+    """Mark held jobs succeeded in one statement; the jobs as they now are."""
+    if not rows:
+        return []
+    session.execute(_SUCCEED, {"ids": [row.id for row in rows], "now": now})
+    return [
+        Job(
+            job_id=row.id,
+            realm_id=row.realm_id,
+            kind=JobKind(row.kind),
+            priority=row.priority,
+            state=JobState.SUCCEEDED,
+            attempt=row.attempt,
+            create_time=row.create_time,
+            start_time=row.start_time,
+            finish_time=now,
+            error_message="",
+            progress_done=row.progress_done,
+            progress_total=row.progress_total,
+            path_changes=decode_paths(row.paths),
+        )
+        for row in rows
+    ]
+
+
+_END_ATTEMPTS = (
+    update(_ATTEMPTS)
+    .where(_ATTEMPTS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(outcome=bindparam("outcome"), end_time=bindparam("now"), error_message="")
+)
 
 
 def extend(
@@ -389,9 +549,7 @@ def end_attempts(
     """end_attempt for several attempts with one outcome and no message."""
     if attempt_ids:
         session.execute(
-            update(JobAttemptRow)
-            .where(JobAttemptRow.id.in_(list(attempt_ids)))
-            .values(outcome=outcome.value, end_time=now, error_message="")
+            _END_ATTEMPTS, {"ids": list(attempt_ids), "outcome": outcome.value, "now": now}
         )
 
 

@@ -7,8 +7,21 @@ import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from realm_service.domain import IndexEntry, Realm, RealmFile, RealmState
@@ -313,6 +326,59 @@ def switch_generation(
     switch_generations(session, [(realm_id, generation, from_scratch)], now=now)
 
 
+_REALMS = cast(Table, RealmRow.__table__)
+_ENTRIES = cast(Table, IndexEntryRow.__table__)
+_FILES = cast(Table, RealmFileRow.__table__)
+# The statements of a generation switch, built once: a completion costs their
+# execution, not their construction (compiled forms are cached).
+_LOCK_GENERATIONS = (
+    select(_REALMS.c.realm_id, _REALMS.c.current_generation)
+    .where(_REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
+    .order_by(_REALMS.c.realm_id)
+    .with_for_update()
+)
+_DROP_REPLACED = delete(_ENTRIES).where(
+    _ENTRIES.c.realm_id.in_(bindparam("realm_ids", expanding=True)),
+    or_(
+        _ENTRIES.c.generation.not_in(bindparam("generations", expanding=True)),
+        _ENTRIES.c.deleted.is_(True),
+    ),
+)
+_COUNT_ENTRIES = (
+    select(
+        _ENTRIES.c.realm_id,
+        func.count(),
+        func.sum(case((_ENTRIES.c.error_message != "", 1), else_=0)),
+        func.sum(
+            case((and_(_ENTRIES.c.card_type != "", _ENTRIES.c.error_message == ""), 1), else_=0)
+        ),
+    )
+    .where(
+        _ENTRIES.c.realm_id.in_(bindparam("realm_ids", expanding=True)),
+        _ENTRIES.c.generation.in_(bindparam("generations", expanding=True)),
+    )
+    .group_by(_ENTRIES.c.realm_id)
+)
+_COUNT_FILES = (
+    select(_FILES.c.realm_id, func.count())
+    .where(_FILES.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
+    .group_by(_FILES.c.realm_id)
+)
+_SET_GENERATION = (
+    update(_REALMS)
+    .where(_REALMS.c.realm_id == bindparam("b_realm"))
+    .values(
+        current_generation=bindparam("b_generation"),
+        entries=bindparam("b_entries"),
+        errors=bindparam("b_errors"),
+        cards=bindparam("b_cards"),
+        files=bindparam("b_files"),
+        last_index_time=bindparam("b_now"),
+        state=RealmState.READY.value,
+    )
+)
+
+
 def switch_generations(
     session: Session, jobs: Sequence[tuple[str, int, bool]], *, now: datetime
 ) -> None:
@@ -323,73 +389,52 @@ def switch_generations(
     if not jobs:
         return
     ids = [realm_id for realm_id, _, _ in jobs]
-    realms = {
-        row.realm_id: row
-        for row in session.scalars(
-            select(RealmRow)
-            .where(RealmRow.realm_id.in_(ids))
-            .order_by(RealmRow.realm_id)
-            .with_for_update()
-        )
+    realms: dict[str, int | None] = {
+        realm_id: generation
+        for realm_id, generation in session.execute(_LOCK_GENERATIONS, {"realm_ids": ids})
     }
     current: dict[str, int] = {}
     replaced: dict[str, int] = {}
     for realm_id, generation, from_scratch in jobs:
-        realm = realms.get(realm_id)
-        if realm is None:
+        if realm_id not in realms:
             raise RealmNotFound(f"realm {realm_id!r} does not exist")
-        if from_scratch or realm.current_generation is None:
+        was = realms[realm_id]
+        if from_scratch or was is None:
             replaced[realm_id] = current[realm_id] = generation
         else:
-            _merge_generation(session, realm_id, generation, realm.current_generation)
-            current[realm_id] = realm.current_generation
+            _merge_generation(session, realm_id, generation, was)
+            current[realm_id] = was
     if replaced:
         # Generations are attempt ids, unique across realms: an entry of these
         # realms that is not in one of the new generations is not in its own.
         session.execute(
-            delete(IndexEntryRow).where(
-                IndexEntryRow.realm_id.in_(list(replaced)),
-                or_(
-                    IndexEntryRow.generation.not_in(list(replaced.values())),
-                    IndexEntryRow.deleted.is_(True),
-                ),
-            )
+            _DROP_REPLACED,
+            {"realm_ids": list(replaced), "generations": list(replaced.values())},
         )
-    counts: dict[str, tuple[int, int, int]] = {}
-    for realm_id, entries, errors, cards in session.execute(
-        select(
-            IndexEntryRow.realm_id,
-            func.count(),
-            func.sum(case((IndexEntryRow.error_message != "", 1), else_=0)),
-            func.sum(
-                case(
-                    (and_(IndexEntryRow.card_type != "", IndexEntryRow.error_message == ""), 1),
-                    else_=0,
-                )
-            ),
-        )
-        .where(
-            IndexEntryRow.realm_id.in_(ids),
-            IndexEntryRow.generation.in_(sorted(set(current.values()))),
-        )
-        .group_by(IndexEntryRow.realm_id)
-    ):
-        counts[realm_id] = (int(entries or 0), int(errors or 0), int(cards or 0))
-    files: dict[str, int] = {
-        realm_id: int(n)
-        for realm_id, n in session.execute(
-            select(RealmFileRow.realm_id, func.count())
-            .where(RealmFileRow.realm_id.in_(ids))
-            .group_by(RealmFileRow.realm_id)
+    counts: dict[str, tuple[int, int, int]] = {
+        realm_id: (int(entries or 0), int(errors or 0), int(cards or 0))
+        for realm_id, entries, errors, cards in session.execute(
+            _COUNT_ENTRIES, {"realm_ids": ids, "generations": sorted(set(current.values()))}
         )
     }
-    for realm_id in ids:
-        realm = realms[realm_id]
-        realm.current_generation = current[realm_id]
-        realm.entries, realm.errors, realm.cards = counts.get(realm_id, (0, 0, 0))
-        realm.files = files.get(realm_id, 0)
-        realm.last_index_time = now
-        realm.state = RealmState.READY.value
+    files: dict[str, int] = {
+        realm_id: int(n) for realm_id, n in session.execute(_COUNT_FILES, {"realm_ids": ids})
+    }
+    session.execute(
+        _SET_GENERATION,
+        [
+            {
+                "b_realm": realm_id,
+                "b_generation": current[realm_id],
+                "b_entries": counts.get(realm_id, (0, 0, 0))[0],
+                "b_errors": counts.get(realm_id, (0, 0, 0))[1],
+                "b_cards": counts.get(realm_id, (0, 0, 0))[2],
+                "b_files": files.get(realm_id, 0),
+                "b_now": now,
+            }
+            for realm_id in ids
+        ],
+    )
 
 
 def _merge_generation(session: Session, realm_id: str, generation: int, current: int) -> None:
