@@ -162,6 +162,12 @@ class Realms:
         mounted_here = False
         try:
             with self.db.transaction() as s:
+                # The realm first, its request id second: the two commit
+                # together, so when another instance's create has just
+                # committed, the second read sees its key if the first saw
+                # its realm (PostgreSQL reads each statement's latest commits),
+                # and a retry gets the first result rather than ALREADY_EXISTS.
+                exists = realms_sql.realm_exists(s, realm_id)
                 if request_id:
                     found = realms_sql.find_key(s, "create-realm", request_id)
                     if found is not None:
@@ -173,7 +179,7 @@ class Realms:
                         realm = realms_sql.get_realm(s, realm_id)
                         assert found[1] is not None
                         return CreateResult(realm, jobs_sql.get_job(s, found[1]), replayed=True)
-                if realms_sql.realm_exists(s, realm_id):
+                if exists:
                     raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
                 realms_sql.insert_realm(
                     s, realm_id=realm_id, display_name=name, priority=priority, now=now
