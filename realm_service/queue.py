@@ -203,7 +203,7 @@ class JobQueue:
         for attempt in range(5):
             try:
                 with self.db.transaction() as session:
-                    leases = jobs_sql.claim(
+                    leases, leftover = jobs_sql.claim(
                         session,
                         limit=limit,
                         min_priority=min_priority
@@ -217,7 +217,7 @@ class JobQueue:
                     )
                     room = min(limit - len(leases), system_limit or 0)
                     if system_limit is not None and room > 0 and min_priority <= SYSTEM:
-                        leases += jobs_sql.claim(
+                        more, left_system = jobs_sql.claim(
                             session,
                             limit=room,
                             min_priority=min_priority,
@@ -227,6 +227,12 @@ class JobQueue:
                             now=now,
                             lease_until=until,
                         )
+                        leases += more
+                        leftover = leftover or left_system
+                    if leftover:
+                        # Other instances skipped the rows this claim locked
+                        # and left: wake them to look again once it commits.
+                        self.db.announce_new_work(session)
                 break
             except Conflict:
                 if attempt == 4:

@@ -168,8 +168,13 @@ class Database:
                 if self.backend == "postgresql":
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY})
                     conn.commit()
+        self.bind_channel()
+
+    def bind_channel(self) -> None:
+        """Name the wake-up channel after the schema, so that every instance on
+        this schema shares it and stores in other schemas do not wake it."""
         if self.backend == "postgresql":
-            with self.engine.connect() as conn:
+            with translate_errors(), self.engine.connect() as conn:
                 schema = conn.execute(text("SELECT current_schema()")).scalar_one()
             self.channel = f"realm_new_work_{schema}"[:63]
 
@@ -233,4 +238,6 @@ def open_database(url: str, *, migrate: bool = True, pool_size: int = 10) -> Dat
     db = Database(url, pool_size=pool_size)
     if migrate:
         db.migrate()
+    else:
+        db.bind_channel()
     return db

@@ -305,9 +305,10 @@ def claim(
     worker: str,
     now: datetime,
     lease_until: datetime,
-) -> list[Lease]:
+) -> tuple[list[Lease], bool]:
     """Lease up to `limit` queued jobs: highest priority, then oldest, at most
-    one per realm and none of a realm that already has a running job.
+    one per realm and none of a realm that already has a running job. Also
+    says whether claimable-looking jobs were left (locked but not taken).
 
     On SQLite the transaction holds the write lock (BEGIN IMMEDIATE), so the
     candidate query's own test for running jobs is final: a claim is three
@@ -317,7 +318,7 @@ def claim(
     concurrent claimers never take the same job, nor two jobs of one realm.
     """
     if limit <= 0:
-        return []
+        return [], False
     pg = session.get_bind().dialect.name == "postgresql"
     query = _candidates(max_priority is not None, bool(kinds))
     params: dict[str, Any] = {"min_priority": min_priority}
@@ -341,8 +342,11 @@ def claim(
         if len(chosen) >= limit or len(candidates) < scan or scan >= 100_000:
             break
         scan *= 4  # the head of the queue holds several jobs of a realm: look further
+    # Candidates locked here but not taken are skipped by concurrent claimers
+    # of other instances until this transaction ends; they must look again.
+    leftover = pg and len(candidates) > len(chosen)
     if not chosen:
-        return []
+        return [], leftover
     worker = worker[:200]
     leases = {row.id: secrets.token_hex(16) for row in chosen}
     # A fixed number of statements per claim, whatever its size: one
@@ -399,7 +403,7 @@ def claim(
             ),
         )
         for row in chosen
-    ]
+    ], leftover
 
 
 # -- fenced operations ------------------------------------------------------

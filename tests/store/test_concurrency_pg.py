@@ -182,6 +182,37 @@ def wait_for_a_lock_wait(db: Database, timeout: float = 10.0) -> None:
     raise AssertionError("the second mount never waited on the first one's insert")
 
 
+def test_a_claim_leaving_locked_candidates_wakes_the_other_instances(pg_url: str) -> None:
+    """A claim locks more candidate rows than it takes; claimers of other
+    instances skip those rows while it runs, so its commit must wake them
+    (NOTIFY), or they would sit on free credits until the polling fallback.
+    A claim that takes every candidate it locked wakes nobody."""
+    realms = [f"left-{i}" for i in range(3)]
+    db = open_database(pg_url)
+    other = open_database(pg_url, migrate=False)  # another instance's store
+    try:
+        assert other.channel == db.channel
+        create_realms(db, realms)
+        queue = JobQueue(db)
+        for realm_id in realms:
+            queue.enqueue(realm_id, FS, USER)
+        woken = threading.Event()
+        other.on_new_work(woken.set)
+        assert woken.wait(10), "the listener wakes once when it connects"
+        woken.clear()
+
+        (first,) = queue.claim(1, worker="a")
+        assert woken.wait(10), "the two candidates left were never announced"
+        woken.clear()
+
+        taken = queue.claim(5, worker="a")
+        assert {lease.job.realm_id for lease in [first, *taken]} == set(realms)
+        assert not woken.wait(1.0), "a claim that left nothing woke the other instance"
+    finally:
+        other.close()
+        db.close()
+
+
 # -- (b) racing claimers -----------------------------------------------------------
 
 REALMS = 300
