@@ -24,6 +24,16 @@ EXIT_FAILED = 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while still starting, before the signal handlers are in
+        # place (a terminal sends it to every process of `realm-service dev`):
+        # a stop like any other, not a failure.
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
         config = load_config(argv)
     except ConfigError as exc:
         print(f"index-worker: {exc}", file=sys.stderr)

@@ -85,13 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dev":
         return _dev(settings, args.workers, args.worker_concurrency, _server_flags(argv[1:]))
-    from realm_service.server import serve
-
     try:
+        from realm_service.server import serve
+
         asyncio.run(serve(settings))
     except OSError as e:
         logging.getLogger(__name__).error("cannot serve: %s", e)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C while still starting, before the signal handlers are in
+        # place: nothing is served yet, so there is nothing to drain.
+        logging.getLogger(__name__).info("stopped while starting")
     return 0
 
 
