@@ -181,9 +181,14 @@ class Realms:
                         return CreateResult(realm, jobs_sql.get_job(s, found[1]), replayed=True)
                 if exists:
                     raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
-                realms_sql.insert_realm(
-                    s, realm_id=realm_id, display_name=name, priority=priority, now=now
-                )
+                try:
+                    realms_sql.insert_realm(
+                        s, realm_id=realm_id, display_name=name, priority=priority, now=now
+                    )
+                except RealmAlreadyExists:
+                    # Another instance's create committed since `exists` was
+                    # read: the next pass reads its realm and request id.
+                    raise Conflict("the realm was created concurrently") from None
                 all_files = [
                     (REALM_JSON, realm_json(realm_id, name)),
                     (INDEX_JSON, index_card(name)),
