@@ -338,13 +338,17 @@ def claim(
             locked -= set(session.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
         else:
             locked = set(first_per_realm)
-        chosen = [row for realm_id, row in first_per_realm.items() if realm_id in locked][:limit]
+        eligible = [row for realm_id, row in first_per_realm.items() if realm_id in locked]
+        chosen = eligible[:limit]
         if len(chosen) >= limit or len(candidates) < scan or scan >= 100_000:
             break
         scan *= 4  # the head of the queue holds several jobs of a realm: look further
-    # Candidates locked here but not taken are skipped by concurrent claimers
-    # of other instances until this transaction ends; they must look again.
-    leftover = pg and len(candidates) > len(chosen)
+    # Claimable jobs locked here but not taken (this claim had no room left)
+    # are skipped by concurrent claimers of other instances until this
+    # transaction ends: they must look again. Rows left for any other reason
+    # (their realm is busy or locked elsewhere) are not announced, or a claim
+    # that takes nothing would wake its own dispatcher over and over.
+    leftover = pg and len(eligible) > len(chosen)
     if not chosen:
         return [], leftover
     worker = worker[:200]

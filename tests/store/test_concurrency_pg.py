@@ -213,6 +213,33 @@ def test_a_claim_leaving_locked_candidates_wakes_the_other_instances(pg_url: str
         db.close()
 
 
+def test_a_claim_blocked_by_a_locked_realm_announces_nothing(pg_url: str) -> None:
+    """The only queued job's realm row is locked by another transaction (a file
+    write, say): the claim takes nothing, and must not announce work either,
+    or every dispatcher, its own included, would claim again at once, over
+    and over, while the lock is held."""
+    db = open_database(pg_url)
+    other = open_database(pg_url, migrate=False)
+    try:
+        create_realms(db, ["locked"])
+        queue = JobQueue(db)
+        queue.enqueue("locked", FS, USER)
+        woken = threading.Event()
+        other.on_new_work(woken.set)
+        assert woken.wait(10), "the listener wakes once when it connects"
+        woken.clear()
+        with db.engine.connect() as holder:
+            holder.execute(text("SELECT realm_id FROM realms WHERE realm_id = 'locked' FOR UPDATE"))
+            assert queue.claim(4, worker="a") == []
+            assert not woken.wait(1.0), "a claim that took nothing announced work"
+            holder.rollback()
+        (lease,) = queue.claim(4, worker="a")
+        assert lease.job.realm_id == "locked"
+    finally:
+        other.close()
+        db.close()
+
+
 # -- (b) racing claimers -----------------------------------------------------------
 
 REALMS = 300
