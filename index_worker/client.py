@@ -297,7 +297,8 @@ class ClaimStream:
             self._ping_waiters[nonce] = answered
             self._send(convert.ping(nonce, reply=False))
             try:
-                await asyncio.wait_for(answered, self._ping_timeout)
+                async with asyncio.timeout(self._ping_timeout):
+                    await answered
             except TimeoutError:
                 if self._closing:
                     return

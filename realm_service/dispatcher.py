@@ -94,8 +94,12 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self.queue.db.on_new_work(self.wake_threadsafe)
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
+            # cancel that arrives together with the wake-up, and a stop would
+            # wait forever on this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             if self.paused:
                 continue

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "realm.v1.RealmService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STOP_TASKS_SECONDS = 5.0  # how long a stop waits for its background tasks to end
 
 
 @dataclass
@@ -141,9 +142,18 @@ class RealmServer:
         await self.server.stop(grace=1.0)
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Bounded: a task that ignores its cancel is reported, not waited on
+        # forever, so a stop always ends.
+        done, pending = await asyncio.wait(self.tasks, timeout=STOP_TASKS_SECONDS)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("task %s had failed: %s", task.get_name(), task.exception())
+        if pending:
+            log.warning(
+                "tasks still running %.0fs after the stop: %s",
+                STOP_TASKS_SECONDS,
+                ", ".join(sorted(t.get_name() for t in pending)),
+            )
         await asyncio.to_thread(self.db.close)
         self.stopped.set()
         log.info("stopped")

@@ -41,8 +41,11 @@ class JobWatch:
                 yield job
                 if job.state.terminal:
                     return
+                # asyncio.timeout, not wait_for, which on Python 3.11 drops a
+                # cancel (the caller went away) arriving with the change.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=self.poll_seconds)
+                    async with asyncio.timeout(self.poll_seconds):
+                        await event.wait()
         finally:
             waiters = self._events.get(job_id)
             if waiters is not None:
@@ -54,17 +57,11 @@ class JobWatch:
         """The job once terminal, or as it is when the timeout passes. A small
         margin (at most 0.2 s) is kept so the answer beats the caller's deadline."""
         last: Job | None = None
-
-        async def _follow() -> None:
-            nonlocal last
-            async for job in self.follow(job_id):
-                last = job
-
+        limit = None if timeout is None else max(0.0, timeout - min(0.2, timeout / 5))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                _follow(),
-                timeout=None if timeout is None else max(0.0, timeout - min(0.2, timeout / 5)),
-            )
+            async with asyncio.timeout(limit):
+                async for job in self.follow(job_id):
+                    last = job
         if last is None:
             last = await asyncio.to_thread(self.queue.get_job, job_id)
         return last

@@ -78,7 +78,8 @@ class ClaimSession:
         context: grpc.aio.ServicerContext[spb.ClaimJobsRequest, spb.ClaimJobsResponse],
     ) -> AsyncIterator[spb.ClaimJobsResponse]:
         try:
-            first = await asyncio.wait_for(anext(requests), timeout=30)
+            async with asyncio.timeout(30):
+                first = await anext(requests)
         except (StopAsyncIteration, TimeoutError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
         stream = self._hello(first)
