@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+
+import grpc
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
@@ -12,14 +18,11 @@ def test_create_claim_complete(live: LiveServer) -> None:
     assert created.job.priority == 10
     assert created.job.state == pb.Job.STATE_QUEUED
 
-    import queue
-    import threading
-
     outbox: queue.Queue[spb.ClaimJobsRequest | None] = queue.Queue()
     outbox.put(spb.ClaimJobsRequest(hello=spb.WorkerHello(worker_id="w1", incarnation_id="i1")))
     outbox.put(spb.ClaimJobsRequest(credit=spb.CreditGrant(credits=2)))
 
-    def requests():  # type: ignore[no-untyped-def]
+    def requests() -> Iterator[spb.ClaimJobsRequest]:
         while (m := outbox.get()) is not None:
             yield m
 
@@ -60,4 +63,11 @@ def test_create_claim_complete(live: LiveServer) -> None:
     found = stub.SearchRealm(spb.SearchRealmRequest(realm_id="r1", card_type="m/Grid"))
     assert [e.path for e in found.entries] == ["index.json"]
     outbox.put(None)
-    threading.Thread(target=lambda: list(responses), daemon=True).start()
+    threading.Thread(target=_drain, args=(responses,), daemon=True).start()
+
+
+def _drain(responses: Iterator[spb.ClaimJobsResponse]) -> None:
+    """Read the stream to its end; the fixture's channel close may cut it."""
+    with contextlib.suppress(grpc.RpcError):
+        for _ in responses:
+            pass
