@@ -151,37 +151,68 @@ class JobQueue:
         return result.job if result.disposition is Disposition.INSERTED else None
 
     def after_enqueue(self, result: EnqueueResult) -> None:
-        if result.disposition in (Disposition.INSERTED, Disposition.RERUN_SCHEDULED):
-            log.info(
-                "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
-                result.job.job_id,
-                result.job.realm_id,
-                result.job.kind,
-                result.job.priority,
-                result.disposition,
-            )
-            self.db.new_work_committed()
-        self.db.jobs_changed([result.job.job_id])
+        self._after_enqueue_many([result])
 
     def enqueue_all(self, priority: int, *, batch: int = 500) -> tuple[int, int]:
-        """A from-scratch job for every realm; returns (inserted, realms)."""
+        """A from-scratch job for every realm, coalesced per DESIGN.md section
+        4 as `enqueue_in` would; returns (inserted, realms). A page of realms
+        takes a few statements, whatever its size: one inserts the jobs of
+        realms with none queued or running, one raises the priority of those
+        queued, and a running one is attached to."""
         inserted = realms = 0
         after: str | None = None
         while True:
+            now = self.clock()
             with self.db.transaction() as session:
                 ids = realms_sql.realm_ids_page(session, after=after, limit=batch)
-                for realm_id in ids:
-                    r = self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
-                    inserted += r.disposition in (
-                        Disposition.INSERTED,
-                        Disposition.RERUN_SCHEDULED,
-                    )
+                active = jobs_sql.active_from_scratch(session, ids)
+                rows = jobs_sql.try_insert_from_scratch_jobs(
+                    session, [r for r in ids if r not in active], priority=priority, now=now
+                )
+                if rows is None:  # a concurrent enqueuer was first: coalesce each
+                    results = [
+                        self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
+                        for realm_id in ids
+                    ]
+                else:
+                    if rows:
+                        self.db.announce_new_work(session)
+                    outcomes = [(row, Disposition.INSERTED) for row in rows]
+                    for row in active.values():
+                        if row.state == "queued":
+                            jobs_sql.merge_into(row, priority)
+                            outcomes.append((row, Disposition.MERGED))
+                        else:  # running, and a reindex does not say the content changed
+                            outcomes.append((row, Disposition.ATTACHED))
+                    session.flush()
+                    results = [EnqueueResult(jobs_sql.to_job(r), d) for r, d in outcomes]
+            inserted += self._after_enqueue_many(results)
             realms += len(ids)
-            if inserted:
-                self.db.new_work_committed()
             if len(ids) < batch:
                 return inserted, realms
             after = ids[-1]
+
+    def _after_enqueue_many(self, results: Sequence[EnqueueResult]) -> int:
+        """`after_enqueue` for a committed batch; returns how many it added."""
+        added = [
+            r
+            for r in results
+            if r.disposition in (Disposition.INSERTED, Disposition.RERUN_SCHEDULED)
+        ]
+        for r in added:
+            log.info(
+                "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
+                r.job.job_id,
+                r.job.realm_id,
+                r.job.kind,
+                r.job.priority,
+                r.disposition,
+            )
+        if added:
+            self.db.new_work_committed()
+        if results:
+            self.db.jobs_changed([r.job.job_id for r in results])
+        return len(added)
 
     # -- claim ----------------------------------------------------------------
 

@@ -200,6 +200,61 @@ def try_insert_job(
         return None
 
 
+def active_from_scratch(session: Session, realm_ids: Sequence[str]) -> dict[str, JobRow]:
+    """Each of these realms' queued from-scratch job (locked, as
+    `queued_job`), else its running one; realms with neither are left out."""
+    if not realm_ids:
+        return {}
+    scratch = (JobRow.realm_id.in_(realm_ids), JobRow.kind == JobKind.FROM_SCRATCH.value)
+    active = {
+        row.realm_id: row
+        for row in session.scalars(select(JobRow).where(*scratch, JobRow.state == "running"))
+    }
+    for row in session.scalars(
+        select(JobRow).where(*scratch, JobRow.state == "queued").with_for_update()
+    ):
+        active[row.realm_id] = row
+    return active
+
+
+def try_insert_from_scratch_jobs(
+    session: Session, realm_ids: Sequence[str], *, priority: int, now: datetime
+) -> list[JobRow] | None:
+    """One queued from-scratch job per realm, in one statement inside a
+    savepoint; None when the unique index refused one (a concurrent enqueuer's
+    job exists now), leaving the outer transaction usable."""
+    if not realm_ids:
+        return []
+    seq = seq_of(now)
+    rows = [
+        {
+            "realm_id": realm_id,
+            "kind": JobKind.FROM_SCRATCH.value,
+            "priority": priority,
+            "state": "queued",
+            "seq": seq,
+            "attempt": 0,
+            "counted_failures": 0,
+            "create_time": now,
+            "error_message": "",
+            "progress_done": 0,
+            "progress_total": 0,
+            "paths": "[]",
+            "worker": "",
+        }
+        for realm_id in realm_ids
+    ]
+    try:
+        with session.begin_nested():
+            return list(
+                session.scalars(
+                    insert(JobRow).returning(JobRow, sort_by_parameter_order=True), rows
+                )
+            )
+    except exc.IntegrityError:
+        return None
+
+
 def merge_into(row: JobRow, priority: int, paths: Sequence[PathChange] = ()) -> None:
     row.priority = max(row.priority, priority)
     if paths:

@@ -27,7 +27,7 @@ from tests.api.helpers import (
 from tests.api.worker_stream import StreamClient
 
 STORM = 2000
-BULK = 120  # realms for ReindexAllRealms, which enqueues them one by one
+BULK = 120  # realms for ReindexAllRealms
 SYSTEM = 0
 USER = 10
 

@@ -3,12 +3,17 @@ each enqueue reports."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
+from sqlalchemy.orm import Session
 from store_helpers import make_realm
 
 from realm_service.domain import SYSTEM, USER, Disposition, JobKind, JobState, PathChange
 from realm_service.errors import RealmNotFound
 from realm_service.queue import JobQueue
+from realm_service.store import jobs_sql
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -248,3 +253,93 @@ def test_a_fresh_file_change_never_attaches_to_a_running_incremental(queue: JobQ
     again = queue.enqueue("r", INC, USER, paths=[rm("b")], content_changed=True)
     assert again.disposition is Disposition.MERGED
     assert again.job.job_id == follow.job.job_id
+
+
+# -- enqueue_all: every realm, page by page, coalesced as one enqueue would ---------
+
+
+REINDEX = 5  # between the queued from-scratch jobs' priorities below
+
+
+def _setup_mixed(queue: JobQueue) -> dict[str, int]:
+    """Twelve realms; a few with jobs in each state that matters. Returns the
+    ids of the jobs that exist before the reindex."""
+    for i in range(12):
+        make_realm(queue, f"r{i:02d}")
+    before = {
+        "running-fs": queue.enqueue("r02", FS, 90).job.job_id,
+        "running-inc": queue.enqueue("r03", INC, 80, paths=[upd("a")]).job.job_id,
+    }
+    queue.claim(2)  # both start: the highest priorities
+    before["queued-fs-low"] = queue.enqueue("r01", FS, 1).job.job_id
+    before["queued-fs-high"] = queue.enqueue("r05", FS, 40).job.job_id
+    before["queued-inc"] = queue.enqueue("r04", INC, USER, paths=[upd("b")]).job.job_id
+    return before
+
+
+@pytest.mark.parametrize("batch", [5, 6, 500])
+def test_enqueue_all_coalesces_every_realm_across_pages(queue: JobQueue, batch: int) -> None:
+    before = _setup_mixed(queue)
+    inserted, realms = queue.enqueue_all(REINDEX, batch=batch)
+    assert (inserted, realms) == (9, 12)  # all but r01 and r05 (merged) and r02 (attached)
+    jobs = queue.list_jobs()
+    fs = {}
+    for j in jobs:
+        if j.kind is FS and j.state in (JobState.QUEUED, JobState.RUNNING):
+            assert j.realm_id not in fs, f"two active from-scratch jobs for {j.realm_id}"
+            fs[j.realm_id] = j
+    assert sorted(fs) == [f"r{i:02d}" for i in range(12)]
+    # Merged into the queued ones, the priority raised, never lowered:
+    assert (fs["r01"].job_id, fs["r01"].priority) == (before["queued-fs-low"], REINDEX)
+    assert (fs["r05"].job_id, fs["r05"].priority) == (before["queued-fs-high"], 40)
+    # Attached to the running one:
+    assert (fs["r02"].job_id, fs["r02"].state) == (before["running-fs"], JobState.RUNNING)
+    # A realm running (or holding) an incremental job gets its own from-scratch job:
+    assert fs["r03"].state is JobState.QUEUED and fs["r03"].job_id != before["running-inc"]
+    assert queue.get_job(before["running-inc"]).state is JobState.RUNNING
+    assert queue.get_job(before["queued-inc"]).state is JobState.QUEUED
+    for realm_id in ["r00", "r03", "r04", *[f"r{i:02d}" for i in range(6, 12)]]:
+        assert (fs[realm_id].state, fs[realm_id].priority) == (JobState.QUEUED, REINDEX)
+
+    # A second pass adds nothing and changes no job.
+    assert queue.enqueue_all(REINDEX, batch=batch) == (0, 12)
+    assert queue.list_jobs() == jobs
+
+
+def test_enqueue_all_jobs_are_claimed_in_realm_order(queue: JobQueue) -> None:
+    ids = [f"r{i:02d}" for i in range(7)]
+    for realm_id in ids:
+        make_realm(queue, realm_id)
+    assert queue.enqueue_all(SYSTEM, batch=3) == (7, 7)
+    assert [lease.job.realm_id for lease in queue.claim(7)] == ids
+
+
+def test_enqueue_all_on_a_store_with_no_realms(queue: JobQueue) -> None:
+    assert queue.enqueue_all(SYSTEM) == (0, 0)
+
+
+def test_enqueue_all_coalesces_with_a_job_inserted_under_it(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another enqueuer's job appearing between the page's read and its insert
+    (possible on PostgreSQL) makes the page's insert fail on the unique index;
+    the page is then coalesced realm by realm, onto that job."""
+    for i in range(4):
+        make_realm(queue, f"r{i}")
+    real_insert = jobs_sql.try_insert_from_scratch_jobs
+    sneaked: list[int] = []
+
+    def insert_after_another(session: Session, realm_ids: Sequence[str], **kw: Any) -> Any:
+        if not sneaked:
+            row = jobs_sql.insert_job(
+                session, realm_id="r2", kind=FS, priority=USER, now=queue.clock()
+            )
+            sneaked.append(row.id)
+        return real_insert(session, realm_ids, **kw)
+
+    monkeypatch.setattr(jobs_sql, "try_insert_from_scratch_jobs", insert_after_another)
+    assert queue.enqueue_all(SYSTEM) == (3, 4)
+    fs = [j for j in queue.list_jobs() if j.kind is FS]
+    assert sorted(j.realm_id for j in fs) == ["r0", "r1", "r2", "r3"]
+    [r2] = [j for j in fs if j.realm_id == "r2"]
+    assert (r2.job_id, r2.priority) == (sneaked[0], USER)
