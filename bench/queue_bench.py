@@ -16,6 +16,9 @@ Items (see bench/README.md, "Queue"):
            job per realm and kind, inserted in bulk (INSERT ... SELECT), each
            size in its own fresh schema (SQLite: file) of the same database,
            runs alternating between the two.
+  reindex  ReindexAllRealms' work (JobQueue.enqueue_all): 20,000 realms (2,000
+           with --quick) with no jobs each get a from-scratch job, then each
+           merges into it on a second pass; realms per second.
 
 Every result is one JSON line on stdout; a table follows. Progress goes to
 stderr. PostgreSQL runs in fresh schemas of the `test` database (dropped at
@@ -124,8 +127,8 @@ def sequence_sql(db: Database, start: int, stop: int) -> tuple[str, str]:
 
 def add_realm_jobs(db: Database, prefix: str, start: int, count: int, kinds: int) -> None:
     """`count` realms named prefix+number, each with one queued job per kind
-    (from-scratch, then incremental); one in ten at USER priority, the rest
-    SYSTEM, in enqueue order. Two set-based statements."""
+    (from-scratch, then incremental; none with kinds=0); one in ten at USER
+    priority, the rest SYSTEM, in enqueue order. Two set-based statements."""
     if count <= 0:
         return
     stop = start + count - 1
@@ -147,6 +150,8 @@ def add_realm_jobs(db: Database, prefix: str, start: int, count: int, kinds: int
                 f" SELECT {realm_id}, 'bench', 'ready', 0, {now}, 0, 0, 0, 0 {source}"
             )
         )
+        if not kind_rows:
+            return
         s.execute(
             text(
                 f"{with_prefix}INSERT INTO jobs (realm_id, kind, priority, state, seq, attempt,"
@@ -383,6 +388,25 @@ def bench_backlog(store: str, quick: bool, profile: bool) -> list[Result]:
     return results
 
 
+def bench_reindex(store: str, quick: bool) -> list[Result]:
+    """ReindexAllRealms' work (`JobQueue.enqueue_all` at SYSTEM priority) over
+    realms with no jobs (each gets one: inserts), then again (each merges into
+    its queued job). Rates are realms per second."""
+    realms = 2_000 if quick else 20_000
+    results = []
+    with bench_database(store) as db:
+        add_realm_jobs(db, "rx", 1, realms, kinds=0)
+        analyze(db)
+        queue = JobQueue(db, settings=QueueSettings())
+        for variant in ("enqueue_all: every realm inserts", "enqueue_all: every realm merges"):
+            say(f"reindex: {variant}, {realms:,} realms")
+            cpu, started = time.process_time(), time.perf_counter()
+            _, seen = queue.enqueue_all(0)
+            run = Run(seen, time.perf_counter() - started, 0.0, time.process_time() - cpu)
+            results.append(summarize([run], store, "reindex", variant, realms))
+    return results
+
+
 def profile_drain(backlog: Backlog, per_run: int, max_seconds: float) -> None:
     """Where the time of a claim-and-complete loop goes: statements per job,
     the share of wall time spent waiting on the database (statement sent to
@@ -531,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=["sqlite", "postgresql"], required=True)
     parser.add_argument("--quick", action="store_true", help="smaller backlog, fewer runs")
     parser.add_argument("--profile", action="store_true", help="cProfile the backlog runs")
-    parser.add_argument("--only", choices=["drain", "backlog"], help="run one item")
+    parser.add_argument("--only", choices=["drain", "backlog", "reindex"], help="run one item")
     args = parser.parse_args(argv)
     results: list[Result] = []
     print(json.dumps({"meta": source_state(), "store": args.store, "quick": args.quick}))
@@ -540,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             results += bench_drain(db, args.store, args.quick)
     if args.only in (None, "backlog"):
         results += bench_backlog(args.store, args.quick, args.profile)
+    if args.only in (None, "reindex"):
+        results += bench_reindex(args.store, args.quick)
     print()
     print(table(results))
     if args.only is None:
