@@ -134,6 +134,21 @@ class JobQueue:
             return EnqueueResult(jobs_sql.to_job(row), disposition)
         raise Conflict("could not enqueue: concurrent changes kept winning; retry")
 
+    def first_index_of_new_realm(self, session: Session, realm_id: str, priority: int) -> Job:
+        """The first from-scratch job of a realm inserted in this same
+        transaction. No job of it can exist yet (a job references the realm
+        row, which others see only at commit), so nothing is looked up; the
+        store's unique index still refuses a second queued one."""
+        row = jobs_sql.insert_job(
+            session,
+            realm_id=realm_id,
+            kind=JobKind.FROM_SCRATCH,
+            priority=priority,
+            now=self.clock(),
+        )
+        self.db.announce_new_work(session)
+        return jobs_sql.to_job(row)
+
     def ensure_first_index(self, session: Session, realm_id: str, priority: int) -> Job | None:
         """The mount pipeline's rule: never add a from-scratch job for a realm
         that has one queued, running or completed; raise (never lower) a queued

@@ -181,26 +181,25 @@ class Realms:
                         return CreateResult(realm, jobs_sql.get_job(s, found[1]), replayed=True)
                 if exists:
                     raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
-                try:
-                    realms_sql.insert_realm(
-                        s, realm_id=realm_id, display_name=name, priority=priority, now=now
-                    )
-                except RealmAlreadyExists:
-                    # Another instance's create committed since `exists` was
-                    # read: the next pass reads its realm and request id.
-                    raise Conflict("the realm was created concurrently") from None
-                all_files = [
-                    (REALM_JSON, realm_json(realm_id, name)),
-                    (INDEX_JSON, index_card(name)),
-                    *files,
-                ]
-                realms_sql.put_files(s, realm_id=realm_id, files=all_files, now=now)
+                # Another instance's create committing since `exists` was read
+                # makes this insert fail (a Conflict): the next pass reads its
+                # realm and request id.
+                realm = realms_sql.insert_new_realm(
+                    s,
+                    realm_id=realm_id,
+                    display_name=name,
+                    priority=priority,
+                    now=now,
+                    files=[
+                        (REALM_JSON, realm_json(realm_id, name)),
+                        (INDEX_JSON, index_card(name)),
+                        *files,
+                    ],
+                )
                 # Mount first: from here this process serves the realm; the job
                 # becomes visible to workers only when this transaction commits.
                 mounted_here = self.registry.mount(realm_id)
-                job = self.queue.ensure_first_index(s, realm_id, priority)
-                if job is None:
-                    raise Conflict("the realm's first index job already exists")
+                job = self.queue.first_index_of_new_realm(s, realm_id, priority)
                 if request_id:
                     realms_sql.put_key(
                         s,
@@ -210,7 +209,6 @@ class Realms:
                         job_id=job.job_id,
                         now=now,
                     )
-                realm = realms_sql.get_realm(s, realm_id)
         except BaseException:
             if mounted_here:
                 self.registry.unmount(realm_id)

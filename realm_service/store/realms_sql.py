@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Table,
@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from realm_service.domain import IndexEntry, Realm, RealmFile, RealmState
-from realm_service.errors import FileNotFound, RealmAlreadyExists, RealmNotFound
+from realm_service.errors import FileNotFound, RealmNotFound
 from realm_service.store.tables import (
     IdempotencyKeyRow,
     IndexEntryRow,
@@ -73,24 +73,35 @@ def to_entry(row: IndexEntryRow) -> IndexEntry:
 # -- realms -------------------------------------------------------------------
 
 
-def insert_realm(
-    session: Session, *, realm_id: str, display_name: str, priority: int, now: datetime
+def insert_new_realm(
+    session: Session,
+    *,
+    realm_id: str,
+    display_name: str,
+    priority: int,
+    now: datetime,
+    files: Sequence[tuple[str, bytes]] = (),
 ) -> Realm:
-    if session.get(RealmRow, realm_id) is not None:
-        raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
+    """A realm the caller has just read as absent, with its files, in two
+    statements. A concurrent creator's row makes the insert fail on the
+    primary key (a Conflict at the transaction's edge)."""
     row = RealmRow(
         realm_id=realm_id,
         display_name=display_name,
         state=RealmState.INDEXING.value,
         created_priority=priority,
         create_time=now,
-        files=0,
+        files=len(files),
         cards=0,
         errors=0,
         entries=0,
+        last_index_time=None,
+        current_generation=None,
     )
     session.add(row)
-    session.flush()  # a concurrent creator fails here on the primary key
+    session.flush()
+    if files:
+        session.execute(insert(RealmFileRow), _file_rows(realm_id, files, now))
     return to_realm(row)
 
 
@@ -163,31 +174,20 @@ def put_file(
     return to_file(row)
 
 
-def put_files(
-    session: Session, *, realm_id: str, files: Sequence[tuple[str, bytes]], now: datetime
-) -> None:
-    """Insert many new files of a realm that has none of them yet."""
-    if not files:
-        return
-    session.execute(
-        insert(RealmFileRow),
-        [
-            {
-                "realm_id": realm_id,
-                "path": path,
-                "content": content,
-                "mtime": now,
-                "size": len(content),
-                "sha256": hashlib.sha256(content).hexdigest(),
-            }
-            for path, content in files
-        ],
-    )
-    session.execute(
-        update(RealmRow)
-        .where(RealmRow.realm_id == realm_id)
-        .values(files=RealmRow.files + len(files))
-    )
+def _file_rows(
+    realm_id: str, files: Sequence[tuple[str, bytes]], now: datetime
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "realm_id": realm_id,
+            "path": path,
+            "content": content,
+            "mtime": now,
+            "size": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }
+        for path, content in files
+    ]
 
 
 def delete_file(session: Session, *, realm_id: str, path: str) -> None:

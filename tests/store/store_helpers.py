@@ -36,12 +36,14 @@ def make_realm(
     """A realm row (and files) with no job: tests enqueue explicitly."""
     now = queue.clock()
     with queue.db.transaction() as s:
-        realm = realms_sql.insert_realm(
-            s, realm_id=realm_id, display_name=realm_id.upper(), priority=priority, now=now
+        return realms_sql.insert_new_realm(
+            s,
+            realm_id=realm_id,
+            display_name=realm_id.upper(),
+            priority=priority,
+            now=now,
+            files=list((files or {}).items()),
         )
-        if files:
-            realms_sql.put_files(s, realm_id=realm_id, files=list(files.items()), now=now)
-    return realm
 
 
 def get_realm(queue: JobQueue, realm_id: str) -> Realm:

@@ -19,7 +19,7 @@ def test_boot_mount_fills_missing_first_index_and_raises_low_priority(store_url:
     now = datetime.now(UTC)
     with db.transaction() as s:
         for rid in ("has-job", "no-job", "low-job"):
-            realms_sql.insert_realm(s, realm_id=rid, display_name=rid, priority=10, now=now)
+            realms_sql.insert_new_realm(s, realm_id=rid, display_name=rid, priority=10, now=now)
         queue.enqueue_in(s, "has-job", JobKind.FROM_SCRATCH, 10)
         queue.enqueue_in(s, "low-job", JobKind.FROM_SCRATCH, 0)
     with db.transaction() as s:

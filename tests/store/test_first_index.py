@@ -4,13 +4,19 @@ the unique indexes that make "exactly one" hold in the store itself."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import exc, insert
+from sqlalchemy.orm import Session
 from store_helpers import make_realm
 
 from realm_service.domain import SYSTEM, USER, Job, JobKind, JobState, PathChange
+from realm_service.errors import RealmAlreadyExists
 from realm_service.queue import JobQueue
+from realm_service.realms import CreateResult, Realms
+from realm_service.store import realms_sql
+from realm_service.store.db import open_database
 from realm_service.store.tables import JobRow
 
 FS = JobKind.FROM_SCRATCH
@@ -132,3 +138,50 @@ def test_the_store_refuses_a_second_running_job_of_a_realm(queue: JobQueue) -> N
     with pytest.raises(exc.IntegrityError):
         insert_row(queue, job_row("r", INC, "running"))
     insert_row(queue, job_row("r", INC, "queued"))
+
+
+# -- CreateRealm losing its insert to another instance (PostgreSQL) ---------------
+
+
+@pytest.mark.parametrize("request_id", ["req-1", ""])
+def test_a_create_that_loses_its_insert_to_another_instance_retries(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, request_id: str
+) -> None:
+    """Another instance's create of the same realm commits after this one read
+    the realm as absent and before it inserts: the insert fails, and the retry
+    answers as if the other create had come first (the same request id gets
+    that create's result; another gets ALREADY_EXISTS). One job either way."""
+    here_db, there_db = open_database(pg_url), open_database(pg_url, migrate=False)
+    here = Realms(here_db, JobQueue(here_db), max_file_size=1024)
+    there = Realms(there_db, JobQueue(there_db), max_file_size=1024)
+    real_insert = realms_sql.insert_new_realm
+    first: list[CreateResult] = []
+    raced = False
+
+    def insert_after_the_other(session: Session, **kw: Any) -> Any:
+        nonlocal raced
+        if not raced:
+            raced = True  # the other create's own insert runs plainly
+            first.append(
+                there.create(
+                    realm_id="r", priority=None, display_name="", request_id="req-1", files=[]
+                )
+            )
+        return real_insert(session, **kw)
+
+    monkeypatch.setattr(realms_sql, "insert_new_realm", insert_after_the_other)
+    try:
+        if request_id:
+            again = here.create(
+                realm_id="r", priority=50, display_name="", request_id=request_id, files=[]
+            )
+            assert again.replayed and again.job.job_id == first[0].job.job_id
+        else:
+            with pytest.raises(RealmAlreadyExists):
+                here.create(realm_id="r", priority=50, display_name="", request_id="", files=[])
+        [job] = here.queue.list_jobs(realm_id="r")
+        assert (job.job_id, job.priority) == (first[0].job.job_id, USER)
+        assert "r" in there.registry and "r" not in here.registry
+    finally:
+        here_db.close()
+        there_db.close()

@@ -15,8 +15,14 @@ def test_round_trip(store_url: str) -> None:
     q = JobQueue(db)
     now = datetime.now(UTC)
     with db.transaction() as s:
-        realms_sql.insert_realm(s, realm_id="r1", display_name="R1", priority=10, now=now)
-        realms_sql.put_files(s, realm_id="r1", files=[("a.json", b"{}"), ("b.txt", b"hi")], now=now)
+        realms_sql.insert_new_realm(
+            s,
+            realm_id="r1",
+            display_name="R1",
+            priority=10,
+            now=now,
+            files=[("a.json", b"{}"), ("b.txt", b"hi")],
+        )
         first = q.enqueue_in(s, "r1", JobKind.FROM_SCRATCH, 10)
     assert first.disposition is Disposition.INSERTED
     again = q.enqueue("r1", JobKind.FROM_SCRATCH, 20)
