@@ -97,17 +97,18 @@ class JobQueue:
         # must never list a path twice, or as both updated and deleted.
         paths = jobs_sql.merge_paths((), paths)
         for _ in range(3):
-            queued = jobs_sql.queued_job(session, realm_id, kind)
-            if kind is JobKind.INCREMENTAL and queued is None:
-                scratch = jobs_sql.queued_job(session, realm_id, JobKind.FROM_SCRATCH)
+            queued = jobs_sql.queued_jobs(session, realm_id)
+            if kind is JobKind.INCREMENTAL and kind.value not in queued:
+                scratch = queued.get(JobKind.FROM_SCRATCH.value)
                 if scratch is not None:  # it has not started: it will see the change
                     jobs_sql.merge_into(scratch, priority)
                     session.flush()
                     return EnqueueResult(jobs_sql.to_job(scratch), Disposition.MERGED)
-            if queued is not None:
-                jobs_sql.merge_into(queued, priority, paths)
+            target = queued.get(kind.value)
+            if target is not None:
+                jobs_sql.merge_into(target, priority, paths)
                 session.flush()
-                return EnqueueResult(jobs_sql.to_job(queued), Disposition.MERGED)
+                return EnqueueResult(jobs_sql.to_job(target), Disposition.MERGED)
             running = jobs_sql.running_job(session, realm_id)
             if running is not None and running.kind == kind.value:
                 if kind is JobKind.FROM_SCRATCH and not content_changed:

@@ -126,6 +126,20 @@ def queued_job(session: Session, realm_id: str, kind: JobKind) -> JobRow | None:
     ).first()
 
 
+def queued_jobs(session: Session, realm_id: str) -> dict[str, JobRow]:
+    """The realm's queued jobs by kind (at most one each), locked as
+    `queued_job` locks, in one read for both kinds."""
+    return {
+        row.kind: row
+        for row in session.scalars(
+            select(JobRow)
+            .where(JobRow.realm_id == realm_id, JobRow.state == "queued")
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
+
+
 def running_job(session: Session, realm_id: str) -> JobRow | None:
     return session.scalars(
         select(JobRow).where(JobRow.realm_id == realm_id, JobRow.state == "running")
@@ -190,7 +204,13 @@ def try_insert_job(
     paths: Sequence[PathChange] = (),
 ) -> JobRow | None:
     """Insert in a savepoint; None when the unique index refused it (a
-    concurrent enqueuer's job exists now), leaving the outer transaction usable."""
+    concurrent enqueuer's job exists now), leaving the outer transaction usable.
+    On SQLite the transaction holds the only write lock: no concurrent
+    enqueuer exists, and the savepoint's two statements are saved."""
+    if session.get_bind().dialect.name != "postgresql":
+        return insert_job(
+            session, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
+        )
     try:
         with session.begin_nested():
             return insert_job(
