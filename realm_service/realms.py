@@ -1,10 +1,12 @@
 """Realm use cases: create (mount, then exactly one first index), the
 per-process registry of mounted realms, files, search.
 
-The one enqueue site for a realm's first index is `JobQueue.ensure_first_index`,
-called by the mount pipeline with the caller's priority. CreateRealm mounts the
-realm in this process before its transaction commits, and the realm's row,
-files and job commit together: once a worker can claim the job, every instance
+A realm's first index job comes from CreateRealm, for the realm it has just
+inserted (`JobQueue.first_index_of_new_realm`), or from a mount of a realm
+that has none (`JobQueue.ensure_first_index`, which never adds one when one
+is queued, running or done). CreateRealm mounts the realm
+in this process before its transaction commits, and the realm's row, files
+and job commit together: once a worker can claim the job, every instance
 sharing the store can serve the realm (a lazy mount reads it from the store
 and never waits on its index).
 """

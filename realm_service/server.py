@@ -144,7 +144,11 @@ class RealmServer:
             task.cancel()
         # Bounded: a task that ignores its cancel is reported, not waited on
         # forever, so a stop always ends.
-        done, pending = await asyncio.wait(self.tasks, timeout=STOP_TASKS_SECONDS)
+        done, pending = (
+            await asyncio.wait(self.tasks, timeout=STOP_TASKS_SECONDS)
+            if self.tasks
+            else (set(), set())
+        )
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.warning("task %s had failed: %s", task.get_name(), task.exception())

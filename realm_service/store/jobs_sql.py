@@ -222,19 +222,27 @@ def try_insert_job(
 
 def active_from_scratch(session: Session, realm_ids: Sequence[str]) -> dict[str, JobRow]:
     """Each of these realms' queued from-scratch job (locked, as
-    `queued_job`), else its running one; realms with neither are left out."""
+    `queued_job`), else its running one; realms with neither are left out.
+    Queued first: on PostgreSQL a claim committing while this waits for the
+    lock takes the job out of the queued read, and the running read, a later
+    statement, sees it running. Rows already in the session are refreshed."""
     if not realm_ids:
         return {}
     scratch = (JobRow.realm_id.in_(realm_ids), JobRow.kind == JobKind.FROM_SCRATCH.value)
-    active = {
+    fresh = {"populate_existing": True}
+    queued = {
         row.realm_id: row
-        for row in session.scalars(select(JobRow).where(*scratch, JobRow.state == "running"))
+        for row in session.scalars(
+            select(JobRow)
+            .where(*scratch, JobRow.state == "queued")
+            .with_for_update()
+            .execution_options(**fresh)
+        )
     }
-    for row in session.scalars(
-        select(JobRow).where(*scratch, JobRow.state == "queued").with_for_update()
-    ):
-        active[row.realm_id] = row
-    return active
+    running = session.scalars(
+        select(JobRow).where(*scratch, JobRow.state == "running").execution_options(**fresh)
+    )
+    return {**{row.realm_id: row for row in running}, **queued}
 
 
 def try_insert_from_scratch_jobs(

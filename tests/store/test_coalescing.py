@@ -3,6 +3,8 @@ each enqueue reports."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +16,7 @@ from realm_service.domain import SYSTEM, USER, Disposition, JobKind, JobState, P
 from realm_service.errors import RealmNotFound
 from realm_service.queue import JobQueue
 from realm_service.store import jobs_sql
+from realm_service.store.db import open_database
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -343,3 +346,35 @@ def test_enqueue_all_coalesces_with_a_job_inserted_under_it(
     assert sorted(j.realm_id for j in fs) == ["r0", "r1", "r2", "r3"]
     [r2] = [j for j in fs if j.realm_id == "r2"]
     assert (r2.job_id, r2.priority) == (sneaked[0], USER)
+
+
+def test_enqueue_all_attaches_to_a_job_claimed_while_it_waits(pg_url: str) -> None:
+    """PostgreSQL: another instance's claim holds a realm's queued from-scratch
+    job and commits while the reindex waits for that row. The reindex must see
+    the job running and attach to it, not take the realm for one with no job
+    and queue a second from-scratch job."""
+    import psycopg
+
+    db = open_database(pg_url)
+    queue = JobQueue(db)
+    try:
+        make_realm(queue, "r")
+        job_id = queue.enqueue("r", FS, SYSTEM).job.job_id
+        conninfo = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(conninfo) as claimer:  # a claim, not yet committed
+            claimer.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            claimer.execute(
+                "UPDATE jobs SET state = 'running', attempt = 1, lease_id = 'other' WHERE id = %s",
+                (job_id,),
+            )
+            reindex: list[tuple[int, int]] = []
+            thread = threading.Thread(target=lambda: reindex.append(queue.enqueue_all(USER)))
+            thread.start()
+            time.sleep(0.5)  # it now waits for the claimed row
+            claimer.commit()
+        thread.join(30)
+        assert reindex == [(0, 1)]
+        fs = [(j.job_id, j.state) for j in queue.list_jobs(realm_id="r", kind=FS)]
+        assert fs == [(job_id, JobState.RUNNING)]
+    finally:
+        db.close()
