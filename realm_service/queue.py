@@ -97,7 +97,13 @@ class JobQueue:
         # must never list a path twice, or as both updated and deleted.
         paths = jobs_sql.merge_paths((), paths)
         for _ in range(3):
-            queued = jobs_sql.queued_jobs(session, realm_id)
+            # An incremental change may merge into a queued from-scratch job;
+            # a from-scratch one needs (and locks) only its own kind.
+            queued = jobs_sql.queued_jobs(
+                session,
+                realm_id,
+                [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind],
+            )
             if kind is JobKind.INCREMENTAL and kind.value not in queued:
                 scratch = queued.get(JobKind.FROM_SCRATCH.value)
                 if scratch is not None:  # it has not started: it will see the change

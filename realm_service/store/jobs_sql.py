@@ -126,14 +126,18 @@ def queued_job(session: Session, realm_id: str, kind: JobKind) -> JobRow | None:
     ).first()
 
 
-def queued_jobs(session: Session, realm_id: str) -> dict[str, JobRow]:
-    """The realm's queued jobs by kind (at most one each), locked as
-    `queued_job` locks, in one read for both kinds."""
+def queued_jobs(session: Session, realm_id: str, kinds: Sequence[JobKind]) -> dict[str, JobRow]:
+    """The realm's queued jobs of these kinds (at most one each), locked as
+    `queued_job` locks, in one read."""
     return {
         row.kind: row
         for row in session.scalars(
             select(JobRow)
-            .where(JobRow.realm_id == realm_id, JobRow.state == "queued")
+            .where(
+                JobRow.realm_id == realm_id,
+                JobRow.state == "queued",
+                JobRow.kind.in_([k.value for k in kinds]),
+            )
             .with_for_update()
             .execution_options(populate_existing=True)
         )
