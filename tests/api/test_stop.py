@@ -51,8 +51,9 @@ def test_a_watch_ends_on_a_cancel_that_meets_a_change(live: LiveServer) -> None:
                 seen += 1
 
         task = asyncio.create_task(follow())
-        while seen == 0:  # the first snapshot is out: it now waits for a change
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while seen == 0:  # the first snapshot is out: it now waits for a change
+                await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         watch._changed(job_id)  # the change and the cancel land in one turn of the loop
         task.cancel()
