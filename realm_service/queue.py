@@ -6,6 +6,7 @@ creation) so the change and its job commit together.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,22 +61,14 @@ class JobQueue:
         paths: Sequence[PathChange] = (),
         content_changed: bool = False,
     ) -> EnqueueResult:
-        for attempt in range(5):
-            try:
-                with self.db.transaction() as session:
-                    realms_sql.get_realm(session, realm_id)
-                    result = self.enqueue_in(
-                        session,
-                        realm_id,
-                        kind,
-                        priority,
-                        paths=paths,
-                        content_changed=content_changed,
-                    )
-                break
-            except Conflict:
-                if attempt == 4:
-                    raise
+
+        def work(session: Session) -> EnqueueResult:
+            realms_sql.get_realm(session, realm_id)
+            return self.enqueue_in(
+                session, realm_id, kind, priority, paths=paths, content_changed=content_changed
+            )
+
+        result = self.db.retrying(work)
         self.after_enqueue(result)
         return result
 
@@ -184,35 +177,46 @@ class JobQueue:
         inserted = realms = 0
         after: str | None = None
         while True:
-            now = self.clock()
-            with self.db.transaction() as session:
-                ids = realms_sql.realm_ids_page(session, after=after, limit=batch)
-                active = jobs_sql.active_from_scratch(session, ids)
-                rows = jobs_sql.try_insert_from_scratch_jobs(
-                    session, [r for r in ids if r not in active], priority=priority, now=now
+            ids, results = self.db.retrying(
+                functools.partial(
+                    self._enqueue_page,
+                    after=after,
+                    limit=batch,
+                    priority=priority,
+                    now=self.clock(),
                 )
-                if rows is None:  # a concurrent enqueuer was first: coalesce each
-                    results = [
-                        self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
-                        for realm_id in ids
-                    ]
-                else:
-                    if rows:
-                        self.db.announce_new_work(session)
-                    outcomes = [(row, Disposition.INSERTED) for row in rows]
-                    for row in active.values():
-                        if row.state == "queued":
-                            jobs_sql.merge_into(row, priority)
-                            outcomes.append((row, Disposition.MERGED))
-                        else:  # running, and a reindex does not say the content changed
-                            outcomes.append((row, Disposition.ATTACHED))
-                    session.flush()
-                    results = [EnqueueResult(jobs_sql.to_job(r), d) for r, d in outcomes]
+            )
             inserted += self._after_enqueue_many(results)
             realms += len(ids)
             if len(ids) < batch:
                 return inserted, realms
             after = ids[-1]
+
+    def _enqueue_page(
+        self, session: Session, *, after: str | None, limit: int, priority: int, now: datetime
+    ) -> tuple[list[str], list[EnqueueResult]]:
+        """One page of `enqueue_all`: its realm ids and what each got."""
+        ids = realms_sql.realm_ids_page(session, after=after, limit=limit)
+        active = jobs_sql.active_from_scratch(session, ids)
+        rows = jobs_sql.try_insert_from_scratch_jobs(
+            session, [r for r in ids if r not in active], priority=priority, now=now
+        )
+        if rows is None:  # a concurrent enqueuer was first: coalesce each
+            return ids, [
+                self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
+                for realm_id in ids
+            ]
+        if rows:
+            self.db.announce_new_work(session)
+        outcomes = [(row, Disposition.INSERTED) for row in rows]
+        for row in active.values():
+            if row.state == "queued":
+                jobs_sql.merge_into(row, priority)
+                outcomes.append((row, Disposition.MERGED))
+            else:  # running, and a reindex does not say the content changed
+                outcomes.append((row, Disposition.ATTACHED))
+        session.flush()
+        return ids, [EnqueueResult(jobs_sql.to_job(r), d) for r, d in outcomes]
 
     def _after_enqueue_many(self, results: Sequence[EnqueueResult]) -> int:
         """`after_enqueue` for a committed batch; returns how many it added."""
@@ -253,43 +257,41 @@ class JobQueue:
             return []
         now = self.clock()
         until = now + self.settings.lease_duration
-        for attempt in range(5):
-            try:
-                with self.db.transaction() as session:
-                    leases, leftover = jobs_sql.claim(
-                        session,
-                        limit=limit,
-                        min_priority=min_priority
-                        if system_limit is None
-                        else max(min_priority, SYSTEM + 1),
-                        max_priority=None,
-                        kinds=kinds,
-                        worker=worker,
-                        now=now,
-                        lease_until=until,
-                    )
-                    room = min(limit - len(leases), system_limit or 0)
-                    if system_limit is not None and room > 0 and min_priority <= SYSTEM:
-                        more, left_system = jobs_sql.claim(
-                            session,
-                            limit=room,
-                            min_priority=min_priority,
-                            max_priority=SYSTEM,
-                            kinds=kinds,
-                            worker=worker,
-                            now=now,
-                            lease_until=until,
-                        )
-                        leases += more
-                        leftover = leftover or left_system
-                    if leftover:
-                        # Other instances skipped the rows this claim locked
-                        # and left: wake them to look again once it commits.
-                        self.db.announce_new_work(session)
-                break
-            except Conflict:
-                if attempt == 4:
-                    raise
+
+        def work(session: Session) -> list[Lease]:
+            leases, leftover = jobs_sql.claim(
+                session,
+                limit=limit,
+                min_priority=min_priority
+                if system_limit is None
+                else max(min_priority, SYSTEM + 1),
+                max_priority=None,
+                kinds=kinds,
+                worker=worker,
+                now=now,
+                lease_until=until,
+            )
+            room = min(limit - len(leases), system_limit or 0)
+            if system_limit is not None and room > 0 and min_priority <= SYSTEM:
+                more, left_system = jobs_sql.claim(
+                    session,
+                    limit=room,
+                    min_priority=min_priority,
+                    max_priority=SYSTEM,
+                    kinds=kinds,
+                    worker=worker,
+                    now=now,
+                    lease_until=until,
+                )
+                leases += more
+                leftover = leftover or left_system
+            if leftover:
+                # Other instances skipped the rows this claim locked and
+                # left: wake them to look again once it commits.
+                self.db.announce_new_work(session)
+            return leases
+
+        leases = self.db.retrying(work)
         for lease in leases:
             log.info(
                 "job running job=%s realm=%s lease=%s worker=%s priority=%s attempt=%s",
@@ -345,8 +347,11 @@ class JobQueue:
         entry count does not match, is refused (its StaleLease is returned and
         nothing of it is applied) while the others complete."""
         now = self.clock()
-        done: dict[str, Job | StaleLease] = {}
-        with self.db.transaction() as session:
+
+        def work(
+            session: Session,
+        ) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
+            done: dict[str, Job | StaleLease] = {}
             rows = jobs_sql.held_many(session, [lease_id for lease_id, _ in results])
             accepted: list[tuple[str, jobs_sql.HeldJob]] = []
             counted: list[tuple[str, jobs_sql.HeldJob, int]] = []
@@ -386,6 +391,9 @@ class JobQueue:
             finished = [
                 (lease_id, job) for (lease_id, _), job in zip(accepted, succeeded, strict=True)
             ]
+            return done, finished
+
+        done, finished = self.db.retrying(work)
         for lease_id, job in finished:
             done[lease_id] = job
             self._log_end(job, lease_id, "succeeded")
@@ -397,10 +405,13 @@ class JobQueue:
     def fail(self, lease_id: str, message: str, *, permanent: bool = False) -> Job:
         """A failed attempt: counts toward the cap; retried until it is reached."""
         now = self.clock()
-        with self.db.transaction() as session:
+
+        def work(session: Session) -> Job:
             row = jobs_sql.current(session, lease_id)
             jobs_sql.end_attempt(session, row.lease_attempt_id, AttemptOutcome.FAILED, now, message)
-            job = self._count_failure(session, row, message, now, permanent=permanent)
+            return self._count_failure(session, row, message, now, permanent=permanent)
+
+        job = self.db.retrying(work)
         self._log_end(job, lease_id, job.state.value)
         self.db.jobs_changed([job.job_id])
         self.db.new_work_committed()
@@ -410,8 +421,9 @@ class JobQueue:
         """Interrupted attempts (stream closed, drain, shutdown): requeued at
         once, not counted. Stale leases are skipped."""
         now = self.clock()
-        jobs: list[Job] = []
-        with self.db.transaction() as session:
+
+        def work(session: Session) -> list[Job]:
+            jobs: list[Job] = []
             for lease_id in lease_ids:
                 try:
                     row = jobs_sql.current(session, lease_id)
@@ -424,6 +436,9 @@ class JobQueue:
                 jobs.append(jobs_sql.to_job(row))
             if jobs:
                 self.db.announce_new_work(session)
+            return jobs
+
+        jobs = self.db.retrying(work)
         for job in jobs:
             log.info("job requeued job=%s realm=%s reason=%s", job.job_id, job.realm_id, reason)
         if jobs:
@@ -435,7 +450,8 @@ class JobQueue:
         """Leases past their expiry (a crashed server or silent worker) count
         as bad attempts: requeued, or failed once the cap is reached."""
         now = self.clock()
-        with self.db.transaction() as session:
+
+        def work(session: Session) -> list[Job]:
             jobs = []
             for row in jobs_sql.expired(session, now, limit):
                 jobs_sql.end_attempt(
@@ -444,6 +460,9 @@ class JobQueue:
                 jobs.append(self._count_failure(session, row, "lease expired", now))
             if jobs:
                 self.db.announce_new_work(session)
+            return jobs
+
+        jobs = self.db.retrying(work)
         for job in jobs:
             log.info(
                 "job lease expired job=%s realm=%s state=%s", job.job_id, job.realm_id, job.state

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session
+
 from realm_service.clock import Clock, utcnow
 from realm_service.domain import (
     INDEX_JSON,
@@ -312,12 +314,13 @@ class Realms:
         validate_path(path)
         validate_content(content, self.max_file_size)
         prio = validate_priority(priority, USER)
-        with self.db.transaction() as s:
+
+        def work(s: Session) -> tuple[RealmFile, EnqueueResult]:
             realms_sql.get_realm(s, realm_id, lock=True)
             stored = realms_sql.put_file(
                 s, realm_id=realm_id, path=path, content=content, now=self.clock()
             )
-            result = self.queue.enqueue_in(
+            return stored, self.queue.enqueue_in(
                 s,
                 realm_id,
                 JobKind.INCREMENTAL,
@@ -325,6 +328,8 @@ class Realms:
                 paths=[PathChange(path, False)],
                 content_changed=True,
             )
+
+        stored, result = self.db.retrying(work)
         self.queue.after_enqueue(result)
         return stored, result
 
@@ -332,10 +337,11 @@ class Realms:
         validate_realm_id(realm_id)
         validate_path(path)
         prio = validate_priority(priority, USER)
-        with self.db.transaction() as s:
+
+        def work(s: Session) -> EnqueueResult:
             realms_sql.get_realm(s, realm_id, lock=True)
             realms_sql.delete_file(s, realm_id=realm_id, path=path)
-            result = self.queue.enqueue_in(
+            return self.queue.enqueue_in(
                 s,
                 realm_id,
                 JobKind.INCREMENTAL,
@@ -343,6 +349,8 @@ class Realms:
                 paths=[PathChange(path, True)],
                 content_changed=True,
             )
+
+        result = self.db.retrying(work)
         self.queue.after_enqueue(result)
         return result
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Engine
@@ -41,6 +41,10 @@ def normalize_url(url: str) -> str:
     return url
 
 
+_RETRYABLE_SQLSTATES = ("40P01", "40001")  # deadlock_detected, serialization_failure
+T = TypeVar("T")
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """Storage errors become domain errors at the store's edge."""
@@ -51,6 +55,10 @@ def translate_errors() -> Iterator[None]:
     except (exc.OperationalError, exc.InterfaceError) as e:
         if "database is locked" in str(e):
             raise Conflict("the store is busy; retry") from e
+        if getattr(e.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+            # PostgreSQL resolved a deadlock or a serialization failure
+            # against this transaction: the work is sound, its timing was not.
+            raise Conflict(f"a concurrent change conflicted: {e.orig.__class__.__name__}") from e
         raise StoreUnavailable(f"the store is unreachable: {e.orig.__class__.__name__}") from e
     except exc.DBAPIError as e:
         if getattr(e, "connection_invalidated", False):
@@ -129,6 +137,20 @@ class Database:
         """A session inside one transaction, with storage errors translated."""
         with self._write_turn, translate_errors(), self.sessions() as session, session.begin():
             yield session
+
+    def retrying(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+        """`work` in a transaction, run again (up to `attempts` times in all)
+        when it conflicts with a concurrent change: a unique index, a deadlock
+        or serialization failure PostgreSQL resolved against it, a busy
+        SQLite. `work` keeps its effects outside the session for after."""
+        for attempt in range(attempts):
+            try:
+                with self.transaction() as session:
+                    return work(session)
+            except Conflict:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[Session]:
