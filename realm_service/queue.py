@@ -316,14 +316,15 @@ class JobQueue:
         leases = list(progress)
         values = progress if isinstance(progress, dict) else {}
         until = self.clock() + self.settings.lease_duration
-        with self.db.transaction() as session:
-            extended = jobs_sql.extend(session, leases, until, values)
+        extended = self.db.retrying(
+            functools.partial(jobs_sql.extend, lease_ids=leases, until=until, progress=values)
+        )
         return {lease: (until if lease in extended else None) for lease in leases}
 
     def add_entries(
         self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str] = ()
     ) -> None:
-        with self.db.transaction() as session:
+        def work(session: Session) -> None:
             row = jobs_sql.current(session, lease_id, lock=False)
             assert row.lease_attempt_id is not None
             realms_sql.stage_entries(
@@ -333,6 +334,8 @@ class JobQueue:
                 entries=entries,
                 deleted_paths=deleted_paths,
             )
+
+        self.db.retrying(work)
 
     def complete(self, lease_id: str, *, entries_uploaded: int = 0) -> Job:
         """Finish a lease successfully; the job's entries become the realm's index."""

@@ -230,11 +230,14 @@ class Realms:
         if realm_id in self.registry:
             return
         validate_realm_id(realm_id)
-        enqueued: Job | None = None
-        with self.db.transaction() as s:
+
+        def work(s: Session) -> Job | None:
             realm = realms_sql.get_realm(s, realm_id)
-            if realm.current_generation is None:
-                enqueued = self.queue.ensure_first_index(s, realm_id, realm.created_priority)
+            if realm.current_generation is not None:
+                return None
+            return self.queue.ensure_first_index(s, realm_id, realm.created_priority)
+
+        enqueued = self.db.retrying(work)
         self.registry.mount(realm_id)
         if enqueued is not None:
             self.queue.after_enqueue(EnqueueResult(enqueued, Disposition.INSERTED))
