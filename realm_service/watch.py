@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from realm_service.domain import Job
 from realm_service.queue import JobQueue
@@ -30,7 +30,7 @@ class JobWatch:
         for event in self._events.get(job_id, ()):
             event.set()
 
-    async def follow(self, job_id: int) -> AsyncIterator[Job]:
+    async def follow(self, job_id: int) -> AsyncGenerator[Job, None]:
         """Snapshots of the job until (and including) a terminal one."""
         event = asyncio.Event()
         self._events.setdefault(job_id, set()).add(event)

@@ -76,7 +76,12 @@ class ClaimSession:
         self,
         requests: AsyncIterator[spb.ClaimJobsRequest],
         context: grpc.aio.ServicerContext[spb.ClaimJobsRequest, spb.ClaimJobsResponse],
-    ) -> AsyncIterator[spb.ClaimJobsResponse]:
+    ) -> None:
+        """Serve the stream until either side ends it. Responses are written
+        with `context.write`, not yielded: when the worker goes away, the
+        cancel lands in this coroutine wherever it waits, and its holds are
+        released at once (an abandoned async generator would release them
+        only when the garbage collector finalized it)."""
         try:
             async with asyncio.timeout(30):
                 first = await anext(requests)
@@ -94,18 +99,22 @@ class ClaimSession:
         reader = asyncio.create_task(self._read(requests))
         pinger = asyncio.create_task(self._ping())
         try:
-            yield spb.ClaimJobsResponse(
-                settings=spb.StreamSettings(
-                    lease_duration=_duration(self.queue.settings.lease_duration.total_seconds()),
-                    heartbeat_interval=_duration(self.heartbeat_seconds),
-                    stream_id=stream.stream_id,
+            await context.write(
+                spb.ClaimJobsResponse(
+                    settings=spb.StreamSettings(
+                        lease_duration=_duration(
+                            self.queue.settings.lease_duration.total_seconds()
+                        ),
+                        heartbeat_interval=_duration(self.heartbeat_seconds),
+                        stream_id=stream.stream_id,
+                    )
                 )
             )
             while True:
                 message = await self.outbox.get()
                 if message is None:
                     break
-                yield message
+                await context.write(message)
             if self.error is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.error.message)
         finally:

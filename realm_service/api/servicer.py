@@ -9,6 +9,7 @@ traceback goes to the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -250,16 +251,20 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         token = c.encode_token("jobs", str(jobs[size - 1].job_id)) if len(jobs) > size else ""
         return spb.ListJobsResponse(jobs=[c.job_pb(j) for j in jobs[:size]], next_page_token=token)
 
-    async def WatchJob(
+    async def WatchJob(  # type: ignore[override]  # the reader/writer form
         self, request: spb.WatchJobRequest, context: Ctx
-    ) -> AsyncIterator[spb.WatchJobResponse]:
+    ) -> None:
+        # Written, not yielded (as ClaimJobs): a cancel lands here, and the
+        # follow is closed at once rather than when the garbage collector
+        # finalizes it.
         try:
             job_id = c.job_id(request.job_id)
             last: Job | None = None
-            async for job in self.watch.follow(job_id):
-                if job != last:
-                    yield spb.WatchJobResponse(job=c.job_pb(job))
-                    last = job
+            async with contextlib.aclosing(self.watch.follow(job_id)) as snapshots:
+                async for job in snapshots:
+                    if job != last:
+                        await context.write(spb.WatchJobResponse(job=c.job_pb(job)))
+                        last = job
         except RealmError as e:
             await context.abort(status_of(e), e.message)
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -268,9 +273,9 @@ class RealmServicer(sgrpc.RealmServiceServicer):
             log.exception("internal error in WatchJob")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
-    async def ClaimJobs(
+    async def ClaimJobs(  # type: ignore[override]  # the reader/writer form
         self, request_iterator: AsyncIterator[spb.ClaimJobsRequest], context: Ctx
-    ) -> AsyncIterator[spb.ClaimJobsResponse]:
+    ) -> None:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         session = ClaimSession(
@@ -281,7 +286,6 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         )
         self.sessions.add(session)
         try:
-            async for message in session.run(request_iterator, context):
-                yield message
+            await session.run(request_iterator, context)
         finally:
             self.sessions.discard(session)
