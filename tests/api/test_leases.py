@@ -51,8 +51,10 @@ def _refusals(stream: StreamClient, count: int) -> list[spb.LeaseAck]:
 def test_stream_cut_mid_job_requeues_at_once_as_interrupted(
     live_with: Callable[..., LiveServer], cut: str
 ) -> None:
-    # A lease of 60 s: a requeue seen within the poll below cannot be the reaper's.
-    live = live_with(lease_seconds=60)
+    # A lease of 60 s and pings a minute apart: a requeue seen within the poll
+    # below is the cut's, not the reaper's nor the closing of a silent stream.
+    # The poll allows for a loaded machine; unloaded, the requeue takes ms.
+    live = live_with(lease_seconds=60, ping_seconds=60)
     created = create_realm(live.stub, "cut")
     job_id = created.job.job_id
     first = open_stream(live.stub, "w1", credits=1)
@@ -62,7 +64,7 @@ def test_stream_cut_mid_job_requeues_at_once_as_interrupted(
     first.cancel() if cut == "cancel" else first.close()
     poll(
         lambda: get_job(live.stub, job_id).state == pb.Job.STATE_QUEUED,
-        timeout=5,
+        timeout=20,
         what="the job back in the queue",
     )
     assert attempt_outcomes(live.srv.db, int(job_id)) == ["interrupted"]
