@@ -27,6 +27,7 @@ from index_worker.model import (
     DrainNotice,
     FileAccessError,
     FileInfo,
+    FilesUnavailableError,
     JobKind,
     JobOutcome,
     LeaseAck,
@@ -322,42 +323,66 @@ class ClaimStream:
         return self._call
 
 
+# Codes a realm file RPC may answer when the server cannot serve it for now;
+# the job is then released rather than failed.
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+def file_error(what: str, error: grpc.aio.AioRpcError) -> FileAccessError:
+    if error.code() in TRANSIENT_CODES:
+        return FilesUnavailableError(f"{what}: {describe(error)}")
+    return FileAccessError(f"{what}: {describe(error)}")
+
+
 class GrpcRealmFiles:
-    """ListRealmFiles and ReadRealmFile with a deadline, in the worker's terms."""
+    """ListRealmFiles and ReadRealmFile with a deadline, in the worker's terms,
+    each quoting the lease of the job that reads (the server binds a worker's
+    reads to the job it holds)."""
 
     def __init__(
         self,
         stub: pb_grpc.RealmServiceAsyncStub,
         metadata: tuple[tuple[str, str], ...],
         timeout: float,
+        lease_id: str = "",
     ) -> None:
         self._stub, self._metadata, self._timeout = stub, metadata, timeout
+        self._lease_id = lease_id
+
+    def for_lease(self, lease_id: str) -> GrpcRealmFiles:
+        return GrpcRealmFiles(self._stub, self._metadata, self._timeout, lease_id)
 
     async def list_files(self, realm_id: str) -> list[FileInfo]:
         try:
             response = await self._stub.ListRealmFiles(
-                pb.ListRealmFilesRequest(realm_id=realm_id),
+                pb.ListRealmFilesRequest(realm_id=realm_id, lease_id=self._lease_id),
                 metadata=self._metadata,
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise RealmGoneError(f"realm {realm_id} not found: {exc.details()}") from None
-            raise FileAccessError(f"ListRealmFiles({realm_id}): {describe(exc)}") from None
+            raise file_error(f"ListRealmFiles({realm_id})", exc) from None
         return [convert.file_info_from_proto(f) for f in response.files]
 
     async def read_file(self, realm_id: str, path: str) -> tuple[FileInfo, bytes] | None:
         """The file and its bytes, or None on NOT_FOUND (file or realm: ask list_files)."""
         try:
             response = await self._stub.ReadRealmFile(
-                pb.ReadRealmFileRequest(realm_id=realm_id, path=path),
+                pb.ReadRealmFileRequest(realm_id=realm_id, path=path, lease_id=self._lease_id),
                 metadata=self._metadata,
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            raise FileAccessError(f"ReadRealmFile({realm_id}, {path}): {describe(exc)}") from None
+            raise file_error(f"ReadRealmFile({realm_id}, {path})", exc) from None
         return convert.file_info_from_proto(response.file), response.content
 
 

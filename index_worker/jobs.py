@@ -27,6 +27,7 @@ from index_worker.model import (
     Assignment,
     FileAccessError,
     FileInfo,
+    FilesUnavailableError,
     JobKind,
     JobOutcome,
     Outcome,
@@ -54,6 +55,12 @@ class RealmFiles(Protocol):
     async def list_files(self, realm_id: str) -> list[FileInfo]: ...
 
     async def read_file(self, realm_id: str, path: str) -> tuple[FileInfo, bytes] | None: ...
+
+
+class FileSource(Protocol):
+    """Realm files as one job may read them: bound to the job's lease."""
+
+    def for_lease(self, lease_id: str) -> RealmFiles: ...
 
 
 Upload = Callable[[Sequence[IndexEntry], Sequence[str]], Awaitable[None]]
@@ -89,6 +96,8 @@ async def execute_job(
         raise
     except RealmGoneError as exc:
         return JobOutcome(lease_id, Outcome.FAILED_PERMANENTLY, str(exc))
+    except FilesUnavailableError as exc:
+        return JobOutcome(lease_id, Outcome.INTERRUPTED, str(exc))
     except FileAccessError as exc:
         return JobOutcome(lease_id, Outcome.FAILED, str(exc))
     except Exception as exc:

@@ -27,6 +27,10 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     # The job cannot succeed (its realm is gone): no retry.
     FAILED_PERMANENTLY = "failed-permanently"
+    # The server could not serve the job's files for now (its store is
+    # unreachable, it is stopping): the lease is released, which does not
+    # count as a failed attempt, and the job runs again later.
+    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -112,3 +116,8 @@ class RealmGoneError(Exception):
 
 class FileAccessError(Exception):
     """A realm file RPC failed for another reason (retryable at the job level)."""
+
+
+class FilesUnavailableError(FileAccessError):
+    """The server could not answer a realm file RPC for now (UNAVAILABLE,
+    RESOURCE_EXHAUSTED, ABORTED): not the job's fault."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from index_worker.client import ClaimStream, StreamBrokenError
 from index_worker.config import WorkerConfig
 from index_worker.indexer import IndexEntry
-from index_worker.jobs import JobLimits, RealmFiles, execute_job
+from index_worker.jobs import FileSource, JobLimits, execute_job
 from index_worker.model import (
     Assignment,
     DrainNotice,
@@ -50,7 +50,7 @@ class Session:
     def __init__(
         self,
         stream: ClaimStream,
-        files: RealmFiles,
+        files: FileSource,
         config: WorkerConfig,
         settings: StreamSettings,
     ) -> None:
@@ -186,7 +186,11 @@ class Session:
         else:
             try:
                 outcome = await execute_job(
-                    assignment, self._files, upload, held.progress, self._limits
+                    assignment,
+                    self._files.for_lease(lease_id),
+                    upload,
+                    held.progress,
+                    self._limits,
                 )
             except StreamClosedError:
                 return  # the session is ending; the server requeues the job
@@ -195,7 +199,12 @@ class Session:
         if self._held.get(lease_id) is not held:
             return
         del self._held[lease_id]
-        self._pending_results.append(outcome)
+        if outcome.outcome is Outcome.INTERRUPTED:
+            # Not the job's fault: give the lease back uncounted, so the job
+            # runs again once the server can serve its files.
+            self._stream.send_release([lease_id])
+        else:
+            self._pending_results.append(outcome)
         self._schedule_flush()
         fields = {**self._fields(assignment), "outcome": outcome.outcome.value}
         fields["entries"] = outcome.entries_uploaded

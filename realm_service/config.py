@@ -12,6 +12,7 @@ from pathlib import Path
 from realm_service.domain import DEFAULT_MAX_FILE_SIZE
 
 ROLES = ("client", "worker", "admin")
+SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,8 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     log_json: bool = False
+    sqlite_synchronous: str = "FULL"
+    request_id_retention_hours: float = 24.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -143,6 +146,20 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         help="largest file accepted, bytes (REALM_MAX_FILE_SIZE)",
     )
     p.add_argument(
+        "--sqlite-synchronous",
+        default=_env("SQLITE_SYNCHRONOUS", Settings.sqlite_synchronous),
+        help="SQLite store only: FULL (default) makes every acknowledged write survive "
+        "a power loss; NORMAL is faster but may lose the last writes on power loss "
+        "(REALM_SQLITE_SYNCHRONOUS)",
+    )
+    p.add_argument(
+        "--request-id-retention-hours",
+        type=float,
+        default=float(_env("REQUEST_ID_RETENTION_HOURS", "24")),
+        help="how long a request_id answers retries with its first result; older "
+        "ones are swept (REALM_REQUEST_ID_RETENTION_HOURS)",
+    )
+    p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING (REALM_LOG_LEVEL)",
@@ -172,6 +189,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         (args.reserved_slots >= 0, "--reserved-slots/REALM_RESERVED_SLOTS must be >= 0"),
         (args.max_file_size > 0, "--max-file-size/REALM_MAX_FILE_SIZE must be > 0"),
         (":" in args.listen, "--listen/REALM_LISTEN must be host:port"),
+        (
+            args.sqlite_synchronous.upper() in SQLITE_SYNCHRONOUS,
+            "--sqlite-synchronous/REALM_SQLITE_SYNCHRONOUS must be FULL or NORMAL",
+        ),
+        (
+            args.request_id_retention_hours > 0,
+            "--request-id-retention-hours/REALM_REQUEST_ID_RETENTION_HOURS must be > 0",
+        ),
     )
     for ok, message in checks:
         if not ok:
@@ -198,4 +223,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_file_size=args.max_file_size,
         log_level=args.log_level.upper(),
         log_json=args.log_json,
+        sqlite_synchronous=args.sqlite_synchronous.upper(),
+        request_id_retention_hours=args.request_id_retention_hours,
     )

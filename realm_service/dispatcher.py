@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from realm_service.domain import SYSTEM, JobKind, Lease
+from realm_service.errors import RealmError
 from realm_service.queue import JobQueue
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.queue.db.on_new_work(self.wake_threadsafe)
+        failing = False
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
             # cancel that arrives together with the wake-up, and a stop would
@@ -106,8 +108,16 @@ class Dispatcher:
             try:
                 while await self._round():
                     pass
+                failing = False
             except asyncio.CancelledError:
                 raise
+            except RealmError as e:
+                # The store is unreachable or busy: say so once, not once per
+                # round, and keep trying at the polling pace.
+                if not failing:
+                    log.warning("dispatch paused: %s; retrying", e)
+                failing = True
+                await asyncio.sleep(self.poll_seconds)
             except Exception:
                 log.exception("dispatch round failed; retrying")
                 await asyncio.sleep(0.2)

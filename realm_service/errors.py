@@ -13,6 +13,7 @@
     ├── Unauthenticated
     ├── Unavailable                 draining, or the store is unreachable
     │   └── StoreUnavailable
+    │       └── StoreFull           the store's disk is full: writes cannot commit
     └── Conflict                    a concurrent writer won; retry
 
 Domain and store code raise these; `realm_service.api` maps each to one gRPC
@@ -79,6 +80,10 @@ class Unavailable(RealmError):
 
 class StoreUnavailable(Unavailable):
     """The store is unreachable."""
+
+
+class StoreFull(StoreUnavailable):
+    """The store's disk is full: writes cannot commit until space is freed."""
 
 
 class Conflict(RealmError):

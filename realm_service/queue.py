@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import secrets
+import threading
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -29,7 +31,7 @@ from realm_service.domain import (
     RealmState,
 )
 from realm_service.errors import Conflict, StaleLease
-from realm_service.store import jobs_sql, realms_sql
+from realm_service.store import instances_sql, jobs_sql, realms_sql
 from realm_service.store.db import Database
 from realm_service.store.tables import JobRow
 
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 class QueueSettings:
     lease_duration: timedelta = timedelta(seconds=30)
     max_attempts: int = 3
+    # A server instance that has not refreshed its row for this long is
+    # taken for dead: leases its streams held are interruptions, not failures.
+    instance_timeout: timedelta = timedelta(seconds=10)
 
 
 class JobQueue:
@@ -49,6 +54,12 @@ class JobQueue:
         self.db = db
         self.settings = settings or QueueSettings()
         self.clock = clock
+        # Names this process in the leases it hands out (job_attempts.instance_id).
+        self.instance_id = secrets.token_hex(8)
+        # Leases whose streams closed while the store could not record the
+        # release; the reaper releases them (as interruptions) once it can.
+        self._unreleased: dict[str, str] = {}
+        self._unreleased_lock = threading.Lock()
 
     # -- enqueue ------------------------------------------------------------
 
@@ -270,6 +281,7 @@ class JobQueue:
                 worker=worker,
                 now=now,
                 lease_until=until,
+                instance_id=self.instance_id,
             )
             room = min(limit - len(leases), system_limit or 0)
             if system_limit is not None and room > 0 and min_priority <= SYSTEM:
@@ -282,6 +294,7 @@ class JobQueue:
                     worker=worker,
                     now=now,
                     lease_until=until,
+                    instance_id=self.instance_id,
                 )
                 leases += more
                 leftover = leftover or left_system
@@ -449,31 +462,137 @@ class JobQueue:
             self.db.new_work_committed()
         return jobs
 
-    def reap_expired(self, limit: int = 1000) -> list[Job]:
-        """Leases past their expiry (a crashed server or silent worker) count
-        as bad attempts: requeued, or failed once the cap is reached."""
+    def defer_release(self, lease_ids: Sequence[str], reason: str) -> None:
+        """Remember leases whose release could not be recorded (the store was
+        unreachable): `release_deferred` records it later, and the reaper
+        treats them as interrupted if they expire first."""
+        with self._unreleased_lock:
+            for lease_id in lease_ids:
+                self._unreleased[lease_id] = reason
+
+    def release_deferred(self) -> list[Job]:
+        """Record the releases `defer_release` kept; they stay kept if the
+        store still cannot take them."""
+        with self._unreleased_lock:
+            pending = dict(self._unreleased)
+        if not pending:
+            return []
+        jobs: list[Job] = []
+        for reason in set(pending.values()):
+            jobs += self.release([lease for lease, r in pending.items() if r == reason], reason)
+        with self._unreleased_lock:
+            for lease_id in pending:
+                self._unreleased.pop(lease_id, None)
+        return jobs
+
+    def reap_expired(self, limit: int = 1000, *, held: Collection[str] | None = None) -> list[Job]:
+        """End leases past their expiry. Who held the lease decides how:
+
+        - this instance, and one of its streams still holds it (`held`): the
+          worker went silent, a bad attempt: requeued, or failed at the cap;
+        - this instance, and no stream holds it (the stream closed while the
+          store was unreachable): an interruption, not counted;
+        - another instance that is gone (it stopped refreshing its row): an
+          interruption; a server crash is not the job's fault;
+        - another live instance: left to it, since only it knows whether its
+          stream still holds the lease;
+        - not recorded (leases from before instances were): a bad attempt.
+
+        With `held` None every lease of this instance counts as held.
+        """
         now = self.clock()
+        seen_after = now - self.settings.instance_timeout
+        with self._unreleased_lock:
+            unreleased = set(self._unreleased)
 
-        def work(session: Session) -> list[Job]:
-            jobs = []
-            for row in jobs_sql.expired(session, now, limit):
-                jobs_sql.end_attempt(
-                    session, row.lease_attempt_id, AttemptOutcome.EXPIRED, now, "lease expired"
-                )
-                jobs.append(self._count_failure(session, row, "lease expired", now))
-            if jobs:
+        def work(session: Session) -> tuple[list[Job], list[Job], list[str]]:
+            rows = jobs_sql.expired(session, now, limit)
+            holders = instances_sql.holders(
+                session, [r.lease_attempt_id for r in rows if r.lease_attempt_id is not None]
+            )
+            others = [h for h in holders.values() if h and h != self.instance_id]
+            alive = instances_sql.live(session, others, seen_after)
+            counted: list[Job] = []
+            interrupted: list[Job] = []
+            settled: list[str] = []
+            for row in rows:
+                holder = holders.get(row.lease_attempt_id or 0, "")
+                lease_id = row.lease_id or ""
+                if holder == self.instance_id:
+                    silent = lease_id not in unreleased and (held is None or lease_id in held)
+                    reason = "lease expired" if silent else "stream closed"
+                elif holder in alive:
+                    continue
+                elif holder:
+                    silent, reason = False, f"server instance {holder} stopped"
+                else:
+                    silent, reason = True, "lease expired"
+                settled.append(lease_id)
+                if silent:
+                    jobs_sql.end_attempt(
+                        session, row.lease_attempt_id, AttemptOutcome.EXPIRED, now, reason
+                    )
+                    counted.append(self._count_failure(session, row, reason, now))
+                else:
+                    jobs_sql.end_attempt(
+                        session, row.lease_attempt_id, AttemptOutcome.INTERRUPTED, now, reason
+                    )
+                    jobs_sql.requeue(session, row)
+                    interrupted.append(jobs_sql.to_job(row))
+            if counted or interrupted:
                 self.db.announce_new_work(session)
-            return jobs
+            return counted, interrupted, settled
 
-        jobs = self.db.retrying(work)
-        for job in jobs:
+        counted, interrupted, settled = self.db.retrying(work)
+        with self._unreleased_lock:
+            for lease_id in settled:
+                self._unreleased.pop(lease_id, None)
+        for job in counted:
             log.info(
                 "job lease expired job=%s realm=%s state=%s", job.job_id, job.realm_id, job.state
             )
+        for job in interrupted:
+            log.info("job requeued job=%s realm=%s reason=lease orphaned", job.job_id, job.realm_id)
+        jobs = counted + interrupted
         if jobs:
             self.db.jobs_changed([j.job_id for j in jobs])
             self.db.new_work_committed()
         return jobs
+
+    # -- server instances ---------------------------------------------------------
+
+    def register_instance(self) -> None:
+        now = self.clock()
+        self.db.retrying(
+            functools.partial(instances_sql.register, instance_id=self.instance_id, now=now)
+        )
+
+    def touch_instance(self) -> None:
+        """Say this instance is alive; also the health check's write probe
+        (raises StoreUnavailable or StoreFull when writes cannot commit)."""
+        now = self.clock()
+
+        def work(session: Session) -> None:
+            if not instances_sql.touch(session, self.instance_id, now):
+                instances_sql.register(session, self.instance_id, now)
+
+        self.db.retrying(work)
+
+    def unregister_instance(self) -> None:
+        self.db.retrying(functools.partial(instances_sql.remove, instance_ids=[self.instance_id]))
+
+    def forget_dead_instances(self) -> int:
+        """Delete rows of instances gone for long: their leases were reaped by then."""
+        before = self.clock() - 10 * max(
+            self.settings.instance_timeout, self.settings.lease_duration
+        )
+
+        def work(session: Session) -> int:
+            dead = [i for i in instances_sql.stale(session, before) if i != self.instance_id]
+            instances_sql.remove(session, dead)
+            return len(dead)
+
+        return self.db.retrying(work)
 
     def _count_failure(
         self,

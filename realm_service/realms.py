@@ -13,11 +13,13 @@ and never waits on its index).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
@@ -259,14 +261,33 @@ class Realms:
             after = ids[-1]
         return mounted
 
-    def check_worker_access(self, realm_id: str) -> None:
-        """Workers read only realms whose job is running (a lease is held)."""
+    def check_worker_access(self, realm_id: str, lease_id: str) -> None:
+        """Workers read a realm only under the lease of its running job: the
+        lease id is a secret handed out on the worker's own ClaimJobs stream,
+        so quoting it binds the read to the job the caller holds."""
         validate_realm_id(realm_id)
+        if not lease_id:
+            raise PermissionDenied(
+                "workers must quote lease_id, the lease of their running job of the realm"
+            )
         with self.db.read_transaction() as s:
-            if not jobs_sql.realm_has_running_job(s, realm_id):
+            if not jobs_sql.lease_runs_realm(s, lease_id[:64], realm_id):
                 raise PermissionDenied(
-                    f"workers may read only realms of jobs they hold; {realm_id!r} has none running"
+                    f"lease_id is not the current lease of a running job of realm {realm_id!r}"
                 )
+
+    def sweep_request_ids(self, retention: timedelta, *, batch: int = 1000) -> int:
+        """Forget request ids older than `retention`; a retry after that is a
+        new request. Swept in bounded batches; returns how many went."""
+        before = self.clock() - retention
+        swept = 0
+        while True:
+            n = self.db.retrying(
+                functools.partial(realms_sql.sweep_keys, before=before, limit=batch)
+            )
+            swept += n
+            if n < batch:
+                return swept
 
     # -- reads ----------------------------------------------------------------
 

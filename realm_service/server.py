@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from realm_service.api.servicer import RealmServicer
 from realm_service.config import Settings
 from realm_service.dispatcher import Dispatcher
 from realm_service.domain import Lease
+from realm_service.errors import RealmError
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.realms import Realms
 from realm_service.store.db import Database, open_database
@@ -32,6 +34,7 @@ SERVICE_NAME = "realm.v1.RealmService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STOP_TASKS_SECONDS = 5.0  # how long a stop waits for its background tasks to end
+HOUSEKEEPING_SECONDS = 60.0
 
 
 @dataclass
@@ -55,12 +58,14 @@ class RealmServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.queue.register_instance)
         await self.server.start()
         self.watch.start()
         self.tasks = [
             asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self._reaper(), name="reaper"),
             asyncio.create_task(self._health_and_metrics(), name="health"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
         ]
         await self._set_health(True)
         self.tasks.append(asyncio.create_task(self._boot_mount(), name="boot-mount"))
@@ -83,6 +88,10 @@ class RealmServer:
         while True:
             await asyncio.sleep(interval)
             try:
+                # Releases an outage kept from being recorded go first, so
+                # that their leases, if expired meanwhile, are not reaped.
+                if await asyncio.to_thread(self.queue.release_deferred):
+                    self.dispatcher.wake()
                 # Leases held before the reap: a reaped job's lease among them
                 # is the one that expired (later leases are not in the snapshot).
                 held = [
@@ -90,7 +99,11 @@ class RealmServer:
                     for stream in list(self.dispatcher.streams.values())
                     for lease_id, lease in list(stream.outstanding.items())
                 ]
-                jobs = await asyncio.to_thread(self.queue.reap_expired)
+                jobs = await asyncio.to_thread(
+                    functools.partial(
+                        self.queue.reap_expired, held={lease_id for _, lease_id, _ in held}
+                    )
+                )
                 if jobs:
                     metrics.LEASES_EXPIRED.inc(len(jobs))
                     reaped = {job.job_id for job in jobs}
@@ -102,8 +115,24 @@ class RealmServer:
                 log.warning("reaper failed: %s", e)
 
     async def _health_and_metrics(self) -> None:
+        """Health is SERVING while the store answers and takes writes: the
+        write probe (this instance's liveness row) fails on a full disk even
+        when reads still work."""
+        problem: str | None = None
         while True:
             ok = await asyncio.to_thread(self.db.ping)
+            now_problem = None if ok else "the store is unreachable"
+            if ok:
+                try:
+                    await asyncio.to_thread(self.queue.touch_instance)
+                except RealmError as e:
+                    ok, now_problem = False, e.message
+            if now_problem != problem:
+                if now_problem is None:
+                    log.info("store healthy again; SERVING")
+                else:
+                    log.warning("health NOT_SERVING: %s", now_problem)
+                problem = now_problem
             if not self.servicer.draining:
                 await self._set_health(ok)
             if ok:
@@ -118,6 +147,20 @@ class RealmServer:
             metrics.CREDITS.set(sum(s.credits for s in streams))
             metrics.OUTSTANDING.set(sum(len(s.outstanding) for s in streams))
             await asyncio.sleep(2.0)
+
+    async def _housekeeping(self) -> None:
+        """Slow chores: forget request ids past their retention, and rows of
+        server instances long dead."""
+        retention = timedelta(hours=self.settings.request_id_retention_hours)
+        while True:
+            try:
+                swept = await asyncio.to_thread(self.realms.sweep_request_ids, retention)
+                if swept:
+                    log.info("request ids swept count=%d", swept)
+                await asyncio.to_thread(self.queue.forget_dead_instances)
+            except RealmError as e:
+                log.warning("housekeeping failed: %s", e)
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def drain_and_stop(self) -> None:
         """Stop taking work, tell workers, wait the grace for results, requeue
@@ -158,6 +201,10 @@ class RealmServer:
                 STOP_TASKS_SECONDS,
                 ", ".join(sorted(t.get_name() for t in pending)),
             )
+        try:
+            await asyncio.to_thread(self.queue.unregister_instance)
+        except RealmError as e:  # its leases then wait for the instance timeout
+            log.warning("could not unregister this instance: %s", e)
         await asyncio.to_thread(self.db.close)
         self.stopped.set()
         log.info("stopped")
@@ -165,7 +212,7 @@ class RealmServer:
 
 def build_server(settings: Settings, *, db: Database | None = None) -> RealmServer:
     owns_db = db is None
-    db = db or open_database(settings.store_url)
+    db = db or open_database(settings.store_url, synchronous=settings.sqlite_synchronous)
     queue = JobQueue(
         db,
         settings=QueueSettings(

@@ -26,9 +26,16 @@ from realm_service.api.convert import (
     job_pb,
     ts,
 )
+from realm_service.api.status import status_of
 from realm_service.dispatcher import Dispatcher, WorkerStream
 from realm_service.domain import Job, JobKind, JobState, Lease, validate_path
-from realm_service.errors import InvalidArgument, RealmError, StaleLease
+from realm_service.errors import (
+    Conflict,
+    InvalidArgument,
+    RealmError,
+    StaleLease,
+    Unavailable,
+)
 from realm_service.queue import JobQueue
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,10 @@ def _duration(seconds: float) -> Duration:
 
 class ProtocolError(InvalidArgument):
     """The worker broke the ClaimJobs protocol."""
+
+
+class InternalError(RealmError):
+    """internal error; see the server log"""
 
 
 class ClaimSession:
@@ -116,7 +127,7 @@ class ClaimSession:
                     break
                 await context.write(message)
             if self.error is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.error.message)
+                await context.abort(status_of(self.error), self.error.message)
         finally:
             reader.cancel()
             pinger.cancel()
@@ -124,7 +135,15 @@ class ClaimSession:
             held = list(stream.outstanding)
             stream.outstanding.clear()
             if held:
-                await asyncio.to_thread(self.queue.release, held, "stream closed")
+                try:
+                    await asyncio.to_thread(self.queue.release, held, "stream closed")
+                except (Unavailable, Conflict) as e:
+                    # Recorded later by the reaper, still as interruptions:
+                    # an outage must not turn into failed attempts.
+                    self.queue.defer_release(held, "stream closed")
+                    log.warning(
+                        "release deferred stream=%s leases=%d: %s", stream.label, len(held), e
+                    )
                 self.dispatcher.wake()
             log.info("stream closed stream=%s released=%d", stream.label, len(held))
 
@@ -180,18 +199,31 @@ class ClaimSession:
     # -- reading --------------------------------------------------------------------
 
     async def _read(self, requests: AsyncIterator[spb.ClaimJobsRequest]) -> None:
+        """Ends the stream with the status its error maps to: INVALID_ARGUMENT
+        for a protocol violation (the worker gives up), UNAVAILABLE, ABORTED
+        or RESOURCE_EXHAUSTED when the store failed (the worker reconnects
+        with backoff), INTERNAL for a server bug (the worker reconnects)."""
         try:
             async for message in requests:
                 self.last_heard = time.monotonic()
                 await self._handle(message)
         except RealmError as e:
+            if not isinstance(e, InvalidArgument):
+                log.warning("stream ended: %s stream=%s", e, self._label())
             self._fail(e)
             return
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
+        except grpc.RpcError:
+            pass  # the call itself ended (the worker went away)
         except Exception:
-            log.exception("stream reader failed")
+            log.exception("stream reader failed stream=%s", self._label())
+            self._fail(InternalError())
+            return
         self.outbox.put_nowait(None)  # the worker closed its side
+
+    def _label(self) -> str:
+        return self.stream.label if self.stream is not None else "-"
 
     async def _handle(self, message: spb.ClaimJobsRequest) -> None:
         stream = self.stream
@@ -282,6 +314,19 @@ class ClaimSession:
         except StaleLease as e:
             self._drop(batch.lease_id)
             self._ack([self._refusal(batch.lease_id, e.message)])
+        except InvalidArgument as e:
+            # The store refused a value of the batch: a bad attempt of this
+            # job alone (counted, so a poison entry ends in FAILED at the
+            # attempts cap), never a reason to drop the worker's other jobs.
+            self._ack([await self._refused_result(batch.lease_id, StaleLease(e.message))])
+        except (Unavailable, Conflict):
+            raise
+        except Exception:
+            log.exception(
+                "entry batch failed lease=%s stream=%s", batch.lease_id[:40], self._label()
+            )
+            error = StaleLease("the server could not store the entries; see its log")
+            self._ack([await self._refused_result(batch.lease_id, error)])
 
     async def _results(self, results: spb.JobResults) -> None:
         acks: dict[int, spb.LeaseAck] = {}

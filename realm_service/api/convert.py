@@ -112,12 +112,32 @@ def entry_pb(e: IndexEntry) -> pb.IndexEntry:
     )
 
 
+# google.protobuf.Timestamp's own valid range: 0001-01-01 to 9999-12-31 UTC.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
 def entry_from_pb(e: pb.IndexEntry, field: str) -> IndexEntry:
     from realm_service.domain import validate_path
 
     validate_path(e.path, f"{field}.path")
     if len(e.sha256) > 64 or len(e.media_type) > 200 or len(e.card_type) > 400:
         raise InvalidArgument(f"{field}: sha256, media_type or card_type is too long")
+    # PostgreSQL text cannot hold NUL: refused here, with the field named,
+    # rather than failing the whole batch deep in the store.
+    for name in ("sha256", "media_type", "card_type", "title", "search_text", "error_message"):
+        if "\x00" in getattr(e, name):
+            raise InvalidArgument(f"{field}.{name} contains a NUL character (U+0000)")
+    if any("\x00" in link for link in e.links):
+        raise InvalidArgument(f"{field}.links contains a NUL character (U+0000)")
+    if e.HasField("mtime") and not (
+        MIN_TIMESTAMP_SECONDS <= e.mtime.seconds <= MAX_TIMESTAMP_SECONDS
+        and 0 <= e.mtime.nanos < 1_000_000_000
+    ):
+        raise InvalidArgument(
+            f"{field}.mtime is out of range: seconds {e.mtime.seconds}, nanos {e.mtime.nanos} "
+            "(use 0001-01-01 to 9999-12-31)"
+        )
     return IndexEntry(
         path=e.path,
         mtime=from_ts(e.mtime) if e.HasField("mtime") else datetime.fromtimestamp(0, UTC),

@@ -182,15 +182,15 @@ class RealmServicer(sgrpc.RealmServiceServicer):
             job=c.job_pb(result.job), disposition=c.DISPOSITION_TO_PB[result.disposition]
         )
 
-    async def _check_worker(self, realm_id: str, context: Ctx) -> None:
+    async def _check_worker(self, realm_id: str, lease_id: str, context: Ctx) -> None:
         if self.auth is not None and self.auth.role_of(context.invocation_metadata()) == "worker":
-            await call(self.realms.check_worker_access, realm_id)
+            await call(self.realms.check_worker_access, realm_id, lease_id)
 
     @rpc
     async def ListRealmFiles(
         self, request: spb.ListRealmFilesRequest, context: Ctx
     ) -> spb.ListRealmFilesResponse:
-        await self._check_worker(request.realm_id, context)
+        await self._check_worker(request.realm_id, request.lease_id, context)
         files = await call(self.realms.list_files, request.realm_id)
         return spb.ListRealmFilesResponse(files=[c.file_pb(f) for f in files])
 
@@ -198,7 +198,7 @@ class RealmServicer(sgrpc.RealmServiceServicer):
     async def ReadRealmFile(
         self, request: spb.ReadRealmFileRequest, context: Ctx
     ) -> spb.ReadRealmFileResponse:
-        await self._check_worker(request.realm_id, context)
+        await self._check_worker(request.realm_id, request.lease_id, context)
         stored, content = await call(self.realms.read_file, request.realm_id, request.path)
         return spb.ReadRealmFileResponse(file=c.file_pb(stored), content=content)
 

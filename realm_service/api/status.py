@@ -13,6 +13,9 @@ STATUS_OF: list[tuple[type[errors.RealmError], grpc.StatusCode]] = [
     (errors.StaleLease, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    # Before Unavailable, its base: gRPC's own table names a full file
+    # system as the example of RESOURCE_EXHAUSTED.
+    (errors.StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Conflict, grpc.StatusCode.ABORTED),
 ]

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from realm_service.errors import Conflict, StoreUnavailable
+from realm_service.errors import Conflict, InvalidArgument, StoreFull, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ _RETRYABLE_SQLSTATES = ("40P01", "40001")  # deadlock_detected, serialization_fa
 T = TypeVar("T")
 
 
+_DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+
+
+def _disk_full(e: exc.DBAPIError) -> bool:
+    orig = e.orig
+    return (
+        getattr(orig, "sqlstate", None) == _DISK_FULL_SQLSTATE
+        or getattr(orig, "sqlite_errorcode", None) == _SQLITE_FULL
+        or "database or disk is full" in str(orig)
+    )
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """Storage errors become domain errors at the store's edge."""
@@ -52,7 +65,14 @@ def translate_errors() -> Iterator[None]:
         yield
     except exc.IntegrityError as e:
         raise Conflict(f"a concurrent change conflicted: {e.orig.__class__.__name__}") from e
+    except exc.DataError as e:
+        # A value that passed validation but that the store cannot hold (a
+        # NUL in PostgreSQL text, a number out of the column's range): the
+        # request's fault, not the store's, and retrying cannot cure it.
+        raise InvalidArgument(f"the store refused a value: {_first_line(e.orig)}") from e
     except (exc.OperationalError, exc.InterfaceError) as e:
+        if _disk_full(e):
+            raise StoreFull("the store's disk is full (disk full): writes cannot commit") from e
         if "database is locked" in str(e):
             raise Conflict("the store is busy; retry") from e
         if getattr(e.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
@@ -63,13 +83,29 @@ def translate_errors() -> Iterator[None]:
     except exc.DBAPIError as e:
         if getattr(e, "connection_invalidated", False):
             raise StoreUnavailable("the store connection was lost") from e
+        if _disk_full(e):
+            raise StoreFull("the store's disk is full (disk full): writes cannot commit") from e
         raise
+    except exc.StatementError as e:
+        # Raised while binding parameters, before the store saw anything.
+        if isinstance(e.orig, ValueError | OverflowError):
+            raise InvalidArgument(f"the store refused a value: {_first_line(e.orig)}") from e
+        raise
+    except OverflowError as e:  # sqlite3 binding an integer beyond 64 bits
+        raise InvalidArgument(f"the store refused a value: {e}") from e
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else "invalid value"
 
 
 class Database:
     """One store: an engine, a session factory and a wake-up channel."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.synchronous = synchronous
         self.url = normalize_url(url)
         self.backend = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self._new_work_listeners: list[Callable[[], None]] = []
@@ -118,7 +154,9 @@ class Database:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL syncs the WAL at every commit, so an acknowledged write
+            # survives a power loss; NORMAL (opt-in) may lose the last ones.
+            cur.execute(f"PRAGMA synchronous={self.synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
@@ -256,8 +294,10 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str, *, migrate: bool = True, pool_size: int = 10) -> Database:
-    db = Database(url, pool_size=pool_size)
+def open_database(
+    url: str, *, migrate: bool = True, pool_size: int = 10, synchronous: str = "FULL"
+) -> Database:
+    db = Database(url, pool_size=pool_size, synchronous=synchronous)
     if migrate:
         db.migrate()
     else:

@@ -150,8 +150,18 @@ def running_job(session: Session, realm_id: str) -> JobRow | None:
     ).first()
 
 
-def realm_has_running_job(session: Session, realm_id: str) -> bool:
-    return running_job(session, realm_id) is not None
+def lease_runs_realm(session: Session, lease_id: str, realm_id: str) -> bool:
+    """Whether `lease_id` is the current lease of a running job of the realm."""
+    return (
+        session.scalar(
+            select(JobRow.id).where(
+                JobRow.lease_id == lease_id,
+                JobRow.state == "running",
+                JobRow.realm_id == realm_id,
+            )
+        )
+        is not None
+    )
 
 
 def has_from_scratch(session: Session, realm_id: str, states: Sequence[str]) -> bool:
@@ -392,6 +402,7 @@ def claim(
     worker: str,
     now: datetime,
     lease_until: datetime,
+    instance_id: str = "",
 ) -> tuple[list[Lease], bool]:
     """Lease up to `limit` queued jobs: highest priority, then oldest, at most
     one per realm and none of a realm that already has a running job. Also
@@ -451,6 +462,7 @@ def claim(
                     "job_id": job_id,
                     "lease_id": lease_id,
                     "worker": worker,
+                    "instance_id": instance_id,
                     "start_time": now,
                     "outcome": AttemptOutcome.RUNNING.value,
                     "error_message": "",

@@ -519,3 +519,28 @@ def put_key(
         IdempotencyKeyRow(scope=scope, key=key, realm_id=realm_id, job_id=job_id, create_time=now)
     )
     session.flush()
+
+
+def sweep_keys(session: Session, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` idempotency keys created before `before`; returns
+    how many went. Bounded, so a large backlog of old keys is swept over
+    several short transactions instead of one long lock."""
+    ids = (
+        select(IdempotencyKeyRow.scope, IdempotencyKeyRow.key)
+        .where(IdempotencyKeyRow.create_time < before)
+        .limit(limit)
+    )
+    doomed = session.execute(ids).all()
+    if not doomed:
+        return 0
+    session.execute(
+        delete(IdempotencyKeyRow).where(
+            or_(
+                *(
+                    and_(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key)
+                    for scope, key in doomed
+                )
+            )
+        )
+    )
+    return len(doomed)

@@ -164,6 +164,11 @@ class JobAttemptRow(Base):
     job_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"))
     lease_id: Mapped[str] = mapped_column(String(40), unique=True)
     worker: Mapped[str] = mapped_column(String(200), default="")
+    # The server instance whose ClaimJobs stream holds the lease: only it can
+    # tell a silent worker from a stream it lost, so only it (or, once it is
+    # gone, any instance) reaps the lease. Empty for attempts made before
+    # instances were recorded.
+    instance_id: Mapped[str] = mapped_column(String(40), default="")
     start_time: Mapped[datetime] = mapped_column(UTCDateTime())
     end_time: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # running | completed | failed | interrupted | expired
@@ -206,3 +211,17 @@ class IdempotencyKeyRow(Base):
     realm_id: Mapped[str] = mapped_column(String(63))
     job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     create_time: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_idempotency_keys_create_time", "create_time"),)
+
+
+class ServerInstanceRow(Base):
+    """A running server process. It refreshes `seen_time` while it can write
+    to the store and deletes its row when it stops; a row whose `seen_time`
+    has gone stale belongs to a server that died."""
+
+    __tablename__ = "server_instances"
+
+    instance_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    start_time: Mapped[datetime] = mapped_column(UTCDateTime())
+    seen_time: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -178,20 +178,71 @@ def test_worker_runs_a_job_with_its_token(secured: tuple[LiveServer, str]) -> No
     (a,) = stream.assignments(1)
     assert a.job.job_id == created.job.job_id
     files = live.stub.ListRealmFiles(
-        spb.ListRealmFilesRequest(realm_id="for-worker"), metadata=worker
+        spb.ListRealmFilesRequest(realm_id="for-worker", lease_id=a.lease_id), metadata=worker
     ).files
     assert {f.path for f in files} == {"realm.json", "index.json"}
     read = live.stub.ReadRealmFile(
-        spb.ReadRealmFileRequest(realm_id="for-worker", path="realm.json"), metadata=worker
+        spb.ReadRealmFileRequest(realm_id="for-worker", path="realm.json", lease_id=a.lease_id),
+        metadata=worker,
     )
     assert b"for-worker" in read.content
     assert stream.complete(a.lease_id).accepted
     job = live.stub.GetJob(spb.GetJobRequest(job_id=a.job.job_id), metadata=worker).job
     assert job.state == pb.Job.STATE_SUCCEEDED
-    # The job is done: the realm is no longer the worker's to read.
+    # The job is done: its lease no longer opens the realm.
     with pytest.raises(grpc.RpcError) as denied:
-        live.stub.ListRealmFiles(spb.ListRealmFilesRequest(realm_id="for-worker"), metadata=worker)
+        live.stub.ListRealmFiles(
+            spb.ListRealmFilesRequest(realm_id="for-worker", lease_id=a.lease_id),
+            metadata=worker,
+        )
     assert denied.value.code() == DENIED
+    stream.close()
+
+
+def test_worker_reads_are_bound_to_its_lease(secured: tuple[LiveServer, str]) -> None:
+    """Any worker token used to read any realm that had a running job; now a
+    worker reads a realm only by quoting the lease of its running job there."""
+    live, _ = secured
+    client = bearer("tok-client")
+    for realm_id in ("held-one", "held-two"):
+        live.stub.CreateRealm(spb.CreateRealmRequest(realm_id=realm_id), metadata=client)
+    worker = bearer("tok-worker")
+    stream = StreamClient(live.stub, hello=hello("w"), metadata=worker)
+    stream.settings()
+    stream.credit(2)
+    leases = {a.job.realm_id: a.lease_id for a in stream.assignments(2)}
+    assert set(leases) == {"held-one", "held-two"}
+    attempts = {
+        "no lease": "",
+        "another realm's lease": leases["held-two"],
+        "a made-up lease": "0" * 32,
+    }
+    for what, lease_id in attempts.items():
+        for call in (
+            lambda lease=lease_id: live.stub.ListRealmFiles(
+                spb.ListRealmFilesRequest(realm_id="held-one", lease_id=lease), metadata=worker
+            ),
+            lambda lease=lease_id: live.stub.ReadRealmFile(
+                spb.ReadRealmFileRequest(realm_id="held-one", path="realm.json", lease_id=lease),
+                metadata=worker,
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as denied:
+                call()
+            assert denied.value.code() == DENIED, what
+            assert "lease" in (denied.value.details() or ""), what
+    # The right lease opens it; a client needs none.
+    read = live.stub.ReadRealmFile(
+        spb.ReadRealmFileRequest(
+            realm_id="held-one", path="realm.json", lease_id=leases["held-one"]
+        ),
+        metadata=worker,
+    )
+    assert b"held-one" in read.content
+    read = live.stub.ReadRealmFile(
+        spb.ReadRealmFileRequest(realm_id="held-one", path="realm.json"), metadata=client
+    )
+    assert b"held-one" in read.content
     stream.close()
 
 

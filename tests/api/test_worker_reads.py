@@ -1,4 +1,4 @@
-"""With auth on, a worker token reads only realms whose job is running."""
+"""With auth on, a worker reads a realm only under the lease of its running job."""
 
 from __future__ import annotations
 
@@ -28,17 +28,22 @@ def test_worker_reads_only_realms_of_running_jobs(server_settings) -> None:  # t
         (assignment,) = stream.assignments(1)
         assert assignment.job.realm_id == "held"  # priority 10 before 0
 
-        files = stub.ListRealmFiles(spb.ListRealmFilesRequest(realm_id="held"), metadata=worker)
+        lease = assignment.lease_id
+        files = stub.ListRealmFiles(
+            spb.ListRealmFilesRequest(realm_id="held", lease_id=lease), metadata=worker
+        )
         assert {f.path for f in files.files} == {"index.json", "realm.json"}
         stub.ReadRealmFile(
-            spb.ReadRealmFileRequest(realm_id="held", path="realm.json"), metadata=worker
+            spb.ReadRealmFileRequest(realm_id="held", path="realm.json", lease_id=lease),
+            metadata=worker,
         )
         for call in (
             lambda: stub.ListRealmFiles(
-                spb.ListRealmFilesRequest(realm_id="other"), metadata=worker
+                spb.ListRealmFilesRequest(realm_id="other", lease_id=lease), metadata=worker
             ),
             lambda: stub.ReadRealmFile(
-                spb.ReadRealmFileRequest(realm_id="other", path="realm.json"), metadata=worker
+                spb.ReadRealmFileRequest(realm_id="other", path="realm.json", lease_id=lease),
+                metadata=worker,
             ),
         ):
             with pytest.raises(grpc.RpcError) as denied:

@@ -447,16 +447,23 @@ class ListRealmFilesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REALM_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     realm_id: _builtins.str
     """The realm whose files to list."""
+    lease_id: _builtins.str
+    """The lease of the caller's running job of this realm. Required from the
+    worker role (PERMISSION_DENIED without it, or when the lease is not the
+    current lease of a running job of this realm); ignored for other roles.
+    """
     def __init__(
         self,
         *,
         realm_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["realm_id", b"realm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "realm_id", b"realm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -494,19 +501,26 @@ class ReadRealmFileRequest(_message.Message):
 
     REALM_ID_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     realm_id: _builtins.str
     """The realm to read from."""
     path: _builtins.str
     """Relative POSIX path of the file."""
+    lease_id: _builtins.str
+    """The lease of the caller's running job of this realm. Required from the
+    worker role (PERMISSION_DENIED without it, or when the lease is not the
+    current lease of a running job of this realm); ignored for other roles.
+    """
     def __init__(
         self,
         *,
         realm_id: _builtins.str = ...,
         path: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "realm_id", b"realm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "path", b"path", "realm_id", b"realm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

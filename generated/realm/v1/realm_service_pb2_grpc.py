@@ -179,16 +179,19 @@ class RealmServiceServicer:
 
     def ListRealmFiles(self, request, context):
         """Lists every file of a realm with its mtime, size and hash (the worker's
-        mtimes). Never waits on the realm's index. Errors: INVALID_ARGUMENT,
-        NOT_FOUND.
+        mtimes). Never waits on the realm's index. A worker must quote the lease
+        of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND,
+        PERMISSION_DENIED (a worker without a current lease of the realm).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReadRealmFile(self, request, context):
-        """Reads one file. Never waits on the realm's index. Errors:
-        INVALID_ARGUMENT, NOT_FOUND (realm or file).
+        """Reads one file. Never waits on the realm's index. A worker must quote the
+        lease of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND
+        (realm or file), PERMISSION_DENIED (a worker without a current lease of
+        the realm).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

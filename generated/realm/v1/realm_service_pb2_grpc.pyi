@@ -70,12 +70,15 @@ class RealmServiceStub:
     """
     ListRealmFiles: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.ListRealmFilesRequest, _realm_service_pb2.ListRealmFilesResponse]
     """Lists every file of a realm with its mtime, size and hash (the worker's
-    mtimes). Never waits on the realm's index. Errors: INVALID_ARGUMENT,
-    NOT_FOUND.
+    mtimes). Never waits on the realm's index. A worker must quote the lease
+    of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND,
+    PERMISSION_DENIED (a worker without a current lease of the realm).
     """
     ReadRealmFile: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.ReadRealmFileRequest, _realm_service_pb2.ReadRealmFileResponse]
-    """Reads one file. Never waits on the realm's index. Errors:
-    INVALID_ARGUMENT, NOT_FOUND (realm or file).
+    """Reads one file. Never waits on the realm's index. A worker must quote the
+    lease of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND
+    (realm or file), PERMISSION_DENIED (a worker without a current lease of
+    the realm).
     """
     SearchRealm: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.SearchRealmRequest, _realm_service_pb2.SearchRealmResponse]
     """Searches the realm's current index generation by card type and/or text.
@@ -139,12 +142,15 @@ class RealmServiceAsyncStub(RealmServiceStub):
     """
     ListRealmFiles: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.ListRealmFilesRequest, _realm_service_pb2.ListRealmFilesResponse]  # type: ignore[assignment]
     """Lists every file of a realm with its mtime, size and hash (the worker's
-    mtimes). Never waits on the realm's index. Errors: INVALID_ARGUMENT,
-    NOT_FOUND.
+    mtimes). Never waits on the realm's index. A worker must quote the lease
+    of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND,
+    PERMISSION_DENIED (a worker without a current lease of the realm).
     """
     ReadRealmFile: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.ReadRealmFileRequest, _realm_service_pb2.ReadRealmFileResponse]  # type: ignore[assignment]
-    """Reads one file. Never waits on the realm's index. Errors:
-    INVALID_ARGUMENT, NOT_FOUND (realm or file).
+    """Reads one file. Never waits on the realm's index. A worker must quote the
+    lease of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND
+    (realm or file), PERMISSION_DENIED (a worker without a current lease of
+    the realm).
     """
     SearchRealm: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.SearchRealmRequest, _realm_service_pb2.SearchRealmResponse]  # type: ignore[assignment]
     """Searches the realm's current index generation by card type and/or text.
@@ -253,8 +259,9 @@ class RealmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_realm_service_pb2.ListRealmFilesResponse, _abc.Awaitable[_realm_service_pb2.ListRealmFilesResponse]]:
         """Lists every file of a realm with its mtime, size and hash (the worker's
-        mtimes). Never waits on the realm's index. Errors: INVALID_ARGUMENT,
-        NOT_FOUND.
+        mtimes). Never waits on the realm's index. A worker must quote the lease
+        of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND,
+        PERMISSION_DENIED (a worker without a current lease of the realm).
         """
 
     @_abc_1.abstractmethod
@@ -263,8 +270,10 @@ class RealmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _realm_service_pb2.ReadRealmFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_realm_service_pb2.ReadRealmFileResponse, _abc.Awaitable[_realm_service_pb2.ReadRealmFileResponse]]:
-        """Reads one file. Never waits on the realm's index. Errors:
-        INVALID_ARGUMENT, NOT_FOUND (realm or file).
+        """Reads one file. Never waits on the realm's index. A worker must quote the
+        lease of its running job of the realm. Errors: INVALID_ARGUMENT, NOT_FOUND
+        (realm or file), PERMISSION_DENIED (a worker without a current lease of
+        the realm).
         """
 
     @_abc_1.abstractmethod

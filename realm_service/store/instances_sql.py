@@ -1,0 +1,79 @@
+"""Every SQL statement about server instances: who is running, who died.
+
+A server registers itself at start, refreshes its `seen_time` while it can
+write, and deletes its row when it stops. The reaper asks which instances
+holding expired leases are gone, so that a lease orphaned by a dead server
+counts as an interruption, not as a failure of the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from realm_service.store.tables import JobAttemptRow, ServerInstanceRow
+
+
+def register(session: Session, instance_id: str, now: datetime) -> None:
+    session.add(ServerInstanceRow(instance_id=instance_id, start_time=now, seen_time=now))
+    session.flush()
+
+
+def touch(session: Session, instance_id: str, now: datetime) -> bool:
+    """Refresh the instance's row; False when it is missing (it was declared
+    dead and removed while this server could not write, and must register
+    again)."""
+    result = session.execute(
+        update(ServerInstanceRow)
+        .where(ServerInstanceRow.instance_id == instance_id)
+        .values(seen_time=now)
+        .returning(ServerInstanceRow.instance_id)
+    ).first()
+    return result is not None
+
+
+def remove(session: Session, instance_ids: Sequence[str]) -> None:
+    if instance_ids:
+        session.execute(
+            delete(ServerInstanceRow).where(ServerInstanceRow.instance_id.in_(list(instance_ids)))
+        )
+
+
+def live(session: Session, instance_ids: Sequence[str], seen_after: datetime) -> set[str]:
+    """Those of `instance_ids` that refreshed their row after `seen_after`."""
+    wanted = [i for i in set(instance_ids) if i]
+    if not wanted:
+        return set()
+    return set(
+        session.scalars(
+            select(ServerInstanceRow.instance_id).where(
+                ServerInstanceRow.instance_id.in_(wanted),
+                ServerInstanceRow.seen_time > seen_after,
+            )
+        )
+    )
+
+
+def holders(session: Session, attempt_ids: Sequence[int]) -> dict[int, str]:
+    """The instance that holds each attempt's lease ('' when not recorded)."""
+    if not attempt_ids:
+        return {}
+    return {
+        attempt_id: instance_id
+        for attempt_id, instance_id in session.execute(
+            select(JobAttemptRow.id, JobAttemptRow.instance_id).where(
+                JobAttemptRow.id.in_(list(attempt_ids))
+            )
+        )
+    }
+
+
+def stale(session: Session, seen_before: datetime) -> list[str]:
+    return list(
+        session.scalars(
+            select(ServerInstanceRow.instance_id).where(ServerInstanceRow.seen_time < seen_before)
+        )
+    )
