@@ -13,9 +13,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.faults.proxy import Proxy
 
 PG_URL = os.environ.get("REALM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -61,6 +65,34 @@ def pg_url() -> Iterator[str]:
     try:
         yield pg_schema_url(schema)
     finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_behind_proxy() -> Iterator[tuple[str, Proxy]]:
+    """A fresh schema on the test PostgreSQL, reached through a loopback proxy."""
+    if not _pg_available():
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI: {_pg_error}")
+        pytest.skip(f"PostgreSQL unreachable: {_pg_error}")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.faults.proxy import Proxy
+
+    url = make_url(PG_URL)
+    conninfo = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432).start()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    sep = "&" if "?" in proxied else "?"
+    try:
+        yield f"{proxied}{sep}options={quote(f'-csearch_path={schema}')}", proxy
+    finally:
+        proxy.close()
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 

@@ -307,7 +307,9 @@ class ClaimSession:
             entries = [entry_from_pb(e, f"entries[{i}]") for i, e in enumerate(batch.entries)]
             deleted = [validate_path(p, "deleted_paths") for p in batch.deleted_paths]
         except InvalidArgument as e:
-            self._ack([self._refusal(batch.lease_id, e.message)])
+            # A bad entry is a bad attempt: counted at once, so that a worker
+            # that keeps producing it ends the job at the attempts cap.
+            self._ack([await self._refused_result(batch.lease_id, StaleLease(e.message))])
             return
         try:
             await asyncio.to_thread(self.queue.add_entries, batch.lease_id, entries, deleted)

@@ -14,6 +14,7 @@ from realm.v1 import resources_pb2 as pb
 
 from realm_service.clock import utcnow
 from realm_service.config import Settings
+from realm_service.store.tables import IndexEntryRow
 from tests.api.conftest import BASE, LiveServer
 from tests.api.helpers import (
     attempt_outcomes,
@@ -196,23 +197,32 @@ def test_result_with_a_wrong_entry_count_is_refused_and_the_job_retried(
     stream.close()
 
 
-def test_bad_entries_are_refused_and_the_lease_kept(live: LiveServer) -> None:
-    """Entries that fail validation are refused with the field named; they
-    are not a protocol violation, and the lease stays the worker's."""
-    create_realm(live.stub, "picky")
-    stream = open_stream(live.stub, "w", credits=1)
-    (a,) = stream.assignments(1)
-    before = store_snapshot(live.srv.db)
-    stream.send_entries(a.lease_id, [pb.IndexEntry(path="../outside.json")])
-    stream.send_entries(a.lease_id, [], deleted_paths=["/abs"])
-    stream.send_entries(a.lease_id, [pb.IndexEntry(path="ok.json", sha256="f" * 65)])
-    refused = _refusals(stream, 3)
-    assert [(r.lease_id, r.accepted) for r in refused] == [(a.lease_id, False)] * 3
-    assert "entries[0].path" in refused[0].reason
-    assert "deleted_paths" in refused[1].reason
-    assert "sha256" in refused[2].reason
-    assert store_snapshot(live.srv.db) == before
-    files = _files(live, "picky")
-    ack = stream.complete(a.lease_id, [entry_for(f) for f in files])
+def test_bad_entries_are_refused_and_end_the_attempt(live: LiveServer) -> None:
+    """Entries that fail validation are refused with the field named. They
+    are not a protocol violation (the stream and its other jobs go on), but
+    the attempt is over and counts: a worker that keeps sending a bad entry
+    ends its job FAILED at the attempts cap instead of looping forever."""
+    bad_batches = {
+        "picky-path": ([pb.IndexEntry(path="../outside.json")], [], "entries[0].path"),
+        "picky-deleted": ([], ["/abs"], "deleted_paths"),
+        "picky-sha": ([pb.IndexEntry(path="ok.json", sha256="f" * 65)], [], "sha256"),
+    }
+    jobs = {realm_id: create_realm(live.stub, realm_id).job for realm_id in bad_batches}
+    create_realm(live.stub, "fine")
+    stream = open_stream(live.stub, "w", credits=4)
+    leases = {a.job.realm_id: a.lease_id for a in stream.assignments(4)}
+    for realm_id, (entries, deleted, field) in bad_batches.items():
+        stream.send_entries(leases[realm_id], entries, deleted_paths=deleted)
+        (refused,) = _refusals(stream, 1)
+        assert (refused.lease_id, refused.accepted) == (leases[realm_id], False)
+        assert field in refused.reason, refused.reason
+        job_id = int(jobs[realm_id].job_id)
+        assert attempt_outcomes(live.srv.db, job_id) == ["failed"]
+        assert counted_failures(live.srv.db, job_id) == 1
+        assert get_job(live.stub, jobs[realm_id].job_id).state == pb.Job.STATE_QUEUED
+    # Nothing of the bad batches was staged, and the stream still works.
+    with live.srv.db.transaction() as s:
+        assert s.query(IndexEntryRow).count() == 0
+    ack = stream.complete(leases["fine"], [entry_for(f) for f in _files(live, "fine")])
     assert ack.accepted and ack.job_state == pb.Job.STATE_SUCCEEDED
     stream.close()
