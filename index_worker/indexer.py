@@ -72,7 +72,27 @@ class IndexEntry:
 
 
 def index_file(path: str, content: bytes, mtime: datetime) -> IndexEntry:
-    """Index one file of a realm."""
+    """Index one file of a realm. Its text fields never hold NUL: a card
+    whose title has one is still a card (the NUL becomes U+FFFD), and the
+    server, whose PostgreSQL store cannot hold NUL in text, refuses entries
+    that carry one."""
+    return _without_nul(_index_file(path, content, mtime))
+
+
+def _without_nul(entry: IndexEntry) -> IndexEntry:
+    fields = ("card_type", "title", "search_text", "error_message")
+    if not any("\x00" in getattr(entry, f) for f in fields) and not any(
+        "\x00" in link for link in entry.links
+    ):
+        return entry
+    return _replace(
+        entry,
+        **{f: getattr(entry, f).replace("\x00", "\ufffd") for f in fields},
+        links=tuple(link.replace("\x00", "\ufffd") for link in entry.links),
+    )
+
+
+def _index_file(path: str, content: bytes, mtime: datetime) -> IndexEntry:
     base = IndexEntry(
         path=path,
         mtime=mtime,

@@ -245,3 +245,20 @@ def test_reinclude_directory_then_file_like_git() -> None:
 def test_empty_or_comment_only_gitignore_ignores_nothing() -> None:
     assert parse_gitignore("# nothing\n\n   \n") == ()
     assert not is_ignored("anything.json", ())
+
+
+def test_nul_in_a_card_never_reaches_an_entry() -> None:
+    """A card titled "evil\\u0000title" used to yield an entry the PostgreSQL
+    store refused, over and over; it is a card like any other."""
+    content = card(
+        {"title": "evil\u0000title", "body": "a\u0000b"},
+        {"rel": {"links": {"self": "../x\u0000y"}}},
+    )
+    entry = index_file("cards/evil.json", content, MTIME)
+    assert entry.media_type == CARD_MEDIA_TYPE and not entry.error_message
+    assert entry.title == "evil\ufffdtitle"
+    assert "\x00" not in entry.search_text and "a\ufffdb" in entry.search_text
+    assert entry.links == ("../x\ufffdy",)
+    # A text file with a NUL past the binary sniff is text with U+FFFD.
+    text = index_file("notes.txt", b"x" * 10_000 + b"\x00tail", MTIME)
+    assert "\x00" not in text.search_text and text.search_text.endswith("\ufffdtail")
