@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import posixpath
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -27,7 +28,9 @@ MAX_REQUEST_ID = 128
 REALM_JSON = "realm.json"
 INDEX_JSON = "index.json"
 
-_REALM_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Used with fullmatch only: `$` also matches before a trailing "\n", so with
+# `match` "abc\n" passed and reached the store.
+_REALM_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class JobKind(enum.StrEnum):
@@ -151,7 +154,7 @@ class IndexEntry:
 def validate_realm_id(realm_id: str, field_name: str = "realm_id") -> str:
     if not realm_id:
         raise InvalidArgument(f"{field_name} is required")
-    if not _REALM_ID.match(realm_id):
+    if not _REALM_ID.fullmatch(realm_id):
         raise InvalidArgument(
             f"{field_name} {realm_id[:80]!r} is invalid: use 1-63 characters of [a-z0-9-], "
             "starting and ending with a letter or digit"
@@ -169,14 +172,60 @@ def validate_priority(priority: int | None, default: int, field_name: str = "pri
     return priority
 
 
+def _refused_in_path(cp: int) -> str | None:
+    """What kind of code point a path may not hold, or None when it may."""
+    if cp < 0x20:
+        return "a control character"
+    if cp == 0x7F:
+        return "DEL"
+    if 0x80 <= cp <= 0x9F:
+        return "a C1 control character"
+    if cp in (0x2028, 0x2029):
+        # Unicode line breaks: a log line or listing row holding one is cut in two.
+        return "a line or paragraph separator"
+    if cp in _BIDI_CONTROLS:
+        # They reorder how the rest of the name is displayed, so a path can
+        # show as another one (the "Trojan Source" trick).
+        return "a bidirectional formatting control"
+    if cp == 0xFEFF:
+        return "a byte order mark"
+    if 0xD800 <= cp <= 0xDFFF:
+        return "an unpaired surrogate"  # not encodable as UTF-8: no store can hold it
+    if 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE:
+        return "a noncharacter"
+    return None
+
+
+_BIDI_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
 def validate_path(path: str, field_name: str = "path") -> str:
-    """Check a relative POSIX path inside a realm and return it unchanged."""
+    """Check a relative POSIX path inside a realm; return its NFC form, the
+    one to store, look up and answer with.
+
+    Normalizing first makes the NFC and NFD spellings of a name (macOS tools
+    often send NFD, most others NFC) one file rather than two that look the
+    same. The refused code points are invariant under NFC, so
+    checking them on the normalized path reports what the caller sent.
+    """
     if not path:
         raise InvalidArgument(f"{field_name} is required")
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_LENGTH:
+    # NFC turns at most four code points into one (the longest canonical
+    # decomposition), so a longer input cannot fit in MAX_PATH_LENGTH bytes;
+    # refusing it here bounds the normalizing work.
+    if len(path) > 4 * MAX_PATH_LENGTH:
         raise InvalidArgument(f"{field_name} is longer than {MAX_PATH_LENGTH} bytes")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise InvalidArgument(f"{field_name} contains NUL or control characters")
+    path = unicodedata.normalize("NFC", path)
+    for i, c in enumerate(path):
+        kind = _refused_in_path(ord(c))
+        if kind is not None:
+            raise InvalidArgument(
+                f"{field_name} contains U+{ord(c):04X} ({kind}) at character {i}; "
+                "paths may not contain control, separator, bidirectional, BOM, "
+                "surrogate or noncharacter code points"
+            )
+    if len(path.encode("utf-8")) > MAX_PATH_LENGTH:
+        raise InvalidArgument(f"{field_name} is longer than {MAX_PATH_LENGTH} bytes")
     if path.startswith("/"):
         raise InvalidArgument(f"{field_name} {path[:80]!r} must be relative (no leading '/')")
     if "\\" in path:
@@ -190,6 +239,41 @@ def validate_path(path: str, field_name: str = "path") -> str:
     if posixpath.normpath(path) != path:
         raise InvalidArgument(f"{field_name} {path[:80]!r} is not normalized")
     return path
+
+
+_REALM_JSON_RESERVED = (
+    "realm.json is reserved: the server writes it when the realm is created, "
+    "with its display name; clients may not write or delete it"
+)
+_INDEX_JSON_NOT_DELETABLE = (
+    "index.json is reserved: it is the realm's root card; clients may replace it but not delete it"
+)
+_INDEX_JSON_AT_CREATE = (
+    "index.json is reserved: the server writes the realm's root card when the realm "
+    "is created; replace it with WriteRealmFile afterwards"
+)
+
+
+def check_client_write(path: str, field_name: str = "path") -> None:
+    """Refuse a client's write of a file the server owns. `path` is validated."""
+    if path == REALM_JSON:
+        raise InvalidArgument(f"{field_name}: {_REALM_JSON_RESERVED}")
+
+
+def check_client_delete(path: str, field_name: str = "path") -> None:
+    """Refuse a client's delete of a file every realm must have. `path` is validated."""
+    if path == REALM_JSON:
+        raise InvalidArgument(f"{field_name}: {_REALM_JSON_RESERVED}")
+    if path == INDEX_JSON:
+        raise InvalidArgument(f"{field_name}: {_INDEX_JSON_NOT_DELETABLE}")
+
+
+def check_initial_file(path: str, field_name: str) -> None:
+    """Refuse an initial file the server itself writes into a new realm."""
+    if path == REALM_JSON:
+        raise InvalidArgument(f"{field_name}: {_REALM_JSON_RESERVED}")
+    if path == INDEX_JSON:
+        raise InvalidArgument(f"{field_name}: {_INDEX_JSON_AT_CREATE}")
 
 
 def validate_content(content: bytes, max_size: int, field_name: str = "content") -> bytes:

@@ -36,6 +36,9 @@ from realm_service.domain import (
     PathChange,
     Realm,
     RealmFile,
+    check_client_delete,
+    check_client_write,
+    check_initial_file,
     validate_content,
     validate_display_name,
     validate_path,
@@ -51,7 +54,6 @@ from realm_service.store.db import Database
 log = logging.getLogger(__name__)
 
 MAX_INITIAL_FILES = 10_000
-RESERVED_PATHS = (REALM_JSON, INDEX_JSON)
 
 
 @dataclass(frozen=True)
@@ -136,19 +138,18 @@ class Realms:
             raise InvalidArgument(
                 f"initial_files has {len(files)} files; the limit is {MAX_INITIAL_FILES}"
             )
-        seen: set[str] = set()
-        for i, (path, content) in enumerate(files):
-            validate_path(path, f"initial_files[{i}].path")
+        checked: dict[str, bytes] = {}
+        for i, (raw_path, content) in enumerate(files):
+            path = validate_path(raw_path, f"initial_files[{i}].path")
             validate_content(content, self.max_file_size, f"initial_files[{i}].content")
-            if path in RESERVED_PATHS:
-                raise InvalidArgument(f"initial_files[{i}].path {path!r} is written by the server")
-            if path in seen:
+            check_initial_file(path, f"initial_files[{i}].path")
+            if path in checked:  # also two spellings (NFC, NFD) of one name
                 raise InvalidArgument(f"initial_files[{i}].path {path!r} appears twice")
-            seen.add(path)
+            checked[path] = content
 
         for attempt in range(3):
             try:
-                return self._create_once(realm_id, prio, name, request_id, files)
+                return self._create_once(realm_id, prio, name, request_id, list(checked.items()))
             except Conflict:
                 # Another instance won a race on the realm or the request id;
                 # the next pass sees its committed result.
@@ -306,7 +307,7 @@ class Realms:
             return realms_sql.list_files(s, realm_id)
 
     def read_file(self, realm_id: str, path: str) -> tuple[RealmFile, bytes]:
-        validate_path(path)
+        path = validate_path(path)
         self.ensure_mounted(realm_id)
         with self.db.read_transaction() as s:
             return realms_sql.read_file(s, realm_id=realm_id, path=path)
@@ -335,7 +336,8 @@ class Realms:
         self, realm_id: str, path: str, content: bytes, priority: int | None
     ) -> tuple[RealmFile, EnqueueResult]:
         validate_realm_id(realm_id)
-        validate_path(path)
+        path = validate_path(path)
+        check_client_write(path)
         validate_content(content, self.max_file_size)
         prio = validate_priority(priority, USER)
 
@@ -359,7 +361,8 @@ class Realms:
 
     def delete_file(self, realm_id: str, path: str, priority: int | None) -> EnqueueResult:
         validate_realm_id(realm_id)
-        validate_path(path)
+        path = validate_path(path)
+        check_client_delete(path)
         prio = validate_priority(priority, USER)
 
         def work(s: Session) -> EnqueueResult:

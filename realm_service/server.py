@@ -18,6 +18,7 @@ from realm.v1 import realm_service_pb2, realm_service_pb2_grpc
 
 from realm_service import metrics
 from realm_service.api.auth import AuthInterceptor
+from realm_service.api.parsing import ParsingInterceptor
 from realm_service.api.servicer import RealmServicer
 from realm_service.config import Settings
 from realm_service.dispatcher import Dispatcher
@@ -236,7 +237,9 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
     )
     limit = settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[auth] if auth is not None else [],
+        # Auth first: it keeps the parsing interceptor's deserializer, so a
+        # caller without a token gets UNAUTHENTICATED even for garbage bytes.
+        interceptors=[auth, ParsingInterceptor()] if auth is not None else [ParsingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

@@ -156,8 +156,16 @@ def list_realms(args: argparse.Namespace, client: RealmClient, console: out.Cons
 # Files.
 
 
+# Written by the server when the realm is created; it refuses writes to it.
+SERVER_OWNED = frozenset({"realm.json"})
+
+
 def push(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
     files = tree_files(Path(args.dir))
+    skipped = [path for path, _ in files if path in SERVER_OWNED]
+    files = [(path, local) for path, local in files if path not in SERVER_OWNED]
+    for path in skipped:
+        console.note(f"skipped {path}: the server owns it (it holds the realm's display name)")
     results: list[rs.WriteRealmFileResponse] = []
     for path, local in files:
         request = rs.WriteRealmFileRequest(realm_id=args.realm_id, path=path)

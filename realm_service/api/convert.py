@@ -120,7 +120,7 @@ MAX_TIMESTAMP_SECONDS = 253_402_300_799
 def entry_from_pb(e: pb.IndexEntry, field: str) -> IndexEntry:
     from realm_service.domain import validate_path
 
-    validate_path(e.path, f"{field}.path")
+    path = validate_path(e.path, f"{field}.path")
     if len(e.sha256) > 64 or len(e.media_type) > 200 or len(e.card_type) > 400:
         raise InvalidArgument(f"{field}: sha256, media_type or card_type is too long")
     # PostgreSQL text cannot hold NUL: refused here, with the field named,
@@ -139,7 +139,7 @@ def entry_from_pb(e: pb.IndexEntry, field: str) -> IndexEntry:
             "(use 0001-01-01 to 9999-12-31)"
         )
     return IndexEntry(
-        path=e.path,
+        path=path,
         mtime=from_ts(e.mtime) if e.HasField("mtime") else datetime.fromtimestamp(0, UTC),
         size=max(0, e.size),
         sha256=e.sha256,

@@ -58,6 +58,10 @@ BAD_REALM_IDS = {
     "trailing-dash": "realm-",
     "underscore": "my_realm",
     "space": "my realm",
+    # `$` matches before a final newline: with re.match these passed, and the
+    # 64 characters of the second overflowed PostgreSQL's column (INTERNAL).
+    "trailing-newline": "abc\n",
+    "63-chars-and-newline": "b" * 63 + "\n",
 }
 BAD_PATHS = {
     "empty": "",
@@ -73,6 +77,27 @@ BAD_PATHS = {
     "backslash": "a\\b.txt",
     "too-long": "a/" * 600 + "b",
     "long-segment": "x" * 256,
+}
+# Code points a path may not hold, each reported as U+XXXX (DESIGN.md section 3).
+REFUSED_CODE_POINTS = {
+    "c0-escape": 0x1B,
+    "del": 0x7F,
+    "c1-nel": 0x85,
+    "c1-csi": 0x9B,
+    "line-separator": 0x2028,
+    "paragraph-separator": 0x2029,
+    "arabic-letter-mark": 0x061C,
+    "lrm": 0x200E,
+    "rlm": 0x200F,
+    "lre": 0x202A,
+    "rlo": 0x202E,
+    "lri": 0x2066,
+    "pdi": 0x2069,
+    "bom": 0xFEFF,
+    "noncharacter-fdd0": 0xFDD0,
+    "noncharacter-fffe": 0xFFFE,
+    "noncharacter-ffff": 0xFFFF,
+    "noncharacter-10ffff": 0x10FFFF,
 }
 BAD_PRIORITIES = {"negative": -1, "over-100": 101}
 BAD_PAGE_SIZES = {"negative": -1, "over-1000": 1001}
@@ -144,6 +169,51 @@ for name, path in BAD_PATHS.items():
         "path",
         name,
     )
+
+for name, cp in REFUSED_CODE_POINTS.items():
+    bad = f"docs/a{chr(cp)}b.txt"
+    shown = f"contains U+{cp:04X}"
+    case(
+        "CreateRealm",
+        spb.CreateRealmRequest(
+            realm_id="fresh",
+            initial_files=[pb.FileContent(path="ok.txt"), pb.FileContent(path=bad)],
+        ),
+        INVALID,
+        f"initial_files[1].path {shown}",
+        f"refused-{name}",
+    )
+    for rpc, request in {
+        "WriteRealmFile": spb.WriteRealmFileRequest(realm_id=SEEDED, path=bad, content=b"x"),
+        "DeleteRealmFile": spb.DeleteRealmFileRequest(realm_id=SEEDED, path=bad),
+        "ReadRealmFile": spb.ReadRealmFileRequest(realm_id=SEEDED, path=bad),
+    }.items():
+        case(rpc, request, INVALID, f"path {shown}", f"refused-{name}")
+
+# Files the server owns: realm.json is never a client's to write or delete;
+# index.json, the root card, may be replaced but not deleted.
+REALM_JSON_RESERVED = "path: realm.json is reserved"
+case(
+    "WriteRealmFile",
+    spb.WriteRealmFileRequest(realm_id=SEEDED, path="realm.json", content=b"{}"),
+    INVALID,
+    REALM_JSON_RESERVED,
+    "reserved-realm.json",
+)
+case(
+    "DeleteRealmFile",
+    spb.DeleteRealmFileRequest(realm_id=SEEDED, path="realm.json"),
+    INVALID,
+    REALM_JSON_RESERVED,
+    "reserved-realm.json",
+)
+case(
+    "DeleteRealmFile",
+    spb.DeleteRealmFileRequest(realm_id=SEEDED, path="index.json"),
+    INVALID,
+    "path: index.json is reserved",
+    "reserved-index.json",
+)
 
 for name, p in BAD_PRIORITIES.items():
     case(
@@ -270,12 +340,25 @@ case(
     "initial_files[1].path",
     "duplicate-file",
 )
+case(
+    "CreateRealm",
+    spb.CreateRealmRequest(
+        realm_id="fresh",
+        initial_files=[
+            pb.FileContent(path="caf\u00e9.json"),
+            pb.FileContent(path="cafe\u0301.json", content=b"2"),
+        ],
+    ),
+    INVALID,
+    "initial_files[1].path 'caf\u00e9.json' appears twice",
+    "duplicate-file-nfc-and-nfd",
+)
 for reserved in ("realm.json", "index.json"):
     case(
         "CreateRealm",
         spb.CreateRealmRequest(realm_id="fresh", initial_files=[pb.FileContent(path=reserved)]),
         INVALID,
-        "initial_files[0].path",
+        f"initial_files[0].path: {reserved} is reserved",
         f"reserved-{reserved}",
     )
 case(

@@ -94,6 +94,23 @@ def test_push_priority_and_json(run: Run, fake: FakeRealmService, tree: Path) ->
     assert [job["job_id"] for job in data["jobs"]] == ["30"]
 
 
+def test_push_skips_the_server_owned_realm_json(
+    run: Run, fake: FakeRealmService, tmp_path: Path
+) -> None:
+    """A directory pulled from a realm holds realm.json, which the server
+    refuses to take from clients: pushing it back skips it and says so."""
+    (tmp_path / "realm.json").write_text('{"name": "x"}')
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "realm.json").write_text("{}")  # only the root one is reserved
+    fake.reply("WriteRealmFile", written("cards/realm.json", 2, "30", res.DISPOSITION_INSERTED))
+
+    result = run("push", "demo", str(tmp_path))
+
+    assert result.code == 0, result.err
+    assert [r.path for r in fake.requests("WriteRealmFile")] == ["cards/realm.json"]
+    assert "skipped realm.json" in result.err
+
+
 def test_push_of_an_empty_directory(run: Run, fake: FakeRealmService, tmp_path: Path) -> None:
     result = run("push", "demo", str(tmp_path))
 

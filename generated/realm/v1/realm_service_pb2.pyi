@@ -46,7 +46,10 @@ class CreateRealmRequest(_message.Message):
     """Return only when the first index job is terminal (or the deadline passes)."""
     @_builtins.property
     def initial_files(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.FileContent]:
-        """Files stored with the realm, besides realm.json and index.json."""
+        """Files stored with the realm, besides realm.json and index.json, which the
+        server writes and which may not be among them. Paths follow the rules of
+        WriteRealmFileRequest.path; two spellings of one name are a duplicate.
+        """
 
     def __init__(
         self,
@@ -323,7 +326,17 @@ class WriteRealmFileRequest(_message.Message):
     realm_id: _builtins.str
     """The realm to write into."""
     path: _builtins.str
-    """Relative POSIX path: no "..", no leading "/", no control characters."""
+    """Relative POSIX path of the file. Normalized to NFC first (the form
+    stored and returned: the NFC and NFD spellings of a name are one file);
+    then at most 1024 UTF-8 bytes, 255 characters a segment, no empty, "."
+    or ".." segment, no leading "/", no backslash, and none of: control characters
+    (U+0000-U+001F, U+007F, U+0080-U+009F), U+2028, U+2029, bidirectional
+    controls (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), U+FEFF,
+    surrogates, noncharacters (U+FDD0-U+FDEF, U+nFFFE, U+nFFFF). A refusal is
+    INVALID_ARGUMENT naming the field and the code point (U+XXXX).
+    "realm.json" at the root is the server's and may not be written;
+    "index.json", the realm's root card, may be replaced.
+    """
     content: _builtins.bytes
     """The new content (bounded; see the server's max file size)."""
     priority: _builtins.int
@@ -392,7 +405,10 @@ class DeleteRealmFileRequest(_message.Message):
     realm_id: _builtins.str
     """The realm to delete from."""
     path: _builtins.str
-    """Relative POSIX path of the file."""
+    """Relative POSIX path of the file, under the rules of
+    WriteRealmFileRequest.path (an NFD spelling names the NFC file).
+    "realm.json" and "index.json" at the root may not be deleted.
+    """
     priority: _builtins.int
     """Priority 0-100 of the incremental index job; absent means 10 (USER)."""
     def __init__(
@@ -505,7 +521,9 @@ class ReadRealmFileRequest(_message.Message):
     realm_id: _builtins.str
     """The realm to read from."""
     path: _builtins.str
-    """Relative POSIX path of the file."""
+    """Relative POSIX path of the file, under the rules of
+    WriteRealmFileRequest.path (an NFD spelling finds the NFC file).
+    """
     lease_id: _builtins.str
     """The lease of the caller's running job of this realm. Required from the
     worker role (PERMISSION_DENIED without it, or when the lease is not the
@@ -973,7 +991,9 @@ class IndexEntryBatch(_message.Message):
 
     @_builtins.property
     def deleted_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Paths whose entries must be removed (incremental jobs)."""
+        """Paths whose entries must be removed (incremental jobs), under the rules
+        of WriteRealmFileRequest.path; like entries' paths, stored in NFC.
+        """
 
     def __init__(
         self,

@@ -327,7 +327,9 @@ class PathChange(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """Relative POSIX path inside the realm."""
+    """Relative POSIX path inside the realm, in Unicode NFC (the server
+    normalizes what it is sent; see the path rules in docs/DESIGN.md).
+    """
     deleted: _builtins.bool
     """True when the file was deleted (its entry must be removed)."""
     def __init__(
@@ -355,7 +357,9 @@ class RealmFile(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """Relative POSIX path inside the realm."""
+    """Relative POSIX path inside the realm, in Unicode NFC (the server
+    normalizes what it is sent; see the path rules in docs/DESIGN.md).
+    """
     size: _builtins.int
     """Size of the content in bytes."""
     sha256: _builtins.str
@@ -389,7 +393,9 @@ class FileContent(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """Relative POSIX path inside the realm."""
+    """Relative POSIX path inside the realm, in Unicode NFC (the server
+    normalizes what it is sent; see the path rules in docs/DESIGN.md).
+    """
     content: _builtins.bytes
     """The file's bytes."""
     def __init__(
@@ -423,7 +429,9 @@ class IndexEntry(_message.Message):
     LINKS_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """Relative POSIX path inside the realm."""
+    """Relative POSIX path inside the realm, in Unicode NFC (the server
+    normalizes what it is sent; see the path rules in docs/DESIGN.md).
+    """
     size: _builtins.int
     """Size of the file in bytes."""
     sha256: _builtins.str
