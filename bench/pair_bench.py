@@ -803,7 +803,7 @@ def run_stmt(cfg: Config, workdir: Path) -> None:
             "ORDER BY priority DESC, seq, id LIMIT 36"
         )
         try:
-            with db.transaction() as session:
+            with db.session_for_tests() as session:
                 conn = session.connection()
                 raw = conn.connection.driver_connection
                 assert raw is not None

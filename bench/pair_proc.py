@@ -28,8 +28,9 @@ from urllib.parse import quote
 
 from sqlalchemy import insert
 
+from realm_service.domain import JobKind
 from realm_service.store.db import open_database
-from realm_service.store.jobs_sql import seq_of
+from realm_service.store.rows import new_job_values
 from realm_service.store.tables import JobRow, RealmRow
 
 BIN = Path(sys.executable).parent
@@ -140,7 +141,7 @@ def seed_realms(store: BenchStore, realm_ids: Sequence[str], *, indexed: bool = 
                 }
                 for realm_id in realm_ids[start : start + SEED_CHUNK]
             ]
-            with db.transaction() as s:
+            with db.session_for_tests() as s:
                 s.execute(insert(RealmRow), rows)
     finally:
         db.close()
@@ -150,28 +151,17 @@ def seed_jobs(store: BenchStore, realm_ids: Sequence[str], *, priority: int = 0)
     """One queued from-scratch job per realm, in the given order."""
     db = open_database(store.url, migrate=False)
     now = datetime.now(UTC)
-    base = seq_of(now)
     try:
         for start in range(0, len(realm_ids), SEED_CHUNK):
             rows = [
-                {
-                    "realm_id": realm_id,
-                    "kind": "from-scratch",
-                    "priority": priority,
-                    "state": "queued",
-                    "seq": base + start + i,
-                    "attempt": 0,
-                    "counted_failures": 0,
-                    "create_time": now,
-                    "error_message": "",
-                    "progress_done": 0,
-                    "progress_total": 0,
-                    "paths": "[]",
-                    "worker": "",
-                }
-                for i, realm_id in enumerate(realm_ids[start : start + SEED_CHUNK])
+                new_job_values(
+                    realm_id=realm_id, kind=JobKind.FROM_SCRATCH, priority=priority, now=now
+                )
+                for realm_id in realm_ids[start : start + SEED_CHUNK]
             ]
-            with db.transaction() as s:
+            for i, row in enumerate(rows):
+                row["seq"] += start + i
+            with db.session_for_tests() as s:
                 s.execute(insert(JobRow), rows)
     finally:
         db.close()

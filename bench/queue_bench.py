@@ -142,7 +142,7 @@ def add_realm_jobs(db: Database, prefix: str, start: int, count: int, kinds: int
     kinds_sql = " UNION ALL ".join(
         f"SELECT {n} AS o, '{k}' AS kind, '{p}' AS paths" for n, (k, p) in enumerate(kind_rows)
     )
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         s.execute(
             text(
                 f"{with_prefix}INSERT INTO realms (realm_id, display_name, state, created_priority,"
@@ -165,7 +165,7 @@ def add_realm_jobs(db: Database, prefix: str, start: int, count: int, kinds: int
 
 
 def queued_count(db: Database) -> int:
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return int(s.execute(text("SELECT count(*) FROM jobs WHERE state = 'queued'")).scalar_one())
 
 
@@ -205,7 +205,7 @@ def drain_queue(queue: JobQueue, k: int, max_jobs: int, max_seconds: float, batc
 
 def create_plain_table(db: Database, rows: int) -> None:
     pg = db.backend == "postgresql"
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         s.execute(text("DROP TABLE IF EXISTS bench_plain"))
         s.execute(
             text(

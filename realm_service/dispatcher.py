@@ -33,7 +33,10 @@ _ids = itertools.count(1)
 
 @dataclass(eq=False)
 class WorkerStream:
-    """Server-side state of one ClaimJobs stream."""
+    """Server-side state of one ClaimJobs stream, and the ledger of its leases
+    and credits. The ledger changes only through the methods below (used by
+    the dispatcher, the reaper and the ClaimJobs handler), which keep one
+    rule: a stream never holds more leases than it was granted credits."""
 
     worker_id: str
     incarnation_id: str
@@ -44,6 +47,31 @@ class WorkerStream:
     credits: int = 0
     outstanding: dict[str, Lease] = field(default_factory=dict)
     draining: bool = False
+
+    def grant(self, n: int) -> None:
+        self.credits += n
+
+    def assign(self, lease: Lease) -> None:
+        """Hold a lease handed to this stream; it uses one credit."""
+        self.credits -= 1
+        self.outstanding[lease.lease_id] = lease
+
+    def holds(self, lease_id: str) -> bool:
+        return lease_id in self.outstanding
+
+    def drop(self, lease_id: str) -> None:
+        """Forget a lease that ended (result, release, refusal, reap)."""
+        self.outstanding.pop(lease_id, None)
+
+    def drop_all(self) -> list[str]:
+        """Forget every lease (the stream is closing); returns them."""
+        held = list(self.outstanding)
+        self.outstanding.clear()
+        return held
+
+    @property
+    def held_leases(self) -> int:
+        return len(self.outstanding)
 
     @property
     def accepts_system(self) -> bool:
@@ -93,7 +121,7 @@ class Dispatcher:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self.queue.db.on_new_work(self.wake_threadsafe)
+        self.queue.on_new_work(self.wake_threadsafe)
         failing = False
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
@@ -150,7 +178,7 @@ class Dispatcher:
 
     def _system_budget(self) -> int:
         shared = [s for s in self.streams.values() if s.accepts_system and not s.draining]
-        slots = sum(s.credits + len(s.outstanding) for s in shared)
+        slots = sum(s.credits + s.held_leases for s in shared)
         busy = sum(s.system_outstanding for s in shared)
         allowed = slots - self.reserved_slots if slots > self.reserved_slots else min(slots, 1)
         return max(0, allowed - busy)
@@ -165,8 +193,7 @@ class Dispatcher:
             if target.credits <= 0:
                 break
             lease = pending.pop(0)
-            target.credits -= 1
-            target.outstanding[lease.lease_id] = lease
+            target.assign(lease)
             batches[target.stream_id].append(lease)
         if pending:  # every stream went away meanwhile: give the jobs back at once
             asyncio.get_running_loop().create_task(

@@ -9,6 +9,7 @@ import enum
 import posixpath
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -119,6 +120,25 @@ class Job:
 
 
 @dataclass(frozen=True)
+class HeldJob:
+    """A running job as the transitions of its lease need it: the job, and
+    the lease bookkeeping kept beside it (the attempt, failures so far)."""
+
+    job: Job
+    lease_id: str
+    attempt_id: int | None
+    counted_failures: int
+
+    @property
+    def job_id(self) -> int:
+        return self.job.job_id
+
+    @property
+    def realm_id(self) -> str:
+        return self.job.realm_id
+
+
+@dataclass(frozen=True)
 class EnqueueResult:
     job: Job
     disposition: Disposition
@@ -149,6 +169,14 @@ class IndexEntry:
     @property
     def is_card(self) -> bool:
         return bool(self.card_type) and not self.error_message
+
+
+def merge_paths(old: Iterable[PathChange], new: Iterable[PathChange]) -> tuple[PathChange, ...]:
+    """Union by path; a delete wins over an update of the same path."""
+    merged: dict[str, bool] = {}
+    for change in [*old, *new]:
+        merged[change.path] = merged.get(change.path, False) or change.deleted
+    return tuple(PathChange(p, d) for p, d in sorted(merged.items()))
 
 
 def validate_realm_id(realm_id: str, field_name: str = "realm_id") -> str:

@@ -1,20 +1,24 @@
-"""Job queue use cases: enqueue with coalescing, claim, fenced lease
-operations, release, reaping. Each public method owns its transaction; the
-`*_in` variants run inside a caller's transaction (file writes, realm
-creation) so the change and its job commit together.
+"""Job queue use cases: the policy of the queue (coalescing, the attempts
+cap, reserved slots, who reaps a lease and how it counts) over the store's
+named transitions. Each public method owns its transaction; the `*_in`
+variants run inside a caller's `Tx` (file writes, realm creation) so the
+change and its job commit together.
+
+Effects of a change (the dispatcher's wake-up, NOTIFY to other instances,
+watchers of a job, log lines) are recorded on the `Tx` by the store and fire
+after the commit: no caller has a second step to remember.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import secrets
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-from sqlalchemy.orm import Session
 
 from realm_service.clock import Clock, utcnow
 from realm_service.domain import (
@@ -22,6 +26,7 @@ from realm_service.domain import (
     AttemptOutcome,
     Disposition,
     EnqueueResult,
+    HeldJob,
     IndexEntry,
     Job,
     JobKind,
@@ -29,11 +34,19 @@ from realm_service.domain import (
     Lease,
     PathChange,
     RealmState,
+    merge_paths,
 )
-from realm_service.errors import Conflict, StaleLease
-from realm_service.store import instances_sql, jobs_sql, realms_sql
-from realm_service.store.db import Database
-from realm_service.store.tables import JobRow
+from realm_service.errors import Conflict, InvalidArgument, StaleLease
+from realm_service.store import (
+    claim_sql,
+    enqueue_sql,
+    index_sql,
+    instances_sql,
+    jobs_sql,
+    leases_sql,
+    realms_sql,
+)
+from realm_service.store.db import Database, Tx
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,17 @@ class JobQueue:
         self._unreleased: dict[str, str] = {}
         self._unreleased_lock = threading.Lock()
 
+    # -- subscriptions --------------------------------------------------------
+
+    def on_new_work(self, callback: Callable[[], None]) -> None:
+        """Call back (from any thread) when new or requeued work may be claimable,
+        here or on another instance sharing the store."""
+        self.db.on_new_work(callback)
+
+    def on_job_change(self, callback: Callable[[int], None]) -> None:
+        """Call back with a job id once this process committed a change to it."""
+        self.db.on_job_change(callback)
+
     # -- enqueue ------------------------------------------------------------
 
     def enqueue(
@@ -72,20 +96,17 @@ class JobQueue:
         paths: Sequence[PathChange] = (),
         content_changed: bool = False,
     ) -> EnqueueResult:
-
-        def work(session: Session) -> EnqueueResult:
-            realms_sql.get_realm(session, realm_id)
+        def work(tx: Tx) -> EnqueueResult:
+            realms_sql.get_realm(tx, realm_id)
             return self.enqueue_in(
-                session, realm_id, kind, priority, paths=paths, content_changed=content_changed
+                tx, realm_id, kind, priority, paths=paths, content_changed=content_changed
             )
 
-        result = self.db.retrying(work)
-        self.after_enqueue(result)
-        return result
+        return self.db.retrying(work)
 
     def enqueue_in(
         self,
-        session: Session,
+        tx: Tx,
         realm_id: str,
         kind: JobKind,
         priority: int,
@@ -99,85 +120,77 @@ class JobQueue:
         now = self.clock()
         # One change per path, a delete winning, as merges already do: a job
         # must never list a path twice, or as both updated and deleted.
-        paths = jobs_sql.merge_paths((), paths)
+        paths = merge_paths((), paths)
         for _ in range(3):
             # An incremental change may merge into a queued from-scratch job;
             # a from-scratch one needs (and locks) only its own kind.
-            queued = jobs_sql.queued_jobs(
-                session,
+            queued = enqueue_sql.queued_jobs(
+                tx,
                 realm_id,
                 [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind],
             )
-            if kind is JobKind.INCREMENTAL and kind.value not in queued:
-                scratch = queued.get(JobKind.FROM_SCRATCH.value)
+            if kind is JobKind.INCREMENTAL and kind not in queued:
+                scratch = queued.get(JobKind.FROM_SCRATCH)
                 if scratch is not None:  # it has not started: it will see the change
-                    jobs_sql.merge_into(scratch, priority)
-                    session.flush()
-                    return EnqueueResult(jobs_sql.to_job(scratch), Disposition.MERGED)
-            target = queued.get(kind.value)
+                    merged = enqueue_sql.merge(tx, scratch, priority)
+                    return EnqueueResult(merged, Disposition.MERGED)
+            target = queued.get(kind)
             if target is not None:
-                jobs_sql.merge_into(target, priority, paths)
-                session.flush()
-                return EnqueueResult(jobs_sql.to_job(target), Disposition.MERGED)
-            running = jobs_sql.running_job(session, realm_id)
-            if running is not None and running.kind == kind.value:
+                return EnqueueResult(
+                    enqueue_sql.merge(tx, target, priority, paths), Disposition.MERGED
+                )
+            running = enqueue_sql.running_job(tx, realm_id)
+            if running is not None and running.kind is kind:
                 if kind is JobKind.FROM_SCRATCH and not content_changed:
-                    return EnqueueResult(jobs_sql.to_job(running), Disposition.ATTACHED)
+                    return EnqueueResult(running, Disposition.ATTACHED)
                 if kind is JobKind.INCREMENTAL:
                     # With content_changed (a file was just written or deleted)
                     # the running job may have read the path already; its result
                     # cannot answer the change, so a follow-up job is queued.
                     incoming = {(c.path, c.deleted) for c in paths}
-                    covered = {(c.path, c.deleted) for c in jobs_sql.decode_paths(running.paths)}
+                    covered = {(c.path, c.deleted) for c in running.path_changes}
                     if incoming and incoming <= covered and not content_changed:
-                        return EnqueueResult(jobs_sql.to_job(running), Disposition.ATTACHED)
-            row = jobs_sql.try_insert_job(
-                session, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
+                        return EnqueueResult(running, Disposition.ATTACHED)
+            job = enqueue_sql.try_insert_job(
+                tx, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
             )
-            if row is None:  # a concurrent enqueuer won: merge into its job
+            if job is None:  # a concurrent enqueuer won: merge into its job
                 continue
-            self.db.announce_new_work(session)
             disposition = (
                 Disposition.RERUN_SCHEDULED
-                if running is not None and running.kind == kind.value
+                if running is not None and running.kind is kind
                 else Disposition.INSERTED
             )
-            return EnqueueResult(jobs_sql.to_job(row), disposition)
+            result = EnqueueResult(job, disposition)
+            tx.on_commit(functools.partial(_log_enqueued, [result]))
+            return result
         raise Conflict("could not enqueue: concurrent changes kept winning; retry")
 
-    def first_index_of_new_realm(self, session: Session, realm_id: str, priority: int) -> Job:
+    def first_index_of_new_realm(self, tx: Tx, realm_id: str, priority: int) -> Job:
         """The first from-scratch job of a realm inserted in this same
         transaction. No job of it can exist yet (a job references the realm
         row, which others see only at commit), so nothing is looked up; the
         store's unique index still refuses a second queued one."""
-        row = jobs_sql.insert_job(
-            session,
-            realm_id=realm_id,
-            kind=JobKind.FROM_SCRATCH,
-            priority=priority,
-            now=self.clock(),
+        job = enqueue_sql.insert_job(
+            tx, realm_id=realm_id, kind=JobKind.FROM_SCRATCH, priority=priority, now=self.clock()
         )
-        self.db.announce_new_work(session)
-        return jobs_sql.to_job(row)
+        tx.on_commit(functools.partial(_log_enqueued, [EnqueueResult(job, Disposition.INSERTED)]))
+        return job
 
-    def ensure_first_index(self, session: Session, realm_id: str, priority: int) -> Job | None:
+    def ensure_first_index(self, tx: Tx, realm_id: str, priority: int) -> Job | None:
         """The mount pipeline's rule: never add a from-scratch job for a realm
         that has one queued, running or completed; raise (never lower) a queued
         one's priority to what the realm's creation asked for."""
-        queued = jobs_sql.queued_job(session, realm_id, JobKind.FROM_SCRATCH)
-        if queued is not None:
-            if queued.priority < priority:
-                jobs_sql.raise_priority(session, queued.id, priority)
+        queued = enqueue_sql.queued_jobs(tx, realm_id, [JobKind.FROM_SCRATCH])
+        if JobKind.FROM_SCRATCH in queued:
+            enqueue_sql.raise_priority(tx, [queued[JobKind.FROM_SCRATCH].job_id], priority)
             return None
-        if jobs_sql.has_from_scratch(session, realm_id, ("running", "succeeded")):
+        if enqueue_sql.has_from_scratch(tx, realm_id, (JobState.RUNNING, JobState.SUCCEEDED)):
             return None
-        result = self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
+        result = self.enqueue_in(tx, realm_id, JobKind.FROM_SCRATCH, priority)
         # A concurrent mount may have inserted it first: we merged into its job
         # (raising its priority) and added nothing, so report nothing added.
         return result.job if result.disposition is Disposition.INSERTED else None
-
-    def after_enqueue(self, result: EnqueueResult) -> None:
-        self._after_enqueue_many([result])
 
     def enqueue_all(self, priority: int, *, batch: int = 500) -> tuple[int, int]:
         """A from-scratch job for every realm, coalesced per DESIGN.md section
@@ -197,59 +210,36 @@ class JobQueue:
                     now=self.clock(),
                 )
             )
-            inserted += self._after_enqueue_many(results)
+            inserted += sum(1 for r in results if r.disposition is Disposition.INSERTED)
             realms += len(ids)
             if len(ids) < batch:
                 return inserted, realms
             after = ids[-1]
 
     def _enqueue_page(
-        self, session: Session, *, after: str | None, limit: int, priority: int, now: datetime
+        self, tx: Tx, *, after: str | None, limit: int, priority: int, now: datetime
     ) -> tuple[list[str], list[EnqueueResult]]:
         """One page of `enqueue_all`: its realm ids and what each got."""
-        ids = realms_sql.realm_ids_page(session, after=after, limit=limit)
-        active = jobs_sql.active_from_scratch(session, ids)
-        rows = jobs_sql.try_insert_from_scratch_jobs(
-            session, [r for r in ids if r not in active], priority=priority, now=now
+        ids = realms_sql.realm_ids_page(tx, after=after, limit=limit)
+        active = enqueue_sql.active_from_scratch(tx, ids)
+        jobs = enqueue_sql.try_insert_from_scratch_jobs(
+            tx, [r for r in ids if r not in active], priority=priority, now=now
         )
-        if rows is None:  # a concurrent enqueuer was first: coalesce each
+        if jobs is None:  # a concurrent enqueuer was first: coalesce each
             return ids, [
-                self.enqueue_in(session, realm_id, JobKind.FROM_SCRATCH, priority)
-                for realm_id in ids
+                self.enqueue_in(tx, realm_id, JobKind.FROM_SCRATCH, priority) for realm_id in ids
             ]
-        if rows:
-            self.db.announce_new_work(session)
-        outcomes = [(row, Disposition.INSERTED) for row in rows]
-        for row in active.values():
-            if row.state == "queued":
-                jobs_sql.merge_into(row, priority)
-                outcomes.append((row, Disposition.MERGED))
+        results = [EnqueueResult(job, Disposition.INSERTED) for job in jobs]
+        tx.on_commit(functools.partial(_log_enqueued, list(results)))
+        queued = [job for job in active.values() if job.state is JobState.QUEUED]
+        enqueue_sql.raise_priority(tx, [job.job_id for job in queued], priority)
+        for job in active.values():
+            if job.state is JobState.QUEUED:
+                raised = job if job.priority >= priority else _with_priority(job, priority)
+                results.append(EnqueueResult(raised, Disposition.MERGED))
             else:  # running, and a reindex does not say the content changed
-                outcomes.append((row, Disposition.ATTACHED))
-        session.flush()
-        return ids, [EnqueueResult(jobs_sql.to_job(r), d) for r, d in outcomes]
-
-    def _after_enqueue_many(self, results: Sequence[EnqueueResult]) -> int:
-        """`after_enqueue` for a committed batch; returns how many it added."""
-        added = [
-            r
-            for r in results
-            if r.disposition in (Disposition.INSERTED, Disposition.RERUN_SCHEDULED)
-        ]
-        for r in added:
-            log.info(
-                "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
-                r.job.job_id,
-                r.job.realm_id,
-                r.job.kind,
-                r.job.priority,
-                r.disposition,
-            )
-        if added:
-            self.db.new_work_committed()
-        if results:
-            self.db.jobs_changed([r.job.job_id for r in results])
-        return len(added)
+                results.append(EnqueueResult(job, Disposition.ATTACHED))
+        return ids, results
 
     # -- claim ----------------------------------------------------------------
 
@@ -269,9 +259,9 @@ class JobQueue:
         now = self.clock()
         until = now + self.settings.lease_duration
 
-        def work(session: Session) -> list[Lease]:
-            leases, leftover = jobs_sql.claim(
-                session,
+        def work(tx: Tx) -> list[Lease]:
+            leases = claim_sql.claim(
+                tx,
                 limit=limit,
                 min_priority=min_priority
                 if system_limit is None
@@ -285,8 +275,8 @@ class JobQueue:
             )
             room = min(limit - len(leases), system_limit or 0)
             if system_limit is not None and room > 0 and min_priority <= SYSTEM:
-                more, left_system = jobs_sql.claim(
-                    session,
+                leases += claim_sql.claim(
+                    tx,
                     limit=room,
                     min_priority=min_priority,
                     max_priority=SYSTEM,
@@ -296,12 +286,6 @@ class JobQueue:
                     lease_until=until,
                     instance_id=self.instance_id,
                 )
-                leases += more
-                leftover = leftover or left_system
-            if leftover:
-                # Other instances skipped the rows this claim locked and
-                # left: wake them to look again once it commits.
-                self.db.announce_new_work(session)
             return leases
 
         leases = self.db.retrying(work)
@@ -315,8 +299,6 @@ class JobQueue:
                 lease.job.priority,
                 lease.job.attempt,
             )
-        if leases:
-            self.db.jobs_changed([lease.job.job_id for lease in leases])
         return leases
 
     # -- fenced lease operations ----------------------------------------------
@@ -330,25 +312,43 @@ class JobQueue:
         values = progress if isinstance(progress, dict) else {}
         until = self.clock() + self.settings.lease_duration
         extended = self.db.retrying(
-            functools.partial(jobs_sql.extend, lease_ids=leases, until=until, progress=values)
+            functools.partial(leases_sql.extend, lease_ids=leases, until=until, progress=values)
         )
         return {lease: (until if lease in extended else None) for lease in leases}
 
     def add_entries(
         self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str] = ()
     ) -> None:
-        def work(session: Session) -> None:
-            row = jobs_sql.current(session, lease_id, lock=False)
-            assert row.lease_attempt_id is not None
-            realms_sql.stage_entries(
-                session,
-                realm_id=row.realm_id,
-                generation=row.lease_attempt_id,
-                entries=entries,
-                deleted_paths=deleted_paths,
-            )
+        """Stage an entry batch under the lease's generation. A batch the store
+        cannot hold ends the attempt (`refuse_entries`) and raises."""
+        try:
+            self.db.retrying(functools.partial(self._stage, lease_id, entries, deleted_paths))
+        except InvalidArgument as e:
+            self.refuse_entries(lease_id, e.message)
+            raise
 
-        self.db.retrying(work)
+    def refuse_entries(self, lease_id: str, reason: str) -> Job | None:
+        """An entry batch was refused: the attempt cannot publish a whole
+        index, so it ends as a counted failure (a worker that keeps sending a
+        poison entry ends its job at the attempts cap). None if the lease is
+        no longer current."""
+        try:
+            return self.fail(lease_id, reason)
+        except StaleLease:
+            return None
+
+    def _stage(
+        self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str], tx: Tx
+    ) -> None:
+        held = leases_sql.current(tx, lease_id, lock=False)
+        assert held.attempt_id is not None
+        index_sql.stage_entries(
+            tx,
+            realm_id=held.realm_id,
+            generation=held.attempt_id,
+            entries=entries,
+            deleted_paths=deleted_paths,
+        )
 
     def complete(self, lease_id: str, *, entries_uploaded: int = 0) -> Job:
         """Finish a lease successfully; the job's entries become the realm's index."""
@@ -359,51 +359,54 @@ class JobQueue:
 
     def complete_many(self, results: Sequence[tuple[str, int]]) -> dict[str, Job | StaleLease]:
         """`complete` for several (lease, entries uploaded) in one transaction.
-        Each lease is fenced on its own: one that is not current, or whose
-        entry count does not match, is refused (its StaleLease is returned and
-        nothing of it is applied) while the others complete."""
+        Each lease is fenced on its own: one that is not current is refused
+        (its StaleLease is returned, nothing of it applied). One whose entry
+        count does not match what the store received is refused too, and its
+        attempt fails (counted): the worker lost entries, so the index it
+        would publish is not whole."""
         now = self.clock()
 
-        def work(
-            session: Session,
-        ) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
+        def work(tx: Tx) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
             done: dict[str, Job | StaleLease] = {}
-            rows = jobs_sql.held_many(session, [lease_id for lease_id, _ in results])
-            accepted: list[tuple[str, jobs_sql.HeldJob]] = []
-            counted: list[tuple[str, jobs_sql.HeldJob, int]] = []
+            rows = leases_sql.held_many(tx, [lease_id for lease_id, _ in results])
+            accepted: list[tuple[str, HeldJob]] = []
+            counted: list[tuple[str, HeldJob, int]] = []
             for lease_id, uploaded in results:
-                row = rows.pop(lease_id, None)  # a lease listed twice is current once
-                if row is None:
+                held = rows.pop(lease_id, None)  # a lease listed twice is current once
+                if held is None:
                     done[lease_id] = StaleLease(f"lease {lease_id[:40]!r} is not current")
                 elif uploaded:
-                    counted.append((lease_id, row, uploaded))
+                    counted.append((lease_id, held, uploaded))
                 else:
-                    accepted.append((lease_id, row))
-            staged = realms_sql.count_staged_many(
-                session, [(row.realm_id, row.lease_attempt_id or 0) for _, row, _ in counted]
+                    accepted.append((lease_id, held))
+            staged = index_sql.count_staged_many(
+                tx, [(held.realm_id, held.attempt_id or 0) for _, held, _ in counted]
             )
-            for lease_id, row, uploaded in counted:
-                received = staged.get((row.realm_id, row.lease_attempt_id or 0), 0)
+            for lease_id, held, uploaded in counted:
+                received = staged.get((held.realm_id, held.attempt_id or 0), 0)
                 if received != uploaded:
-                    done[lease_id] = StaleLease(
+                    message = (
                         f"lease {lease_id}: {uploaded} entries reported, "
                         f"{received} received; the result was not applied"
                     )
+                    leases_sql.end_attempt(tx, held.attempt_id, AttemptOutcome.FAILED, now, message)
+                    self._count_failure(tx, held, message, now)
+                    done[lease_id] = StaleLease(message)
                 else:
-                    accepted.append((lease_id, row))
-            scratch = JobKind.FROM_SCRATCH.value
-            realms_sql.switch_generations(
-                session,
-                [(r.realm_id, r.lease_attempt_id or 0, r.kind == scratch) for _, r in accepted],
+                    accepted.append((lease_id, held))
+            scratch = JobKind.FROM_SCRATCH
+            index_sql.switch_generations(
+                tx,
+                [(h.realm_id, h.attempt_id or 0, h.job.kind is scratch) for _, h in accepted],
                 now=now,
             )
-            jobs_sql.end_attempts(
-                session,
-                [row.lease_attempt_id for _, row in accepted if row.lease_attempt_id is not None],
+            leases_sql.end_attempts(
+                tx,
+                [h.attempt_id for _, h in accepted if h.attempt_id is not None],
                 AttemptOutcome.COMPLETED,
                 now,
             )
-            succeeded = jobs_sql.succeed_many(session, [row for _, row in accepted], now)
+            succeeded = leases_sql.succeed(tx, [h for _, h in accepted], now)
             finished = [
                 (lease_id, job) for (lease_id, _), job in zip(accepted, succeeded, strict=True)
             ]
@@ -413,24 +416,19 @@ class JobQueue:
         for lease_id, job in finished:
             done[lease_id] = job
             self._log_end(job, lease_id, "succeeded")
-        if finished:
-            self.db.jobs_changed([job.job_id for _, job in finished])
-            self.db.new_work_committed()  # the realms' next jobs may run now
         return done
 
     def fail(self, lease_id: str, message: str, *, permanent: bool = False) -> Job:
         """A failed attempt: counts toward the cap; retried until it is reached."""
         now = self.clock()
 
-        def work(session: Session) -> Job:
-            row = jobs_sql.current(session, lease_id)
-            jobs_sql.end_attempt(session, row.lease_attempt_id, AttemptOutcome.FAILED, now, message)
-            return self._count_failure(session, row, message, now, permanent=permanent)
+        def work(tx: Tx) -> Job:
+            held = leases_sql.current(tx, lease_id)
+            leases_sql.end_attempt(tx, held.attempt_id, AttemptOutcome.FAILED, now, message)
+            return self._count_failure(tx, held, message, now, permanent=permanent)
 
         job = self.db.retrying(work)
         self._log_end(job, lease_id, job.state.value)
-        self.db.jobs_changed([job.job_id])
-        self.db.new_work_committed()
         return job
 
     def release(self, lease_ids: Sequence[str], reason: str = "released") -> list[Job]:
@@ -438,28 +436,20 @@ class JobQueue:
         once, not counted. Stale leases are skipped."""
         now = self.clock()
 
-        def work(session: Session) -> list[Job]:
+        def work(tx: Tx) -> list[Job]:
             jobs: list[Job] = []
             for lease_id in lease_ids:
                 try:
-                    row = jobs_sql.current(session, lease_id)
+                    held = leases_sql.current(tx, lease_id)
                 except StaleLease:
                     continue
-                jobs_sql.end_attempt(
-                    session, row.lease_attempt_id, AttemptOutcome.INTERRUPTED, now, reason
-                )
-                jobs_sql.requeue(session, row)
-                jobs.append(jobs_sql.to_job(row))
-            if jobs:
-                self.db.announce_new_work(session)
+                leases_sql.end_attempt(tx, held.attempt_id, AttemptOutcome.INTERRUPTED, now, reason)
+                jobs.append(leases_sql.requeue(tx, held, counted=False))
             return jobs
 
         jobs = self.db.retrying(work)
         for job in jobs:
             log.info("job requeued job=%s realm=%s reason=%s", job.job_id, job.realm_id, reason)
-        if jobs:
-            self.db.jobs_changed([j.job_id for j in jobs])
-            self.db.new_work_committed()
         return jobs
 
     def defer_release(self, lease_ids: Sequence[str], reason: str) -> None:
@@ -505,21 +495,22 @@ class JobQueue:
         with self._unreleased_lock:
             unreleased = set(self._unreleased)
 
-        def work(session: Session) -> tuple[list[Job], list[Job], list[str]]:
-            rows = jobs_sql.expired(session, now, limit)
+        def work(tx: Tx) -> tuple[list[Job], list[Job], list[str]]:
+            expired = leases_sql.expired(tx, now, limit)
             holders = instances_sql.holders(
-                session, [r.lease_attempt_id for r in rows if r.lease_attempt_id is not None]
+                tx, [h.attempt_id for h in expired if h.attempt_id is not None]
             )
-            others = [h for h in holders.values() if h and h != self.instance_id]
-            alive = instances_sql.live(session, others, seen_after)
+            others = [i for i in holders.values() if i and i != self.instance_id]
+            alive = instances_sql.live(tx, others, seen_after)
             counted: list[Job] = []
             interrupted: list[Job] = []
             settled: list[str] = []
-            for row in rows:
-                holder = holders.get(row.lease_attempt_id or 0, "")
-                lease_id = row.lease_id or ""
+            for lease in expired:
+                holder = holders.get(lease.attempt_id or 0, "")
                 if holder == self.instance_id:
-                    silent = lease_id not in unreleased and (held is None or lease_id in held)
+                    silent = lease.lease_id not in unreleased and (
+                        held is None or lease.lease_id in held
+                    )
                     reason = "lease expired" if silent else "stream closed"
                 elif holder in alive:
                     continue
@@ -527,20 +518,17 @@ class JobQueue:
                     silent, reason = False, f"server instance {holder} stopped"
                 else:
                     silent, reason = True, "lease expired"
-                settled.append(lease_id)
+                settled.append(lease.lease_id)
                 if silent:
-                    jobs_sql.end_attempt(
-                        session, row.lease_attempt_id, AttemptOutcome.EXPIRED, now, reason
+                    leases_sql.end_attempt(
+                        tx, lease.attempt_id, AttemptOutcome.EXPIRED, now, reason
                     )
-                    counted.append(self._count_failure(session, row, reason, now))
+                    counted.append(self._count_failure(tx, lease, reason, now))
                 else:
-                    jobs_sql.end_attempt(
-                        session, row.lease_attempt_id, AttemptOutcome.INTERRUPTED, now, reason
+                    leases_sql.end_attempt(
+                        tx, lease.attempt_id, AttemptOutcome.INTERRUPTED, now, reason
                     )
-                    jobs_sql.requeue(session, row)
-                    interrupted.append(jobs_sql.to_job(row))
-            if counted or interrupted:
-                self.db.announce_new_work(session)
+                    interrupted.append(leases_sql.requeue(tx, lease, counted=False))
             return counted, interrupted, settled
 
         counted, interrupted, settled = self.db.retrying(work)
@@ -553,11 +541,34 @@ class JobQueue:
             )
         for job in interrupted:
             log.info("job requeued job=%s realm=%s reason=lease orphaned", job.job_id, job.realm_id)
-        jobs = counted + interrupted
-        if jobs:
-            self.db.jobs_changed([j.job_id for j in jobs])
-            self.db.new_work_committed()
-        return jobs
+        return counted + interrupted
+
+    def _count_failure(
+        self, tx: Tx, held: HeldJob, message: str, now: datetime, *, permanent: bool = False
+    ) -> Job:
+        """The attempts cap: a bad attempt requeues the job, or fails it once
+        the cap is reached (at once when the failure is permanent). A realm
+        whose first index failed says so."""
+        failures = held.counted_failures + 1
+        if not permanent and failures < self.settings.max_attempts:
+            return leases_sql.requeue(tx, held, counted=True, message=message)
+        reason = (
+            message if permanent else f"gave up after {failures} failed attempts; last: {message}"
+        )
+        job = leases_sql.fail(tx, held, now, reason, counted=True)
+        if realms_sql.get_realm(tx, held.realm_id).current_generation is None:
+            realms_sql.set_realm_state(tx, held.realm_id, RealmState.INDEX_FAILED)
+        return job
+
+    def _log_end(self, job: Job, lease_id: str, outcome: str) -> None:
+        log.info(
+            "job %s job=%s realm=%s lease=%s attempt=%s",
+            outcome,
+            job.job_id,
+            job.realm_id,
+            lease_id,
+            job.attempt,
+        )
 
     # -- server instances ---------------------------------------------------------
 
@@ -572,9 +583,9 @@ class JobQueue:
         (raises StoreUnavailable or StoreFull when writes cannot commit)."""
         now = self.clock()
 
-        def work(session: Session) -> None:
-            if not instances_sql.touch(session, self.instance_id, now):
-                instances_sql.register(session, self.instance_id, now)
+        def work(tx: Tx) -> None:
+            if not instances_sql.touch(tx, self.instance_id, now):
+                instances_sql.register(tx, self.instance_id, now)
 
         self.db.retrying(work)
 
@@ -587,54 +598,18 @@ class JobQueue:
             self.settings.instance_timeout, self.settings.lease_duration
         )
 
-        def work(session: Session) -> int:
-            dead = [i for i in instances_sql.stale(session, before) if i != self.instance_id]
-            instances_sql.remove(session, dead)
+        def work(tx: Tx) -> int:
+            dead = [i for i in instances_sql.stale(tx, before) if i != self.instance_id]
+            instances_sql.remove(tx, dead)
             return len(dead)
 
         return self.db.retrying(work)
 
-    def _count_failure(
-        self,
-        session: Session,
-        row: JobRow,
-        message: str,
-        now: datetime,
-        *,
-        permanent: bool = False,
-    ) -> Job:
-        row.counted_failures += 1
-        if permanent or row.counted_failures >= self.settings.max_attempts:
-            reason = (
-                message
-                if permanent
-                else (f"gave up after {row.counted_failures} failed attempts; last: {message}")
-            )
-            jobs_sql.finish(row, JobState.FAILED, now, reason)
-            realm = realms_sql.get_realm(session, row.realm_id)
-            if realm.current_generation is None:
-                realms_sql.set_realm_state(session, row.realm_id, RealmState.INDEX_FAILED)
-        else:
-            row.error_message = message[:2000]
-            jobs_sql.requeue(session, row)
-        session.flush()
-        return jobs_sql.to_job(row)
-
-    def _log_end(self, job: Job, lease_id: str, outcome: str) -> None:
-        log.info(
-            "job %s job=%s realm=%s lease=%s attempt=%s",
-            outcome,
-            job.job_id,
-            job.realm_id,
-            lease_id,
-            job.attempt,
-        )
-
     # -- reads --------------------------------------------------------------------
 
     def get_job(self, job_id: int) -> Job:
-        with self.db.read_transaction() as session:
-            return jobs_sql.get_job(session, job_id)
+        with self.db.read_transaction() as tx:
+            return jobs_sql.get_job(tx, job_id)
 
     def list_jobs(
         self,
@@ -645,15 +620,31 @@ class JobQueue:
         before_id: int | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        with self.db.read_transaction() as session:
+        with self.db.read_transaction() as tx:
             return jobs_sql.list_jobs(
-                session, realm_id=realm_id, kind=kind, state=state, before_id=before_id, limit=limit
+                tx, realm_id=realm_id, kind=kind, state=state, before_id=before_id, limit=limit
             )
 
     def attempts(self, job_id: int) -> list[tuple[str, str]]:
-        with self.db.read_transaction() as session:
-            return jobs_sql.attempts_of(session, job_id)
+        with self.db.read_transaction() as tx:
+            return jobs_sql.attempts_of(tx, job_id)
 
     def depth(self) -> list[tuple[int, int, datetime | None]]:
-        with self.db.read_transaction() as session:
-            return jobs_sql.queue_depth(session)
+        with self.db.read_transaction() as tx:
+            return jobs_sql.queue_depth(tx)
+
+
+def _with_priority(job: Job, priority: int) -> Job:
+    return dataclasses.replace(job, priority=max(job.priority, priority))
+
+
+def _log_enqueued(results: Sequence[EnqueueResult]) -> None:
+    for r in results:
+        log.info(
+            "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
+            r.job.job_id,
+            r.job.realm_id,
+            r.job.kind,
+            r.job.priority,
+            r.disposition,
+        )

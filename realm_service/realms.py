@@ -21,14 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy.orm import Session
-
 from realm_service.clock import Clock, utcnow
 from realm_service.domain import (
     INDEX_JSON,
     REALM_JSON,
     USER,
-    Disposition,
     EnqueueResult,
     IndexEntry,
     Job,
@@ -48,8 +45,8 @@ from realm_service.domain import (
 )
 from realm_service.errors import Conflict, InvalidArgument, PermissionDenied, RealmAlreadyExists
 from realm_service.queue import JobQueue
-from realm_service.store import jobs_sql, realms_sql
-from realm_service.store.db import Database
+from realm_service.store import index_sql, jobs_sql, keys_sql, leases_sql, realms_sql
+from realm_service.store.db import Database, Tx
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +173,7 @@ class Realms:
                 # and a retry gets the first result rather than ALREADY_EXISTS.
                 exists = realms_sql.realm_exists(s, realm_id)
                 if request_id:
-                    found = realms_sql.find_key(s, "create-realm", request_id)
+                    found = keys_sql.find_key(s, "create-realm", request_id)
                     if found is not None:
                         if found[0] != realm_id:
                             raise InvalidArgument(
@@ -208,7 +205,7 @@ class Realms:
                 mounted_here = self.registry.mount(realm_id)
                 job = self.queue.first_index_of_new_realm(s, realm_id, priority)
                 if request_id:
-                    realms_sql.put_key(
+                    keys_sql.put_key(
                         s,
                         scope="create-realm",
                         key=request_id,
@@ -221,7 +218,6 @@ class Realms:
                 self.registry.unmount(realm_id)
             raise
         log.info("realm created realm=%s job=%s priority=%s", realm_id, job.job_id, priority)
-        self.queue.after_enqueue(EnqueueResult(job, Disposition.INSERTED))
         return CreateResult(realm, job, replayed=False)
 
     # -- mount ------------------------------------------------------------
@@ -234,16 +230,14 @@ class Realms:
             return
         validate_realm_id(realm_id)
 
-        def work(s: Session) -> Job | None:
+        def work(s: Tx) -> Job | None:
             realm = realms_sql.get_realm(s, realm_id)
             if realm.current_generation is not None:
                 return None
             return self.queue.ensure_first_index(s, realm_id, realm.created_priority)
 
-        enqueued = self.db.retrying(work)
+        self.db.retrying(work)
         self.registry.mount(realm_id)
-        if enqueued is not None:
-            self.queue.after_enqueue(EnqueueResult(enqueued, Disposition.INSERTED))
 
     def boot_mount(self, *, batch: int = 500, limit: int = 100_000) -> int:
         """At start, mount the realms that have no index yet, so one whose first
@@ -272,7 +266,7 @@ class Realms:
                 "workers must quote lease_id, the lease of their running job of the realm"
             )
         with self.db.read_transaction() as s:
-            if not jobs_sql.lease_runs_realm(s, lease_id[:64], realm_id):
+            if not leases_sql.lease_runs_realm(s, lease_id[:64], realm_id):
                 raise PermissionDenied(
                     f"lease_id is not the current lease of a running job of realm {realm_id!r}"
                 )
@@ -283,9 +277,7 @@ class Realms:
         before = self.clock() - retention
         swept = 0
         while True:
-            n = self.db.retrying(
-                functools.partial(realms_sql.sweep_keys, before=before, limit=batch)
-            )
+            n = self.db.retrying(functools.partial(keys_sql.sweep_keys, before=before, limit=batch))
             swept += n
             if n < batch:
                 return swept
@@ -320,7 +312,7 @@ class Realms:
             raise InvalidArgument("card_type and text are limited to 400 characters")
         with self.db.read_transaction() as s:
             realm = realms_sql.get_realm(s, realm_id)
-            return realms_sql.search(
+            return index_sql.search(
                 s,
                 realm_id=realm_id,
                 generation=realm.current_generation,
@@ -341,7 +333,7 @@ class Realms:
         validate_content(content, self.max_file_size)
         prio = validate_priority(priority, USER)
 
-        def work(s: Session) -> tuple[RealmFile, EnqueueResult]:
+        def work(s: Tx) -> tuple[RealmFile, EnqueueResult]:
             realms_sql.get_realm(s, realm_id, lock=True)
             stored = realms_sql.put_file(
                 s, realm_id=realm_id, path=path, content=content, now=self.clock()
@@ -355,9 +347,7 @@ class Realms:
                 content_changed=True,
             )
 
-        stored, result = self.db.retrying(work)
-        self.queue.after_enqueue(result)
-        return stored, result
+        return self.db.retrying(work)
 
     def delete_file(self, realm_id: str, path: str, priority: int | None) -> EnqueueResult:
         validate_realm_id(realm_id)
@@ -365,7 +355,7 @@ class Realms:
         check_client_delete(path)
         prio = validate_priority(priority, USER)
 
-        def work(s: Session) -> EnqueueResult:
+        def work(s: Tx) -> EnqueueResult:
             realms_sql.get_realm(s, realm_id, lock=True)
             realms_sql.delete_file(s, realm_id=realm_id, path=path)
             return self.queue.enqueue_in(
@@ -377,9 +367,7 @@ class Realms:
                 content_changed=True,
             )
 
-        result = self.db.retrying(work)
-        self.queue.after_enqueue(result)
-        return result
+        return self.db.retrying(work)
 
     def reindex(self, realm_id: str, priority: int | None, content_changed: bool) -> EnqueueResult:
         validate_realm_id(realm_id)

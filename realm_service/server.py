@@ -110,7 +110,7 @@ class RealmServer:
                     reaped = {job.job_id for job in jobs}
                     for stream, lease_id, job_id in held:
                         if job_id in reaped:  # no longer held: free its slot
-                            stream.outstanding.pop(lease_id, None)
+                            stream.drop(lease_id)
                     self.dispatcher.wake()
             except Exception as e:
                 log.warning("reaper failed: %s", e)
@@ -146,7 +146,7 @@ class RealmServer:
             streams = list(self.dispatcher.streams.values())
             metrics.STREAMS.set(len(streams))
             metrics.CREDITS.set(sum(s.credits for s in streams))
-            metrics.OUTSTANDING.set(sum(len(s.outstanding) for s in streams))
+            metrics.OUTSTANDING.set(sum(s.held_leases for s in streams))
             await asyncio.sleep(2.0)
 
     async def _housekeeping(self) -> None:
@@ -178,7 +178,7 @@ class RealmServer:
             session.drain(grace)
         deadline = asyncio.get_running_loop().time() + grace
         while asyncio.get_running_loop().time() < deadline:
-            if not any(s.outstanding for s in self.dispatcher.streams.values()):
+            if not any(s.held_leases for s in self.dispatcher.streams.values()):
                 break
             await asyncio.sleep(0.05)
         for session in list(self.servicer.sessions):

@@ -20,7 +20,7 @@ class JobWatch:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.queue.db.on_job_change(self._changed_threadsafe)
+        self.queue.on_job_change(self._changed_threadsafe)
 
     def _changed_threadsafe(self, job_id: int) -> None:
         if self._loop is not None and job_id in self._events:

@@ -8,7 +8,6 @@ holds are released at once as interrupted (they do not count as failures).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -132,8 +131,7 @@ class ClaimSession:
             reader.cancel()
             pinger.cancel()
             self.dispatcher.remove(stream)
-            held = list(stream.outstanding)
-            stream.outstanding.clear()
+            held = stream.drop_all()
             if held:
                 try:
                     await asyncio.to_thread(self.queue.release, held, "stream closed")
@@ -235,9 +233,9 @@ class ClaimSession:
             n = message.credit.credits
             if n <= 0 or n > MAX_CREDITS:
                 raise ProtocolError(f"credit.credits {n} is out of range 1-{MAX_CREDITS}")
-            if stream.credits + len(stream.outstanding) + n > MAX_CREDITS:
+            if stream.credits + stream.held_leases + n > MAX_CREDITS:
                 raise ProtocolError(f"more than {MAX_CREDITS} credits outstanding")
-            stream.credits += n
+            stream.grant(n)
             self.dispatcher.wake()
         elif kind == "heartbeat":
             await self._heartbeat(message.heartbeat)
@@ -260,7 +258,7 @@ class ClaimSession:
 
     def _held(self, lease_id: str) -> bool:
         assert self.stream is not None
-        return lease_id in self.stream.outstanding
+        return self.stream.holds(lease_id)
 
     async def _heartbeat(self, hb: spb.Heartbeat) -> None:
         progress: dict[str, tuple[int, int]] = {}
@@ -285,11 +283,6 @@ class ClaimSession:
                             job_state=pb.Job.STATE_RUNNING,
                         )
                     )
-            self.queue.db.jobs_changed(
-                [self.stream.outstanding[x].job.job_id for x in progress if self._held(x)]
-                if self.stream
-                else []
-            )
         if acks:
             self.outbox.put_nowait(spb.ClaimJobsResponse(acks=spb.LeaseAcks(acks=acks)))
 
@@ -307,28 +300,31 @@ class ClaimSession:
             entries = [entry_from_pb(e, f"entries[{i}]") for i, e in enumerate(batch.entries)]
             deleted = [validate_path(p, "deleted_paths") for p in batch.deleted_paths]
         except InvalidArgument as e:
-            # A bad entry is a bad attempt: counted at once, so that a worker
-            # that keeps producing it ends the job at the attempts cap.
-            self._ack([await self._refused_result(batch.lease_id, StaleLease(e.message))])
+            await self._refuse_entries(batch.lease_id, e.message)
             return
         try:
             await asyncio.to_thread(self.queue.add_entries, batch.lease_id, entries, deleted)
-        except StaleLease as e:
+        except (StaleLease, InvalidArgument) as e:
+            # Stale, or refused by the store (the queue has ended the attempt).
             self._drop(batch.lease_id)
             self._ack([self._refusal(batch.lease_id, e.message)])
-        except InvalidArgument as e:
-            # The store refused a value of the batch: a bad attempt of this
-            # job alone (counted, so a poison entry ends in FAILED at the
-            # attempts cap), never a reason to drop the worker's other jobs.
-            self._ack([await self._refused_result(batch.lease_id, StaleLease(e.message))])
         except (Unavailable, Conflict):
             raise
         except Exception:
             log.exception(
                 "entry batch failed lease=%s stream=%s", batch.lease_id[:40], self._label()
             )
-            error = StaleLease("the server could not store the entries; see its log")
-            self._ack([await self._refused_result(batch.lease_id, error)])
+            await self._refuse_entries(
+                batch.lease_id, "the server could not store the entries; see its log"
+            )
+
+    async def _refuse_entries(self, lease_id: str, reason: str) -> None:
+        """A bad batch is a bad attempt of its job alone (the queue ends it,
+        counted), never a reason to drop the worker's other jobs."""
+        self._drop(lease_id)
+        if await asyncio.to_thread(self.queue.refuse_entries, lease_id, reason) is not None:
+            self.dispatcher.wake()
+        self._ack([self._refusal(lease_id, reason)])
 
     async def _results(self, results: spb.JobResults) -> None:
         acks: dict[int, spb.LeaseAck] = {}
@@ -350,7 +346,10 @@ class ClaimSession:
             for i, r in chunk:
                 outcome = done[r.lease_id]
                 if isinstance(outcome, StaleLease):
-                    acks[i] = await self._refused_result(r.lease_id, outcome)
+                    # Not current, or refused by the queue (which then ended
+                    # the attempt): either way the stream no longer holds it.
+                    self._drop(r.lease_id)
+                    acks[i] = self._refusal(r.lease_id, outcome.message)
                 else:
                     acks[i] = self._accepted(r.lease_id, outcome)
         for i, r in enumerate(results.results[:MAX_CREDITS]):
@@ -370,7 +369,8 @@ class ClaimSession:
                     permanent=r.outcome == spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
                 )
             except StaleLease as e:
-                acks[i] = await self._refused_result(r.lease_id, e)
+                self._drop(r.lease_id)
+                acks[i] = self._refusal(r.lease_id, e.message)
                 continue
             acks[i] = self._accepted(r.lease_id, job)
         self._ack([acks[i] for i in sorted(acks)])
@@ -380,16 +380,6 @@ class ClaimSession:
         if job.state is JobState.QUEUED:
             self.dispatcher.wake()
         return spb.LeaseAck(lease_id=lease_id, accepted=True, job_state=JOB_STATE_TO_PB[job.state])
-
-    async def _refused_result(self, lease_id: str, error: StaleLease) -> spb.LeaseAck:
-        self._drop(lease_id)
-        # A lease can still be current here (the entry count did not match).
-        # The stream no longer holds it, so end the attempt now, as a failure,
-        # rather than leave the job running until the lease expires.
-        with contextlib.suppress(StaleLease):
-            await asyncio.to_thread(self.queue.fail, lease_id, error.message)
-            self.dispatcher.wake()
-        return self._refusal(lease_id, error.message)
 
     async def _release(self, release: spb.ReleaseLeases) -> None:
         held = [lease for lease in release.lease_ids[:MAX_CREDITS] if self._held(lease)]
@@ -410,7 +400,7 @@ class ClaimSession:
 
     def _drop(self, lease_id: str) -> None:
         if self.stream is not None:
-            self.stream.outstanding.pop(lease_id, None)
+            self.stream.drop(lease_id)
 
     def _ack(self, acks: list[spb.LeaseAck]) -> None:
         if acks:

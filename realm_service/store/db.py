@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +99,48 @@ def _first_line(error: BaseException | None) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else "invalid value"
 
 
+class Tx:
+    """A unit of work: one transaction of the store, and the effects it will
+    have once committed. Store functions take it; use cases only hand it on.
+    Effects are collected here, not fired by whoever made the change: no
+    caller has to remember a second step after the commit."""
+
+    __slots__ = ("_db", "_notified", "changed_jobs", "committed", "new_work", "session")
+
+    def __init__(self, session: Session, db: Database) -> None:
+        self.session = session
+        self.changed_jobs: list[int] = []
+        self.new_work = False
+        # Called once the transaction has committed (log lines that must not
+        # report a change that rolled back).
+        self.committed: list[Callable[[], None]] = []
+        self._db = db
+        self._notified = False
+
+    @property
+    def backend(self) -> str:
+        return self._db.backend
+
+    def announce_new_work(self, *, here: bool = True) -> None:
+        """New or requeued work becomes claimable at commit: this process's
+        dispatcher is woken then (unless `here` is False: it knows already),
+        and other instances through NOTIFY, which PostgreSQL delivers at
+        commit too."""
+        self.new_work = self.new_work or here
+        if self._db.backend == "postgresql" and not self._notified:
+            self._notified = True
+            self.session.execute(_NOTIFY, {"c": self._db.channel})
+
+    def job_changed(self, job_ids: Iterable[int]) -> None:
+        self.changed_jobs.extend(job_ids)
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        self.committed.append(callback)
+
+
+_NOTIFY = text("SELECT pg_notify(:c, '')")
+
+
 class Database:
     """One store: an engine, a session factory and a wake-up channel."""
 
@@ -168,35 +210,56 @@ class Database:
 
         return engine
 
-    # -- sessions -------------------------------------------------------
+    # -- transactions -----------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """A session inside one transaction, with storage errors translated."""
+    def transaction(self) -> Iterator[Tx]:
+        """One write transaction, with storage errors translated. Its effects
+        (new work, changed jobs) reach the listeners once it has committed,
+        never before and never for a transaction that rolled back."""
         with self._write_turn, translate_errors(), self.sessions() as session, session.begin():
-            yield session
+            tx = Tx(session, self)
+            yield tx
+        self._fire(tx)
 
-    def retrying(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+    def retrying(self, work: Callable[[Tx], T], *, attempts: int = 5) -> T:
         """`work` in a transaction, run again (up to `attempts` times in all)
         when it conflicts with a concurrent change: a unique index, a deadlock
         or serialization failure PostgreSQL resolved against it, a busy
-        SQLite. `work` keeps its effects outside the session for after."""
+        SQLite. Effects of a rolled-back run are dropped with it."""
         for attempt in range(attempts):
             try:
-                with self.transaction() as session:
-                    return work(session)
+                with self.transaction() as tx:
+                    return work(tx)
             except Conflict:
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def read_transaction(self) -> Iterator[Session]:
+    def read_transaction(self) -> Iterator[Tx]:
         """Like `transaction`, for work that only reads (on SQLite it does not
         take the write lock; a write in it may fail as a Conflict)."""
         with translate_errors(), self.sessions() as session, session.begin():
             session.connection(execution_options={_READ_ONLY: True})
+            yield Tx(session, self)
+
+    @contextlib.contextmanager
+    def session_for_tests(self) -> Iterator[Session]:
+        """A plain session in one write transaction, for tests and benchmarks
+        that arrange or inspect rows directly; the server never uses it."""
+        with self._write_turn, translate_errors(), self.sessions() as session, session.begin():
             yield session
+
+    def _fire(self, tx: Tx) -> None:
+        for callback in tx.committed:
+            callback()
+        if tx.changed_jobs:
+            for job_change in list(self._job_change_listeners):
+                for job_id in tx.changed_jobs:
+                    job_change(job_id)
+        if tx.new_work:
+            self.new_work_committed()
 
     def ping(self) -> bool:
         try:
@@ -253,16 +316,12 @@ class Database:
         """Call back with a job id when this process changed that job."""
         self._job_change_listeners.append(callback)
 
-    def announce_new_work(self, session: Session) -> None:
-        """Inside a transaction: other instances learn of the work at commit."""
-        if self.backend == "postgresql":
-            session.execute(text("SELECT pg_notify(:c, '')"), {"c": self.channel})
-
     def new_work_committed(self) -> None:
         for callback in list(self._new_work_listeners):
             callback()
 
-    def jobs_changed(self, job_ids: list[int]) -> None:
+    def jobs_changed(self, job_ids: Sequence[int]) -> None:
+        """Tell listeners of changes made outside a transaction's effects."""
         for callback in list(self._job_change_listeners):
             for job_id in job_ids:
                 callback(job_id)

@@ -12,21 +12,21 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
 
+from realm_service.store.db import Tx
 from realm_service.store.tables import JobAttemptRow, ServerInstanceRow
 
 
-def register(session: Session, instance_id: str, now: datetime) -> None:
-    session.add(ServerInstanceRow(instance_id=instance_id, start_time=now, seen_time=now))
-    session.flush()
+def register(tx: Tx, instance_id: str, now: datetime) -> None:
+    tx.session.add(ServerInstanceRow(instance_id=instance_id, start_time=now, seen_time=now))
+    tx.session.flush()
 
 
-def touch(session: Session, instance_id: str, now: datetime) -> bool:
+def touch(tx: Tx, instance_id: str, now: datetime) -> bool:
     """Refresh the instance's row; False when it is missing (it was declared
     dead and removed while this server could not write, and must register
     again)."""
-    result = session.execute(
+    result = tx.session.execute(
         update(ServerInstanceRow)
         .where(ServerInstanceRow.instance_id == instance_id)
         .values(seen_time=now)
@@ -35,20 +35,20 @@ def touch(session: Session, instance_id: str, now: datetime) -> bool:
     return result is not None
 
 
-def remove(session: Session, instance_ids: Sequence[str]) -> None:
+def remove(tx: Tx, instance_ids: Sequence[str]) -> None:
     if instance_ids:
-        session.execute(
+        tx.session.execute(
             delete(ServerInstanceRow).where(ServerInstanceRow.instance_id.in_(list(instance_ids)))
         )
 
 
-def live(session: Session, instance_ids: Sequence[str], seen_after: datetime) -> set[str]:
+def live(tx: Tx, instance_ids: Sequence[str], seen_after: datetime) -> set[str]:
     """Those of `instance_ids` that refreshed their row after `seen_after`."""
     wanted = [i for i in set(instance_ids) if i]
     if not wanted:
         return set()
     return set(
-        session.scalars(
+        tx.session.scalars(
             select(ServerInstanceRow.instance_id).where(
                 ServerInstanceRow.instance_id.in_(wanted),
                 ServerInstanceRow.seen_time > seen_after,
@@ -57,13 +57,13 @@ def live(session: Session, instance_ids: Sequence[str], seen_after: datetime) ->
     )
 
 
-def holders(session: Session, attempt_ids: Sequence[int]) -> dict[int, str]:
+def holders(tx: Tx, attempt_ids: Sequence[int]) -> dict[int, str]:
     """The instance that holds each attempt's lease ('' when not recorded)."""
     if not attempt_ids:
         return {}
     return {
         attempt_id: instance_id
-        for attempt_id, instance_id in session.execute(
+        for attempt_id, instance_id in tx.session.execute(
             select(JobAttemptRow.id, JobAttemptRow.instance_id).where(
                 JobAttemptRow.id.in_(list(attempt_ids))
             )
@@ -71,9 +71,9 @@ def holders(session: Session, attempt_ids: Sequence[int]) -> dict[int, str]:
     }
 
 
-def stale(session: Session, seen_before: datetime) -> list[str]:
+def stale(tx: Tx, seen_before: datetime) -> list[str]:
     return list(
-        session.scalars(
+        tx.session.scalars(
             select(ServerInstanceRow.instance_id).where(ServerInstanceRow.seen_time < seen_before)
         )
     )

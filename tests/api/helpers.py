@@ -17,9 +17,9 @@ from realm.v1 import realm_service_pb2_grpc as sgrpc
 from realm.v1 import resources_pb2 as pb
 from sqlalchemy import func, insert, select
 
-from realm_service.domain import SYSTEM
-from realm_service.store import jobs_sql
+from realm_service.domain import SYSTEM, JobKind
 from realm_service.store.db import Database
+from realm_service.store.rows import new_job_values
 from realm_service.store.tables import (
     IdempotencyKeyRow,
     IndexEntryRow,
@@ -65,7 +65,7 @@ def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
 
 def store_snapshot(db: Database) -> dict[str, Any]:
     """Everything a bad request must leave alone: counts and the rows that matter."""
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return {
             "realms": sorted(
                 tuple(r)
@@ -127,12 +127,12 @@ def stored_jobs(db: Database, realm_id: str | None = None) -> list[StoredJob]:
     q = select(JobRow.id, JobRow.realm_id, JobRow.kind, JobRow.priority, JobRow.state)
     if realm_id is not None:
         q = q.where(JobRow.realm_id == realm_id)
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return [StoredJob(*row) for row in s.execute(q.order_by(JobRow.id))]
 
 
 def attempt_outcomes(db: Database, job_id: int) -> list[str]:
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return list(
             s.scalars(
                 select(JobAttemptRow.outcome)
@@ -143,7 +143,7 @@ def attempt_outcomes(db: Database, job_id: int) -> list[str]:
 
 
 def counted_failures(db: Database, job_id: int) -> int:
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return int(s.scalar(select(JobRow.counted_failures).where(JobRow.id == job_id)) or 0)
 
 
@@ -153,7 +153,7 @@ def bulk_insert_realms(db: Database, realm_ids: Sequence[str], *, priority: int 
     generation, no files and no jobs. Being indexed, a server's boot mount
     leaves them alone, so inserting them under a running server races nothing."""
     now = datetime.now(UTC)
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         s.execute(
             insert(RealmRow),
             [
@@ -179,38 +179,23 @@ def bulk_queue_from_scratch(
     db: Database, realm_ids: Sequence[str], *, priority: int = SYSTEM
 ) -> None:
     """One queued from-scratch job per realm, in the given order, in one
-    statement: the rows `jobs_sql.insert_job` would write, minus its cost."""
+    statement: the rows the store's enqueue would write, minus its cost."""
     now = datetime.now(UTC)
-    base = jobs_sql.seq_of(now)
-    with db.transaction() as s:
-        s.execute(
-            insert(JobRow),
-            [
-                {
-                    "realm_id": realm_id,
-                    "kind": "from-scratch",
-                    "priority": priority,
-                    "state": "queued",
-                    "seq": base + i,
-                    "attempt": 0,
-                    "counted_failures": 0,
-                    "create_time": now,
-                    "error_message": "",
-                    "progress_done": 0,
-                    "progress_total": 0,
-                    "paths": "[]",
-                    "worker": "",
-                }
-                for i, realm_id in enumerate(realm_ids)
-            ],
-        )
+    rows = [
+        new_job_values(realm_id=realm_id, kind=JobKind.FROM_SCRATCH, priority=priority, now=now)
+        for realm_id in realm_ids
+    ]
+    for i, row in enumerate(rows):
+        row["seq"] += i  # enqueue order is the given order
+    with db.session_for_tests() as s:
+        s.execute(insert(JobRow), rows)
 
 
 def queued_count(db: Database, *, priority: int | None = None) -> int:
     q = select(func.count()).select_from(JobRow).where(JobRow.state == "queued")
     if priority is not None:
         q = q.where(JobRow.priority == priority)
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return int(s.scalar(q) or 0)
 
 

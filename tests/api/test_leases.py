@@ -221,7 +221,7 @@ def test_bad_entries_are_refused_and_end_the_attempt(live: LiveServer) -> None:
         assert counted_failures(live.srv.db, job_id) == 1
         assert get_job(live.stub, jobs[realm_id].job_id).state == pb.Job.STATE_QUEUED
     # Nothing of the bad batches was staged, and the stream still works.
-    with live.srv.db.transaction() as s:
+    with live.srv.db.session_for_tests() as s:
         assert s.query(IndexEntryRow).count() == 0
     ack = stream.complete(leases["fine"], [entry_for(f) for f in _files(live, "fine")])
     assert ack.accepted and ack.job_state == pb.Job.STATE_SUCCEEDED

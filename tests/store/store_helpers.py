@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from realm_service.domain import USER, IndexEntry, Realm
 from realm_service.queue import JobQueue
-from realm_service.store import realms_sql
+from realm_service.store import index_sql, realms_sql
 
 LEASE = timedelta(seconds=30)
 MAX_ATTEMPTS = 3
@@ -55,7 +55,7 @@ def index_of(queue: JobQueue, realm_id: str) -> list[IndexEntry]:
     """Every entry searches can see in the realm's current generation, by path."""
     with queue.db.transaction() as s:
         realm = realms_sql.get_realm(s, realm_id)
-        return realms_sql.search(
+        return index_sql.search(
             s,
             realm_id=realm_id,
             generation=realm.current_generation,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from realm_service.domain import JobKind, JobState
 from realm_service.queue import JobQueue
 from realm_service.realms import Realms
-from realm_service.store import jobs_sql, realms_sql
+from realm_service.store import enqueue_sql, realms_sql
 from realm_service.store.db import open_database
 
 
@@ -33,5 +33,5 @@ def test_boot_mount_fills_missing_first_index_and_raises_low_priority(store_url:
     assert jobs["low-job"].priority == 10  # raised, never lowered
     assert realms.boot_mount() == 0  # a second boot finds nothing to do
     with db.transaction() as s:
-        assert not jobs_sql.has_from_scratch(s, "missing", ("queued",))
+        assert not enqueue_sql.has_from_scratch(s, "missing", (JobState.QUEUED,))
     db.close()

@@ -204,7 +204,7 @@ def test_claim_records_worker_and_attempt(queue: JobQueue) -> None:
     assert lease.job.attempt == 1
     assert lease.job.start_time == queue.clock()
     assert queue.attempts(job.job_id) == [(lease.lease_id, "running")]
-    with queue.db.transaction() as s:
+    with queue.db.session_for_tests() as s:
         row = s.get(JobRow, job.job_id)
         assert row is not None
         assert (row.worker, row.lease_id) == ("w-1", lease.lease_id)

@@ -9,14 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy.orm import Session
 from store_helpers import make_realm
 
 from realm_service.domain import SYSTEM, USER, Disposition, JobKind, JobState, PathChange
 from realm_service.errors import RealmNotFound
 from realm_service.queue import JobQueue
-from realm_service.store import jobs_sql
-from realm_service.store.db import open_database
+from realm_service.store import enqueue_sql
+from realm_service.store.db import Tx, open_database
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -208,12 +207,12 @@ def test_enqueue_in_commits_with_the_callers_transaction(queue: JobQueue) -> Non
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom), queue.db.transaction() as s:
-        queue.enqueue_in(s, "r", FS, USER)
+    with pytest.raises(Boom), queue.db.transaction() as tx:
+        queue.enqueue_in(tx, "r", FS, USER)
         raise Boom
     assert queue.list_jobs(realm_id="r") == []
-    with queue.db.transaction() as s:
-        result = queue.enqueue_in(s, "r", FS, USER)
+    with queue.db.transaction() as tx:
+        result = queue.enqueue_in(tx, "r", FS, USER)
     assert queue.get_job(result.job.job_id).state is JobState.QUEUED
 
 
@@ -329,18 +328,18 @@ def test_enqueue_all_coalesces_with_a_job_inserted_under_it(
     the page is then coalesced realm by realm, onto that job."""
     for i in range(4):
         make_realm(queue, f"r{i}")
-    real_insert = jobs_sql.try_insert_from_scratch_jobs
+    real_insert = enqueue_sql.try_insert_from_scratch_jobs
     sneaked: list[int] = []
 
-    def insert_after_another(session: Session, realm_ids: Sequence[str], **kw: Any) -> Any:
+    def insert_after_another(tx: Tx, realm_ids: Sequence[str], **kw: Any) -> Any:
         if not sneaked:
-            row = jobs_sql.insert_job(
-                session, realm_id="r2", kind=FS, priority=USER, now=queue.clock()
+            job = enqueue_sql.insert_job(
+                tx, realm_id="r2", kind=FS, priority=USER, now=queue.clock()
             )
-            sneaked.append(row.id)
-        return real_insert(session, realm_ids, **kw)
+            sneaked.append(job.job_id)
+        return real_insert(tx, realm_ids, **kw)
 
-    monkeypatch.setattr(jobs_sql, "try_insert_from_scratch_jobs", insert_after_another)
+    monkeypatch.setattr(enqueue_sql, "try_insert_from_scratch_jobs", insert_after_another)
     assert queue.enqueue_all(SYSTEM) == (3, 4)
     fs = [j for j in queue.list_jobs() if j.kind is FS]
     assert sorted(j.realm_id for j in fs) == ["r0", "r1", "r2", "r3"]

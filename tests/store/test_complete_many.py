@@ -3,6 +3,7 @@ with the same outcome as completing them one by one."""
 
 from __future__ import annotations
 
+import pytest
 from store_helpers import entry, get_realm, index_of, make_realm
 
 from realm_service.domain import USER, IndexEntry, Job, JobKind, JobState, Lease, PathChange
@@ -92,12 +93,17 @@ def test_each_result_is_fenced_on_its_own(queue: JobQueue) -> None:
     for refused in (released, short, "unknown"):
         assert isinstance(done[refused], StaleLease), refused
     # Nothing of a refused result was applied.
-    assert queue.get_job(leases["short"].job.job_id).state is JobState.RUNNING
     assert index_of(queue, "short") == []
-    assert queue.attempts(leases["short"].job.job_id) == [(short, "running")]
     assert queue.get_job(leases["released"].job.job_id).state is JobState.QUEUED
-    # The refused short upload can still complete once its entries match.
-    assert queue.complete(short, entries_uploaded=1).state is JobState.SUCCEEDED
+    # A result whose entry count is wrong ends its attempt as a counted
+    # failure (the worker lost entries): the job goes back to the queue, and
+    # the lease completes nothing any more.
+    short_job = queue.get_job(leases["short"].job.job_id)
+    assert short_job.state is JobState.QUEUED
+    assert "5 entries reported, 1 received" in short_job.error_message
+    assert queue.attempts(short_job.job_id) == [(short, "failed")]
+    with pytest.raises(StaleLease):
+        queue.complete(short, entries_uploaded=1)
     assert [e.path for e in index_of(queue, "good")] == ["a.json"]
 
 

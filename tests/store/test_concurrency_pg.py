@@ -18,7 +18,7 @@ from sqlalchemy import insert, select, text
 from realm_service.domain import SYSTEM, USER, Disposition, Job, JobKind, JobState, PathChange
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store.db import Database, open_database
-from realm_service.store.jobs_sql import encode_paths
+from realm_service.store.rows import new_job_values
 from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -28,7 +28,7 @@ INC = JobKind.INCREMENTAL
 
 def create_realms(db: Database, realm_ids: list[str]) -> None:
     now = datetime.now(UTC)
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         s.execute(
             insert(RealmRow),
             [
@@ -98,8 +98,8 @@ def race_first_index(
                 result = queue.enqueue(realm_id, FS, priority)
                 out.append((realm_id, result.job.job_id, result.disposition.value))
             else:
-                with db.transaction() as s:
-                    job = queue.ensure_first_index(s, realm_id, priority)
+                with db.transaction() as tx:
+                    job = queue.ensure_first_index(tx, realm_id, priority)
                 out.append((realm_id, job.job_id if job else -1, "ensure"))
     finally:
         db.close()
@@ -151,8 +151,8 @@ def test_a_mount_that_loses_the_insert_race_reports_no_job(pg_url: str) -> None:
             assert mine is not None
 
             def mount_again() -> None:
-                with db.transaction() as s:
-                    second.append(queue.ensure_first_index(s, "r", USER))
+                with db.transaction() as tx:
+                    second.append(queue.ensure_first_index(tx, "r", USER))
 
             thread = threading.Thread(target=mount_again)
             thread.start()
@@ -310,24 +310,12 @@ def queue_initial_jobs(db: Database, realms: list[str]) -> None:
     rows = []
     for n, realm_id in enumerate(realms):
         for k, (kind, paths) in enumerate(((INC, [PathChange("a.json", False)]), (FS, []))):
-            rows.append(
-                {
-                    "realm_id": realm_id,
-                    "kind": kind.value,
-                    "priority": (n + k) % 4 * 10,
-                    "state": "queued",
-                    "seq": base + 2 * n + k,
-                    "attempt": 0,
-                    "counted_failures": 0,
-                    "create_time": now,
-                    "error_message": "",
-                    "progress_done": 0,
-                    "progress_total": 0,
-                    "paths": encode_paths(paths),
-                    "worker": "",
-                }
+            row = new_job_values(
+                realm_id=realm_id, kind=kind, priority=(n + k) % 4 * 10, now=now, paths=paths
             )
-    with db.transaction() as s:
+            row["seq"] = base + 2 * n + k
+            rows.append(row)
+    with db.session_for_tests() as s:
         s.execute(insert(JobRow), rows)
 
 
@@ -350,7 +338,7 @@ def test_racing_claimers_take_each_job_once_and_serialize_realms(pg_url: str) ->
         assert max(claimed.values()) == 1  # no job claimed twice
         assert set(claimed) == {j.job_id for j in jobs}  # and every job claimed
         assert len({lease for _, _, lease, _, _ in records}) == len(records)
-        with db.transaction() as s:
+        with db.session_for_tests() as s:
             attempts = s.execute(select(JobAttemptRow.job_id, JobAttemptRow.outcome)).all()
         assert sorted(attempts) == sorted((j.job_id, "completed") for j in jobs)
 

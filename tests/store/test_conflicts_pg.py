@@ -92,8 +92,8 @@ def test_a_file_write_and_a_release_that_deadlock_both_land(
 ) -> None:
     """A file write locks the realm row, then its jobs; a release of the
     realm's running incremental job updates that job twice, and the second
-    update's foreign-key check waits for the realm row: PostgreSQL ends one of
-    them as a deadlock. Run again, both land: the requeued job and the
+    update's foreign-key check waits for the realm row: PostgreSQL may end one
+    of them as a deadlock. Run again, both land: the requeued job and the
     write's follow-up are one queued job with both paths."""
     db: Database = open_database(pg_url)
     try:
@@ -118,7 +118,11 @@ def test_a_file_write_and_a_release_that_deadlock_both_land(
         assert out, "the file write did not land"
         assert [j.state for j in released] == [JobState.QUEUED]
         follow_up = out[0][1].job.job_id
-        assert _rows(db) == [(lease.job.job_id, "merged"), (follow_up, "queued")]
+        # One queued job holds both changes: the requeued one (the write merged
+        # into it), or the write's (the requeued one folded into it).
+        states = dict(_rows(db))
+        assert states[follow_up] == "queued"
+        assert sorted(states.values()) in (["queued"], ["merged", "queued"])
         assert {c.path for c in queue.get_job(follow_up).path_changes} == {"a.json", "b.json"}
     finally:
         db.close()
@@ -126,5 +130,5 @@ def test_a_file_write_and_a_release_that_deadlock_both_land(
 
 def _rows(db: Database) -> list[tuple[int, str]]:
     """The stored jobs as they are (ListJobs shows a folded job as its successor)."""
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return [(r.id, r.state) for r in s.scalars(select(JobRow).order_by(JobRow.id))]

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import exc, insert
-from sqlalchemy.orm import Session
 from store_helpers import make_realm
 
 from realm_service.domain import SYSTEM, USER, Job, JobKind, JobState, PathChange
@@ -16,7 +15,7 @@ from realm_service.errors import RealmAlreadyExists
 from realm_service.queue import JobQueue
 from realm_service.realms import CreateResult, Realms
 from realm_service.store import realms_sql
-from realm_service.store.db import open_database
+from realm_service.store.db import Tx, open_database
 from realm_service.store.tables import JobRow
 
 FS = JobKind.FROM_SCRATCH
@@ -24,8 +23,8 @@ INC = JobKind.INCREMENTAL
 
 
 def ensure(queue: JobQueue, realm_id: str, priority: int) -> Job | None:
-    with queue.db.transaction() as s:
-        return queue.ensure_first_index(s, realm_id, priority)
+    with queue.db.transaction() as tx:
+        return queue.ensure_first_index(tx, realm_id, priority)
 
 
 def from_scratch_jobs(queue: JobQueue, realm_id: str) -> list[Job]:
@@ -158,7 +157,7 @@ def test_a_create_that_loses_its_insert_to_another_instance_retries(
     first: list[CreateResult] = []
     raced = False
 
-    def insert_after_the_other(session: Session, **kw: Any) -> Any:
+    def insert_after_the_other(tx: Tx, **kw: Any) -> Any:
         nonlocal raced
         if not raced:
             raced = True  # the other create's own insert runs plainly
@@ -167,7 +166,7 @@ def test_a_create_that_loses_its_insert_to_another_instance_retries(
                     realm_id="r", priority=None, display_name="", request_id="req-1", files=[]
                 )
             )
-        return real_insert(session, **kw)
+        return real_insert(tx, **kw)
 
     monkeypatch.setattr(realms_sql, "insert_new_realm", insert_after_the_other)
     try:

@@ -97,7 +97,8 @@ def test_a_refused_completion_leaves_the_old_index(queue: JobQueue) -> None:
     with pytest.raises(StaleLease):  # 3 entries announced, 1 arrived
         queue.complete(lease.lease_id, entries_uploaded=3)
     assert (index_of(queue, "r"), get_realm(queue, "r")) == before
-    assert queue.get_job(lease.job.job_id).state is JobState.RUNNING
+    # The attempt failed (counted) and the job waits for another.
+    assert queue.get_job(lease.job.job_id).state is JobState.QUEUED
 
 
 def test_incremental_completion_replaces_and_deletes_only_its_paths(

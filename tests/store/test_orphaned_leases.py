@@ -38,7 +38,7 @@ def outcomes(queue: JobQueue, job_id: int) -> list[str]:
 def counted(db: Database, job_id: int) -> int:
     from realm_service.store.tables import JobRow
 
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         row = s.get(JobRow, job_id)
         assert row is not None
         return row.counted_failures
@@ -191,7 +191,7 @@ def test_crash_reason_names_the_stopped_instance(
     clock.advance(LEASE + INSTANCE_TIMEOUT)
     successor.touch_instance()
     successor.reap_expired(held=set())
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         attempt = s.query(JobAttemptRow).filter_by(job_id=job.job_id).one()
         assert attempt.instance_id == first.instance_id
         assert attempt.error_message == f"server instance {first.instance_id} stopped"

@@ -102,7 +102,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        with self.db.transaction() as s:
+        with self.db.session_for_tests() as s:
             for table in (
                 JobAttemptRow,
                 IndexEntryRow,
@@ -383,7 +383,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_running_job_per_realm(self) -> None:
-        with self.db.transaction() as s:
+        with self.db.session_for_tests() as s:
             counts = s.execute(
                 select(JobRow.realm_id, func.count())
                 .where(JobRow.state == "running")
@@ -393,7 +393,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @invariant()
     def attempts_and_the_cap(self) -> None:
-        with self.db.transaction() as s:
+        with self.db.session_for_tests() as s:
             rows = s.execute(select(JobAttemptRow.job_id, JobAttemptRow.outcome)).all()
         outcomes: dict[int, Counter[str]] = {}
         for job_id, outcome in rows:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from realm_service.domain import Disposition, IndexEntry, JobKind, JobState, PathChange
 from realm_service.queue import JobQueue
-from realm_service.store import realms_sql
+from realm_service.store import index_sql, realms_sql
 from realm_service.store.db import open_database
 
 
@@ -55,7 +55,7 @@ def test_round_trip(store_url: str) -> None:
     with db.transaction() as s:
         realm = realms_sql.get_realm(s, "r1")
         assert (realm.cards, realm.entries, realm.files) == (1, 1, 2)
-        found = realms_sql.search(
+        found = index_sql.search(
             s,
             realm_id="r1",
             generation=realm.current_generation,

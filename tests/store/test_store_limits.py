@@ -20,7 +20,7 @@ from realm_service.store.tables import IdempotencyKeyRow, IndexEntryRow
 
 
 def staged_rows(db: Database) -> int:
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         return s.query(IndexEntryRow).count()
 
 
@@ -107,7 +107,7 @@ def test_request_ids_are_forgotten_after_their_retention(db: Database, clock: Fa
     # Within retention a retry answers with the first result.
     assert create("new", "req-new") == new_job
     assert realms.sweep_request_ids(timedelta(hours=24), batch=1) == 1
-    with db.transaction() as s:
+    with db.session_for_tests() as s:
         assert [k.key for k in s.query(IdempotencyKeyRow)] == ["req-new"]
     # Past retention the id is a new request: the realm exists, so it is refused.
     with pytest.raises(RealmAlreadyExists):

@@ -58,10 +58,45 @@ def test_only_store_touches_sqlalchemy() -> None:
         if rel.startswith("store/"):
             continue
         bad = [n for n in imports_of(path) if _starts(n, ("sqlalchemy", "alembic", "psycopg"))]
-        allowed = {"queue.py", "realms.py"}  # they hold a Session type for composed transactions
-        if rel in allowed:
-            bad = [n for n in bad if n != "sqlalchemy.orm"]
         assert not bad, f"realm_service/{rel} imports {bad}"
+
+
+def test_the_store_is_sealed() -> None:
+    """Rows, state strings and the row mappers stay inside store/: the rest of
+    the server gets domain values and hands on a `Tx`, nothing more."""
+    private = ("realm_service.store.tables", "realm_service.store.rows")
+    for path in modules("realm_service"):
+        rel = path.relative_to(ROOT / "realm_service").as_posix()
+        if rel.startswith("store/"):
+            continue
+        bad = [n for n in imports_of(path) if _starts(n, private)]
+        assert not bad, f"realm_service/{rel} imports {bad}"
+
+
+GRPC = ("grpc", "realm.v1", "google.protobuf")
+
+
+@pytest.mark.parametrize("module", ["indexer.py", "gitignore.py", "model.py", "jobs.py"])
+def test_the_workers_job_logic_knows_nothing_of_grpc(module: str) -> None:
+    """Only the worker's client (and its converters) touch grpc and generated
+    messages; indexing and job logic use the standard library and the
+    worker's own modules."""
+    path = ROOT / "index_worker" / module
+    bad = [
+        n
+        for n in imports_of(path)
+        if not _starts(n, ("index_worker", "__future__"))
+        and n.split(".")[0] not in __import__("sys").stdlib_module_names
+    ]
+    assert not bad, f"index_worker/{module} imports {bad}"
+
+
+def test_only_the_workers_client_touches_grpc() -> None:
+    for path in modules("index_worker"):
+        if path.name in ("client.py", "convert.py"):
+            continue
+        bad = [n for n in imports_of(path) if _starts(n, GRPC)]
+        assert not bad, f"index_worker/{path.name} imports {bad}"
 
 
 def test_only_api_and_server_touch_grpc() -> None:

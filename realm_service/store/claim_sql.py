@@ -1,0 +1,211 @@
+"""The claim: the next jobs in priority order, leased in a fixed number of
+statements whatever their count."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Row, Select, Table, bindparam, exists, insert, select, update
+
+from realm_service.domain import AttemptOutcome, Job, JobKind, JobState, Lease
+from realm_service.store.db import Tx
+from realm_service.store.rows import QUEUED, RUNNING, decode_paths
+from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow
+
+_JOBS = cast(Table, JobRow.__table__)
+_ATTEMPTS = cast(Table, JobAttemptRow.__table__)
+_REALMS = cast(Table, RealmRow.__table__)
+# What a claim reads of each candidate: the Job it hands out is built from
+# these and the values the claim sets, with no second read of the rows.
+_CLAIM_COLUMNS = (
+    _JOBS.c.id,
+    _JOBS.c.realm_id,
+    _JOBS.c.kind,
+    _JOBS.c.priority,
+    _JOBS.c.attempt,
+    _JOBS.c.create_time,
+    _JOBS.c.finish_time,
+    _JOBS.c.error_message,
+    _JOBS.c.paths,
+)
+_claim_statements: dict[tuple[bool, bool], Select[*tuple[Any, ...]]] = {}
+
+
+def _candidates(max_priority: bool, kinds: bool) -> Select[*tuple[Any, ...]]:
+    """The claim's candidate query, built once per shape and reused, so that
+    each claim costs its execution and not the building of the statement
+    (the compiled form is cached by SQLAlchemy). Jobs of a realm that already
+    has a running job are left out here; the partial unique index on running
+    jobs serves that test."""
+    key = (max_priority, kinds)
+    q = _claim_statements.get(key)
+    if q is None:
+        running = _JOBS.alias("running")
+        q = (
+            select(*_CLAIM_COLUMNS)
+            .where(
+                _JOBS.c.state == QUEUED,
+                _JOBS.c.priority >= bindparam("min_priority"),
+                ~exists().where(running.c.realm_id == _JOBS.c.realm_id, running.c.state == RUNNING),
+            )
+            .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
+            .limit(bindparam("scan"))
+            .with_for_update(skip_locked=True, of=_JOBS)
+        )
+        if max_priority:
+            q = q.where(_JOBS.c.priority <= bindparam("max_priority"))
+        if kinds:
+            q = q.where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)))
+        _claim_statements[key] = q
+    return q
+
+
+_LOCK_REALMS = (
+    select(_REALMS.c.realm_id)
+    .where(_REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
+    .with_for_update(skip_locked=True)
+)
+_BUSY_REALMS = select(_JOBS.c.realm_id).where(
+    _JOBS.c.realm_id.in_(bindparam("realm_ids", expanding=True)), _JOBS.c.state == RUNNING
+)
+_INSERT_ATTEMPTS = insert(_ATTEMPTS).returning(
+    _ATTEMPTS.c.id, _ATTEMPTS.c.job_id, sort_by_parameter_order=True
+)
+_START_JOBS = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"))
+    .values(
+        state=RUNNING,
+        attempt=_JOBS.c.attempt + 1,
+        start_time=bindparam("b_now"),
+        lease_id=bindparam("b_lease"),
+        lease_attempt_id=bindparam("b_attempt"),
+        lease_expire_time=bindparam("b_until"),
+        worker=bindparam("b_worker"),
+        progress_done=0,
+        progress_total=0,
+    )
+)
+
+
+def claim(
+    tx: Tx,
+    *,
+    limit: int,
+    min_priority: int,
+    max_priority: int | None,
+    kinds: Sequence[JobKind] | None,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+    instance_id: str = "",
+) -> list[Lease]:
+    """Lease up to `limit` queued jobs: highest priority, then oldest, at most
+    one per realm and none of a realm that already has a running job.
+
+    On SQLite the transaction holds the write lock (BEGIN IMMEDIATE), so the
+    candidate query's own test for running jobs is final: a claim is three
+    statements. On PostgreSQL candidate jobs and then their realms are locked
+    with SKIP LOCKED, and the realms are checked again for running jobs once
+    locked (a concurrent claim may have committed one meanwhile), so
+    concurrent claimers never take the same job, nor two jobs of one realm.
+    """
+    if limit <= 0:
+        return []
+    pg = tx.backend == "postgresql"
+    query = _candidates(max_priority is not None, bool(kinds))
+    params: dict[str, Any] = {"min_priority": min_priority}
+    if max_priority is not None:
+        params["max_priority"] = max_priority
+    if kinds:
+        params["kinds"] = [k.value for k in kinds]
+    scan = limit * 2 + 16
+    while True:
+        candidates = tx.session.execute(query, {**params, "scan": scan}).all()
+        first_per_realm: dict[str, Row[*tuple[Any, ...]]] = {}
+        for row in candidates:
+            first_per_realm.setdefault(row.realm_id, row)
+        if pg and first_per_realm:
+            ids = {"realm_ids": list(first_per_realm)}
+            locked = set(tx.session.scalars(_LOCK_REALMS, ids))
+            locked -= set(tx.session.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
+        else:
+            locked = set(first_per_realm)
+        eligible = [row for realm_id, row in first_per_realm.items() if realm_id in locked]
+        chosen = eligible[:limit]
+        if len(chosen) >= limit or len(candidates) < scan or scan >= 100_000:
+            break
+        scan *= 4  # the head of the queue holds several jobs of a realm: look further
+    # Claimable jobs locked here but not taken (this claim had no room left)
+    # are skipped by concurrent claimers of other instances until this
+    # transaction ends: they must look again. Rows left for any other reason
+    # (their realm is busy or locked elsewhere) are not announced, or a claim
+    # that takes nothing would wake its own dispatcher over and over.
+    if pg and len(eligible) > len(chosen):
+        # Other instances skipped the rows this claim locked and left: wake
+        # them to look again once it commits (this one has no room left).
+        tx.announce_new_work(here=False)
+    if not chosen:
+        return []
+    worker = worker[:200]
+    leases = {row.id: secrets.token_hex(16) for row in chosen}
+    tx.job_changed(leases)
+    # A fixed number of statements per claim, whatever its size: one
+    # multi-row insert of the attempts, one executemany update of the jobs.
+    attempt_ids = dict(
+        (job_id, attempt_id)
+        for attempt_id, job_id in tx.session.execute(
+            _INSERT_ATTEMPTS,
+            [
+                {
+                    "job_id": job_id,
+                    "lease_id": lease_id,
+                    "worker": worker,
+                    "instance_id": instance_id,
+                    "start_time": now,
+                    "outcome": AttemptOutcome.RUNNING.value,
+                    "error_message": "",
+                }
+                for job_id, lease_id in leases.items()
+            ],
+        )
+    )
+    tx.session.execute(
+        _START_JOBS,
+        [
+            {
+                "b_id": row.id,
+                "b_lease": leases[row.id],
+                "b_attempt": attempt_ids[row.id],
+                "b_now": now,
+                "b_until": lease_until,
+                "b_worker": worker,
+            }
+            for row in chosen
+        ],
+    )
+    return [
+        Lease(
+            lease_id=leases[row.id],
+            expire_time=lease_until,
+            job=Job(
+                job_id=row.id,
+                realm_id=row.realm_id,
+                kind=JobKind(row.kind),
+                priority=row.priority,
+                state=JobState.RUNNING,
+                attempt=row.attempt + 1,
+                create_time=row.create_time,
+                start_time=now,
+                finish_time=row.finish_time,
+                error_message=row.error_message,
+                progress_done=0,
+                progress_total=0,
+                path_changes=decode_paths(row.paths),
+            ),
+        )
+        for row in chosen
+    ]

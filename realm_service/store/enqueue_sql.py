@@ -1,0 +1,171 @@
+"""The statements of enqueueing: a realm's queued and running jobs as
+coalescing reads them, new jobs, merges. The coalescing rules themselves are
+the queue's (`queue.py`); these functions only read and write what it
+decides, and answer with `Job` values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, exc, func, insert, select, update
+
+from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
+from realm_service.store.db import Tx
+from realm_service.store.rows import QUEUED, RUNNING, encode_paths, new_job_values, to_job
+from realm_service.store.tables import JobRow
+
+_JOBS = cast(Table, JobRow.__table__)
+_INSERT = insert(_JOBS).returning(*_JOBS.c, sort_by_parameter_order=True)
+_MERGE = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"))
+    .values(priority=bindparam("b_priority"), paths=bindparam("b_paths"))
+)
+_RAISE = (
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), _JOBS.c.priority < bindparam("p"))
+    .values(priority=bindparam("p"))
+)
+
+
+def queued_jobs(tx: Tx, realm_id: str, kinds: Sequence[JobKind]) -> dict[JobKind, Job]:
+    """The realm's queued jobs of these kinds (at most one each), locked until
+    the transaction ends, in one read."""
+    return {
+        JobKind(row.kind): to_job(row)
+        for row in tx.session.execute(
+            select(_JOBS)
+            .where(
+                _JOBS.c.realm_id == realm_id,
+                _JOBS.c.state == QUEUED,
+                _JOBS.c.kind.in_([k.value for k in kinds]),
+            )
+            .with_for_update()
+        )
+    }
+
+
+def running_job(tx: Tx, realm_id: str) -> Job | None:
+    row = tx.session.execute(
+        select(_JOBS).where(_JOBS.c.realm_id == realm_id, _JOBS.c.state == RUNNING)
+    ).first()
+    return None if row is None else to_job(row)
+
+
+def has_from_scratch(tx: Tx, realm_id: str, states: Sequence[JobState]) -> bool:
+    count = tx.session.scalar(
+        select(func.count())
+        .select_from(_JOBS)
+        .where(
+            _JOBS.c.realm_id == realm_id,
+            _JOBS.c.kind == JobKind.FROM_SCRATCH.value,
+            _JOBS.c.state.in_([state.value for state in states]),
+        )
+    )
+    return (count or 0) > 0
+
+
+def merge(tx: Tx, job: Job, priority: int, paths: Sequence[PathChange] = ()) -> Job:
+    """Fold a request into a queued job (locked by `queued_jobs`): the higher
+    priority, the union of the paths (a delete wins)."""
+    merged = merge_paths(job.path_changes, paths) if paths else job.path_changes
+    top = max(job.priority, priority)
+    if top == job.priority and merged == job.path_changes:
+        return job
+    tx.session.execute(
+        _MERGE, {"b_id": job.job_id, "b_priority": top, "b_paths": encode_paths(merged)}
+    )
+    tx.job_changed([job.job_id])
+    return dataclasses.replace(job, priority=top, path_changes=merged)
+
+
+def raise_priority(tx: Tx, job_ids: Sequence[int], priority: int) -> None:
+    """Raise queued jobs to `priority`; never lower one."""
+    if job_ids:
+        tx.session.execute(_RAISE, {"ids": list(job_ids), "p": priority})
+        tx.job_changed(job_ids)
+
+
+def insert_job(
+    tx: Tx,
+    *,
+    realm_id: str,
+    kind: JobKind,
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange] = (),
+) -> Job:
+    values = new_job_values(realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths)
+    (row,) = tx.session.execute(_INSERT, [values]).all()
+    tx.announce_new_work()
+    tx.job_changed([row.id])
+    return to_job(row)
+
+
+def try_insert_job(
+    tx: Tx,
+    *,
+    realm_id: str,
+    kind: JobKind,
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange] = (),
+) -> Job | None:
+    """Insert in a savepoint; None when the unique index refused it (a
+    concurrent enqueuer's job exists now), leaving the outer transaction usable.
+    On SQLite the transaction holds the only write lock: no concurrent
+    enqueuer exists, and the savepoint's two statements are saved."""
+    if tx.backend != "postgresql":
+        return insert_job(tx, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths)
+    try:
+        with tx.session.begin_nested():
+            return insert_job(
+                tx, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
+            )
+    except exc.IntegrityError:
+        return None
+
+
+def active_from_scratch(tx: Tx, realm_ids: Sequence[str]) -> dict[str, Job]:
+    """Each of these realms' queued from-scratch job (locked), else its
+    running one; realms with neither are left out. Queued first: on
+    PostgreSQL a claim committing while this waits for the lock takes the job
+    out of the queued read, and the running read, a later statement, sees it
+    running."""
+    if not realm_ids:
+        return {}
+    scratch = (_JOBS.c.realm_id.in_(list(realm_ids)), _JOBS.c.kind == JobKind.FROM_SCRATCH.value)
+    queued = {
+        row.realm_id: to_job(row)
+        for row in tx.session.execute(
+            select(_JOBS).where(*scratch, _JOBS.c.state == QUEUED).with_for_update()
+        )
+    }
+    running = tx.session.execute(select(_JOBS).where(*scratch, _JOBS.c.state == RUNNING))
+    return {**{row.realm_id: to_job(row) for row in running}, **queued}
+
+
+def try_insert_from_scratch_jobs(
+    tx: Tx, realm_ids: Sequence[str], *, priority: int, now: datetime
+) -> list[Job] | None:
+    """One queued from-scratch job per realm, in one statement inside a
+    savepoint; None when the unique index refused one (a concurrent enqueuer's
+    job exists now), leaving the outer transaction usable."""
+    if not realm_ids:
+        return []
+    rows = [
+        new_job_values(realm_id=realm_id, kind=JobKind.FROM_SCRATCH, priority=priority, now=now)
+        for realm_id in realm_ids
+    ]
+    try:
+        with tx.session.begin_nested():
+            jobs = [to_job(row) for row in tx.session.execute(_INSERT, rows)]
+    except exc.IntegrityError:
+        return None
+    tx.announce_new_work()
+    tx.job_changed([job.job_id for job in jobs])
+    return jobs

@@ -1,0 +1,285 @@
+"""The statements of leases once handed out: fenced lookups, heartbeats,
+attempts' ends, and the transitions of a held job (succeed, fail, requeue).
+Each transition records its effects on the `Tx`: jobs changed, new work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, select, update
+
+from realm_service.domain import AttemptOutcome, HeldJob, Job, JobState, merge_paths
+from realm_service.errors import StaleLease
+from realm_service.store.db import Tx
+from realm_service.store.rows import (
+    FAILED,
+    MERGED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    decode_paths,
+    encode_paths,
+    to_held,
+    to_job,
+)
+from realm_service.store.tables import JobAttemptRow, JobRow
+
+_JOBS = cast(Table, JobRow.__table__)
+_ATTEMPTS = cast(Table, JobAttemptRow.__table__)
+
+_HELD = (
+    select(_JOBS)
+    .where(_JOBS.c.lease_id.in_(bindparam("leases", expanding=True)), _JOBS.c.state == RUNNING)
+    .order_by(_JOBS.c.id)
+    .with_for_update()
+)
+_SUCCEED = (
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        state=SUCCEEDED,
+        finish_time=bindparam("now"),
+        error_message="",
+        lease_id=None,
+        lease_expire_time=None,
+    )
+)
+_END_ATTEMPTS = (
+    update(_ATTEMPTS)
+    .where(_ATTEMPTS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(outcome=bindparam("outcome"), end_time=bindparam("now"), error_message="")
+)
+_EXTEND = (
+    update(_JOBS)
+    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING)
+    .values(
+        lease_expire_time=bindparam("b_until"),
+        progress_done=bindparam("b_done"),
+        progress_total=bindparam("b_total"),
+    )
+    .returning(_JOBS.c.id)
+)
+_EXTEND_ONLY = (
+    update(_JOBS)
+    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING)
+    .values(lease_expire_time=bindparam("b_until"))
+    .returning(_JOBS.c.id)
+)
+
+
+def current(tx: Tx, lease_id: str, *, lock: bool = True) -> HeldJob:
+    """The running job held under `lease_id`, or StaleLease."""
+    q = select(JobRow).where(JobRow.lease_id == lease_id, JobRow.state == RUNNING)
+    if lock:
+        q = q.with_for_update()
+    row = tx.session.scalars(q).first() if lease_id else None
+    if row is None:
+        raise StaleLease(f"lease {lease_id[:40]!r} is not current")
+    return to_held(row)
+
+
+def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
+    """The running jobs held under any of `lease_ids`, locked, by lease."""
+    wanted = [lease for lease in dict.fromkeys(lease_ids) if lease]
+    if not wanted:
+        return {}
+    return {row.lease_id: _held(row) for row in tx.session.execute(_HELD, {"leases": wanted})}
+
+
+def _held(row: Any) -> HeldJob:
+    return HeldJob(
+        job=to_job(row),
+        lease_id=row.lease_id,
+        attempt_id=row.lease_attempt_id,
+        counted_failures=row.counted_failures,
+    )
+
+
+def lease_runs_realm(tx: Tx, lease_id: str, realm_id: str) -> bool:
+    """Whether `lease_id` is the current lease of a running job of the realm."""
+    found = tx.session.scalar(
+        select(_JOBS.c.id).where(
+            _JOBS.c.lease_id == lease_id, _JOBS.c.state == RUNNING, _JOBS.c.realm_id == realm_id
+        )
+    )
+    return found is not None
+
+
+def extend(
+    tx: Tx, lease_ids: Sequence[str], until: datetime, progress: dict[str, tuple[int, int]]
+) -> set[str]:
+    """Extend current leases (recording progress where given); returns the
+    ones that were current. Jobs whose progress changed are reported to
+    watchers at commit."""
+    extended: set[str] = set()
+    moved: list[int] = []
+    for lease in lease_ids:
+        if lease in progress:
+            done, total = progress[lease]
+            params = {"b_lease": lease, "b_until": until, "b_done": max(0, done)}
+            params["b_total"] = max(0, total)
+            job_id = tx.session.execute(_EXTEND, params).scalar()
+            if job_id is not None:
+                moved.append(job_id)
+        else:
+            job_id = tx.session.execute(_EXTEND_ONLY, {"b_lease": lease, "b_until": until}).scalar()
+        if job_id is not None:
+            extended.add(lease)
+    tx.job_changed(moved)
+    return extended
+
+
+def end_attempt(
+    tx: Tx, attempt_id: int | None, outcome: AttemptOutcome, now: datetime, message: str
+) -> None:
+    if attempt_id is None:
+        return
+    tx.session.execute(
+        update(_ATTEMPTS)
+        .where(_ATTEMPTS.c.id == attempt_id)
+        .values(outcome=outcome.value, end_time=now, error_message=message[:2000])
+    )
+
+
+def end_attempts(
+    tx: Tx, attempt_ids: Sequence[int], outcome: AttemptOutcome, now: datetime
+) -> None:
+    """end_attempt for several attempts with one outcome and no message."""
+    if attempt_ids:
+        tx.session.execute(
+            _END_ATTEMPTS, {"ids": list(attempt_ids), "outcome": outcome.value, "now": now}
+        )
+
+
+def succeed(tx: Tx, held: Sequence[HeldJob], now: datetime) -> list[Job]:
+    """Mark held jobs succeeded in one statement; the jobs as they now are.
+    Their realms' next jobs may run now: that is new work."""
+    if not held:
+        return []
+    ids = [h.job_id for h in held]
+    tx.session.execute(_SUCCEED, {"ids": ids, "now": now})
+    tx.job_changed(ids)
+    tx.announce_new_work()
+    return [
+        Job(
+            job_id=h.job.job_id,
+            realm_id=h.job.realm_id,
+            kind=h.job.kind,
+            priority=h.job.priority,
+            state=JobState.SUCCEEDED,
+            attempt=h.job.attempt,
+            create_time=h.job.create_time,
+            start_time=h.job.start_time,
+            finish_time=now,
+            error_message="",
+            progress_done=h.job.progress_done,
+            progress_total=h.job.progress_total,
+            path_changes=h.job.path_changes,
+        )
+        for h in held
+    ]
+
+
+def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) -> Job:
+    """End a held job as failed for good."""
+    values: dict[str, Any] = {
+        "state": FAILED,
+        "finish_time": now,
+        "error_message": reason[:2000],
+        "lease_id": None,
+        "lease_expire_time": None,
+    }
+    if counted:
+        values["counted_failures"] = _JOBS.c.counted_failures + 1
+    tx.session.execute(update(_JOBS).where(_JOBS.c.id == held.job_id).values(**values))
+    tx.job_changed([held.job_id])
+    tx.announce_new_work()  # the realm's next job may run now
+    job = held.job
+    return Job(
+        job_id=job.job_id,
+        realm_id=job.realm_id,
+        kind=job.kind,
+        priority=job.priority,
+        state=JobState.FAILED,
+        attempt=job.attempt,
+        create_time=job.create_time,
+        start_time=job.start_time,
+        finish_time=now,
+        error_message=reason[:2000],
+        progress_done=job.progress_done,
+        progress_total=job.progress_total,
+        path_changes=job.path_changes,
+    )
+
+
+def requeue(tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None) -> Job:
+    """Put a running job back in the queue, keeping its place in line. If a job
+    of the same realm and kind was queued meanwhile, fold this one into it
+    (the higher priority, the earlier place, the union of the paths)."""
+    job = held.job
+    other = tx.session.execute(
+        select(_JOBS)
+        .where(
+            _JOBS.c.realm_id == job.realm_id,
+            _JOBS.c.kind == job.kind.value,
+            _JOBS.c.state == QUEUED,
+        )
+        .with_for_update()
+    ).first()
+    values: dict[str, Any] = {"lease_id": None, "lease_expire_time": None, "lease_attempt_id": None}
+    if counted:
+        values["counted_failures"] = _JOBS.c.counted_failures + 1
+    if message is not None:
+        values["error_message"] = message[:2000]
+    if other is None:
+        values["state"] = QUEUED
+    else:
+        values["state"] = MERGED
+        values["superseded_by"] = other.id
+        seq = tx.session.scalar(select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id))
+        tx.session.execute(
+            update(_JOBS)
+            .where(_JOBS.c.id == other.id)
+            .values(
+                priority=max(other.priority, job.priority),
+                seq=min(other.seq, seq if seq is not None else other.seq),
+                paths=encode_paths(merge_paths(decode_paths(other.paths), job.path_changes)),
+            )
+        )
+        tx.job_changed([other.id])
+    tx.session.execute(update(_JOBS).where(_JOBS.c.id == job.job_id).values(**values))
+    tx.job_changed([job.job_id])
+    tx.announce_new_work()
+    return Job(
+        job_id=job.job_id,
+        realm_id=job.realm_id,
+        kind=job.kind,
+        priority=job.priority,
+        state=JobState.QUEUED,
+        attempt=job.attempt,
+        create_time=job.create_time,
+        start_time=job.start_time,
+        finish_time=job.finish_time,
+        error_message=job.error_message if message is None else message[:2000],
+        progress_done=job.progress_done,
+        progress_total=job.progress_total,
+        path_changes=job.path_changes,
+    )
+
+
+def expired(tx: Tx, now: datetime, limit: int) -> list[HeldJob]:
+    """Running jobs whose lease ran out, oldest expiry first, locked (rows
+    another reaper holds are skipped)."""
+    return [
+        to_held(row)
+        for row in tx.session.scalars(
+            select(JobRow)
+            .where(JobRow.state == RUNNING, JobRow.lease_expire_time < now)
+            .order_by(JobRow.lease_expire_time)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ]
