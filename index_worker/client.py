@@ -186,8 +186,13 @@ class ClaimStream:
         try:
             while not reader.done():
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # re-raises the failure of any of the three
+                # Read every finished task's outcome before raising one: when
+                # two fail together (a cut link ends reader and writer at
+                # once), the other's exception must not go unretrieved.
+                failures = [t.exception() for t in done if not t.cancelled()]
+                for failure in failures:
+                    if failure is not None:
+                        raise failure
         finally:
             self._closing = True
             for task in tasks:
