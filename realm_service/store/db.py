@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -319,12 +319,6 @@ class Database:
     def new_work_committed(self) -> None:
         for callback in list(self._new_work_listeners):
             callback()
-
-    def jobs_changed(self, job_ids: Sequence[int]) -> None:
-        """Tell listeners of changes made outside a transaction's effects."""
-        for callback in list(self._job_change_listeners):
-            for job_id in job_ids:
-                callback(job_id)
 
     def _listen(self) -> None:
         import psycopg
