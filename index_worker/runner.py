@@ -15,6 +15,7 @@ import random
 import signal
 import uuid
 
+from index_worker import metrics
 from index_worker.client import Backoff, Connection, FatalStreamError, StreamBrokenError
 from index_worker.config import WorkerConfig
 from index_worker.session import Session
@@ -37,6 +38,17 @@ class Worker:
         self._stop_requests = 0
         self._stop_event = asyncio.Event()
         self._session: Session | None = None
+        self._streams_opened = 0
+        metrics.SLOTS.labels("total").set(config.concurrency)
+        metrics.SLOTS.labels("busy").set_function(self._busy_slots)
+
+    def _busy_slots(self) -> float:
+        session = self._session
+        return 0 if session is None else session.busy_slots
+
+    def healthy(self) -> bool:
+        """What /healthz answers: the stream is open and the worker not stopping."""
+        return self._session is not None and not self.stopping
 
     @property
     def stopping(self) -> bool:
@@ -104,6 +116,10 @@ class Worker:
                 return
             settings = opening.result()
             backoff.reset()
+            self._streams_opened += 1
+            if self._streams_opened > 1:
+                metrics.RECONNECTS.inc()
+            metrics.CONNECTED.set(1)
             logger.info(
                 "stream open",
                 extra={
@@ -121,6 +137,7 @@ class Worker:
                 await session.run()
             finally:
                 self._session = None
+                metrics.CONNECTED.set(0)
             logger.info("stream closed", extra={"worker": config.worker_id})
         finally:
             await connection.close()

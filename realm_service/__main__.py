@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,35 +19,28 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from realm_service.config import ConfigError, Settings, add_server_arguments, settings_from_args
+from realm_common import tracing
+from realm_common.logs import configure_logging
+from realm_common.settings import ConfigError, Option, Options, int_in
+from realm_service.config import Settings, add_server_arguments, settings_from_args
+from realm_service.errors import RealmError
 
+# Exit statuses (docs/OPERATIONS.md, "Exit statuses").
+EXIT_OK = 0
+EXIT_FAILED = 1  # failed while running
+EXIT_BAD_SETTING = 2  # a flag or variable has a bad value; nothing was started
+EXIT_STORE = 3  # the store could not be opened or upgraded
+EXIT_LISTEN = 4  # an address to listen on is taken or not ours
 
-class _KeyValueFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        base = f"ts={self.formatTime(record)} level={record.levelname} logger={record.name}"
-        text = f"{base} msg={record.getMessage()!r}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
+DEV_OPTIONS = Options(
+    "REALM_",
+    [
+        Option("workers", int_in(0, 64), 2, "index worker processes"),
+        Option("worker_concurrency", int_in(1, 1000), 2, "jobs per worker"),
+    ],
+)
 
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if settings.log_json else _KeyValueFormatter())
-    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+log = logging.getLogger("realm_service")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,10 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     add_server_arguments(serve)
     dev = sub.add_parser("dev", help="run a server plus index workers locally")
     add_server_arguments(dev)
-    dev.add_argument("--workers", type=int, default=2, help="index worker processes (default 2)")
-    dev.add_argument(
-        "--worker-concurrency", type=int, default=2, help="jobs per worker (default 2)"
-    )
+    DEV_OPTIONS.add_arguments(dev)
     migrate = sub.add_parser("migrate", help="upgrade the store schema and exit")
     add_server_arguments(migrate)
     return p
@@ -73,30 +63,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        dev = DEV_OPTIONS.resolve(args) if args.command == "dev" else {}
     except ConfigError as e:
         print(f"realm-service: error: {e}", file=sys.stderr)
-        return 2
-    configure_logging(settings)
-    if args.command == "migrate":
-        from realm_service.store.db import open_database
-
-        open_database(settings.store_url).close()
-        print("schema is up to date", flush=True)
-        return 0
+        return EXIT_BAD_SETTING
+    configure_logging(settings.log_level, json_lines=settings.log_json)
     if args.command == "dev":
-        return _dev(settings, args.workers, args.worker_concurrency, _server_flags(argv[1:]))
+        return _dev(settings, dev["workers"], dev["worker_concurrency"], _server_flags(argv[1:]))
+    tracing.configure("realm-service")
     try:
+        if args.command == "migrate":
+            from realm_service.store.db import open_database
+
+            open_database(settings.store_url).close()
+            print("schema is up to date", flush=True)
+            return EXIT_OK
         from realm_service.server import serve
 
         asyncio.run(serve(settings))
+    except (RealmError, ImportError) as e:
+        if isinstance(e, ImportError) and not (e.name or "").startswith("psycopg"):
+            raise  # not the store's driver: a bug, with its traceback
+        _cannot_start(EXIT_STORE, "--store/REALM_STORE_URL", _store_problem(e, settings.store_url))
+        return EXIT_STORE
     except OSError as e:
-        logging.getLogger(__name__).error("cannot serve: %s", e)
-        return 1
+        _cannot_start(EXIT_LISTEN, "--listen/--metrics-listen", str(e))
+        return EXIT_LISTEN
     except KeyboardInterrupt:
         # Ctrl-C while still starting, before the signal handlers are in
         # place: nothing is served yet, so there is nothing to drain.
-        logging.getLogger(__name__).info("stopped while starting")
-    return 0
+        log.info("stopped while starting")
+    finally:
+        tracing.shutdown()
+    return EXIT_OK
+
+
+def _cannot_start(code: int, setting: str, problem: str) -> None:
+    log.error("cannot start", extra={"setting": setting, "error": problem, "exit_code": code})
+
+
+def _store_problem(error: BaseException, url: str) -> str:
+    """The store's error with its first cause: the driver's own first line
+    says what was wrong (refused, no such host, bad password)."""
+    where = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)  # no password in a log
+    if isinstance(error, ImportError):
+        return f"{where}: {error.name} is not installed; install realm-service[postgres]"
+    deepest = error
+    while deepest.__cause__ is not None:
+        deepest = deepest.__cause__
+    lines = str(getattr(deepest, "orig", None) or deepest).strip().splitlines()
+    detail = lines[0] if lines else ""
+    return f"{where}: {error}" + (f": {detail}" if detail and detail not in str(error) else "")
 
 
 def _server_flags(dev_argv: list[str]) -> list[str]:
@@ -122,6 +139,9 @@ def _dev(settings: Settings, workers: int, concurrency: int, server_flags: list[
         "--log-level",
         settings.log_level,
     ]
+    log_flags = ["--log-level", settings.log_level, *(["--log-json"] if settings.log_json else [])]
+    if settings.log_json and "--log-json" not in server_cmd:
+        server_cmd.append("--log-json")
     if settings.metrics_listen:
         server_cmd += ["--metrics-listen", settings.metrics_listen]
     server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, text=True)
@@ -159,6 +179,7 @@ def _dev(settings: Settings, workers: int, concurrency: int, server_flags: list[
                     "--worker-id",
                     f"dev-worker-{i + 1}",
                     *worker_tls,
+                    *log_flags,
                 ],
                 env=worker_env,
             )

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realm_common.settings import (
+    ConfigError,
+    Option,
+    Options,
+    boolean,
+    choice,
+    int_in,
+    log_options,
+    non_empty,
+    non_negative_float,
+    positive_float,
+    text,
+)
 from realm_service.domain import DEFAULT_MAX_FILE_SIZE
 
 ROLES = ("client", "worker", "admin")
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
+STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
 
-
-class ConfigError(ValueError):
-    """A setting is invalid; the message names the flag and variable."""
+__all__ = ["ConfigError", "Settings", "add_server_arguments", "settings_from_args"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,6 @@ class Settings:
         return bool(self.tokens)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"REALM_{name}", default)
-
-
 def parse_tokens(spec: str, source: str) -> dict[str, str]:
     """`role:token,role:token` -> {token: role}."""
     tokens: dict[str, str] = {}
@@ -71,158 +78,107 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
+def store_url(value: str) -> str:
+    """sqlite:///PATH or postgresql://...; anything else is refused here, not
+    by a driver import deep in the start."""
+    value = value.strip()
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme.split("+", 1)[0] not in STORE_SCHEMES:
+        raise ValueError("expected sqlite:///PATH or postgresql://user@host/db")
+    return value
+
+
+OPTIONS = Options(
+    "REALM_",
+    [
+        Option("listen", non_empty, Settings.listen, "host:port to serve gRPC on"),
+        Option(
+            "store",
+            store_url,
+            Settings.store_url,
+            "SQLAlchemy URL: sqlite:///PATH or postgresql://user@host/db",
+            metavar="URL",
+        ),
+        Option(
+            "metrics_listen", text, "", "host:port for /metrics and /healthz; empty disables"
+        ),
+        Option("tokens", text, "", "bearer tokens as role:token,... (roles client, worker, admin)"),
+        Option("tokens_file", text, "", "file with one role:token per line"),
+        Option("insecure", boolean, False, "allow listening beyond loopback without auth",
+               switch=True),
+        Option("tls_cert", text, "", "PEM certificate; with --tls-key enables TLS"),
+        Option("tls_key", text, "", "PEM private key"),
+        Option("lease_seconds", positive_float, Settings.lease_seconds,
+               "lease duration without heartbeat"),
+        Option("heartbeat_seconds", positive_float, Settings.heartbeat_seconds,
+               "heartbeat interval asked of workers"),
+        Option("max_attempts", int_in(1), Settings.max_attempts,
+               "failed or expired attempts before a job fails"),
+        Option("reserved_slots", int_in(0), Settings.reserved_slots,
+               "worker slots kept free of SYSTEM-priority work"),
+        Option("drain_grace_seconds", non_negative_float, Settings.drain_grace_seconds,
+               "on shutdown, time workers get to send results"),
+        Option("max_file_size", int_in(1), Settings.max_file_size, "largest file accepted, bytes"),
+        Option(
+            "sqlite_synchronous",
+            choice(*SQLITE_SYNCHRONOUS),
+            Settings.sqlite_synchronous,
+            "SQLite store only: FULL makes every acknowledged write survive a power loss; "
+            "NORMAL is faster but may lose the last writes on power loss",
+        ),
+        Option("request_id_retention_hours", positive_float,
+               Settings.request_id_retention_hours,
+               "how long a request_id answers retries with its first result"),
+        *log_options(),
+    ],
+)  # fmt: skip
+
+
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--listen",
-        default=_env("LISTEN", Settings.listen),
-        help="host:port to serve gRPC on (REALM_LISTEN)",
-    )
-    p.add_argument(
-        "--store",
-        default=_env("STORE_URL", Settings.store_url),
-        help="SQLAlchemy URL: sqlite:///PATH or postgresql://... (REALM_STORE_URL)",
-    )
-    p.add_argument(
-        "--metrics-listen",
-        default=_env("METRICS_LISTEN", ""),
-        help="host:port for Prometheus /metrics; empty disables (REALM_METRICS_LISTEN)",
-    )
-    p.add_argument(
-        "--tokens",
-        default=_env("TOKENS", ""),
-        help="bearer tokens as role:token,... with roles client, worker, admin (REALM_TOKENS)",
-    )
-    p.add_argument(
-        "--tokens-file",
-        default=_env("TOKENS_FILE", ""),
-        help="file with one role:token per line (REALM_TOKENS_FILE)",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        default=_env("INSECURE", "") in ("1", "true"),
-        help="allow listening beyond loopback without auth (REALM_INSECURE)",
-    )
-    p.add_argument(
-        "--tls-cert",
-        default=_env("TLS_CERT", ""),
-        help="PEM certificate; with --tls-key enables TLS (REALM_TLS_CERT)",
-    )
-    p.add_argument("--tls-key", default=_env("TLS_KEY", ""), help="PEM private key (REALM_TLS_KEY)")
-    p.add_argument(
-        "--lease-seconds",
-        type=float,
-        default=float(_env("LEASE_SECONDS", "30")),
-        help="lease duration without heartbeat (REALM_LEASE_SECONDS)",
-    )
-    p.add_argument(
-        "--heartbeat-seconds",
-        type=float,
-        default=float(_env("HEARTBEAT_SECONDS", "5")),
-        help="heartbeat interval asked of workers (REALM_HEARTBEAT_SECONDS)",
-    )
-    p.add_argument(
-        "--max-attempts",
-        type=int,
-        default=int(_env("MAX_ATTEMPTS", "3")),
-        help="failed or expired attempts before a job fails (REALM_MAX_ATTEMPTS)",
-    )
-    p.add_argument(
-        "--reserved-slots",
-        type=int,
-        default=int(_env("RESERVED_SLOTS", "1")),
-        help="worker slots kept free of SYSTEM-priority work (REALM_RESERVED_SLOTS)",
-    )
-    p.add_argument(
-        "--drain-grace-seconds",
-        type=float,
-        default=float(_env("DRAIN_GRACE_SECONDS", "10")),
-        help="on shutdown, time workers get to send results (REALM_DRAIN_GRACE_SECONDS)",
-    )
-    p.add_argument(
-        "--max-file-size",
-        type=int,
-        default=int(_env("MAX_FILE_SIZE", str(DEFAULT_MAX_FILE_SIZE))),
-        help="largest file accepted, bytes (REALM_MAX_FILE_SIZE)",
-    )
-    p.add_argument(
-        "--sqlite-synchronous",
-        default=_env("SQLITE_SYNCHRONOUS", Settings.sqlite_synchronous),
-        help="SQLite store only: FULL (default) makes every acknowledged write survive "
-        "a power loss; NORMAL is faster but may lose the last writes on power loss "
-        "(REALM_SQLITE_SYNCHRONOUS)",
-    )
-    p.add_argument(
-        "--request-id-retention-hours",
-        type=float,
-        default=float(_env("REQUEST_ID_RETENTION_HOURS", "24")),
-        help="how long a request_id answers retries with its first result; older "
-        "ones are swept (REALM_REQUEST_ID_RETENTION_HOURS)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING (REALM_LOG_LEVEL)",
-    )
-    p.add_argument(
-        "--log-json",
-        action="store_true",
-        default=_env("LOG_JSON", "") in ("1", "true"),
-        help="JSON log lines (REALM_LOG_JSON)",
-    )
+    OPTIONS.add_arguments(p)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    tokens = parse_tokens(args.tokens, "--tokens/REALM_TOKENS")
-    if args.tokens_file:
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from parsed flags (None where not given) and REALM_* variables."""
+    v = OPTIONS.resolve(args, environ)
+    tokens = parse_tokens(v["tokens"], OPTIONS.describe("tokens"))
+    if v["tokens_file"]:
+        source = OPTIONS.describe("tokens_file")
         try:
-            text = Path(args.tokens_file).read_text()
+            body = Path(v["tokens_file"]).read_text()
         except OSError as e:
-            raise ConfigError(f"--tokens-file/REALM_TOKENS_FILE: {e}") from e
-        tokens.update(parse_tokens(",".join(text.split()), "--tokens-file/REALM_TOKENS_FILE"))
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ConfigError("--tls-cert/REALM_TLS_CERT and --tls-key/REALM_TLS_KEY go together")
-    checks: Sequence[tuple[bool, str]] = (
-        (args.lease_seconds > 0, "--lease-seconds/REALM_LEASE_SECONDS must be > 0"),
-        (args.heartbeat_seconds > 0, "--heartbeat-seconds/REALM_HEARTBEAT_SECONDS must be > 0"),
-        (args.max_attempts >= 1, "--max-attempts/REALM_MAX_ATTEMPTS must be >= 1"),
-        (args.reserved_slots >= 0, "--reserved-slots/REALM_RESERVED_SLOTS must be >= 0"),
-        (args.max_file_size > 0, "--max-file-size/REALM_MAX_FILE_SIZE must be > 0"),
-        (":" in args.listen, "--listen/REALM_LISTEN must be host:port"),
-        (
-            args.sqlite_synchronous.upper() in SQLITE_SYNCHRONOUS,
-            "--sqlite-synchronous/REALM_SQLITE_SYNCHRONOUS must be FULL or NORMAL",
-        ),
-        (
-            args.request_id_retention_hours > 0,
-            "--request-id-retention-hours/REALM_REQUEST_ID_RETENTION_HOURS must be > 0",
-        ),
-    )
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if not tokens and not args.insecure and not is_loopback(args.listen):
+            raise ConfigError(f"{source}: {e.strerror or e} ({v['tokens_file']})") from e
+        tokens.update(parse_tokens(",".join(body.split()), source))
+    if bool(v["tls_cert"]) != bool(v["tls_key"]):
         raise ConfigError(
-            f"refusing to listen on {args.listen} without auth: set --tokens/REALM_TOKENS, "
+            f"{OPTIONS.describe('tls_cert')} and {OPTIONS.describe('tls_key')} go together"
+        )
+    if ":" not in v["listen"]:
+        raise ConfigError(f"{OPTIONS.describe('listen')}: must be host:port (got {v['listen']!r})")
+    if not tokens and not v["insecure"] and not is_loopback(v["listen"]):
+        raise ConfigError(
+            f"refusing to listen on {v['listen']} without auth: set --tokens/REALM_TOKENS, "
             "or --insecure/REALM_INSECURE=1 to accept unauthenticated calls"
         )
     return Settings(
-        listen=args.listen,
-        store_url=args.store,
-        metrics_listen=args.metrics_listen,
+        listen=v["listen"],
+        store_url=v["store"],
+        metrics_listen=v["metrics_listen"],
         tokens=tokens,
-        insecure=args.insecure,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        lease_seconds=args.lease_seconds,
-        heartbeat_seconds=args.heartbeat_seconds,
-        ping_seconds=max(1.0, args.heartbeat_seconds * 2),
-        max_attempts=args.max_attempts,
-        reserved_slots=args.reserved_slots,
-        drain_grace_seconds=args.drain_grace_seconds,
-        max_file_size=args.max_file_size,
-        log_level=args.log_level.upper(),
-        log_json=args.log_json,
-        sqlite_synchronous=args.sqlite_synchronous.upper(),
-        request_id_retention_hours=args.request_id_retention_hours,
+        insecure=v["insecure"],
+        tls_cert=v["tls_cert"],
+        tls_key=v["tls_key"],
+        lease_seconds=v["lease_seconds"],
+        heartbeat_seconds=v["heartbeat_seconds"],
+        ping_seconds=max(1.0, v["heartbeat_seconds"] * 2),
+        max_attempts=v["max_attempts"],
+        reserved_slots=v["reserved_slots"],
+        drain_grace_seconds=v["drain_grace_seconds"],
+        max_file_size=v["max_file_size"],
+        log_level=v["log_level"],
+        log_json=v["log_json"],
+        sqlite_synchronous=v["sqlite_synchronous"],
+        request_id_retention_hours=v["request_id_retention_hours"],
     )

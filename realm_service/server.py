@@ -8,21 +8,25 @@ import contextlib
 import functools
 import logging
 import signal
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from realm.v1 import realm_service_pb2, realm_service_pb2_grpc
 
+from realm_common import tracing
+from realm_common.metrics_http import MetricsServer
 from realm_service import metrics
 from realm_service.api.auth import AuthInterceptor
 from realm_service.api.parsing import ParsingInterceptor
+from realm_service.api.reflection import HealthServicer, add_reflection
+from realm_service.api.rpc_metrics import RpcMetricsInterceptor
 from realm_service.api.servicer import RealmServicer
 from realm_service.config import Settings
 from realm_service.dispatcher import Dispatcher
-from realm_service.domain import Lease
+from realm_service.domain import JobState, Lease
 from realm_service.errors import RealmError
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.realms import Realms
@@ -52,6 +56,14 @@ class RealmServer:
     port: int
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    # Label values reported once, kept so that they can go back to 0.
+    _priorities: set[int] = field(default_factory=lambda: set(metrics.KNOWN_PRIORITIES))
+    _lanes: set[str] = field(default_factory=set)
+    _serving: bool = False
+
+    def healthy(self) -> bool:
+        """What /healthz answers: SERVING on the health service."""
+        return not self.servicer.draining and self._serving
 
     @property
     def address(self) -> str:
@@ -70,9 +82,10 @@ class RealmServer:
         ]
         await self._set_health(True)
         self.tasks.append(asyncio.create_task(self._boot_mount(), name="boot-mount"))
-        log.info("serving address=%s store=%s", self.address, self.db.backend)
+        log.info("serving", extra={"address": self.address, "store": self.db.backend})
 
     async def _set_health(self, ok: bool) -> None:
+        self._serving = ok
         status = SERVING if ok else NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
@@ -80,9 +93,9 @@ class RealmServer:
     async def _boot_mount(self) -> None:
         try:
             count = await asyncio.to_thread(self.realms.boot_mount)
-            log.info("boot mount done realms=%d", count)
+            log.info("boot mount done", extra={"realms": count})
         except Exception as e:  # lazy mounts still cover every realm
-            log.warning("boot mount failed: %s", e)
+            log.warning("boot mount failed", extra={"error": str(e)})
 
     async def _reaper(self) -> None:
         interval = max(0.05, min(5.0, self.settings.lease_seconds / 4))
@@ -113,7 +126,7 @@ class RealmServer:
                             stream.drop(lease_id)
                     self.dispatcher.wake()
             except Exception as e:
-                log.warning("reaper failed: %s", e)
+                log.warning("reaper failed", extra={"error": str(e)})
 
     async def _health_and_metrics(self) -> None:
         """Health is SERVING while the store answers and takes writes: the
@@ -125,29 +138,45 @@ class RealmServer:
             now_problem = None if ok else "the store is unreachable"
             if ok:
                 try:
-                    await asyncio.to_thread(self.queue.touch_instance)
+                    await asyncio.to_thread(self.queue.touch_instance, self.dispatcher.workers())
                 except RealmError as e:
                     ok, now_problem = False, e.message
             if now_problem != problem:
                 if now_problem is None:
                     log.info("store healthy again; SERVING")
                 else:
-                    log.warning("health NOT_SERVING: %s", now_problem)
+                    log.warning("health NOT_SERVING", extra={"error": now_problem})
                 problem = now_problem
             if not self.servicer.draining:
                 await self._set_health(ok)
             if ok:
                 with contextlib.suppress(Exception):
-                    now = datetime.now(UTC)
-                    for priority, count, oldest in await asyncio.to_thread(self.queue.depth):
-                        metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
-                        age = (now - oldest).total_seconds() if oldest else 0.0
-                        metrics.QUEUE_OLDEST.labels(str(priority)).set(age)
+                    await self._queue_metrics()
             streams = list(self.dispatcher.streams.values())
             metrics.STREAMS.set(len(streams))
+            lanes = Counter(str(s.min_priority) for s in streams)
+            for lane in self._lanes | set(lanes):
+                metrics.WORKERS.labels(lane).set(lanes.get(lane, 0))
+            self._lanes |= set(lanes)
             metrics.CREDITS.set(sum(s.credits for s in streams))
             metrics.OUTSTANDING.set(sum(s.held_leases for s in streams))
             await asyncio.sleep(2.0)
+
+    async def _queue_metrics(self) -> None:
+        """Depth and oldest age for every priority ever seen here, so a
+        priority whose jobs are all done reads 0 instead of its last value."""
+        depth = await asyncio.to_thread(self.queue.depth)
+        running = await asyncio.to_thread(self.queue.running_count)
+        now = datetime.now(UTC)
+        seen = {priority: (count, oldest) for priority, count, oldest in depth}
+        self._priorities |= set(seen)
+        for priority in self._priorities:
+            count, oldest = seen.get(priority, (0, None))
+            metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
+            age = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+            metrics.QUEUE_OLDEST.labels(str(priority)).set(age)
+        metrics.JOBS.labels(JobState.QUEUED.value).set(sum(c for c, _ in seen.values()))
+        metrics.JOBS.labels(JobState.RUNNING.value).set(running)
 
     async def _housekeeping(self) -> None:
         """Slow chores: forget request ids past their retention, and rows of
@@ -157,10 +186,10 @@ class RealmServer:
             try:
                 swept = await asyncio.to_thread(self.realms.sweep_request_ids, retention)
                 if swept:
-                    log.info("request ids swept count=%d", swept)
+                    log.info("request ids swept", extra={"count": swept})
                 await asyncio.to_thread(self.queue.forget_dead_instances)
             except RealmError as e:
-                log.warning("housekeeping failed: %s", e)
+                log.warning("housekeeping failed", extra={"error": str(e)})
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def drain_and_stop(self) -> None:
@@ -170,7 +199,7 @@ class RealmServer:
             await self.stopped.wait()
             return
         grace = self.settings.drain_grace_seconds
-        log.info("draining grace=%.1fs streams=%d", grace, len(self.servicer.sessions))
+        log.info("draining", extra={"grace_s": grace, "streams": len(self.servicer.sessions)})
         self.servicer.draining = True
         self.dispatcher.paused = True
         await self._set_health(False)
@@ -195,17 +224,22 @@ class RealmServer:
         )
         for task in done:
             if not task.cancelled() and task.exception() is not None:
-                log.warning("task %s had failed: %s", task.get_name(), task.exception())
+                log.warning(
+                    "task had failed",
+                    extra={"task": task.get_name(), "error": str(task.exception())},
+                )
         if pending:
             log.warning(
-                "tasks still running %.0fs after the stop: %s",
-                STOP_TASKS_SECONDS,
-                ", ".join(sorted(t.get_name() for t in pending)),
+                "tasks still running after the stop",
+                extra={
+                    "after_s": STOP_TASKS_SECONDS,
+                    "tasks": ",".join(sorted(t.get_name() for t in pending)),
+                },
             )
         try:
             await asyncio.to_thread(self.queue.unregister_instance)
         except RealmError as e:  # its leases then wait for the instance timeout
-            log.warning("could not unregister this instance: %s", e)
+            log.warning("could not unregister this instance", extra={"error": str(e)})
         await asyncio.to_thread(self.db.close)
         self.stopped.set()
         log.info("stopped")
@@ -239,7 +273,12 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
     server = grpc.aio.server(
         # Auth first: it keeps the parsing interceptor's deserializer, so a
         # caller without a token gets UNAUTHENTICATED even for garbage bytes.
-        interceptors=[auth, ParsingInterceptor()] if auth is not None else [ParsingInterceptor()],
+        # Metrics outermost: a refused call is counted with the code it got.
+        interceptors=[
+            RpcMetricsInterceptor(),
+            *([auth] if auth is not None else []),
+            ParsingInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -254,15 +293,14 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
         ],
     )
     realm_service_pb2_grpc.add_RealmServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    add_reflection(
+        server,
         [
             realm_service_pb2.DESCRIPTOR.services_by_name["RealmService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ],
-        server,
     )
     try:
         if settings.tls_cert:
@@ -292,7 +330,18 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
 def _record_assignments(leases: list[Lease]) -> None:
     now = datetime.now(UTC)
     for lease in leases:
-        metrics.DISPATCH_LATENCY.observe(max(0.0, (now - lease.job.create_time).total_seconds()))
+        job = lease.job
+        metrics.DISPATCH_LATENCY.labels(
+            job.kind.value, metrics.priority_class(job.priority)
+        ).observe(max(0.0, (now - job.create_time).total_seconds()))
+        if job.trace_parent:
+            tracing.record_span(
+                "job queued",
+                job.trace_parent,
+                job.create_time,
+                now,
+                {"job": job.job_id, "realm": job.realm_id, "priority": job.priority},
+            )
     metrics.ASSIGNED.inc(len(leases))
 
 
@@ -304,14 +353,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32))
     srv = build_server(settings)
     if settings.metrics_listen:
-        from prometheus_client import start_http_server
-
-        host, _, mport = settings.metrics_listen.rpartition(":")
-        httpd, _thread = start_http_server(
-            int(mport), addr=host or "127.0.0.1", registry=metrics.REGISTRY
-        )
-        log.info("metrics address=%s:%s", host or "127.0.0.1", httpd.server_port)
-        print(f"realm-service metrics on http://{host}:{httpd.server_port}/metrics", flush=True)
+        try:
+            web = MetricsServer(settings.metrics_listen, metrics.REGISTRY, srv.healthy)
+        except OSError as e:
+            await asyncio.to_thread(srv.db.close)
+            raise OSError(f"--metrics-listen {settings.metrics_listen}: {e.strerror or e}") from e
+        log.info("metrics", extra={"url": web.url})
+        print(f"realm-service metrics on {web.url}", flush=True)
     await srv.start()
     print(f"realm-service listening on {srv.address}", flush=True)
     stop = asyncio.Event()

@@ -81,11 +81,13 @@ class _RateLimitedLog:
             return
         self._last[method] = now
         log.warning(
-            "unparsable request method=%s type=%s reason=%s suppressed=%d",
-            method,
-            type_name,
-            reason,
-            self._suppressed.pop(method, 0),
+            "unparsable request",
+            extra={
+                "method": method,
+                "type": type_name,
+                "reason": reason,
+                "suppressed": self._suppressed.pop(method, 0),
+            },
         )
 
 

@@ -59,3 +59,27 @@ def test_metrics_endpoint_of_a_served_process(tmp_path) -> None:  # type: ignore
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_rpcs_are_counted_by_status_code(live: LiveServer) -> None:
+    import grpc
+    import pytest
+    from prometheus_client import generate_latest
+
+    def count(code: str) -> float:
+        text = generate_latest(metrics.REGISTRY).decode()
+        match = re.search(
+            rf'^realm_rpcs_total\{{code="{code}",method="realm.v1.RealmService/GetRealm"\}} (\S+)$',
+            text,
+            re.M,
+        )
+        return float(match.group(1)) if match else 0.0
+
+    before_missing, before_ok = count("NOT_FOUND"), count("OK")
+    with pytest.raises(grpc.RpcError) as refused:
+        live.stub.GetRealm(spb.GetRealmRequest(realm_id="nowhere"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    live.stub.CreateRealm(spb.CreateRealmRequest(realm_id="somewhere"), timeout=10)
+    live.stub.GetRealm(spb.GetRealmRequest(realm_id="somewhere"), timeout=10)
+    assert count("NOT_FOUND") == before_missing + 1
+    assert count("OK") == before_ok + 1

@@ -40,7 +40,7 @@ def clean_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("REALM_", "INDEX_WORKER_", "REALMCTL_"))
+        if not k.startswith(("REALM_", "INDEX_WORKER_", "REALMCTL_", "OTEL_"))
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -11,6 +11,7 @@ started, closes the proxy, unmounts the tmpfs and drops the database.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import time
@@ -26,6 +27,7 @@ from realm.v1 import realm_service_pb2_grpc as sgrpc
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
+from realm_common.logs import parse_logfmt
 from realm_service.store.tables import JobRow
 from tests.e2e.conftest import Proc, Server, System
 from tests.faults.checker import Snapshot, Violation, check, load_snapshot
@@ -460,11 +462,30 @@ def _tail(text: str, lines: int = 8) -> str:
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):$", re.MULTILINE)
 
 
+def _unfold_exc(log: str) -> str:
+    """The log with each record's `exc` field (a traceback, kept on the
+    record's one line by the log format) written out below the record, as
+    a traceback printed to stderr would be."""
+    out = []
+    for line in log.splitlines():
+        exc = None
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                exc = json.loads(line).get("exc")
+        elif " exc=" in line:
+            exc = parse_logfmt(line).get("exc")
+        out.append(line)
+        if exc:
+            out.append(exc)
+    return "\n".join(out)
+
+
 def _tracebacks(log: str, limit: int = 5) -> list[str]:
     """Each distinct traceback in a log (by its last line), with the log line
     before it and how often it came."""
     seen: Counter[str] = Counter()
     texts: dict[str, str] = {}
+    log = _unfold_exc(log)
     lines = log.splitlines()
     for match in _TRACEBACK.finditer(log):
         start = log.count("\n", 0, match.start())

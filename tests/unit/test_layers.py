@@ -40,6 +40,14 @@ def test_packages_do_not_import_each_other(package: str) -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def test_the_shared_package_imports_no_program() -> None:
+    """realm_common (logs, settings, tracing, /metrics) is below both programs."""
+    programs = ("realm_service", "index_worker", "realmctl", "realm_client")
+    for path in modules("realm_common"):
+        bad = [name for name in imports_of(path) if _starts(name, programs)]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
 def test_domain_and_errors_use_only_the_standard_library() -> None:
     for name in ("domain.py", "errors.py", "clock.py"):
         path = ROOT / "realm_service" / name
@@ -79,13 +87,13 @@ GRPC = ("grpc", "realm.v1", "google.protobuf")
 @pytest.mark.parametrize("module", ["indexer.py", "gitignore.py", "model.py", "jobs.py"])
 def test_the_workers_job_logic_knows_nothing_of_grpc(module: str) -> None:
     """Only the worker's client (and its converters) touch grpc and generated
-    messages; indexing and job logic use the standard library and the
-    worker's own modules."""
+    messages; indexing and job logic use the standard library, the
+    worker's own modules and pathspec (the .gitignore matching)."""
     path = ROOT / "index_worker" / module
     bad = [
         n
         for n in imports_of(path)
-        if not _starts(n, ("index_worker", "__future__"))
+        if not _starts(n, ("index_worker", "__future__", "pathspec"))
         and n.split(".")[0] not in __import__("sys").stdlib_module_names
     ]
     assert not bad, f"index_worker/{module} imports {bad}"

@@ -41,17 +41,32 @@ def test_normal_sync_is_an_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "named"),
+    ("argv", "env", "named"),
     [
-        (("--sqlite-synchronous", "OFF"), "--sqlite-synchronous/REALM_SQLITE_SYNCHRONOUS"),
-        (
-            ("--request-id-retention-hours", "0"),
-            "--request-id-retention-hours/REALM_REQUEST_ID_RETENTION_HOURS",
-        ),
+        (("--sqlite-synchronous", "OFF"), {}, "^--sqlite-synchronous: "),
+        (("--request-id-retention-hours", "0"), {}, "^--request-id-retention-hours: "),
+        ((), {"REALM_LEASE_SECONDS": "abc"}, "^REALM_LEASE_SECONDS: expected a number"),
+        ((), {"REALM_MAX_ATTEMPTS": "0"}, "^REALM_MAX_ATTEMPTS: must be >= 1"),
+        ((), {"REALM_LOG_JSON": "maybe"}, "^REALM_LOG_JSON: expected true or false"),
+        (("--store", "mysql://x"), {}, "^--store: expected sqlite:///PATH or postgresql://"),
+        ((), {"REALM_LISTEN": "nowhere"}, "^--listen/REALM_LISTEN: must be host:port"),
     ],
 )
 def test_bad_values_are_refused_by_name(
-    argv: tuple[str, ...], named: str, monkeypatch: pytest.MonkeyPatch
+    argv: tuple[str, ...], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The message starts with the flag or variable the value came from."""
+    for name in ("REALM_LEASE_SECONDS", "REALM_MAX_ATTEMPTS", "REALM_LOG_JSON", "REALM_LISTEN"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match=named):
-        settings(*argv, monkeypatch=monkeypatch)
+        settings(*argv, monkeypatch=monkeypatch, **env)
+
+
+def test_help_shows_each_default_and_variable() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "lease duration without heartbeat (default 30.0; REALM_LEASE_SECONDS)" in text
+    assert "(default FULL; REALM_SQLITE_SYNCHRONOUS)" in text
+    for action in parser._actions[1:]:
+        assert "REALM_" in (action.help or ""), action.option_strings

@@ -262,3 +262,17 @@ def test_nul_in_a_card_never_reaches_an_entry() -> None:
     # A text file with a NUL past the binary sniff is text with U+FFFD.
     text = index_file("notes.txt", b"x" * 10_000 + b"\x00tail", MTIME)
     assert "\x00" not in text.search_text and text.search_text.endswith("\ufffdtail")
+
+
+def test_gitignore_matching_is_pathspecs() -> None:
+    """pathspec's GitIgnoreSpec does the matching; the module adds only git's
+    rule that an excluded directory's files stay excluded."""
+    import pathspec
+
+    from index_worker import gitignore
+
+    assert gitignore.GitIgnoreSpec is pathspec.GitIgnoreSpec
+    spec = pathspec.GitIgnoreSpec.from_lines(GITIGNORE.splitlines())
+    patterns = parse_gitignore(GITIGNORE)
+    for path in ("debug.log", "keep.log", "build/out.js", "abc.txt", "docs/a/final.md"):
+        assert is_ignored(path, patterns) is spec.match_file(path)

@@ -1,0 +1,114 @@
+"""One log format for every program: one line per record, fields as keys.
+
+logfmt by default, JSON with `json_lines=True`:
+
+    time=2026-12-05T07:37:23.590Z level=info logger=realm_service.dispatcher
+        msg="job running" job=29 realm=notes lease=l-3 worker=w1   (one line)
+    {"time": "2026-12-05T07:37:23.590Z", "level": "info", "msg": "job running", "job": 29}
+
+The standard library's logging, with this one formatter on the root handler,
+rather than structlog: every module already logs through
+`logging.getLogger(__name__)`, and so do grpc, SQLAlchemy and Alembic, so
+their records come out in the same format with no bridge; and a record's
+fields are what callers pass as `extra=`, which costs nothing when the level
+is off. Times are UTC, RFC 3339 with milliseconds. A traceback goes into the
+`exc` field, so a record is always exactly one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a record carries besides its message (from `extra=`)."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+
+
+def _time(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        pairs: list[tuple[str, object]] = [
+            ("time", _time(record)),
+            ("level", record.levelname.lower()),
+            ("logger", record.name),
+            ("msg", record.getMessage()),
+            *record_fields(record).items(),
+        ]
+        if record.exc_info:
+            pairs.append(("exc", self.formatException(record.exc_info)))
+        return " ".join(f"{key}={logfmt_value(value)}" for key, value in pairs)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": _time(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(record_fields(record))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def logfmt_value(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """The fields of one logfmt line (what `LogfmtFormatter` writes)."""
+    out: dict[str, str] = {}
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] == " ":
+            i += 1
+        eq = line.find("=", i)
+        if eq < 0:
+            break
+        key = line[i:eq]
+        i = eq + 1
+        if i < n and line[i] == '"':
+            value, end = json.JSONDecoder().raw_decode(line, i)
+            out[key] = value
+            i = end
+        else:
+            end = line.find(" ", i)
+            end = n if end < 0 else end
+            out[key] = line[i:end]
+            i = end
+    return out
+
+
+def configure_logging(level: str, *, json_lines: bool = False) -> None:
+    """The root handler on stderr with the one format; called once by each
+    program's `__main__`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Libraries that are chatty at INFO: grpc during reconnects, Alembic
+    # with a line per migration step at every start.
+    for name in ("grpc", "alembic"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
