@@ -8,7 +8,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from realmctl.connection import DEFAULT_SERVER, ConnectionSettings, RealmClient
+from realm_client import RealmClientError
+
+from realmctl.connection import DEFAULT_SERVER, ConnectionSettings, describe_error, open_client
 from realmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
 from realmctl.output import Console
 from realmctl.parser import build_parser
@@ -35,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     console = Console(sys.stdout, sys.stderr, as_json=bool(args.json))
     try:
-        with RealmClient(connection_settings(args, os.environ)) as client:
-            status: int = args.handler(args, client, console)
+        with open_client(connection_settings(args, os.environ)) as client:
+            try:
+                status: int = args.handler(args, client, console)
+            except RealmClientError as exc:
+                raise CliError(describe_error(exc, client)) from None
             return status
     except CliError as exc:
         console.error(exc.message)

@@ -7,49 +7,22 @@ returns the exit status; failures are raised as `CliError`s.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
 
 from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import resources_pb2 as res
+from realm_client import RealmClient, RealmClientError
 
 from realmctl import output as out
-from realmctl.connection import RealmClient
+from realmctl.connection import describe_error
 from realmctl.errors import EXIT_OK, CliError, JobFailedError, UsageError
 from realmctl.localfiles import parse_file_spec, read_local, tree_files
 
 Handler = Callable[[argparse.Namespace, RealmClient, out.Console], int]
 
-_Item = TypeVar("_Item")
-
-MAX_PAGE_SIZE = 1000
 JOB_KINDS = {name: value for value, name in out.JOB_KIND_WORDS.items()}
 JOB_STATES = {name: value for value, name in out.JOB_STATE_WORDS.items()}
-
-
-def collect_pages(
-    fetch: Callable[[int, str], tuple[Sequence[_Item], str]], limit: int | None
-) -> list[_Item]:
-    """Items of every page (or the first `limit`), asking only for what is still missing.
-
-    `fetch(page_size, page_token)` returns a page and the next token; page size
-    0 lets the server choose.
-    """
-    items: list[_Item] = []
-    token = ""
-    seen_tokens: set[str] = set()
-    while True:
-        wanted = None if limit is None else limit - len(items)
-        page_size = 0 if wanted is None else min(wanted, MAX_PAGE_SIZE)
-        page, next_token = fetch(page_size, token)
-        items.extend(page if wanted is None else page[:wanted])
-        if not next_token or (limit is not None and len(items) >= limit):
-            return items
-        if next_token in seen_tokens:
-            raise CliError(f"INTERNAL: the server returned page token {next_token!r} twice")
-        seen_tokens.add(next_token)
-        token = next_token
 
 
 def _limit(value: int | None) -> int | None:
@@ -57,31 +30,13 @@ def _limit(value: int | None) -> int | None:
     return value or None
 
 
-def follow_job(
-    client: RealmClient, console: out.Console, job: res.Job | None, job_id: str
-) -> res.Job:
-    """Watches the job to a terminal state, drawing the progress bar on stderr."""
+def follow_job(client: RealmClient, console: out.Console, job_id: str) -> res.Job:
+    """Waits for the job's end, drawing the progress bar on stderr."""
     bar = console.progress_bar()
-    last = job
     try:
-        if job is not None:
-            bar.update(job)
-            if job.state in out.TERMINAL_JOB_STATES:
-                return job
-        for snapshot in client.watch_job(job_id):
-            last = snapshot
-            bar.update(snapshot)
-            if snapshot.state in out.TERMINAL_JOB_STATES:
-                break
+        return client.wait_for_job(job_id, on_progress=bar.update)
     finally:
         bar.close()
-    if last is None or last.state not in out.TERMINAL_JOB_STATES:
-        state = out.word(out.JOB_STATE_WORDS, last.state) if last is not None else "unknown"
-        raise CliError(
-            f"UNAVAILABLE: the server ended the watch of job {job_id} before the job finished "
-            f"(last state: {state})"
-        )
-    return last
 
 
 def raise_if_failed(job: res.Job) -> None:
@@ -90,7 +45,7 @@ def raise_if_failed(job: res.Job) -> None:
         raise JobFailedError(f"job {job.job_id} failed: {reason}")
 
 
-def initial_files(from_dir: str | None, specs: Iterable[str]) -> list[res.FileContent]:
+def initial_files(from_dir: str | None, specs: Iterable[str]) -> dict[str, bytes]:
     """Files of --from-dir, then --file pairs (which replace a same-path file of the dir)."""
     chosen: dict[str, Path] = {}
     if from_dir is not None:
@@ -102,26 +57,28 @@ def initial_files(from_dir: str | None, specs: Iterable[str]) -> list[res.FileCo
             raise UsageError(f"--file {realm_path} is given twice")
         given.add(realm_path)
         chosen[realm_path] = local
-    return [res.FileContent(path=path, content=read_local(local)) for path, local in chosen.items()]
+    return {path: read_local(local) for path, local in chosen.items()}
 
 
 # Realms.
 
 
 def create(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    request = rs.CreateRealmRequest(
-        realm_id=args.realm_id,
-        display_name=args.name or "",
-        request_id=args.request_id or "",
-        initial_files=initial_files(args.from_dir, args.file or []),
-    )
-    if args.priority is not None:
-        request.priority = args.priority
-    response = client.create_realm(request)
+    files = initial_files(args.from_dir, args.file or [])
+    bar = console.progress_bar()
+    try:
+        response = client.create_realm(
+            args.realm_id,
+            display_name=args.name or "",
+            priority=args.priority,
+            initial_files=files,
+            request_id=args.request_id or None,
+            wait=args.wait,
+            on_progress=bar.update,
+        )
+    finally:
+        bar.close()
     realm, job = response.realm, response.job
-    if args.wait:
-        job = follow_job(client, console, job, job.job_id)
-        realm = client.get_realm(rs.GetRealmRequest(realm_id=realm.realm_id or args.realm_id)).realm
     if console.as_json:
         console.print_json({"realm": out.message_dict(realm), "job": out.message_dict(job)})
     else:
@@ -132,7 +89,7 @@ def create(args: argparse.Namespace, client: RealmClient, console: out.Console) 
 
 
 def get(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    realm = client.get_realm(rs.GetRealmRequest(realm_id=args.realm_id)).realm
+    realm = client.get_realm(args.realm_id)
     if console.as_json:
         console.print_json(out.message_dict(realm))
     else:
@@ -141,11 +98,7 @@ def get(args: argparse.Namespace, client: RealmClient, console: out.Console) -> 
 
 
 def list_realms(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    def fetch(page_size: int, token: str) -> tuple[Sequence[res.Realm], str]:
-        page = client.list_realms(rs.ListRealmsRequest(page_size=page_size, page_token=token))
-        return page.realms, page.next_page_token
-
-    realms = collect_pages(fetch, _limit(args.limit))
+    realms = list(client.list_realms(limit=_limit(args.limit)))
     if console.as_json:
         console.print_json([out.message_dict(realm) for realm in realms])
     else:
@@ -168,16 +121,17 @@ def push(args: argparse.Namespace, client: RealmClient, console: out.Console) ->
         console.note(f"skipped {path}: the server owns it (it holds the realm's display name)")
     results: list[rs.WriteRealmFileResponse] = []
     for path, local in files:
-        request = rs.WriteRealmFileRequest(realm_id=args.realm_id, path=path)
-        if args.priority is not None:
-            request.priority = args.priority
         try:
-            request.content = read_local(local)
-            results.append(client.write_realm_file(request))
-        except CliError as exc:
+            content = read_local(local)
+            results.append(
+                client.write_realm_file(args.realm_id, path, content, priority=args.priority)
+            )
+        except (CliError, RealmClientError) as exc:
             if not results:
                 raise
             pushed = f"after pushing {len(results)} of {len(files)} files"
+            if isinstance(exc, RealmClientError):
+                raise CliError(f"{describe_error(exc, client)} ({pushed})") from None
             raise type(exc)(f"{exc.message} ({pushed})") from None
     # The latest snapshot of each distinct job, in the order the jobs first appeared.
     jobs: dict[str, res.Job] = {}
@@ -212,9 +166,7 @@ def push(args: argparse.Namespace, client: RealmClient, console: out.Console) ->
 
 
 def cat(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    response = client.read_realm_file(
-        rs.ReadRealmFileRequest(realm_id=args.realm_id, path=args.path)
-    )
+    response = client.read_realm_file(args.realm_id, args.path)
     if console.as_json:
         console.print_json(out.message_dict(response))
     else:
@@ -223,10 +175,7 @@ def cat(args: argparse.Namespace, client: RealmClient, console: out.Console) -> 
 
 
 def remove(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    request = rs.DeleteRealmFileRequest(realm_id=args.realm_id, path=args.path)
-    if args.priority is not None:
-        request.priority = args.priority
-    response = client.delete_realm_file(request)
+    response = client.delete_realm_file(args.realm_id, args.path, priority=args.priority)
     if console.as_json:
         console.print_json(out.message_dict(response))
     else:
@@ -237,7 +186,7 @@ def remove(args: argparse.Namespace, client: RealmClient, console: out.Console) 
 
 
 def list_files(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    files = client.list_realm_files(rs.ListRealmFilesRequest(realm_id=args.realm_id)).files
+    files = client.list_realm_files(args.realm_id)
     if console.as_json:
         console.print_json([out.message_dict(f) for f in files])
     else:
@@ -257,10 +206,9 @@ def reindex(args: argparse.Namespace, client: RealmClient, console: out.Console)
         return _reindex_all(args, client, console)
     if args.realm_id is None:
         raise UsageError("reindex: give REALM_ID or --all")
-    request = rs.ReindexRealmRequest(realm_id=args.realm_id, content_changed=args.content_changed)
-    if args.priority is not None:
-        request.priority = args.priority
-    response = client.reindex_realm(request)
+    response = client.reindex_realm(
+        args.realm_id, priority=args.priority, content_changed=args.content_changed
+    )
     if console.as_json:
         console.print_json(out.message_dict(response))
     else:
@@ -271,10 +219,7 @@ def reindex(args: argparse.Namespace, client: RealmClient, console: out.Console)
 
 
 def _reindex_all(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    request = rs.ReindexAllRealmsRequest()
-    if args.priority is not None:
-        request.priority = args.priority
-    response = client.reindex_all_realms(request)
+    response = client.reindex_all_realms(priority=args.priority)
     if console.as_json:
         console.print_json(out.message_dict(response))
     else:
@@ -289,18 +234,10 @@ def list_jobs(args: argparse.Namespace, client: RealmClient, console: out.Consol
     kind = JOB_KINDS[args.kind] if args.kind else res.JOB_KIND_UNSPECIFIED
     state = JOB_STATES[args.state] if args.state else res.Job.STATE_UNSPECIFIED
 
-    def fetch(page_size: int, token: str) -> tuple[Sequence[res.Job], str]:
-        request = rs.ListJobsRequest(
-            realm_id=args.realm or "",
-            kind=kind,
-            state=state,
-            page_size=page_size,
-            page_token=token,
-        )
-        page = client.list_jobs(request)
-        return page.jobs, page.next_page_token
-
-    jobs = collect_pages(fetch, _limit(args.limit))
+    listed = client.list_jobs(
+        realm_id=args.realm or "", kind=kind, state=state, limit=_limit(args.limit)
+    )
+    jobs = list(listed)
     if console.as_json:
         console.print_json([out.message_dict(job) for job in jobs])
     else:
@@ -309,7 +246,7 @@ def list_jobs(args: argparse.Namespace, client: RealmClient, console: out.Consol
 
 
 def get_job(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    job = client.get_job(rs.GetJobRequest(job_id=args.job_id)).job
+    job = client.get_job(args.job_id)
     if console.as_json:
         console.print_json(out.message_dict(job))
     else:
@@ -318,7 +255,7 @@ def get_job(args: argparse.Namespace, client: RealmClient, console: out.Console)
 
 
 def watch(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    job = follow_job(client, console, None, args.job_id)
+    job = follow_job(client, console, args.job_id)
     if console.as_json:
         console.print_json(out.message_dict(job))
     else:
@@ -331,18 +268,11 @@ def watch(args: argparse.Namespace, client: RealmClient, console: out.Console) -
 
 
 def search(args: argparse.Namespace, client: RealmClient, console: out.Console) -> int:
-    def fetch(page_size: int, token: str) -> tuple[Sequence[res.IndexEntry], str]:
-        request = rs.SearchRealmRequest(
-            realm_id=args.realm_id,
-            card_type=args.type or "",
-            text=args.text or "",
-            page_size=page_size,
-            page_token=token,
+    entries = list(
+        client.search_realm(
+            args.realm_id, card_type=args.type or "", text=args.text or "", limit=_limit(args.limit)
         )
-        page = client.search_realm(request)
-        return page.entries, page.next_page_token
-
-    entries = collect_pages(fetch, _limit(args.limit))
+    )
     if console.as_json:
         console.print_json([out.message_dict(entry) for entry in entries])
     else:

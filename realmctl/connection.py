@@ -1,28 +1,22 @@
-"""The channel to the realm service, the call metadata, and a typed client.
+"""Where the server is, the realm_client that talks to it, and its errors in one line.
 
-Every RPC goes through `RealmClient`, which adds the bearer token and the
-deadline and turns `grpc.RpcError` into a one-line `CliError`.
+realmctl makes no call of its own: every RPC goes through `realm_client.RealmClient`
+(deadline, bearer token, TLS, retries, request ids); this module builds it from
+the command line's settings and words its errors for people.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TypeVar
 
 import grpc
-from realm.v1 import realm_service_pb2 as rs
-from realm.v1 import realm_service_pb2_grpc, resources_pb2
+from realm_client import DEFAULT_TARGET, RealmClient, RealmClientError
 
-from realmctl.errors import CliError, UsageError
+from realmctl.errors import UsageError
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_SERVER = DEFAULT_TARGET
 DEFAULT_TIMEOUT = 30.0
-# Files travel whole in one message; the server bounds their size, not us.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # How grpc-core words a failure to open a connection (as opposed to a server
 # that answered UNAVAILABLE itself, e.g. while draining).
@@ -32,9 +26,6 @@ _CONNECT_FAILURES = (
     "dns resolution failed",
     "empty address list",
 )
-
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 @dataclass(frozen=True)
@@ -48,130 +39,36 @@ class ConnectionSettings:
     ca_cert: Path | None = None
 
 
-def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata sent with every call: the bearer token, when there is one."""
-    if not token:
-        return ()
-    return (("authorization", f"Bearer {token}"),)
-
-
-def open_channel(settings: ConnectionSettings) -> grpc.Channel:
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]
-    if not settings.tls and settings.ca_cert is None:
-        return grpc.insecure_channel(settings.target, options=options)
+def open_client(settings: ConnectionSettings, channel: grpc.Channel | None = None) -> RealmClient:
+    """The client the settings describe (over `channel` when given, as tests do)."""
     root_certificates = None
     if settings.ca_cert is not None:
         try:
             root_certificates = settings.ca_cert.read_bytes()
         except OSError as exc:
             raise UsageError(f"cannot read CA certificate {settings.ca_cert}: {exc}") from exc
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return grpc.secure_channel(settings.target, credentials, options=options)
+    return RealmClient(
+        settings.target,
+        token=settings.token,
+        tls=settings.tls,
+        root_certificates=root_certificates,
+        timeout=settings.timeout,
+        channel=channel,
+    )
 
 
-def describe_rpc_error(error: grpc.RpcError, settings: ConnectionSettings) -> str:
-    """`<STATUS_CODE>: <details>` for an error raised by a call."""
-    if not isinstance(error, grpc.Call):
-        return f"UNKNOWN: {error}"
-    code = error.code()
-    details = error.details() or ""
-    name = code.name if code is not None else "UNKNOWN"
-    if code is grpc.StatusCode.UNAVAILABLE and details.lower().startswith(_CONNECT_FAILURES):
-        return f"{name}: cannot reach server at {settings.target} ({details})"
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED and settings.timeout is not None:
+def describe_error(error: RealmClientError, client: RealmClient) -> str:
+    """`<STATUS_CODE>: <the server's message>`, saying more when nothing answered."""
+    name, details = error.code.name, error.message
+    if error.code is grpc.StatusCode.UNAVAILABLE and details.lower().startswith(_CONNECT_FAILURES):
+        return f"{name}: cannot reach server at {client.target} ({details})"
+    if (
+        error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        and error.method != "WatchJob"
+        and client.timeout is not None
+    ):
         return (
-            f"{name}: no answer from server at {settings.target} "
-            f"within {settings.timeout:g} s ({details})"
+            f"{name}: no answer from server at {client.target} "
+            f"within {client.timeout:g} s ({details})"
         )
     return f"{name}: {details}" if details else name
-
-
-class RealmClient:
-    """The realm service's RPCs, with metadata, deadline and error translation."""
-
-    def __init__(self, settings: ConnectionSettings) -> None:
-        self.settings = settings
-        self._channel = open_channel(settings)
-        self._stub = realm_service_pb2_grpc.RealmServiceStub(self._channel)
-        self._metadata = call_metadata(settings.token)
-
-    def __enter__(self) -> RealmClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    @contextmanager
-    def _translated_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except grpc.RpcError as exc:
-            raise CliError(describe_rpc_error(exc, self.settings)) from None
-
-    def _unary(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
-        with self._translated_errors():
-            return method(request, timeout=self.settings.timeout, metadata=self._metadata)
-
-    def create_realm(self, request: rs.CreateRealmRequest) -> rs.CreateRealmResponse:
-        return self._unary(self._stub.CreateRealm, request)
-
-    def get_realm(self, request: rs.GetRealmRequest) -> rs.GetRealmResponse:
-        return self._unary(self._stub.GetRealm, request)
-
-    def list_realms(self, request: rs.ListRealmsRequest) -> rs.ListRealmsResponse:
-        return self._unary(self._stub.ListRealms, request)
-
-    def reindex_realm(self, request: rs.ReindexRealmRequest) -> rs.ReindexRealmResponse:
-        return self._unary(self._stub.ReindexRealm, request)
-
-    def reindex_all_realms(
-        self, request: rs.ReindexAllRealmsRequest
-    ) -> rs.ReindexAllRealmsResponse:
-        return self._unary(self._stub.ReindexAllRealms, request)
-
-    def write_realm_file(self, request: rs.WriteRealmFileRequest) -> rs.WriteRealmFileResponse:
-        return self._unary(self._stub.WriteRealmFile, request)
-
-    def delete_realm_file(self, request: rs.DeleteRealmFileRequest) -> rs.DeleteRealmFileResponse:
-        return self._unary(self._stub.DeleteRealmFile, request)
-
-    def list_realm_files(self, request: rs.ListRealmFilesRequest) -> rs.ListRealmFilesResponse:
-        return self._unary(self._stub.ListRealmFiles, request)
-
-    def read_realm_file(self, request: rs.ReadRealmFileRequest) -> rs.ReadRealmFileResponse:
-        return self._unary(self._stub.ReadRealmFile, request)
-
-    def search_realm(self, request: rs.SearchRealmRequest) -> rs.SearchRealmResponse:
-        return self._unary(self._stub.SearchRealm, request)
-
-    def get_job(self, request: rs.GetJobRequest) -> rs.GetJobResponse:
-        return self._unary(self._stub.GetJob, request)
-
-    def list_jobs(self, request: rs.ListJobsRequest) -> rs.ListJobsResponse:
-        return self._unary(self._stub.ListJobs, request)
-
-    def watch_job(self, job_id: str) -> Iterator[resources_pb2.Job]:
-        """Snapshots of the job until the server ends the stream.
-
-        No deadline: the job may take as long as it takes; Ctrl-C cancels.
-        """
-        stream = self._stub.WatchJob(rs.WatchJobRequest(job_id=job_id), metadata=self._metadata)
-        try:
-            with self._translated_errors():
-                for response in stream:
-                    yield response.job
-        finally:
-            stream.cancel()

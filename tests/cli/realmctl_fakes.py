@@ -1,157 +1,33 @@
-"""A fake RealmService for realmctl's tests, and builders of the resources it answers with.
-
-The fake records every call (method, request, metadata) and answers with the
-responses a test queued for the method (the last one repeats), an empty
-response when none was queued, or the error the test set.
+"""What realmctl's tests share: realmctl run in this process over a grpc_testing
+channel with the test playing the server call by call (`Cli`), builders of the
+resources the test answers with, and a small real server on loopback for the
+few tests that need a socket (a deadline, TLS, a `python -m realmctl` process).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import grpc
+import grpc_testing
 from google.protobuf.message import Message
 from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import realm_service_pb2_grpc
 from realm.v1 import resources_pb2 as res
+from realm_client import RealmClient
 
-_Response = TypeVar("_Response", bound=Message)
+from realmctl import __main__ as realmctl_main
+from realmctl.connection import ConnectionSettings, open_client
+from tests.client.scripted import SERVICE, RecordingChannel, within
 
 T0 = 1_700_000_000
 T0_ISO = "2023-11-14T22:13:20Z"
-
-
-@dataclass
-class RecordedCall:
-    method: str
-    request: Any
-    metadata: dict[str, str]
-
-
-@dataclass
-class FakeRealmService(realm_service_pb2_grpc.RealmServiceServicer):
-    calls: list[RecordedCall] = field(default_factory=list)
-    replies: dict[str, list[Message]] = field(default_factory=dict)
-    # method -> (code, details, number of calls answered before the failures start)
-    errors: dict[str, tuple[grpc.StatusCode, str, int]] = field(default_factory=dict)
-    # Seconds to sit on every unary call before answering.
-    delay: float = 0.0
-    # WatchJob sends these snapshots, then ends (or fails with watch_error).
-    watch_snapshots: list[res.Job] = field(default_factory=list)
-    watch_error: tuple[grpc.StatusCode, str] | None = None
-
-    def reply(self, method: str, *responses: Message) -> None:
-        self.replies.setdefault(method, []).extend(responses)
-
-    def fail(self, method: str, code: grpc.StatusCode, details: str, *, after: int = 0) -> None:
-        self.errors[method] = (code, details, after)
-
-    def requests(self, method: str) -> list[Any]:
-        return [call.request for call in self.calls if call.method == method]
-
-    def methods(self) -> list[str]:
-        return [call.method for call in self.calls]
-
-    def _answer(
-        self, method: str, request: Message, context: grpc.ServicerContext, empty: _Response
-    ) -> _Response:
-        earlier = len(self.requests(method))
-        metadata = {
-            key: value for key, value in context.invocation_metadata() if isinstance(value, str)
-        }
-        self.calls.append(RecordedCall(method, request, metadata))
-        if self.delay:
-            time.sleep(self.delay)
-        if method in self.errors:
-            code, details, after = self.errors[method]
-            if earlier >= after:
-                context.abort(code, details)
-        queued = self.replies.get(method)
-        if not queued:
-            return empty
-        return cast(_Response, queued.pop(0) if len(queued) > 1 else queued[0])
-
-    def CreateRealm(
-        self, request: rs.CreateRealmRequest, context: grpc.ServicerContext
-    ) -> rs.CreateRealmResponse:
-        return self._answer("CreateRealm", request, context, rs.CreateRealmResponse())
-
-    def GetRealm(
-        self, request: rs.GetRealmRequest, context: grpc.ServicerContext
-    ) -> rs.GetRealmResponse:
-        return self._answer("GetRealm", request, context, rs.GetRealmResponse())
-
-    def ListRealms(
-        self, request: rs.ListRealmsRequest, context: grpc.ServicerContext
-    ) -> rs.ListRealmsResponse:
-        return self._answer("ListRealms", request, context, rs.ListRealmsResponse())
-
-    def ReindexRealm(
-        self, request: rs.ReindexRealmRequest, context: grpc.ServicerContext
-    ) -> rs.ReindexRealmResponse:
-        return self._answer("ReindexRealm", request, context, rs.ReindexRealmResponse())
-
-    def ReindexAllRealms(
-        self, request: rs.ReindexAllRealmsRequest, context: grpc.ServicerContext
-    ) -> rs.ReindexAllRealmsResponse:
-        return self._answer("ReindexAllRealms", request, context, rs.ReindexAllRealmsResponse())
-
-    def WriteRealmFile(
-        self, request: rs.WriteRealmFileRequest, context: grpc.ServicerContext
-    ) -> rs.WriteRealmFileResponse:
-        return self._answer("WriteRealmFile", request, context, rs.WriteRealmFileResponse())
-
-    def DeleteRealmFile(
-        self, request: rs.DeleteRealmFileRequest, context: grpc.ServicerContext
-    ) -> rs.DeleteRealmFileResponse:
-        return self._answer("DeleteRealmFile", request, context, rs.DeleteRealmFileResponse())
-
-    def ListRealmFiles(
-        self, request: rs.ListRealmFilesRequest, context: grpc.ServicerContext
-    ) -> rs.ListRealmFilesResponse:
-        return self._answer("ListRealmFiles", request, context, rs.ListRealmFilesResponse())
-
-    def ReadRealmFile(
-        self, request: rs.ReadRealmFileRequest, context: grpc.ServicerContext
-    ) -> rs.ReadRealmFileResponse:
-        return self._answer("ReadRealmFile", request, context, rs.ReadRealmFileResponse())
-
-    def SearchRealm(
-        self, request: rs.SearchRealmRequest, context: grpc.ServicerContext
-    ) -> rs.SearchRealmResponse:
-        return self._answer("SearchRealm", request, context, rs.SearchRealmResponse())
-
-    def GetJob(self, request: rs.GetJobRequest, context: grpc.ServicerContext) -> rs.GetJobResponse:
-        return self._answer("GetJob", request, context, rs.GetJobResponse())
-
-    def ListJobs(
-        self, request: rs.ListJobsRequest, context: grpc.ServicerContext
-    ) -> rs.ListJobsResponse:
-        return self._answer("ListJobs", request, context, rs.ListJobsResponse())
-
-    def WatchJob(
-        self, request: rs.WatchJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[rs.WatchJobResponse]:
-        self._answer("WatchJob", request, context, rs.WatchJobResponse())
-        for job in self.watch_snapshots:
-            yield rs.WatchJobResponse(job=job)
-        if self.watch_error is not None:
-            context.abort(*self.watch_error)
-
-    def ClaimJobs(
-        self, request_iterator: Iterator[rs.ClaimJobsRequest], context: grpc.ServicerContext
-    ) -> Iterator[rs.ClaimJobsResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "realmctl never calls ClaimJobs")
-
-
-@dataclass
-class Server:
-    fake: FakeRealmService
-    address: str
 
 
 @dataclass
@@ -163,7 +39,150 @@ class Result:
     err: str
 
 
-Run = Callable[..., Result]
+@dataclass
+class Taken:
+    """One call realmctl made: its request and metadata."""
+
+    request: Any
+    metadata: dict[str, str]
+
+
+class Running:
+    """realmctl running in a thread; `result()` waits for its end."""
+
+    def __init__(self, future: Future[int], capsys: Any) -> None:
+        self._future = future
+        self._capsys = capsys
+
+    def result(self, timeout: float = 10.0) -> Result:
+        code = self._future.result(timeout)
+        captured = self._capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+
+@dataclass
+class Cli:
+    """realmctl over a grpc_testing channel; the test answers each call it makes."""
+
+    capsys: Any
+    testing: Any = field(
+        default_factory=lambda: grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
+    )
+    channel: RecordingChannel = field(init=False)
+    settings: list[ConnectionSettings] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.channel = RecordingChannel(self.testing)
+
+    def open_client(self, settings: ConnectionSettings) -> RealmClient:
+        self.settings.append(settings)
+        client = open_client(settings, channel=self.channel)
+        client.watch_breaks = 2  # the budget itself is tested in tests/client
+        return client
+
+    def start(self, *args: str) -> Running:
+        """Runs `realmctl --timeout 5 ARGS...` in a thread."""
+        future: Future[int] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(realmctl_main.main(["--timeout", "5", *args]))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        return Running(future, self.capsys)
+
+    def run(self, *args: str) -> Result:
+        """Runs realmctl for a command that makes no call, or whose calls fail fast."""
+        return self.start(*args).result()
+
+    def methods(self) -> list[str]:
+        return [call.method for call in self.channel.calls]
+
+    # The server's side.
+
+    def _unary(self, method: str) -> tuple[Taken, Any]:
+        descriptor = SERVICE.methods_by_name[method]
+        metadata, request, rpc = within(lambda: self.testing.take_unary_unary(descriptor), method)
+        return Taken(request, dict(metadata)), rpc
+
+    def answer(self, method: str, response: Message) -> Taken:
+        """Takes realmctl's next call of `method` and answers it."""
+        taken, rpc = self._unary(method)
+        rpc.terminate(response, (), grpc.StatusCode.OK, "")
+        return taken
+
+    def fail(self, method: str, code: grpc.StatusCode, details: str) -> Taken:
+        """Takes realmctl's next call of `method` and ends it with a status."""
+        taken, rpc = self._unary(method)
+        rpc.terminate(None, (), code, details)
+        return taken
+
+    def watch(
+        self,
+        snapshots: Sequence[res.Job],
+        code: grpc.StatusCode = grpc.StatusCode.OK,
+        details: str = "",
+    ) -> Taken:
+        """Takes the next WatchJob call, sends the snapshots and ends the stream."""
+        descriptor = SERVICE.methods_by_name["WatchJob"]
+        metadata, request, rpc = within(
+            lambda: self.testing.take_unary_stream(descriptor), "WatchJob"
+        )
+        for job in snapshots:
+            rpc.send_response(rs.WatchJobResponse(job=job))
+        if snapshots and code is not grpc.StatusCode.OK:
+            # A status ends the stream at once: let the snapshots be read first.
+            _wait_until_read(rpc)
+        rpc.terminate((), code, details)
+        return Taken(request, dict(metadata))
+
+
+def _wait_until_read(rpc: Any, timeout: float = 5.0) -> None:
+    """Until realmctl has read what was sent (grpc_testing has no public way to
+    tell, so this looks at the list it keeps the unread responses in)."""
+    deadline = time.monotonic() + timeout
+    state = rpc._rpc_state
+    while state._responses and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+# A real server on loopback, for what needs a socket.
+
+
+@dataclass
+class LoopbackService(realm_service_pb2_grpc.RealmServiceServicer):
+    """Answers GetRealm and ListRealms with realms of its own, after `delay`
+    seconds; any other realm is NOT_FOUND. Notes each call's metadata."""
+
+    realms: dict[str, res.Realm] = field(default_factory=dict)
+    delay: float = 0.0
+    metadata: list[dict[str, str]] = field(default_factory=list)
+
+    def _note(self, context: grpc.ServicerContext) -> None:
+        self.metadata.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        time.sleep(self.delay)
+
+    def GetRealm(
+        self, request: rs.GetRealmRequest, context: grpc.ServicerContext
+    ) -> rs.GetRealmResponse:
+        self._note(context)
+        if request.realm_id not in self.realms:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"realm {request.realm_id} not found")
+        return rs.GetRealmResponse(realm=self.realms[request.realm_id])
+
+    def ListRealms(
+        self, request: rs.ListRealmsRequest, context: grpc.ServicerContext
+    ) -> rs.ListRealmsResponse:
+        self._note(context)
+        return rs.ListRealmsResponse(realms=list(self.realms.values()))
+
+
+@dataclass
+class Server:
+    service: LoopbackService
+    address: str
 
 
 def make_job(

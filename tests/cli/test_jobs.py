@@ -1,4 +1,5 @@
-"""reindex, jobs, job, watch and search against the fake server; the progress bar."""
+"""reindex, jobs, job, watch and search, with the test answering realmctl's calls over
+grpc_testing; the progress bar."""
 
 from __future__ import annotations
 
@@ -8,14 +9,7 @@ import json
 import grpc
 from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import resources_pb2 as res
-from realmctl_fakes import (
-    T0_ISO,
-    FakeRealmService,
-    Run,
-    assert_table_aligned,
-    assert_values_aligned,
-    make_job,
-)
+from realmctl_fakes import T0_ISO, Cli, assert_table_aligned, assert_values_aligned, make_job
 
 from realmctl.output import ProgressBar
 
@@ -24,18 +18,15 @@ SUCCEEDED = res.Job.STATE_SUCCEEDED
 FAILED = res.Job.STATE_FAILED
 
 
-def test_reindex_sends_priority_and_content_changed(run: Run, fake: FakeRealmService) -> None:
-    fake.reply(
-        "ReindexRealm",
-        rs.ReindexRealmResponse(
-            job=make_job("50", priority=60), disposition=res.DISPOSITION_RERUN_SCHEDULED
-        ),
+def test_reindex_sends_priority_and_content_changed(cli: Cli) -> None:
+    running = cli.start("reindex", "demo", "--priority", "60", "--content-changed")
+    answer = rs.ReindexRealmResponse(
+        job=make_job("50", priority=60), disposition=res.DISPOSITION_RERUN_SCHEDULED
     )
-
-    result = run("reindex", "demo", "--priority", "60", "--content-changed")
+    request = cli.answer("ReindexRealm", answer).request
+    result = running.result()
 
     assert result.code == 0
-    (request,) = fake.requests("ReindexRealm")
     assert (request.realm_id, request.priority, request.content_changed) == ("demo", 60, True)
     assert result.out.splitlines() == [
         "reindex of realm demo: rerun-scheduled",
@@ -43,83 +34,84 @@ def test_reindex_sends_priority_and_content_changed(run: Run, fake: FakeRealmSer
     ]
 
 
-def test_reindex_defaults_and_json(run: Run, fake: FakeRealmService) -> None:
-    fake.reply(
-        "ReindexRealm",
-        rs.ReindexRealmResponse(job=make_job("50"), disposition=res.DISPOSITION_ATTACHED),
-    )
+def test_reindex_defaults_and_json(cli: Cli) -> None:
+    running = cli.start("--json", "reindex", "demo")
+    answer = rs.ReindexRealmResponse(job=make_job("50"), disposition=res.DISPOSITION_ATTACHED)
+    request = cli.answer("ReindexRealm", answer).request
 
-    data = json.loads(run("--json", "reindex", "demo").out)
-
-    (request,) = fake.requests("ReindexRealm")
+    data = json.loads(running.result().out)
     assert not request.HasField("priority")
     assert not request.content_changed
     assert data["disposition"] == "DISPOSITION_ATTACHED"
     assert data["job"]["job_id"] == "50"
 
 
-def test_reindex_all(run: Run, fake: FakeRealmService) -> None:
-    fake.reply("ReindexAllRealms", rs.ReindexAllRealmsResponse(jobs_enqueued=2, realms=3))
+def test_reindex_all(cli: Cli) -> None:
+    answer = rs.ReindexAllRealmsResponse(jobs_enqueued=2, realms=3)
+    running = cli.start("reindex", "--all", "--priority", "5")
+    first = cli.answer("ReindexAllRealms", answer).request
+    result = running.result()
+    running = cli.start("reindex", "--all", "--json")
+    second = cli.answer("ReindexAllRealms", answer).request
+    data = json.loads(running.result().out)
 
-    result = run("reindex", "--all", "--priority", "5")
-    data = json.loads(run("reindex", "--all", "--json").out)
-
-    first, second = fake.requests("ReindexAllRealms")
     assert first.HasField("priority") and first.priority == 5
     assert not second.HasField("priority")
     assert result.out.startswith("visited 3 realms; queued 2 new jobs")
     assert data == {"jobs_enqueued": "2", "realms": "3"}
 
 
-def test_reindex_needs_exactly_one_target(run: Run, fake: FakeRealmService) -> None:
-    neither = run("reindex")
-    both = run("reindex", "demo", "--all")
-    all_with_content_changed = run("reindex", "--all", "--content-changed")
+def test_reindex_needs_exactly_one_target(cli: Cli) -> None:
+    neither = cli.run("reindex")
+    both = cli.run("reindex", "demo", "--all")
+    all_with_content_changed = cli.run("reindex", "--all", "--content-changed")
 
     assert (neither.code, both.code, all_with_content_changed.code) == (2, 2, 2)
     assert neither.err == "realmctl: error: reindex: give REALM_ID or --all\n"
     assert "not both" in both.err
     assert "--content-changed" in all_with_content_changed.err
-    assert fake.calls == []
+    assert cli.methods() == []
 
 
-def test_reindex_all_refused(run: Run, fake: FakeRealmService) -> None:
-    fake.fail("ReindexAllRealms", grpc.StatusCode.PERMISSION_DENIED, "admin role required")
-
-    result = run("reindex", "--all")
+def test_reindex_all_refused(cli: Cli) -> None:
+    running = cli.start("reindex", "--all")
+    cli.fail("ReindexAllRealms", grpc.StatusCode.PERMISSION_DENIED, "admin role required")
+    result = running.result()
 
     assert result.code == 1
     assert result.err == "realmctl: error: PERMISSION_DENIED: admin role required\n"
 
 
-def test_jobs_sends_filters_and_follows_pages_up_to_the_limit(
-    run: Run, fake: FakeRealmService
-) -> None:
-    fake.reply(
-        "ListJobs",
-        rs.ListJobsResponse(jobs=[make_job("9"), make_job("8")], next_page_token="p2"),
-        rs.ListJobsResponse(jobs=[make_job("7"), make_job("6")], next_page_token="p3"),
-    )
-
-    result = run(
+def test_jobs_sends_filters_and_follows_pages_up_to_the_limit(cli: Cli) -> None:
+    running = cli.start(
         "jobs", "--realm", "demo", "--kind", "incremental", "--state", "running", "--limit", "3"
     )
+    first = cli.answer(
+        "ListJobs", rs.ListJobsResponse(jobs=[make_job("9"), make_job("8")], next_page_token="p2")
+    ).request
+    second = cli.answer(
+        "ListJobs", rs.ListJobsResponse(jobs=[make_job("7"), make_job("6")], next_page_token="p3")
+    ).request
+    result = running.result()
 
     assert result.code == 0
-    first, second = fake.requests("ListJobs")
     assert first.realm_id == "demo"
     assert first.kind == res.JOB_KIND_INCREMENTAL_INDEX
     assert first.state == RUNNING
     assert (first.page_size, first.page_token) == (3, "")
     assert (second.page_size, second.page_token, second.kind) == (1, "p2", first.kind)
     assert [line.split()[0] for line in result.out.splitlines()[1:]] == ["9", "8", "7"]
+    assert cli.methods() == ["ListJobs", "ListJobs"]
 
 
-def test_jobs_defaults(run: Run, fake: FakeRealmService) -> None:
-    run("jobs")
-    run("jobs", "--kind", "from-scratch", "--state", "failed", "--limit", "0")
+def test_jobs_defaults(cli: Cli) -> None:
+    running = cli.start("jobs")
+    default = cli.answer("ListJobs", rs.ListJobsResponse()).request
+    running.result()
+    running = cli.start("jobs", "--kind", "from-scratch", "--state", "failed", "--limit", "0")
+    everything = cli.answer("ListJobs", rs.ListJobsResponse()).request
+    running.result()
 
-    default, everything = fake.requests("ListJobs")
     assert default.realm_id == ""
     assert default.kind == res.JOB_KIND_UNSPECIFIED
     assert default.state == res.Job.STATE_UNSPECIFIED
@@ -129,15 +121,20 @@ def test_jobs_defaults(run: Run, fake: FakeRealmService) -> None:
     assert everything.page_size == 0
 
 
-def test_jobs_table_and_json(run: Run, fake: FakeRealmService) -> None:
-    jobs = [
-        make_job("12", kind=res.JOB_KIND_INCREMENTAL_INDEX, state=RUNNING, done=2, total=5),
-        make_job("11", priority=0, state=SUCCEEDED),
-    ]
-    fake.reply("ListJobs", rs.ListJobsResponse(jobs=jobs))
+def test_jobs_table_and_json(cli: Cli) -> None:
+    jobs = rs.ListJobsResponse(
+        jobs=[
+            make_job("12", kind=res.JOB_KIND_INCREMENTAL_INDEX, state=RUNNING, done=2, total=5),
+            make_job("11", priority=0, state=SUCCEEDED),
+        ]
+    )
 
-    table = run("jobs")
-    data = json.loads(run("jobs", "--json").out)
+    running = cli.start("jobs")
+    cli.answer("ListJobs", jobs)
+    table = running.result()
+    running = cli.start("jobs", "--json")
+    cli.answer("ListJobs", jobs)
+    data = json.loads(running.result().out)
 
     lines = table.out.splitlines()
     assert lines[0].split() == [
@@ -149,17 +146,18 @@ def test_jobs_table_and_json(run: Run, fake: FakeRealmService) -> None:
     assert [job["state"] for job in data] == ["STATE_RUNNING", "STATE_SUCCEEDED"]
 
 
-def test_job_shows_every_field(run: Run, fake: FakeRealmService) -> None:
+def test_job_shows_every_field(cli: Cli) -> None:
     job = make_job("12", kind=res.JOB_KIND_INCREMENTAL_INDEX, state=FAILED, error="realm gone")
     job.attempt = 3
     job.finish_time.seconds = 1_700_000_120
     job.path_changes.add(path="cards/a.json")
     job.path_changes.add(path="old.json", deleted=True)
-    fake.reply("GetJob", rs.GetJobResponse(job=job))
 
-    result = run("job", "12")
+    running = cli.start("job", "12")
+    request = cli.answer("GetJob", rs.GetJobResponse(job=job)).request
+    result = running.result()
 
-    assert fake.requests("GetJob")[0].job_id == "12"
+    assert request.job_id == "12"
     assert result.out.splitlines() == [
         "job_id:   12",
         "realm:    demo",
@@ -178,58 +176,85 @@ def test_job_shows_every_field(run: Run, fake: FakeRealmService) -> None:
     assert_values_aligned(result.out)
 
 
-def test_job_json(run: Run, fake: FakeRealmService) -> None:
-    fake.reply("GetJob", rs.GetJobResponse(job=make_job("12", done=1, total=2)))
+def test_job_json(cli: Cli) -> None:
+    running = cli.start("--json", "job", "12")
+    cli.answer("GetJob", rs.GetJobResponse(job=make_job("12", done=1, total=2)))
 
-    data = json.loads(run("--json", "job", "12").out)
-
+    data = json.loads(running.result().out)
     assert data["job_id"] == "12"
     assert data["progress"] == {"done": "1", "total": "2"}
     assert data["path_changes"] == []
 
 
-def test_watch_until_success(run: Run, fake: FakeRealmService) -> None:
-    fake.watch_snapshots = [
-        make_job("12", state=RUNNING, done=1, total=2),
-        make_job("12", state=SUCCEEDED, done=2, total=2),
-    ]
-
-    result = run("watch", "12")
+def test_watch_until_success(cli: Cli) -> None:
+    running = cli.start("watch", "12")
+    taken = cli.watch(
+        [
+            make_job("12", state=RUNNING, done=1, total=2),
+            make_job("12", state=SUCCEEDED, done=2, total=2),
+        ]
+    )
+    result = running.result()
 
     assert result.code == 0
-    assert fake.requests("WatchJob")[0].job_id == "12"
+    assert taken.request.job_id == "12"
     assert result.err.splitlines() == [
         "job 12 [" + "#" * 15 + "." * 15 + "] 1/2 files  running",
         "job 12 [" + "#" * 30 + "] 2/2 files  succeeded",
     ]
     assert "state:    succeeded" in result.out.splitlines()
+    assert cli.channel.timeouts("WatchJob") == [None]  # watching has no deadline
 
 
-def test_watch_of_a_failed_job_exits_3(run: Run, fake: FakeRealmService) -> None:
-    fake.watch_snapshots = [make_job("12", state=FAILED, error="attempts cap reached")]
-
-    result = run("watch", "12", "--json")
+def test_watch_of_a_failed_job_exits_3(cli: Cli) -> None:
+    running = cli.start("watch", "12", "--json")
+    cli.watch([make_job("12", state=FAILED, error="attempts cap reached")])
+    result = running.result()
 
     assert result.code == 3
     assert json.loads(result.out)["error_message"] == "attempts cap reached"
     assert result.err.splitlines()[-1] == "realmctl: error: job 12 failed: attempts cap reached"
 
 
-def test_watch_of_an_unknown_job(run: Run, fake: FakeRealmService) -> None:
-    fake.fail("WatchJob", grpc.StatusCode.NOT_FOUND, "job 99 not found")
-
-    result = run("watch", "99")
+def test_watch_of_an_unknown_job(cli: Cli) -> None:
+    running = cli.start("watch", "99")
+    cli.watch([], grpc.StatusCode.NOT_FOUND, "job 99 not found")
+    result = running.result()
 
     assert result.code == 1
     assert result.err == "realmctl: error: NOT_FOUND: job 99 not found\n"
     assert result.out == ""
+    assert cli.methods() == ["WatchJob"]
 
 
-def test_watch_broken_midway_is_one_error_line(run: Run, fake: FakeRealmService) -> None:
-    fake.watch_snapshots = [make_job("12", state=RUNNING, done=1, total=3)]
-    fake.watch_error = (grpc.StatusCode.UNAVAILABLE, "server draining")
+def test_watch_broken_midway_is_resumed(cli: Cli) -> None:
+    running = cli.start("watch", "12")
+    first = cli.watch(
+        [make_job("12", state=RUNNING, done=1, total=3)],
+        grpc.StatusCode.UNAVAILABLE,
+        "server draining",
+    )
+    again = cli.watch([make_job("12", state=SUCCEEDED, done=3, total=3)])
+    result = running.result()
 
-    result = run("watch", "12")
+    assert result.code == 0, result.err
+    assert again.request == first.request
+    assert again.metadata["x-request-id"] == first.metadata["x-request-id"]
+    assert result.err.splitlines() == [
+        "job 12 [" + "#" * 10 + "." * 20 + "] 1/3 files  running",
+        "job 12 [" + "#" * 30 + "] 3/3 files  succeeded",
+    ]
+
+
+def test_watch_that_keeps_breaking_is_one_error_line(cli: Cli) -> None:
+    running = cli.start("watch", "12")
+    for _ in range(3):  # the first stream and two reconnects (the tests' budget)
+        cli.watch(
+            [make_job("12", state=RUNNING, done=1, total=3)],
+            grpc.StatusCode.UNAVAILABLE,
+            "server draining",
+        )
+    result = running.result()
 
     assert result.code == 1
     assert result.err.splitlines() == [
@@ -275,19 +300,18 @@ def test_progress_bar_draws_nothing_when_nothing_happened() -> None:
     assert stream.getvalue() == ""
 
 
-def test_search_sends_filters_and_follows_pages(run: Run, fake: FakeRealmService) -> None:
+def test_search_sends_filters_and_follows_pages(cli: Cli) -> None:
     card = res.IndexEntry(path="cards/a.json", card_type="cards/person/Person", title="Ada")
     broken = res.IndexEntry(path="bad.json", error_message="invalid JSON\nat line 1")
-    fake.reply(
-        "SearchRealm",
-        rs.SearchRealmResponse(entries=[card], next_page_token="n1"),
-        rs.SearchRealmResponse(entries=[broken]),
-    )
 
-    result = run("search", "demo", "--type", "cards/person/Person", "--text", "ada")
+    running = cli.start("search", "demo", "--type", "cards/person/Person", "--text", "ada")
+    first = cli.answer(
+        "SearchRealm", rs.SearchRealmResponse(entries=[card], next_page_token="n1")
+    ).request
+    second = cli.answer("SearchRealm", rs.SearchRealmResponse(entries=[broken])).request
+    result = running.result()
 
     assert result.code == 0
-    first, second = fake.requests("SearchRealm")
     assert (first.realm_id, first.card_type, first.text) == ("demo", "cards/person/Person", "ada")
     assert (first.page_token, second.page_token) == ("", "n1")
     assert (first.page_size, second.text) == (0, "ada")
@@ -299,12 +323,14 @@ def test_search_sends_filters_and_follows_pages(run: Run, fake: FakeRealmService
     assert len(lines) == 3
 
 
-def test_search_limit_and_json(run: Run, fake: FakeRealmService) -> None:
+def test_search_limit_and_json(cli: Cli) -> None:
     entries = [res.IndexEntry(path=f"{i}.json") for i in range(3)]
-    fake.reply("SearchRealm", rs.SearchRealmResponse(entries=entries, next_page_token="more"))
 
-    data = json.loads(run("--json", "search", "demo", "--limit", "2").out)
+    running = cli.start("--json", "search", "demo", "--limit", "2")
+    answer = rs.SearchRealmResponse(entries=entries, next_page_token="more")
+    request = cli.answer("SearchRealm", answer).request
+    data = json.loads(running.result().out)
 
-    (request,) = fake.requests("SearchRealm")
     assert request.page_size == 2
     assert [entry["path"] for entry in data] == ["0.json", "1.json"]
+    assert cli.methods() == ["SearchRealm"]

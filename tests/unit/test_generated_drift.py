@@ -1,4 +1,4 @@
-"""generated/ must be exactly what scripts/gen_protos.py produces from protos/."""
+"""client/src/realm/ must be exactly what scripts/gen_protos.py produces from protos/."""
 
 from __future__ import annotations
 
@@ -19,20 +19,22 @@ def _tree(directory: Path) -> set[str]:
 
 
 def test_generated_code_matches_protos(tmp_path: Path) -> None:
-    out = tmp_path / "generated"
+    out = tmp_path / "src"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(out)],
         check=True,
         capture_output=True,
     )
-    committed = ROOT / "generated"
+    assert sorted(p.name for p in out.iterdir()) == ["realm"], "gen_protos writes only realm/"
+    out = out / "realm"
+    committed = ROOT / "client" / "src" / "realm"
     assert _tree(out) == _tree(committed), "files added or missing: run scripts/gen_protos.py"
     differing = [
         name
         for name in sorted(_tree(out))
         if not filecmp.cmp(out / name, committed / name, shallow=False)
     ]
-    assert not differing, f"generated/ drifted from protos/: {differing}; run scripts/gen_protos.py"
+    assert not differing, f"realm/ drifted from protos/: {differing}; run scripts/gen_protos.py"
 
 
 def test_service_descriptor_lists_every_rpc() -> None:
@@ -50,10 +52,18 @@ def test_service_descriptor_lists_every_rpc() -> None:
         "DeleteRealmFile",
         "ListRealmFiles",
         "ReadRealmFile",
+        "StreamRealmFiles",
+        "WriteRealmFiles",
         "SearchRealm",
         "GetJob",
         "ListJobs",
         "WatchJob",
+        "CancelJob",
+        "RetryJob",
+        "DeleteRealm",
+        "ExplainJob",
+        "ListWorkers",
+        "GetQueueStats",
         "ClaimJobs",
     }
     claim = service.methods_by_name["ClaimJobs"]

@@ -80,6 +80,32 @@ class RealmServiceStub:
     (realm or file), PERMISSION_DENIED (a worker without a current lease of
     the realm).
     """
+    StreamRealmFiles: _grpc.UnaryStreamMultiCallable[_realm_service_pb2.StreamRealmFilesRequest, _realm_service_pb2.StreamRealmFilesResponse]
+    """Streams files of a realm with their content, in path order: every file,
+    or those named in paths (names that do not exist are skipped). Many files
+    travel in one message up to max_message_bytes of content; a larger file
+    comes in chunks (offset, last). The server reads the realm page by page
+    and never holds it whole; pages are read as they are sent, so a file
+    written meanwhile may appear in either version (its write queues an
+    incremental job that runs after the reader's job). The first message
+    carries total_files. A worker must quote the lease of its running job of
+    the realm; a quoted lease is checked again for every page. Errors:
+    INVALID_ARGUMENT (realm id, a path, too many paths, after_path,
+    max_message_bytes), NOT_FOUND (realm), PERMISSION_DENIED (a worker
+    without a current lease of the realm), FAILED_PRECONDITION (the quoted
+    lease stopped being current while streaming: released, expired or
+    revoked).
+    """
+    WriteRealmFiles: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.WriteRealmFilesRequest, _realm_service_pb2.WriteRealmFilesResponse]
+    """Writes and deletes many files of one realm in one transaction and queues
+    at most one incremental index job for all of them (merged as
+    WriteRealmFile's); a change touching more paths than a job may list
+    (1,000) becomes a from-scratch job of the realm. All or nothing: one bad
+    file or missing deleted path refuses the request and stores nothing.
+    Errors: INVALID_ARGUMENT (paths, sizes, a path twice, too many files,
+    nothing to do, priority; the message names the field), NOT_FOUND (realm,
+    or a deleted path that does not exist).
+    """
     SearchRealm: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.SearchRealmRequest, _realm_service_pb2.SearchRealmResponse]
     """Searches the realm's current index generation by card type and/or text.
     Errors: INVALID_ARGUMENT, NOT_FOUND.
@@ -91,6 +117,44 @@ class RealmServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_realm_service_pb2.WatchJobRequest, _realm_service_pb2.WatchJobResponse]
     """Streams a snapshot of the job now and on every change (state, progress)
     until it is terminal, then ends. Errors: INVALID_ARGUMENT, NOT_FOUND.
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.CancelJobRequest, _realm_service_pb2.CancelJobResponse]
+    """Cancels a job (admin). A queued job becomes CANCELLED; a running one too,
+    and its worker is told on its ClaimJobs stream (a refused LeaseAck) to
+    stop; what it staged is discarded and its late results are refused.
+    Idempotent on a cancelled job. Errors: INVALID_ARGUMENT (job_id,
+    reason), NOT_FOUND, FAILED_PRECONDITION (the job already succeeded or
+    failed).
+    """
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.RetryJobRequest, _realm_service_pb2.RetryJobResponse]
+    """Queues a FAILED or CANCELLED job's work again (admin), under the
+    coalescing rules of DESIGN.md section 4, with attempts counted afresh:
+    the answer names the job that will run and how. Errors:
+    INVALID_ARGUMENT, NOT_FOUND (the job, or its realm), FAILED_PRECONDITION
+    (the job is not FAILED or CANCELLED).
+    """
+    DeleteRealm: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.DeleteRealmRequest, _realm_service_pb2.DeleteRealmResponse]
+    """Deletes a realm (admin): its files, index, idempotency keys and jobs
+    (running ones are revoked on their workers' streams); it is unmounted on
+    this instance at once and on the others when they next hear of it. A
+    realm created later with the same id starts afresh. Idempotent by
+    request_id. Errors: INVALID_ARGUMENT, NOT_FOUND (no such realm, and no
+    earlier delete with this request_id).
+    """
+    ExplainJob: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.ExplainJobRequest, _realm_service_pb2.ExplainJobResponse]
+    """Says why a job is where it is: for a queued job why it is not running
+    (structured reasons and one sentence), for a running one its worker,
+    lease and progress, for a finished one every attempt. Errors:
+    INVALID_ARGUMENT, NOT_FOUND.
+    """
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.ListWorkersRequest, _realm_service_pb2.ListWorkersResponse]
+    """Lists the connected workers (their ClaimJobs streams) of every instance
+    sharing the store. Errors: none beyond the common ones.
+    """
+    GetQueueStats: _grpc.UnaryUnaryMultiCallable[_realm_service_pb2.GetQueueStatsRequest, _realm_service_pb2.GetQueueStatsResponse]
+    """Counts jobs by state, kind and priority, the oldest queued job per
+    priority, and jobs finished per outcome in the last minute and hour.
+    Errors: none beyond the common ones.
     """
     ClaimJobs: _grpc.StreamStreamMultiCallable[_realm_service_pb2.ClaimJobsRequest, _realm_service_pb2.ClaimJobsResponse]
     """The worker dispatch stream (DESIGN.md section 5): hello first, then
@@ -152,6 +216,32 @@ class RealmServiceAsyncStub(RealmServiceStub):
     (realm or file), PERMISSION_DENIED (a worker without a current lease of
     the realm).
     """
+    StreamRealmFiles: _aio.UnaryStreamMultiCallable[_realm_service_pb2.StreamRealmFilesRequest, _realm_service_pb2.StreamRealmFilesResponse]  # type: ignore[assignment]
+    """Streams files of a realm with their content, in path order: every file,
+    or those named in paths (names that do not exist are skipped). Many files
+    travel in one message up to max_message_bytes of content; a larger file
+    comes in chunks (offset, last). The server reads the realm page by page
+    and never holds it whole; pages are read as they are sent, so a file
+    written meanwhile may appear in either version (its write queues an
+    incremental job that runs after the reader's job). The first message
+    carries total_files. A worker must quote the lease of its running job of
+    the realm; a quoted lease is checked again for every page. Errors:
+    INVALID_ARGUMENT (realm id, a path, too many paths, after_path,
+    max_message_bytes), NOT_FOUND (realm), PERMISSION_DENIED (a worker
+    without a current lease of the realm), FAILED_PRECONDITION (the quoted
+    lease stopped being current while streaming: released, expired or
+    revoked).
+    """
+    WriteRealmFiles: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.WriteRealmFilesRequest, _realm_service_pb2.WriteRealmFilesResponse]  # type: ignore[assignment]
+    """Writes and deletes many files of one realm in one transaction and queues
+    at most one incremental index job for all of them (merged as
+    WriteRealmFile's); a change touching more paths than a job may list
+    (1,000) becomes a from-scratch job of the realm. All or nothing: one bad
+    file or missing deleted path refuses the request and stores nothing.
+    Errors: INVALID_ARGUMENT (paths, sizes, a path twice, too many files,
+    nothing to do, priority; the message names the field), NOT_FOUND (realm,
+    or a deleted path that does not exist).
+    """
     SearchRealm: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.SearchRealmRequest, _realm_service_pb2.SearchRealmResponse]  # type: ignore[assignment]
     """Searches the realm's current index generation by card type and/or text.
     Errors: INVALID_ARGUMENT, NOT_FOUND.
@@ -163,6 +253,44 @@ class RealmServiceAsyncStub(RealmServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_realm_service_pb2.WatchJobRequest, _realm_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams a snapshot of the job now and on every change (state, progress)
     until it is terminal, then ends. Errors: INVALID_ARGUMENT, NOT_FOUND.
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.CancelJobRequest, _realm_service_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """Cancels a job (admin). A queued job becomes CANCELLED; a running one too,
+    and its worker is told on its ClaimJobs stream (a refused LeaseAck) to
+    stop; what it staged is discarded and its late results are refused.
+    Idempotent on a cancelled job. Errors: INVALID_ARGUMENT (job_id,
+    reason), NOT_FOUND, FAILED_PRECONDITION (the job already succeeded or
+    failed).
+    """
+    RetryJob: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.RetryJobRequest, _realm_service_pb2.RetryJobResponse]  # type: ignore[assignment]
+    """Queues a FAILED or CANCELLED job's work again (admin), under the
+    coalescing rules of DESIGN.md section 4, with attempts counted afresh:
+    the answer names the job that will run and how. Errors:
+    INVALID_ARGUMENT, NOT_FOUND (the job, or its realm), FAILED_PRECONDITION
+    (the job is not FAILED or CANCELLED).
+    """
+    DeleteRealm: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.DeleteRealmRequest, _realm_service_pb2.DeleteRealmResponse]  # type: ignore[assignment]
+    """Deletes a realm (admin): its files, index, idempotency keys and jobs
+    (running ones are revoked on their workers' streams); it is unmounted on
+    this instance at once and on the others when they next hear of it. A
+    realm created later with the same id starts afresh. Idempotent by
+    request_id. Errors: INVALID_ARGUMENT, NOT_FOUND (no such realm, and no
+    earlier delete with this request_id).
+    """
+    ExplainJob: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.ExplainJobRequest, _realm_service_pb2.ExplainJobResponse]  # type: ignore[assignment]
+    """Says why a job is where it is: for a queued job why it is not running
+    (structured reasons and one sentence), for a running one its worker,
+    lease and progress, for a finished one every attempt. Errors:
+    INVALID_ARGUMENT, NOT_FOUND.
+    """
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.ListWorkersRequest, _realm_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """Lists the connected workers (their ClaimJobs streams) of every instance
+    sharing the store. Errors: none beyond the common ones.
+    """
+    GetQueueStats: _aio.UnaryUnaryMultiCallable[_realm_service_pb2.GetQueueStatsRequest, _realm_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    """Counts jobs by state, kind and priority, the oldest queued job per
+    priority, and jobs finished per outcome in the last minute and hour.
+    Errors: none beyond the common ones.
     """
     ClaimJobs: _aio.StreamStreamMultiCallable[_realm_service_pb2.ClaimJobsRequest, _realm_service_pb2.ClaimJobsResponse]  # type: ignore[assignment]
     """The worker dispatch stream (DESIGN.md section 5): hello first, then
@@ -277,6 +405,44 @@ class RealmServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def StreamRealmFiles(
+        self,
+        request: _realm_service_pb2.StreamRealmFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_realm_service_pb2.StreamRealmFilesResponse], _abc.AsyncIterator[_realm_service_pb2.StreamRealmFilesResponse]]:
+        """Streams files of a realm with their content, in path order: every file,
+        or those named in paths (names that do not exist are skipped). Many files
+        travel in one message up to max_message_bytes of content; a larger file
+        comes in chunks (offset, last). The server reads the realm page by page
+        and never holds it whole; pages are read as they are sent, so a file
+        written meanwhile may appear in either version (its write queues an
+        incremental job that runs after the reader's job). The first message
+        carries total_files. A worker must quote the lease of its running job of
+        the realm; a quoted lease is checked again for every page. Errors:
+        INVALID_ARGUMENT (realm id, a path, too many paths, after_path,
+        max_message_bytes), NOT_FOUND (realm), PERMISSION_DENIED (a worker
+        without a current lease of the realm), FAILED_PRECONDITION (the quoted
+        lease stopped being current while streaming: released, expired or
+        revoked).
+        """
+
+    @_abc_1.abstractmethod
+    def WriteRealmFiles(
+        self,
+        request: _realm_service_pb2.WriteRealmFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.WriteRealmFilesResponse, _abc.Awaitable[_realm_service_pb2.WriteRealmFilesResponse]]:
+        """Writes and deletes many files of one realm in one transaction and queues
+        at most one incremental index job for all of them (merged as
+        WriteRealmFile's); a change touching more paths than a job may list
+        (1,000) becomes a from-scratch job of the realm. All or nothing: one bad
+        file or missing deleted path refuses the request and stores nothing.
+        Errors: INVALID_ARGUMENT (paths, sizes, a path twice, too many files,
+        nothing to do, priority; the message names the field), NOT_FOUND (realm,
+        or a deleted path that does not exist).
+        """
+
+    @_abc_1.abstractmethod
     def SearchRealm(
         self,
         request: _realm_service_pb2.SearchRealmRequest,
@@ -310,6 +476,80 @@ class RealmServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_realm_service_pb2.WatchJobResponse], _abc.AsyncIterator[_realm_service_pb2.WatchJobResponse]]:
         """Streams a snapshot of the job now and on every change (state, progress)
         until it is terminal, then ends. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _realm_service_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.CancelJobResponse, _abc.Awaitable[_realm_service_pb2.CancelJobResponse]]:
+        """Cancels a job (admin). A queued job becomes CANCELLED; a running one too,
+        and its worker is told on its ClaimJobs stream (a refused LeaseAck) to
+        stop; what it staged is discarded and its late results are refused.
+        Idempotent on a cancelled job. Errors: INVALID_ARGUMENT (job_id,
+        reason), NOT_FOUND, FAILED_PRECONDITION (the job already succeeded or
+        failed).
+        """
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _realm_service_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.RetryJobResponse, _abc.Awaitable[_realm_service_pb2.RetryJobResponse]]:
+        """Queues a FAILED or CANCELLED job's work again (admin), under the
+        coalescing rules of DESIGN.md section 4, with attempts counted afresh:
+        the answer names the job that will run and how. Errors:
+        INVALID_ARGUMENT, NOT_FOUND (the job, or its realm), FAILED_PRECONDITION
+        (the job is not FAILED or CANCELLED).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRealm(
+        self,
+        request: _realm_service_pb2.DeleteRealmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.DeleteRealmResponse, _abc.Awaitable[_realm_service_pb2.DeleteRealmResponse]]:
+        """Deletes a realm (admin): its files, index, idempotency keys and jobs
+        (running ones are revoked on their workers' streams); it is unmounted on
+        this instance at once and on the others when they next hear of it. A
+        realm created later with the same id starts afresh. Idempotent by
+        request_id. Errors: INVALID_ARGUMENT, NOT_FOUND (no such realm, and no
+        earlier delete with this request_id).
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainJob(
+        self,
+        request: _realm_service_pb2.ExplainJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.ExplainJobResponse, _abc.Awaitable[_realm_service_pb2.ExplainJobResponse]]:
+        """Says why a job is where it is: for a queued job why it is not running
+        (structured reasons and one sentence), for a running one its worker,
+        lease and progress, for a finished one every attempt. Errors:
+        INVALID_ARGUMENT, NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _realm_service_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.ListWorkersResponse, _abc.Awaitable[_realm_service_pb2.ListWorkersResponse]]:
+        """Lists the connected workers (their ClaimJobs streams) of every instance
+        sharing the store. Errors: none beyond the common ones.
+        """
+
+    @_abc_1.abstractmethod
+    def GetQueueStats(
+        self,
+        request: _realm_service_pb2.GetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realm_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_realm_service_pb2.GetQueueStatsResponse]]:
+        """Counts jobs by state, kind and priority, the oldest queued job per
+        priority, and jobs finished per outcome in the last minute and hour.
+        Errors: none beyond the common ones.
         """
 
     @_abc_1.abstractmethod

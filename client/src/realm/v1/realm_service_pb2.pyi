@@ -573,6 +573,199 @@ class ReadRealmFileResponse(_message.Message):
 Global___ReadRealmFileResponse: _TypeAlias = ReadRealmFileResponse  # noqa: Y015
 
 @_typing.final
+class StreamRealmFilesRequest(_message.Message):
+    """Request of StreamRealmFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REALM_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    AFTER_PATH_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    realm_id: _builtins.str
+    """The realm to read from."""
+    lease_id: _builtins.str
+    """The lease of the caller's running job of this realm. Required from the
+    worker role; when given (by any role) it is checked for every page.
+    """
+    after_path: _builtins.str
+    """Start after this path (to resume a broken stream); empty starts at the
+    first.
+    """
+    max_message_bytes: _builtins.int
+    """Content bytes per message, 0 means 1 MiB; 4 KiB to 4 MiB."""
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these files, under the rules of WriteRealmFileRequest.path, at most
+        10,000; empty means every file of the realm.
+        """
+
+    def __init__(
+        self,
+        *,
+        realm_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        paths: _abc.Iterable[_builtins.str] | None = ...,
+        after_path: _builtins.str = ...,
+        max_message_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_path", b"after_path", "lease_id", b"lease_id", "max_message_bytes", b"max_message_bytes", "paths", b"paths", "realm_id", b"realm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRealmFilesRequest: _TypeAlias = StreamRealmFilesRequest  # noqa: Y015
+
+@_typing.final
+class StreamRealmFilesResponse(_message.Message):
+    """One message of the StreamRealmFiles stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FILES_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    total_files: _builtins.int
+    """First message only: the number of files the stream is about to send (an
+    upper bound when paths were given, or files are deleted meanwhile).
+    """
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileChunk]:
+        """Files or parts of files, in path order."""
+
+    def __init__(
+        self,
+        *,
+        total_files: _builtins.int = ...,
+        chunks: _abc.Iterable[Global___FileChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "total_files", b"total_files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRealmFilesResponse: _TypeAlias = StreamRealmFilesResponse  # noqa: Y015
+
+@_typing.final
+class FileChunk(_message.Message):
+    """A file, or one part of a file larger than a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where content starts in the file."""
+    content: _builtins.bytes
+    """The bytes from offset on."""
+    last: _builtins.bool
+    """True on the file's last chunk (and on a file sent whole)."""
+    @_builtins.property
+    def file(self) -> _resources_pb2.RealmFile:
+        """Metadata of the file (the same on every chunk of it)."""
+
+    def __init__(
+        self,
+        *,
+        file: _resources_pb2.RealmFile | None = ...,
+        offset: _builtins.int = ...,
+        content: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "file", b"file", "last", b"last", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
+
+@_typing.final
+class WriteRealmFilesRequest(_message.Message):
+    """Request of WriteRealmFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REALM_ID_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    DELETED_PATHS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    realm_id: _builtins.str
+    """The realm to write into."""
+    priority: _builtins.int
+    """Priority 0-100 of the index job; absent means 10 (USER)."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.FileContent]:
+        """Files to create or replace, under the rules of
+        WriteRealmFileRequest.path and the server's max file size; at most
+        10,000 files and deletions together.
+        """
+
+    @_builtins.property
+    def deleted_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Files to delete; each must exist, and may not also be written."""
+
+    def __init__(
+        self,
+        *,
+        realm_id: _builtins.str = ...,
+        files: _abc.Iterable[_resources_pb2.FileContent] | None = ...,
+        deleted_paths: _abc.Iterable[_builtins.str] | None = ...,
+        priority: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "priority", b"priority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "deleted_paths", b"deleted_paths", "files", b"files", "priority", b"priority", "realm_id", b"realm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+
+Global___WriteRealmFilesRequest: _TypeAlias = WriteRealmFilesRequest  # noqa: Y015
+
+@_typing.final
+class WriteRealmFilesResponse(_message.Message):
+    """Response of WriteRealmFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """Number of files deleted."""
+    disposition: _resources_pb2.Disposition.ValueType
+    """How the index request was satisfied."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.RealmFile]:
+        """Metadata of the stored files, in the order of the request."""
+
+    @_builtins.property
+    def job(self) -> _resources_pb2.Job:
+        """The index job that will index the changes."""
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[_resources_pb2.RealmFile] | None = ...,
+        deleted: _builtins.int = ...,
+        job: _resources_pb2.Job | None = ...,
+        disposition: _resources_pb2.Disposition.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "disposition", b"disposition", "files", b"files", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteRealmFilesResponse: _TypeAlias = WriteRealmFilesResponse  # noqa: Y015
+
+@_typing.final
 class SearchRealmRequest(_message.Message):
     """Request of SearchRealm."""
 
@@ -795,6 +988,671 @@ class WatchJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    """Request of CancelJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job to cancel."""
+    reason: _builtins.str
+    """Why (kept as the job's error_message, at most 500 characters)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelJobResponse(_message.Message):
+    """Response of CancelJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _resources_pb2.Job:
+        """The job, CANCELLED."""
+
+    def __init__(
+        self,
+        *,
+        job: _resources_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class RetryJobRequest(_message.Message):
+    """Request of RetryJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The FAILED or CANCELLED job whose work to queue again."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobRequest: _TypeAlias = RetryJobRequest  # noqa: Y015
+
+@_typing.final
+class RetryJobResponse(_message.Message):
+    """Response of RetryJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
+    disposition: _resources_pb2.Disposition.ValueType
+    """How the request was satisfied."""
+    @_builtins.property
+    def job(self) -> _resources_pb2.Job:
+        """The job that will do the work (new, or one it was merged into)."""
+
+    def __init__(
+        self,
+        *,
+        job: _resources_pb2.Job | None = ...,
+        disposition: _resources_pb2.Disposition.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobResponse: _TypeAlias = RetryJobResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRealmRequest(_message.Message):
+    """Request of DeleteRealm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REALM_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    realm_id: _builtins.str
+    """The realm to delete."""
+    request_id: _builtins.str
+    """Idempotency key: a retry with the same key succeeds (replayed) instead
+    of answering NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        realm_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["realm_id", b"realm_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRealmRequest: _TypeAlias = DeleteRealmRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRealmResponse(_message.Message):
+    """Response of DeleteRealm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_CANCELLED_FIELD_NUMBER: _builtins.int
+    FILES_DELETED_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    jobs_cancelled: _builtins.int
+    """Jobs of the realm that were queued or running and are gone with it."""
+    files_deleted: _builtins.int
+    """Files deleted with the realm."""
+    replayed: _builtins.bool
+    """True when this repeats an earlier call with the same request_id: the
+    realm was deleted then, and the counts are zero now.
+    """
+    def __init__(
+        self,
+        *,
+        jobs_cancelled: _builtins.int = ...,
+        files_deleted: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files_deleted", b"files_deleted", "jobs_cancelled", b"jobs_cancelled", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRealmResponse: _TypeAlias = DeleteRealmResponse  # noqa: Y015
+
+@_typing.final
+class ExplainJobRequest(_message.Message):
+    """Request of ExplainJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job to explain."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainJobRequest: _TypeAlias = ExplainJobRequest  # noqa: Y015
+
+@_typing.final
+class ExplainJobResponse(_message.Message):
+    """Response of ExplainJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    JOBS_AHEAD_FIELD_NUMBER: _builtins.int
+    AHEAD_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    summary: _builtins.str
+    """One readable sentence: why the job is where it is."""
+    jobs_ahead: _builtins.int
+    """For a queued job: how many claimable jobs come before it (priority, then
+    age), and the first of them.
+    """
+    @_builtins.property
+    def job(self) -> _resources_pb2.Job:
+        """The job as it is now."""
+
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___WaitReason]:
+        """For a queued job: everything that keeps it from running."""
+
+    @_builtins.property
+    def ahead(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Job]:
+        """The first jobs ahead (at most 5)."""
+
+    @_builtins.property
+    def running(self) -> Global___RunningAttempt:
+        """For a running job: where it runs."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
+        """Every attempt of the job, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        job: _resources_pb2.Job | None = ...,
+        summary: _builtins.str = ...,
+        reasons: _abc.Iterable[Global___WaitReason] | None = ...,
+        jobs_ahead: _builtins.int = ...,
+        ahead: _abc.Iterable[_resources_pb2.Job] | None = ...,
+        running: Global___RunningAttempt | None = ...,
+        attempts: _abc.Iterable[Global___JobAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "running", b"running"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ahead", b"ahead", "attempts", b"attempts", "job", b"job", "jobs_ahead", b"jobs_ahead", "reasons", b"reasons", "running", b"running", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainJobResponse: _TypeAlias = ExplainJobResponse  # noqa: Y015
+
+@_typing.final
+class WaitReason(_message.Message):
+    """One reason a queued job is not running."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Code:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _CodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WaitReason._Code.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CODE_UNSPECIFIED: WaitReason._Code.ValueType  # 0
+        """Not set."""
+        CODE_JOBS_AHEAD: WaitReason._Code.ValueType  # 1
+        """Other claimable jobs come first (higher priority, or older)."""
+        CODE_REALM_BUSY: WaitReason._Code.ValueType  # 2
+        """Another job of the same realm runs (one at a time per realm)."""
+        CODE_NO_WORKERS: WaitReason._Code.ValueType  # 3
+        """No worker is connected at all."""
+        CODE_NO_MATCHING_WORKER: WaitReason._Code.ValueType  # 4
+        """No connected worker takes this job's kind and priority (lanes)."""
+        CODE_RESERVED_SLOTS: WaitReason._Code.ValueType  # 5
+        """A SYSTEM job: the slots kept free for user work hold it back."""
+        CODE_ALL_SLOTS_BUSY: WaitReason._Code.ValueType  # 6
+        """Every slot of the workers that would take it is busy."""
+        CODE_DRAINING: WaitReason._Code.ValueType  # 7
+        """The server is draining and assigns nothing."""
+
+    class Code(_Code, metaclass=_CodeEnumTypeWrapper):
+        """What kind of reason."""
+
+    CODE_UNSPECIFIED: WaitReason.Code.ValueType  # 0
+    """Not set."""
+    CODE_JOBS_AHEAD: WaitReason.Code.ValueType  # 1
+    """Other claimable jobs come first (higher priority, or older)."""
+    CODE_REALM_BUSY: WaitReason.Code.ValueType  # 2
+    """Another job of the same realm runs (one at a time per realm)."""
+    CODE_NO_WORKERS: WaitReason.Code.ValueType  # 3
+    """No worker is connected at all."""
+    CODE_NO_MATCHING_WORKER: WaitReason.Code.ValueType  # 4
+    """No connected worker takes this job's kind and priority (lanes)."""
+    CODE_RESERVED_SLOTS: WaitReason.Code.ValueType  # 5
+    """A SYSTEM job: the slots kept free for user work hold it back."""
+    CODE_ALL_SLOTS_BUSY: WaitReason.Code.ValueType  # 6
+    """Every slot of the workers that would take it is busy."""
+    CODE_DRAINING: WaitReason.Code.ValueType  # 7
+    """The server is draining and assigns nothing."""
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: Global___WaitReason.Code.ValueType
+    """What kind of reason."""
+    message: _builtins.str
+    """The reason in words, with the particulars (which job, which lanes)."""
+    def __init__(
+        self,
+        *,
+        code: Global___WaitReason.Code.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitReason: _TypeAlias = WaitReason  # noqa: Y015
+
+@_typing.final
+class RunningAttempt(_message.Message):
+    """Where a running job runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker holding the job."""
+    stream_id: _builtins.str
+    """The ClaimJobs stream holding it, when it is connected to this instance."""
+    instance_id: _builtins.str
+    """The server instance whose stream holds it."""
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lease runs out unless extended."""
+
+    @_builtins.property
+    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lease was last granted or extended (the last heartbeat)."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        stream_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "last_heartbeat_time", b"last_heartbeat_time", "lease_expire_time", b"lease_expire_time", "stream_id", b"stream_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunningAttempt: _TypeAlias = RunningAttempt  # noqa: Y015
+
+@_typing.final
+class JobAttempt(_message.Message):
+    """One attempt (lease) of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """1 for the first attempt."""
+    worker_id: _builtins.str
+    """The worker that held it."""
+    instance_id: _builtins.str
+    """The server instance that granted it."""
+    outcome: _builtins.str
+    """running, completed, failed, expired, interrupted or cancelled."""
+    error_message: _builtins.str
+    """Why it failed, when it did."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended; unset while it runs."""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error_message", b"error_message", "instance_id", b"instance_id", "number", b"number", "outcome", b"outcome", "start_time", b"start_time", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobAttempt: _TypeAlias = JobAttempt  # noqa: Y015
+
+@_typing.final
+class ListWorkersRequest(_message.Message):
+    """Request of ListWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkersResponse(_message.Message):
+    """Response of ListWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Worker]:
+        """The connected workers' streams, by worker id."""
+
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[Global___Worker] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class Worker(_message.Message):
+    """One connected ClaimJobs stream of a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    INCARNATION_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    JOBS_HELD_FIELD_NUMBER: _builtins.int
+    CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    LAST_MESSAGE_TIME_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker's name."""
+    incarnation_id: _builtins.str
+    """The worker process's incarnation."""
+    instance_id: _builtins.str
+    """The server instance the stream is connected to."""
+    stream_id: _builtins.str
+    """The stream's id in that instance's logs."""
+    min_priority: _builtins.int
+    """The lowest priority it takes."""
+    credits: _builtins.int
+    """Credits granted and not yet used."""
+    jobs_held: _builtins.int
+    """Jobs it holds."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.JobKind.ValueType]:
+        """Job kinds it takes; empty means all."""
+
+    @_builtins.property
+    def connect_time(self) -> _timestamp_pb2.Timestamp:
+        """When the stream opened."""
+
+    @_builtins.property
+    def last_message_time(self) -> _timestamp_pb2.Timestamp:
+        """When the worker last sent anything (as of the instance's last report)."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        incarnation_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        stream_id: _builtins.str = ...,
+        kinds: _abc.Iterable[_resources_pb2.JobKind.ValueType] | None = ...,
+        min_priority: _builtins.int = ...,
+        credits: _builtins.int = ...,
+        jobs_held: _builtins.int = ...,
+        connect_time: _timestamp_pb2.Timestamp | None = ...,
+        last_message_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_message_time", b"last_message_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credits", b"credits", "incarnation_id", b"incarnation_id", "instance_id", b"instance_id", "jobs_held", b"jobs_held", "kinds", b"kinds", "last_message_time", b"last_message_time", "min_priority", b"min_priority", "stream_id", b"stream_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Worker: _TypeAlias = Worker  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsRequest(_message.Message):
+    """Request of GetQueueStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsRequest: _TypeAlias = GetQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsResponse(_message.Message):
+    """Response of GetQueueStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    OLDEST_FIELD_NUMBER: _builtins.int
+    LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    LAST_HOUR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobCount]:
+        """Jobs by state, kind and priority (merged jobs count with the one they
+        were folded into).
+        """
+
+    @_builtins.property
+    def oldest(self) -> _containers.RepeatedCompositeFieldContainer[Global___OldestQueued]:
+        """The oldest queued job per priority."""
+
+    @_builtins.property
+    def last_minute(self) -> Global___FinishedCounts:
+        """Jobs finished in the last minute, by outcome."""
+
+    @_builtins.property
+    def last_hour(self) -> Global___FinishedCounts:
+        """Jobs finished in the last hour, by outcome."""
+
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[Global___JobCount] | None = ...,
+        oldest: _abc.Iterable[Global___OldestQueued] | None = ...,
+        last_minute: Global___FinishedCounts | None = ...,
+        last_hour: Global___FinishedCounts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_hour", b"last_hour", "last_minute", b"last_minute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "last_hour", b"last_hour", "last_minute", b"last_minute", "oldest", b"oldest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class JobCount(_message.Message):
+    """A number of jobs of one state, kind and priority."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: _resources_pb2.Job.State.ValueType
+    """The state."""
+    kind: _resources_pb2.JobKind.ValueType
+    """The kind."""
+    priority: _builtins.int
+    """The priority."""
+    count: _builtins.int
+    """How many."""
+    def __init__(
+        self,
+        *,
+        state: _resources_pb2.Job.State.ValueType = ...,
+        kind: _resources_pb2.JobKind.ValueType = ...,
+        priority: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "kind", b"kind", "priority", b"priority", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobCount: _TypeAlias = JobCount  # noqa: Y015
+
+@_typing.final
+class OldestQueued(_message.Message):
+    """The oldest queued job of one priority."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    AGE_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    """The priority."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When its oldest queued job was enqueued."""
+
+    @_builtins.property
+    def age(self) -> _duration_pb2.Duration:
+        """How long it has waited."""
+
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "create_time", b"create_time", "priority", b"priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OldestQueued: _TypeAlias = OldestQueued  # noqa: Y015
+
+@_typing.final
+class FinishedCounts(_message.Message):
+    """Jobs finished in a time window, by outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    succeeded: _builtins.int
+    """Succeeded."""
+    failed: _builtins.int
+    """Failed for good."""
+    cancelled: _builtins.int
+    """Cancelled."""
+    def __init__(
+        self,
+        *,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishedCounts: _TypeAlias = FinishedCounts  # noqa: Y015
 
 @_typing.final
 class ClaimJobsRequest(_message.Message):
@@ -1071,6 +1929,7 @@ class JobResult(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     ENTRIES_UPLOADED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease (fencing token)."""
     outcome: Global___JobResult.Outcome.ValueType
@@ -1079,6 +1938,12 @@ class JobResult(_message.Message):
     """Why it failed; empty on success."""
     entries_uploaded: _builtins.int
     """Number of entries uploaded under the lease (a consistency check; 0 skips it)."""
+    @_builtins.property
+    def progress(self) -> _resources_pb2.JobProgress:
+        """The job's final progress (files visited); on success the job shows it
+        with done = total. Unset keeps the last progress of a heartbeat.
+        """
+
     def __init__(
         self,
         *,
@@ -1086,10 +1951,11 @@ class JobResult(_message.Message):
         outcome: Global___JobResult.Outcome.ValueType = ...,
         error_message: _builtins.str = ...,
         entries_uploaded: _builtins.int = ...,
+        progress: _resources_pb2.JobProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries_uploaded", b"entries_uploaded", "error_message", b"error_message", "lease_id", b"lease_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries_uploaded", b"entries_uploaded", "error_message", b"error_message", "lease_id", b"lease_id", "outcome", b"outcome", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1262,8 +2128,13 @@ class JobAssignment(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Fencing token: every later message about this attempt must quote it."""
+    trace_parent: _builtins.str
+    """W3C trace context (`traceparent`) of the call that queued the job, for
+    the worker to continue that trace; empty when the call was not traced.
+    """
     @_builtins.property
     def job(self) -> _resources_pb2.Job:
         """The job."""
@@ -1278,10 +2149,11 @@ class JobAssignment(_message.Message):
         job: _resources_pb2.Job | None = ...,
         lease_id: _builtins.str = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

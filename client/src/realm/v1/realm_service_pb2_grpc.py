@@ -83,6 +83,16 @@ class RealmServiceStub:
                 request_serializer=realm_dot_v1_dot_realm__service__pb2.ReadRealmFileRequest.SerializeToString,
                 response_deserializer=realm_dot_v1_dot_realm__service__pb2.ReadRealmFileResponse.FromString,
                 _registered_method=True)
+        self.StreamRealmFiles = channel.unary_stream(
+                '/realm.v1.RealmService/StreamRealmFiles',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.StreamRealmFilesRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.StreamRealmFilesResponse.FromString,
+                _registered_method=True)
+        self.WriteRealmFiles = channel.unary_unary(
+                '/realm.v1.RealmService/WriteRealmFiles',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.WriteRealmFilesRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.WriteRealmFilesResponse.FromString,
+                _registered_method=True)
         self.SearchRealm = channel.unary_unary(
                 '/realm.v1.RealmService/SearchRealm',
                 request_serializer=realm_dot_v1_dot_realm__service__pb2.SearchRealmRequest.SerializeToString,
@@ -102,6 +112,36 @@ class RealmServiceStub:
                 '/realm.v1.RealmService/WatchJob',
                 request_serializer=realm_dot_v1_dot_realm__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=realm_dot_v1_dot_realm__service__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/realm.v1.RealmService/CancelJob',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/realm.v1.RealmService/RetryJob',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
+        self.DeleteRealm = channel.unary_unary(
+                '/realm.v1.RealmService/DeleteRealm',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.DeleteRealmRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.DeleteRealmResponse.FromString,
+                _registered_method=True)
+        self.ExplainJob = channel.unary_unary(
+                '/realm.v1.RealmService/ExplainJob',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.ExplainJobRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.ExplainJobResponse.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/realm.v1.RealmService/ListWorkers',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/realm.v1.RealmService/GetQueueStats',
+                request_serializer=realm_dot_v1_dot_realm__service__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=realm_dot_v1_dot_realm__service__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
         self.ClaimJobs = channel.stream_stream(
                 '/realm.v1.RealmService/ClaimJobs',
@@ -197,6 +237,40 @@ class RealmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamRealmFiles(self, request, context):
+        """Streams files of a realm with their content, in path order: every file,
+        or those named in paths (names that do not exist are skipped). Many files
+        travel in one message up to max_message_bytes of content; a larger file
+        comes in chunks (offset, last). The server reads the realm page by page
+        and never holds it whole; pages are read as they are sent, so a file
+        written meanwhile may appear in either version (its write queues an
+        incremental job that runs after the reader's job). The first message
+        carries total_files. A worker must quote the lease of its running job of
+        the realm; a quoted lease is checked again for every page. Errors:
+        INVALID_ARGUMENT (realm id, a path, too many paths, after_path,
+        max_message_bytes), NOT_FOUND (realm), PERMISSION_DENIED (a worker
+        without a current lease of the realm), FAILED_PRECONDITION (the quoted
+        lease stopped being current while streaming: released, expired or
+        revoked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteRealmFiles(self, request, context):
+        """Writes and deletes many files of one realm in one transaction and queues
+        at most one incremental index job for all of them (merged as
+        WriteRealmFile's); a change touching more paths than a job may list
+        (1,000) becomes a from-scratch job of the realm. All or nothing: one bad
+        file or missing deleted path refuses the request and stores nothing.
+        Errors: INVALID_ARGUMENT (paths, sizes, a path twice, too many files,
+        nothing to do, priority; the message names the field), NOT_FOUND (realm,
+        or a deleted path that does not exist).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SearchRealm(self, request, context):
         """Searches the realm's current index generation by card type and/or text.
         Errors: INVALID_ARGUMENT, NOT_FOUND.
@@ -222,6 +296,68 @@ class RealmServiceServicer:
     def WatchJob(self, request, context):
         """Streams a snapshot of the job now and on every change (state, progress)
         until it is terminal, then ends. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a job (admin). A queued job becomes CANCELLED; a running one too,
+        and its worker is told on its ClaimJobs stream (a refused LeaseAck) to
+        stop; what it staged is discarded and its late results are refused.
+        Idempotent on a cancelled job. Errors: INVALID_ARGUMENT (job_id,
+        reason), NOT_FOUND, FAILED_PRECONDITION (the job already succeeded or
+        failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJob(self, request, context):
+        """Queues a FAILED or CANCELLED job's work again (admin), under the
+        coalescing rules of DESIGN.md section 4, with attempts counted afresh:
+        the answer names the job that will run and how. Errors:
+        INVALID_ARGUMENT, NOT_FOUND (the job, or its realm), FAILED_PRECONDITION
+        (the job is not FAILED or CANCELLED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRealm(self, request, context):
+        """Deletes a realm (admin): its files, index, idempotency keys and jobs
+        (running ones are revoked on their workers' streams); it is unmounted on
+        this instance at once and on the others when they next hear of it. A
+        realm created later with the same id starts afresh. Idempotent by
+        request_id. Errors: INVALID_ARGUMENT, NOT_FOUND (no such realm, and no
+        earlier delete with this request_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainJob(self, request, context):
+        """Says why a job is where it is: for a queued job why it is not running
+        (structured reasons and one sentence), for a running one its worker,
+        lease and progress, for a finished one every attempt. Errors:
+        INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """Lists the connected workers (their ClaimJobs streams) of every instance
+        sharing the store. Errors: none beyond the common ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueueStats(self, request, context):
+        """Counts jobs by state, kind and priority, the oldest queued job per
+        priority, and jobs finished per outcome in the last minute and hour.
+        Errors: none beyond the common ones.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,6 +422,16 @@ def add_RealmServiceServicer_to_server(servicer, server):
                     request_deserializer=realm_dot_v1_dot_realm__service__pb2.ReadRealmFileRequest.FromString,
                     response_serializer=realm_dot_v1_dot_realm__service__pb2.ReadRealmFileResponse.SerializeToString,
             ),
+            'StreamRealmFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamRealmFiles,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.StreamRealmFilesRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.StreamRealmFilesResponse.SerializeToString,
+            ),
+            'WriteRealmFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteRealmFiles,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.WriteRealmFilesRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.WriteRealmFilesResponse.SerializeToString,
+            ),
             'SearchRealm': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchRealm,
                     request_deserializer=realm_dot_v1_dot_realm__service__pb2.SearchRealmRequest.FromString,
@@ -305,6 +451,36 @@ def add_RealmServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=realm_dot_v1_dot_realm__service__pb2.WatchJobRequest.FromString,
                     response_serializer=realm_dot_v1_dot_realm__service__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.CancelJobRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.RetryJobRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.RetryJobResponse.SerializeToString,
+            ),
+            'DeleteRealm': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRealm,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.DeleteRealmRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.DeleteRealmResponse.SerializeToString,
+            ),
+            'ExplainJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainJob,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.ExplainJobRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.ExplainJobResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=realm_dot_v1_dot_realm__service__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=realm_dot_v1_dot_realm__service__pb2.GetQueueStatsResponse.SerializeToString,
             ),
             'ClaimJobs': grpc.stream_stream_rpc_method_handler(
                     servicer.ClaimJobs,
@@ -570,6 +746,60 @@ class RealmService:
             _registered_method=True)
 
     @staticmethod
+    def StreamRealmFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/realm.v1.RealmService/StreamRealmFiles',
+            realm_dot_v1_dot_realm__service__pb2.StreamRealmFilesRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.StreamRealmFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteRealmFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/WriteRealmFiles',
+            realm_dot_v1_dot_realm__service__pb2.WriteRealmFilesRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.WriteRealmFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SearchRealm(request,
             target,
             options=(),
@@ -667,6 +897,168 @@ class RealmService:
             '/realm.v1.RealmService/WatchJob',
             realm_dot_v1_dot_realm__service__pb2.WatchJobRequest.SerializeToString,
             realm_dot_v1_dot_realm__service__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/CancelJob',
+            realm_dot_v1_dot_realm__service__pb2.CancelJobRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/RetryJob',
+            realm_dot_v1_dot_realm__service__pb2.RetryJobRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRealm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/DeleteRealm',
+            realm_dot_v1_dot_realm__service__pb2.DeleteRealmRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.DeleteRealmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/ExplainJob',
+            realm_dot_v1_dot_realm__service__pb2.ExplainJobRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.ExplainJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/ListWorkers',
+            realm_dot_v1_dot_realm__service__pb2.ListWorkersRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/realm.v1.RealmService/GetQueueStats',
+            realm_dot_v1_dot_realm__service__pb2.GetQueueStatsRequest.SerializeToString,
+            realm_dot_v1_dot_realm__service__pb2.GetQueueStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

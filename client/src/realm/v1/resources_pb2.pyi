@@ -96,6 +96,10 @@ class Realm(_message.Message):
         """The realm has a complete index (later jobs may be refreshing it)."""
         STATE_INDEX_FAILED: Realm._State.ValueType  # 3
         """The realm's first index job failed; reindexing can recover it."""
+        STATE_INDEX_CANCELLED: Realm._State.ValueType  # 4
+        """The realm's first index job was cancelled; ReindexRealm (or RetryJob)
+        starts another.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """Lifecycle of a realm as seen by clients."""
@@ -108,6 +112,10 @@ class Realm(_message.Message):
     """The realm has a complete index (later jobs may be refreshing it)."""
     STATE_INDEX_FAILED: Realm.State.ValueType  # 3
     """The realm's first index job failed; reindexing can recover it."""
+    STATE_INDEX_CANCELLED: Realm.State.ValueType  # 4
+    """The realm's first index job was cancelled; ReindexRealm (or RetryJob)
+    starts another.
+    """
 
     REALM_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
@@ -233,6 +241,10 @@ class Job(_message.Message):
         """Completed; its index is the realm's current one (from-scratch) or merged into it."""
         STATE_FAILED: Job._State.ValueType  # 4
         """Gave up: failed or expired attempts reached the cap, or the realm is gone."""
+        STATE_CANCELLED: Job._State.ValueType  # 5
+        """Cancelled by an operator (CancelJob) or with its realm (DeleteRealm);
+        error_message says why.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """Lifecycle of a job."""
@@ -247,6 +259,10 @@ class Job(_message.Message):
     """Completed; its index is the realm's current one (from-scratch) or merged into it."""
     STATE_FAILED: Job.State.ValueType  # 4
     """Gave up: failed or expired attempts reached the cap, or the realm is gone."""
+    STATE_CANCELLED: Job.State.ValueType  # 5
+    """Cancelled by an operator (CancelJob) or with its realm (DeleteRealm);
+    error_message says why.
+    """
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     REALM_ID_FIELD_NUMBER: _builtins.int
@@ -260,6 +276,7 @@ class Job(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     PATH_CHANGES_FIELD_NUMBER: _builtins.int
+    PATH_CHANGE_COUNT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Output only. Identifier of the job (decimal digits)."""
     realm_id: _builtins.str
@@ -274,6 +291,10 @@ class Job(_message.Message):
     """Output only. Number of attempts started (leases granted) so far."""
     error_message: _builtins.str
     """Output only. Why the job failed; empty otherwise."""
+    path_change_count: _builtins.int
+    """Output only. Number of paths the job re-indexes (at most 1,000: beyond,
+    changes make a from-scratch job instead).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the job was enqueued."""
@@ -292,7 +313,10 @@ class Job(_message.Message):
 
     @_builtins.property
     def path_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PathChange]:
-        """Output only. For incremental jobs, the paths to re-index."""
+        """Output only. For incremental jobs, the paths to re-index, ordered by
+        path; client answers carry at most the first 100 (path_change_count has
+        them all), job assignments to workers carry them all.
+        """
 
     def __init__(
         self,
@@ -309,10 +333,11 @@ class Job(_message.Message):
         error_message: _builtins.str = ...,
         progress: Global___JobProgress | None = ...,
         path_changes: _abc.Iterable[Global___PathChange] | None = ...,
+        path_change_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "progress", b"progress", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "error_message", b"error_message", "finish_time", b"finish_time", "job_id", b"job_id", "kind", b"kind", "path_changes", b"path_changes", "priority", b"priority", "progress", b"progress", "realm_id", b"realm_id", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "error_message", b"error_message", "finish_time", b"finish_time", "job_id", b"job_id", "kind", b"kind", "path_change_count", b"path_change_count", "path_changes", b"path_changes", "priority", b"priority", "progress", b"progress", "realm_id", b"realm_id", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
