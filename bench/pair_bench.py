@@ -14,7 +14,11 @@ Items (see bench/README.md, "Service pair"):
   storm       a priority-10 realm's job start and CreateRealm(wait_for_index)
               return during a 100,000-job SYSTEM storm, next to an idle system
   create      CreateRealm latency next to grpc.health.v1 Check and GetJob
-  index       files indexed per second by a real worker (5,000 small cards)
+  index       a realm of 5,000 small cards indexed by a real worker: enqueue to
+              SUCCEEDED, CreateRealm(wait_for_index), next to the bulk stream
+              alone, the per-file ReadRealmFile alone and the indexer alone;
+              a bulk write of 5,000 files; one change in a 50,000-file realm
+  index_rss   100,000 files of 1 KiB indexed: server and worker RSS growth
   stmt        what one SQL statement of the claim path costs through SQLAlchemy
               (built per call as the store does, prebuilt, raw DB-API), same store
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -67,7 +72,7 @@ from realm.v1 import resources_pb2 as pb
 HERE = Path(__file__).resolve().parent
 USER = 10
 SYSTEM = 0
-ITEMS = ("throughput", "wakeup", "storm", "create", "index", "stmt")
+ITEMS = ("throughput", "wakeup", "storm", "create", "index", "index_rss", "stmt")
 
 
 @dataclass
@@ -92,6 +97,9 @@ class Config:
     create_samples: int = 300
     index_files: int = 5000
     index_realms: int = 3
+    index_big_files: int = 50_000
+    index_rss_files: int = 100_000
+    change_samples: int = 20
     only: tuple[str, ...] = ITEMS
     keep: bool = False
     py_spy: str = ""
@@ -111,6 +119,9 @@ class Config:
             create_samples=40,
             index_files=500,
             index_realms=1,
+            index_big_files=2_000,
+            index_rss_files=5_000,
+            change_samples=5,
             **kw,
         )
 
@@ -698,9 +709,26 @@ async def run_index(cfg: Config, workdir: Path) -> None:
         worker = pair.add_worker("real", concurrency=2, noop=False)
         await wait_log(worker, "stream open")
         channel = grpc.aio.insecure_channel(
-            pair.server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+            pair.server.address,
+            options=[
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20),
+            ],
         )
         stub = sgrpc.RealmServiceStub(channel)
+
+        # A from-scratch job of the realm, enqueued to SUCCEEDED (its run
+        # time as the store recorded it), one worker.
+        spies = [
+            spy
+            for spy in (
+                profile(cfg, pair.server.pid, "index-server"),
+                profile(cfg, worker.pid, "index-worker"),
+            )
+            if spy is not None
+        ]
+        if spies:
+            await asyncio.sleep(1.0)  # py-spy attached
         runs = []
         for r in range(cfg.index_realms):
             realm_id = f"idx-{r}"
@@ -713,29 +741,55 @@ async def run_index(cfg: Config, workdir: Path) -> None:
                 timeout=120,
             )
             t_created = time.perf_counter()
-            job = reply.job
-            while job.state not in (pb.Job.STATE_SUCCEEDED, pb.Job.STATE_FAILED):
-                await asyncio.sleep(0.05)
-                job = (await stub.GetJob(spb.GetJobRequest(job_id=job.job_id))).job
+            job = await wait_job(stub, reply.job.job_id)
             t_done = time.perf_counter()
             realm = (await stub.GetRealm(spb.GetRealmRequest(realm_id=realm_id))).realm
             run_s = ts_s(job.finish_time) - ts_s(job.start_time)
+            queued_s = ts_s(job.finish_time) - ts_s(job.create_time)
             runs.append(
                 {
                     "files": realm.stats.files,
                     "cards": realm.stats.cards,
                     "errors": realm.stats.errors,
                     "state": pb.Job.State.Name(job.state),
+                    "progress": f"{job.progress.done}/{job.progress.total}",
                     "create_rpc_s": round(t_created - t0, 3),
                     "job_run_s": round(run_s, 3),
+                    "enqueue_to_succeeded_s": round(queued_s, 3),
                     "create_to_indexed_s": round(t_done - t0, 3),
-                    "files_per_s": round(realm.stats.files / run_s, 1),
+                    "files_per_s": round(realm.stats.files / queued_s, 1),
                 }
             )
             log(f"index {realm_id}: {runs[-1]}")
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
 
-        # Side by side: the bare file RPC the worker uses, at the worker's read
-        # concurrency (8), and the indexer alone in this process.
+        # What a person waits for: CreateRealm with the cards and wait_for_index.
+        waits = []
+        for r in range(cfg.index_realms):
+            t0 = time.perf_counter()
+            reply = await stub.CreateRealm(
+                spb.CreateRealmRequest(
+                    realm_id=f"idw-{r}",
+                    initial_files=[pb.FileContent(path=p, content=c) for p, c in files],
+                    wait_for_index=True,
+                ),
+                timeout=120,
+            )
+            assert reply.job.state == pb.Job.STATE_SUCCEEDED, reply.job
+            waits.append(time.perf_counter() - t0)
+        log(f"index create+wait: {[round(w, 3) for w in waits]}")
+
+        # Side by side: the bulk stream alone, the per-file RPC alone at the
+        # old worker's read concurrency (8), the bulk write.
+        t0 = time.perf_counter()
+        streamed = 0
+        async for message in stub.StreamRealmFiles(
+            spb.StreamRealmFilesRequest(realm_id="idx-0"), timeout=120
+        ):
+            streamed += sum(1 for c in message.chunks if c.last)
+        stream_per_s = streamed / (time.perf_counter() - t0)
         paths = [p for p, _ in files]
         sem = asyncio.Semaphore(8)
 
@@ -748,6 +802,41 @@ async def run_index(cfg: Config, workdir: Path) -> None:
         t0 = time.perf_counter()
         await asyncio.gather(*(read(p) for p in paths))
         reads_per_s = len(paths) / (time.perf_counter() - t0)
+
+        await stub.CreateRealm(spb.CreateRealmRequest(realm_id="bulk-write"), timeout=30)
+        t0 = time.perf_counter()
+        await stub.WriteRealmFiles(
+            spb.WriteRealmFilesRequest(
+                realm_id="bulk-write",
+                files=[pb.FileContent(path=p, content=c) for p, c in files],
+            ),
+            timeout=120,
+        )
+        bulk_write_per_s = len(files) / (time.perf_counter() - t0)
+
+        # One file changed in a big indexed realm: write to SUCCEEDED.
+        big = "idx-big"
+        await load_realm(stub, big, cfg.index_big_files, size=400)
+        await wait_realm_idle(stub, big)
+        change_s: list[float] = []
+        parts: dict[str, list[float]] = {"rpc": [], "queued": [], "run": [], "notified": []}
+        for i in range(cfg.change_samples):
+            t0 = time.perf_counter()
+            wall0 = time.time()
+            wrote = await stub.WriteRealmFile(
+                spb.WriteRealmFileRequest(
+                    realm_id=big, path=f"f{i:06d}.json", content=card_file(i + 7)[1]
+                ),
+                timeout=30,
+            )
+            t_rpc = time.perf_counter()
+            done = await wait_job(stub, wrote.job.job_id, watch=True)
+            change_s.append(time.perf_counter() - t0)
+            # Where the time went, by the store's own times of the job.
+            parts["rpc"].append(t_rpc - t0)
+            parts["queued"].append(ts_s(done.start_time) - ts_s(done.create_time))
+            parts["run"].append(ts_s(done.finish_time) - ts_s(done.start_time))
+            parts["notified"].append(wall0 + change_s[-1] - ts_s(done.finish_time))
         await channel.close()
     now = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -761,14 +850,125 @@ async def run_index(cfg: Config, workdir: Path) -> None:
             "store": cfg.store,
             "card_files": cfg.index_files,
             "worker_concurrency": 2,
-            "read_concurrency": 8,
             "files_per_s": round(statistics.median(rates), 1),
             "runs": runs,
+            "create_wait_s": round(statistics.median(waits), 3),
+            "bare_stream_per_s": round(stream_per_s, 1),
             "bare_read_rpc_per_s": round(reads_per_s, 1),
+            "bulk_write_per_s": round(bulk_write_per_s, 1),
             "indexer_only_per_s": round(indexer_per_s, 1),
-            "vs_bare_reads": round(statistics.median(rates) / reads_per_s, 3),
+            "vs_indexer": round(statistics.median(rates) / indexer_per_s, 3),
+            "vs_bare_reads": round(statistics.median(rates) / reads_per_s, 2),
+            "big_realm_files": cfg.index_big_files,
+            "one_change": summary(change_s),
+            "one_change_parts_p50_ms": {k: round(ms(pct(v, 50)), 2) for k, v in parts.items()},
         }
     )
+
+
+async def run_index_rss(cfg: Config, workdir: Path) -> None:
+    """A realm of many 1 KiB files indexed from scratch: how much the server's
+    and the worker's resident memory grows meanwhile (peak minus start)."""
+    with Pair(cfg, workdir, "rss") as pair:
+        pair.start_server()
+        channel = grpc.aio.insecure_channel(
+            pair.server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        stub = sgrpc.RealmServiceStub(channel)
+        await load_realm(stub, "rss", cfg.index_rss_files, size=1024)
+        jobs = (
+            await stub.ListJobs(spb.ListJobsRequest(realm_id="rss", state=pb.Job.STATE_QUEUED))
+        ).jobs
+        assert len(jobs) == 1, jobs
+        server_start = reset_peak_rss(pair.server.pid)
+        worker = pair.add_worker("real", concurrency=2, noop=False)
+        await wait_log(worker, "stream open")
+        worker_start = reset_peak_rss(worker.pid)
+        t0 = time.perf_counter()
+        job = await wait_job(stub, jobs[0].job_id, timeout=600)
+        elapsed = time.perf_counter() - t0
+        server_growth = peak_rss(pair.server.pid) - server_start
+        worker_growth = peak_rss(worker.pid) - worker_start
+        realm = (await stub.GetRealm(spb.GetRealmRequest(realm_id="rss"))).realm
+        await channel.close()
+    emit(
+        {
+            "item": "index_rss",
+            "store": cfg.store,
+            "files": realm.stats.files,
+            "entries": realm.stats.entries,
+            "state": pb.Job.State.Name(job.state),
+            "seconds": round(elapsed, 2),
+            "server_rss_growth_mib": round(server_growth / 2**20, 1),
+            "worker_rss_growth_mib": round(worker_growth / 2**20, 1),
+            "met": server_growth < 64 * 2**20 and worker_growth < 128 * 2**20,
+        }
+    )
+
+
+async def wait_job(
+    stub: sgrpc.RealmServiceStub, job_id: str, *, watch: bool = False, timeout: float = 300
+) -> pb.Job:
+    """The job once terminal: followed with WatchJob, or polled every 50 ms."""
+    if watch:
+        job = None
+        async for message in stub.WatchJob(spb.WatchJobRequest(job_id=job_id), timeout=timeout):
+            job = message.job
+        assert job is not None
+        return job
+    deadline = time.monotonic() + timeout
+    while True:
+        job = (await stub.GetJob(spb.GetJobRequest(job_id=job_id))).job
+        if job.state in (pb.Job.STATE_SUCCEEDED, pb.Job.STATE_FAILED):
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} not finished within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def load_realm(stub: sgrpc.RealmServiceStub, realm_id: str, count: int, *, size: int) -> None:
+    """A realm of `count` files of `size` bytes, written in bulk requests."""
+    await stub.CreateRealm(spb.CreateRealmRequest(realm_id=realm_id), timeout=30)
+    body = (b"some text to index " * (size // 19 + 1))[:size]
+    for start in range(0, count, 10_000):
+        await stub.WriteRealmFiles(
+            spb.WriteRealmFilesRequest(
+                realm_id=realm_id,
+                files=[
+                    pb.FileContent(path=f"f{i:06d}.json", content=body)
+                    for i in range(start, min(count, start + 10_000))
+                ],
+            ),
+            timeout=300,
+        )
+
+
+async def wait_realm_idle(stub: sgrpc.RealmServiceStub, realm_id: str) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        jobs = (await stub.ListJobs(spb.ListJobsRequest(realm_id=realm_id))).jobs
+        if all(j.state in (pb.Job.STATE_SUCCEEDED, pb.Job.STATE_FAILED) for j in jobs):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"realm {realm_id} still has jobs")
+
+
+def reset_peak_rss(pid: int) -> int:
+    """Reset the process's peak RSS (Linux clear_refs 5); returns its RSS now."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss(pid: int) -> int:
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 # -- what one statement costs ------------------------------------------------------------
@@ -896,8 +1096,24 @@ def table() -> str:
         elif item == "index":
             row(
                 "indexing (real worker)",
-                f"{r['files_per_s']:>10.0f} files/s  (bare reads {r['bare_read_rpc_per_s']:.0f}/s,"
+                f"{r['files_per_s']:>10.0f} files/s  (stream alone {r['bare_stream_per_s']:.0f}/s,"
+                f" per-file reads {r['bare_read_rpc_per_s']:.0f}/s,"
                 f" indexer alone {r['indexer_only_per_s']:.0f}/s)",
+            )
+            row("create + wait_for_index", f"{r['create_wait_s']:.3f} s median")
+            row("bulk write", f"{r['bulk_write_per_s']:>10.0f} files/s")
+            c = r["one_change"]
+            row(
+                f"one change, {r['big_realm_files']} files",
+                f"p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms (write to SUCCEEDED; p50 "
+                + ", ".join(f"{k} {v}" for k, v in r["one_change_parts_p50_ms"].items())
+                + ")",
+            )
+        elif item == "index_rss":
+            row(
+                f"index {r['files']} files of 1 KiB",
+                f"{r['seconds']:.1f} s; RSS growth server {r['server_rss_growth_mib']} MiB,"
+                f" worker {r['worker_rss_growth_mib']} MiB{met}",
             )
     return "\n".join(lines)
 
@@ -954,6 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_create(cfg, work.path))
         if "index" in only:
             asyncio.run(run_index(cfg, work.path))
+        if "index_rss" in only:
+            asyncio.run(run_index_rss(cfg, work.path))
         if "stmt" in only:
             run_stmt(cfg, work.path)
     finally:

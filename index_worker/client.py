@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import grpc
@@ -26,6 +26,7 @@ from index_worker.model import (
     Assignment,
     DrainNotice,
     FileAccessError,
+    FileBatch,
     FileInfo,
     FilesUnavailableError,
     JobKind,
@@ -38,6 +39,9 @@ from index_worker.model import (
 )
 
 logger = logging.getLogger(__name__)
+
+# How often a broken file stream is resumed before the job gives up its lease.
+STREAM_RETRIES = 3
 
 # Retrying cannot cure these: the server said the worker itself is wrong.
 FATAL_CODES = frozenset(
@@ -389,6 +393,66 @@ class GrpcRealmFiles:
                 return None
             raise file_error(f"ReadRealmFile({realm_id}, {path})", exc) from None
         return convert.file_info_from_proto(response.file), response.content
+
+    async def stream_files(
+        self, realm_id: str, paths: Sequence[str] | None = None
+    ) -> AsyncIterator[FileBatch]:
+        """Files of the realm with their content, in path order: all, or those
+        of `paths` that exist. A stream that breaks on a transient error is
+        resumed after the last whole file, a few times, before giving up
+        with FilesUnavailableError. NOT_FOUND (the realm) is RealmGoneError."""
+        after = ""
+        first = True
+        retries = 0
+        while True:
+            call = self._stub.StreamRealmFiles(
+                pb.StreamRealmFilesRequest(
+                    realm_id=realm_id,
+                    lease_id=self._lease_id,
+                    paths=list(paths or ()),
+                    after_path=after,
+                ),
+                metadata=self._metadata,
+            )
+            parts: list[bytes] = []
+            try:
+                while True:
+                    # No deadline on the whole stream (a big realm takes a
+                    # while); a stream silent for the RPC timeout is dead.
+                    async with asyncio.timeout(self._timeout):
+                        message = await call.read()
+                    if message is grpc.aio.EOF:
+                        return
+                    assert isinstance(message, pb.StreamRealmFilesResponse)
+                    batch: list[tuple[FileInfo, bytes]] = []
+                    for chunk in message.chunks:
+                        parts.append(chunk.content)
+                        if chunk.last:
+                            content = parts[0] if len(parts) == 1 else b"".join(parts)
+                            parts = []
+                            batch.append((convert.file_info_from_proto(chunk.file), content))
+                            after = chunk.file.path
+                    yield FileBatch(batch, message.total_files if first else None)
+                    first = False
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise RealmGoneError(f"realm {realm_id} not found: {exc.details()}") from None
+                error = file_error(f"StreamRealmFiles({realm_id})", exc)
+                if not isinstance(error, FilesUnavailableError) or retries >= STREAM_RETRIES:
+                    raise error from None
+                retries += 1
+                logger.info(
+                    "file stream broke; resuming",
+                    extra={"realm": realm_id, "after": after, "error": describe(exc)},
+                )
+            except TimeoutError:
+                if retries >= STREAM_RETRIES:
+                    raise FilesUnavailableError(
+                        f"StreamRealmFiles({realm_id}): no message for {self._timeout} s"
+                    ) from None
+                retries += 1
+            finally:
+                call.cancel()
 
 
 class Connection:

@@ -92,6 +92,11 @@ def results(outcomes: Iterable[JobOutcome]) -> pb.ClaimJobsRequest:
                     outcome=_OUTCOME_TO_PROTO[outcome.outcome],
                     error_message=outcome.error_message,
                     entries_uploaded=outcome.entries_uploaded,
+                    progress=(
+                        res.JobProgress(done=outcome.files_done, total=outcome.files_done)
+                        if outcome.files_done
+                        else None
+                    ),
                 )
                 for outcome in outcomes
             ]
@@ -126,6 +131,7 @@ def assignment_from_proto(message: pb.JobAssignment) -> Assignment:
         path_changes=tuple(
             PathChange(path=change.path, deleted=change.deleted) for change in job.path_changes
         ),
+        trace_parent=message.trace_parent,
     )
 
 

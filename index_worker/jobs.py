@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
+from index_worker import metrics
 from index_worker.indexer import (
     GITIGNORE_PATH,
     IgnorePattern,
@@ -26,6 +27,7 @@ from index_worker.indexer import (
 from index_worker.model import (
     Assignment,
     FileAccessError,
+    FileBatch,
     FileInfo,
     FilesUnavailableError,
     JobKind,
@@ -46,6 +48,8 @@ MAX_BATCH_BYTES = 2 * 1024 * 1024
 # Above this, hashing and parsing move to a thread so pings and heartbeats
 # on the event loop are not held up by one big file.
 THREAD_THRESHOLD_BYTES = 256 * 1024
+# Paths one StreamRealmFiles call may name; beyond, every file is streamed.
+MAX_STREAM_PATHS = 10_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -55,6 +59,12 @@ class RealmFiles(Protocol):
     async def list_files(self, realm_id: str) -> list[FileInfo]: ...
 
     async def read_file(self, realm_id: str, path: str) -> tuple[FileInfo, bytes] | None: ...
+
+    def stream_files(
+        self, realm_id: str, paths: Sequence[str] | None = None
+    ) -> AsyncIterator[FileBatch]:
+        """Files with content in path order: all, or those of `paths` that exist."""
+        ...
 
 
 class FileSource(Protocol):
@@ -70,7 +80,8 @@ Upload = Callable[[Sequence[IndexEntry], Sequence[str]], Awaitable[None]]
 class JobLimits:
     batch_size: int = 500
     batch_max_bytes: int = MAX_BATCH_BYTES
-    read_concurrency: int = 8
+    # Most files a job reads per second; 0 is no limit.
+    files_per_second: float = 0.0
 
 
 async def execute_job(
@@ -91,7 +102,12 @@ async def execute_job(
         else:
             return JobOutcome(lease_id, Outcome.FAILED, "unsupported job kind")
         await batcher.flush()
-        return JobOutcome(lease_id, Outcome.SUCCEEDED, entries_uploaded=batcher.entries_uploaded)
+        return JobOutcome(
+            lease_id,
+            Outcome.SUCCEEDED,
+            entries_uploaded=batcher.entries_uploaded,
+            files_done=progress.done,
+        )
     except StreamClosedError:
         raise
     except RealmGoneError as exc:
@@ -101,21 +117,33 @@ async def execute_job(
     except FileAccessError as exc:
         return JobOutcome(lease_id, Outcome.FAILED, str(exc))
     except Exception as exc:
-        logger.exception("job failed unexpectedly job=%s lease=%s", assignment.job_id, lease_id)
+        logger.exception(
+            "job failed unexpectedly", extra={"job": assignment.job_id, "lease": lease_id}
+        )
         return JobOutcome(lease_id, Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}")
 
 
 async def _from_scratch(
     realm_id: str, files: RealmFiles, batcher: _Batcher, progress: Progress, limits: JobLimits
 ) -> None:
-    listing = await files.list_files(realm_id)
-    paths = sorted(info.path for info in listing)
-    listed_mtimes = {info.path: info.mtime for info in listing}
-    patterns = await _load_gitignore(files, realm_id) if GITIGNORE_PATH in listed_mtimes else ()
-    todo = [p for p in paths if p != GITIGNORE_PATH and not is_ignored(p, patterns)]
-    progress.total = len(todo)
-    # A file deleted since the listing is simply absent from the new generation.
-    await _index_paths(realm_id, todo, listed_mtimes, files, batcher, progress, limits)
+    patterns = await _load_gitignore(files, realm_id)
+    pace = _Pace(limits.files_per_second)
+    # Every file streamed in path order; a file written meanwhile comes in
+    # either version, and its write queues an incremental job after this one.
+    async for batch in files.stream_files(realm_id):
+        if batch.total is not None:
+            progress.total = batch.total
+        for part in pace.parts(batch.files):
+            wanted = [
+                (info, content)
+                for info, content in part
+                if info.path != GITIGNORE_PATH and not is_ignored(info.path, patterns)
+            ]
+            for entry in await _index_batch(wanted):
+                await batcher.add_entry(entry)
+            progress.done += len(part)
+            progress.total = max(progress.total, progress.done)
+            await pace.took(len(part))
 
 
 async def _incremental(
@@ -130,71 +158,69 @@ async def _incremental(
     for change in assignment.path_changes:
         # As in the server's merge rule, a delete wins over an update.
         deleted_by_path[change.path] = deleted_by_path.get(change.path, False) or change.deleted
-    if GITIGNORE_PATH in deleted_by_path:
-        # A new .gitignore can hide or reveal any file: decide every file again.
-        for info in await files.list_files(realm_id):
-            deleted_by_path.setdefault(info.path, False)
-    if any(deleted_by_path.values()):
-        # "Delete wins" when changes are merged, but a path deleted and then
-        # written again exists: the realm's files are the truth.
-        present = {info.path for info in await files.list_files(realm_id)}
-        for path, deleted in list(deleted_by_path.items()):
-            if deleted and path in present:
-                deleted_by_path[path] = False
-    patterns = await _load_gitignore(files, realm_id)
+    # A changed .gitignore can hide or reveal any file: every file is decided
+    # again. Otherwise only the changed paths are streamed, and the realm's
+    # .gitignore with them when it sorts first (no changed path sorts before
+    # it), which saves a round trip.
+    every_file = GITIGNORE_PATH in deleted_by_path or len(deleted_by_path) > MAX_STREAM_PATHS
+    changed = sorted(p for p in deleted_by_path if p != GITIGNORE_PATH)
+    if every_file or (changed and changed[0] < GITIGNORE_PATH):
+        patterns = await _load_gitignore(files, realm_id)
+        settled = True
+        wanted: list[str] | None = None if every_file else changed
+    else:
+        patterns = ()
+        settled = False
+        wanted = [GITIGNORE_PATH, *changed]
+    decide_all = GITIGNORE_PATH in deleted_by_path
     progress.total = len(deleted_by_path)
+    progress.done += 1 if GITIGNORE_PATH in deleted_by_path else 0
 
-    to_read: list[str] = []
-    for path in sorted(deleted_by_path):
-        if path == GITIGNORE_PATH:
+    # "Delete wins" when changes are merged, but a path deleted and then
+    # written again exists: the realm's files are the truth, so every path
+    # is read, and one the stream does not return is gone.
+    found: set[str] = set()
+    pace = _Pace(limits.files_per_second)
+    async for batch in files.stream_files(realm_id, wanted):
+        to_index: list[tuple[FileInfo, bytes]] = []
+        for info, content in batch.files:
+            if info.path == GITIGNORE_PATH:
+                if not settled:
+                    patterns = parse_gitignore(content.decode("utf-8", errors="replace"))
+                continue
+            settled = True
+            if not decide_all and info.path not in deleted_by_path:
+                continue
+            found.add(info.path)
             progress.done += 1
-        elif deleted_by_path[path] or is_ignored(path, patterns):
+            if is_ignored(info.path, patterns):
+                await batcher.add_deleted(info.path)
+            else:
+                to_index.append((info, content))
+        for entry in await _index_batch(to_index):
+            await batcher.add_entry(entry)
+        await pace.took(len(batch.files))
+    for path in changed:
+        if path not in found:
             await batcher.add_deleted(path)
             progress.done += 1
-        else:
-            to_read.append(path)
-    missing = await _index_paths(realm_id, to_read, {}, files, batcher, progress, limits)
-    for path in missing:
-        await batcher.add_deleted(path)
+    progress.total = max(progress.total, progress.done)
 
 
-async def _index_paths(
-    realm_id: str,
-    paths: Sequence[str],
-    fallback_mtimes: dict[str, datetime | None],
-    files: RealmFiles,
-    batcher: _Batcher,
-    progress: Progress,
-    limits: JobLimits,
-) -> list[str]:
-    """Read and index `paths` in order; returns the paths that were not found."""
+async def _index_batch(files: Sequence[tuple[FileInfo, bytes]]) -> list[IndexEntry]:
+    """Index files in order; a batch with much content is indexed in a thread
+    so pings and heartbeats on the event loop are not held up."""
 
-    async def read_and_index(path: str) -> IndexEntry | None:
-        found = await files.read_file(realm_id, path)
-        progress.done += 1
-        if found is None:
-            return None
-        info, content = found
-        mtime = info.mtime or fallback_mtimes.get(path) or _EPOCH
-        if len(content) > THREAD_THRESHOLD_BYTES:
-            return await asyncio.to_thread(index_file, path, content, mtime)
-        return index_file(path, content, mtime)
+    def index_all() -> list[IndexEntry]:
+        return [index_file(info.path, content, info.mtime or _EPOCH) for info, content in files]
 
-    missing: list[str] = []
-    # Chunks keep the entries in path order and bound what is held in memory.
-    for start in range(0, len(paths), limits.batch_size):
-        chunk = paths[start : start + limits.batch_size]
-        entries = await _map_bounded(read_and_index, chunk, limits.read_concurrency)
-        for path, entry in zip(chunk, entries, strict=True):
-            if entry is None:
-                missing.append(path)
-            else:
-                await batcher.add_entry(entry)
-    if missing:
-        # ReadRealmFile's NOT_FOUND means "file or realm": listing tells them
-        # apart, and raises RealmGoneError when the realm itself is gone.
-        await files.list_files(realm_id)
-    return missing
+    size = sum(len(content) for _, content in files)
+    metrics.FILES_INDEXED.inc(len(files))
+    metrics.BYTES_READ.inc(size)
+
+    if size > THREAD_THRESHOLD_BYTES:
+        return await asyncio.to_thread(index_all)
+    return index_all()
 
 
 async def _load_gitignore(files: RealmFiles, realm_id: str) -> tuple[IgnorePattern, ...]:
@@ -204,26 +230,32 @@ async def _load_gitignore(files: RealmFiles, realm_id: str) -> tuple[IgnorePatte
     return parse_gitignore(found[1].decode("utf-8", errors="replace"))
 
 
-async def _map_bounded(
-    func: Callable[[T], Awaitable[R]], items: Sequence[T], limit: int
-) -> list[R]:
-    """`func` over `items` with at most `limit` in flight; results in input order.
+class _Pace:
+    """Holds a job to `per_second` files on average (0: no limit), in parts
+    small enough that progress moves smoothly."""
 
-    The first failure cancels the rest, and no call outlives this function.
-    """
-    semaphore = asyncio.Semaphore(limit)
+    PART = 10
 
-    async def one(item: T) -> R:
-        async with semaphore:
-            return await func(item)
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self._start: float | None = None
+        self._count = 0
 
-    tasks = [asyncio.create_task(one(item)) for item in items]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def parts(self, files: list[T]) -> list[list[T]]:
+        if self.per_second <= 0 or len(files) <= self.PART:
+            return [files]
+        return [files[i : i + self.PART] for i in range(0, len(files), self.PART)]
+
+    async def took(self, n: int) -> None:
+        if self.per_second <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        self._count += n
+        wait = self._start + self._count / self.per_second - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
 
 class _Batcher:

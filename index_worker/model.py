@@ -51,6 +51,8 @@ class Assignment:
     kind: JobKind | None
     priority: int
     path_changes: tuple[PathChange, ...] = ()
+    # W3C traceparent of the call that queued the job; "" when not traced.
+    trace_parent: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class JobOutcome:
     outcome: Outcome
     error_message: str = ""
     entries_uploaded: int = 0
+    # Files the job visited in all (its final progress); 0 when not known.
+    files_done: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,15 @@ class FileInfo:
     mtime: datetime | None
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class FileBatch:
+    """Whole files from one StreamRealmFiles message, in path order; `total`
+    is the stream's announced file count on its first batch, else None."""
+
+    files: list[tuple[FileInfo, bytes]]
+    total: int | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from index_worker import metrics
 from index_worker.client import ClaimStream, StreamBrokenError
 from index_worker.config import WorkerConfig
 from index_worker.indexer import IndexEntry
@@ -28,6 +29,7 @@ from index_worker.model import (
     StreamClosedError,
     StreamSettings,
 )
+from realm_common import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 # Used when the server's settings leave the heartbeat interval unset.
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
+# Progress reaches the server at most this often (seconds) per stream.
+PROGRESS_INTERVAL = 1.0
 
 
 @dataclass
@@ -59,7 +63,7 @@ class Session:
         self._config = config
         self._settings = settings
         self._limits = JobLimits(
-            batch_size=config.batch_size, read_concurrency=config.read_concurrency
+            batch_size=config.batch_size, files_per_second=config.files_per_second
         )
         self._held: dict[str, _HeldJob] = {}
         self._unwinding = 0
@@ -69,6 +73,11 @@ class Session:
         self._drain_changed = asyncio.Event()
         self._pending_results: list[JobOutcome] = []
         self._flush_scheduled = False
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots with a job running or still unwinding."""
+        return len(self._held) + self._unwinding
 
     @property
     def free_slots(self) -> int:
@@ -185,13 +194,19 @@ class Session:
             outcome = JobOutcome(lease_id, Outcome.SUCCEEDED)
         else:
             try:
-                outcome = await execute_job(
-                    assignment,
-                    self._files.for_lease(lease_id),
-                    upload,
-                    held.progress,
-                    self._limits,
-                )
+                with tracing.continued_span(
+                    "index job", assignment.trace_parent, self._fields(assignment)
+                ) as span:
+                    outcome = await execute_job(
+                        assignment,
+                        self._files.for_lease(lease_id),
+                        upload,
+                        held.progress,
+                        self._limits,
+                    )
+                    if span is not None:
+                        span.set_attribute("outcome", outcome.outcome.value)
+                        span.set_attribute("entries", outcome.entries_uploaded)
             except StreamClosedError:
                 return  # the session is ending; the server requeues the job
         # No await between the outcome and this bookkeeping, so a lost-lease
@@ -210,6 +225,7 @@ class Session:
         fields["entries"] = outcome.entries_uploaded
         if outcome.error_message:
             fields["error"] = outcome.error_message
+        metrics.JOBS.labels(fields["kind"], outcome.outcome.value).inc()
         level = logging.INFO if outcome.outcome is Outcome.SUCCEEDED else logging.WARNING
         logger.log(level, "job finished", extra=fields)
 
@@ -300,17 +316,38 @@ class Session:
         self._grant_free()
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeats every interval for all held leases; in between, at most
+        every PROGRESS_INTERVAL, one for the leases whose progress moved, so
+        watchers see a job advance (a heartbeat carries progress)."""
         interval = self._settings.heartbeat_interval
         if interval <= 0:
             lease = self._settings.lease_duration
             interval = lease / 3 if lease > 0 else DEFAULT_HEARTBEAT_INTERVAL
         interval = max(interval, 0.01)
+        tick = min(interval, PROGRESS_INTERVAL)
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + interval
+        reported: dict[str, tuple[int, int]] = {}
         while True:
-            await asyncio.sleep(interval)
-            if self._held:
-                self._stream.send_heartbeat(
-                    [(lease_id, held.progress) for lease_id, held in self._held.items()]
-                )
+            await asyncio.sleep(tick)
+            if not self._held:
+                reported.clear()
+                continue
+            now = loop.time()
+            due = now >= next_beat - tick / 10
+            if due:
+                next_beat = now + interval
+            leases = [
+                (lease_id, held.progress)
+                for lease_id, held in self._held.items()
+                if due or reported.get(lease_id) != (held.progress.done, held.progress.total)
+            ]
+            if leases:
+                self._stream.send_heartbeat(leases)
+            reported = {
+                lease_id: (held.progress.done, held.progress.total)
+                for lease_id, held in self._held.items()
+            }
 
     def _worker(self) -> dict[str, str]:
         return {"worker": self._config.worker_id, "stream": self._settings.stream_id}

@@ -19,10 +19,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from realm_service.domain import SYSTEM, JobKind, Lease
+from realm_service.domain import SYSTEM, JobKind, Lease, WorkerInfo
 from realm_service.errors import RealmError
 from realm_service.queue import JobQueue
 
@@ -47,6 +49,11 @@ class WorkerStream:
     credits: int = 0
     outstanding: dict[str, Lease] = field(default_factory=dict)
     draining: bool = False
+    # Tells the worker a lease it holds was revoked: (lease id, reason).
+    revoked: Callable[[str, str], None] = lambda lease_id, reason: None
+    connect_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Wall-clock time of the worker's last message (time.time()).
+    last_message: float = field(default_factory=time.time)
 
     def grant(self, n: int) -> None:
         self.credits += n
@@ -62,6 +69,27 @@ class WorkerStream:
     def drop(self, lease_id: str) -> None:
         """Forget a lease that ended (result, release, refusal, reap)."""
         self.outstanding.pop(lease_id, None)
+
+    def revoke(self, lease_id: str, reason: str) -> bool:
+        """A held lease was revoked: forget it and tell the worker to stop."""
+        if self.outstanding.pop(lease_id, None) is None:
+            return False
+        self.revoked(lease_id, reason)
+        return True
+
+    def info(self, instance_id: str) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            incarnation_id=self.incarnation_id,
+            instance_id=instance_id,
+            stream_id=self.stream_id,
+            kinds=self.kinds,
+            min_priority=self.min_priority,
+            credits=self.credits,
+            jobs_held=self.held_leases,
+            connect_time=self.connect_time,
+            last_message_time=datetime.fromtimestamp(self.last_message, UTC),
+        )
 
     def drop_all(self) -> list[str]:
         """Forget every lease (the stream is closing); returns them."""
@@ -84,6 +112,13 @@ class WorkerStream:
     @property
     def label(self) -> str:
         return f"{self.worker_id}/{self.incarnation_id[:8]}/{self.stream_id}"
+
+
+def running_fields(lease: Lease, stream: WorkerStream) -> dict[str, object]:
+    job = lease.job
+    return {"job": job.job_id, "realm": job.realm_id, "kind": job.kind.value,
+            "priority": job.priority, "attempt": job.attempt, "lease": lease.lease_id,
+            "worker": stream.worker_id, "stream": stream.label}  # fmt: skip
 
 
 class Dispatcher:
@@ -118,9 +153,25 @@ class Dispatcher:
 
     # -- the loop -------------------------------------------------------------
 
+    def revoke_threadsafe(self, lease_id: str, reason: str) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._revoke, lease_id, reason)
+
+    def _revoke(self, lease_id: str, reason: str) -> None:
+        for stream in list(self.streams.values()):
+            if stream.revoke(lease_id, reason):
+                log.info("lease revoked", extra={"stream": stream.label, "reason": reason})
+                self.wake()  # its slot is free
+                return
+
+    def workers(self) -> list[WorkerInfo]:
+        """This instance's connected streams."""
+        return [s.info(self.queue.instance_id) for s in self.streams.values()]
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self.queue.on_lease_revoked(self.revoke_threadsafe)
         self.queue.on_new_work(self.wake_threadsafe)
         failing = False
         while True:
@@ -143,7 +194,7 @@ class Dispatcher:
                 # The store is unreachable or busy: say so once, not once per
                 # round, and keep trying at the polling pace.
                 if not failing:
-                    log.warning("dispatch paused: %s; retrying", e)
+                    log.warning("dispatch paused; retrying", extra={"error": str(e)})
                 failing = True
                 await asyncio.sleep(self.poll_seconds)
             except Exception:
@@ -176,6 +227,10 @@ class Dispatcher:
                 self._distribute(members, leases)
         return assigned
 
+    def system_budget(self) -> int:
+        """SYSTEM jobs this instance's streams may take now (reserved slots)."""
+        return self._system_budget()
+
     def _system_budget(self) -> int:
         shared = [s for s in self.streams.values() if s.accepts_system and not s.draining]
         slots = sum(s.credits + s.held_leases for s in shared)
@@ -187,6 +242,7 @@ class Dispatcher:
         batches: dict[str, list[Lease]] = {s.stream_id: [] for s in members}
         live = [s for s in members if s.stream_id in self.streams]
         pending = list(leases)
+        logging_on = log.isEnabledFor(logging.INFO)
         while pending and live:
             live.sort(key=lambda s: -s.credits)
             target = live[0]
@@ -195,6 +251,8 @@ class Dispatcher:
             lease = pending.pop(0)
             target.assign(lease)
             batches[target.stream_id].append(lease)
+            if logging_on:
+                log.info("job running", extra=running_fields(lease, target))
         if pending:  # every stream went away meanwhile: give the jobs back at once
             asyncio.get_running_loop().create_task(
                 asyncio.to_thread(self.queue.release, [p.lease_id for p in pending], "no stream")

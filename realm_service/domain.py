@@ -25,6 +25,8 @@ MAX_PATH_SEGMENT = 255
 DEFAULT_MAX_FILE_SIZE = 4 * 1024 * 1024
 MAX_DISPLAY_NAME = 200
 MAX_REQUEST_ID = 128
+# Paths an incremental job may list; more changes make a from-scratch job.
+MAX_JOB_PATHS = 1000
 
 REALM_JSON = "realm.json"
 INDEX_JSON = "index.json"
@@ -44,10 +46,11 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
 class AttemptOutcome(enum.StrEnum):
@@ -58,6 +61,7 @@ class AttemptOutcome(enum.StrEnum):
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # released: stream closed, drain, shutdown
     EXPIRED = "expired"
+    CANCELLED = "cancelled"  # CancelJob or DeleteRealm revoked the lease
 
 
 class Disposition(enum.StrEnum):
@@ -71,6 +75,7 @@ class RealmState(enum.StrEnum):
     INDEXING = "indexing"
     READY = "ready"
     INDEX_FAILED = "index-failed"
+    INDEX_CANCELLED = "index-cancelled"
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,9 @@ class Job:
     progress_done: int = 0
     progress_total: int = 0
     path_changes: tuple[PathChange, ...] = ()
+    # W3C traceparent of the call that queued the job ("" when not traced):
+    # the worker continues that trace.
+    trace_parent: str = ""
 
 
 @dataclass(frozen=True)
@@ -326,3 +334,69 @@ def validate_request_id(request_id: str) -> str:
     if any(ord(c) < 0x20 for c in request_id):
         raise InvalidArgument("request_id contains control characters")
     return request_id
+
+
+# -- job control and its reads --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One lease of a job, as job_attempts records it."""
+
+    number: int
+    worker: str
+    instance_id: str
+    start_time: datetime
+    end_time: datetime | None
+    outcome: str
+    error_message: str
+
+
+@dataclass(frozen=True)
+class RunningInfo:
+    """Where a running job's lease stands (lease ids stay secret)."""
+
+    worker: str
+    instance_id: str
+    lease_expire_time: datetime | None
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """A queued job's place among claimable jobs."""
+
+    ahead: int
+    first_ahead: tuple[Job, ...]
+    realm_running: Job | None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One connected ClaimJobs stream, on this instance or another."""
+
+    worker_id: str
+    incarnation_id: str
+    instance_id: str
+    stream_id: str
+    kinds: tuple[JobKind, ...]
+    min_priority: int
+    credits: int
+    jobs_held: int
+    connect_time: datetime
+    last_message_time: datetime
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    counts: tuple[tuple[JobState, JobKind, int, int], ...]  # state, kind, priority, count
+    oldest: tuple[tuple[int, datetime], ...]  # priority, oldest queued create_time
+    last_minute: dict[JobState, int]
+    last_hour: dict[JobState, int]
+
+
+@dataclass(frozen=True)
+class RealmDeletion:
+    jobs_cancelled: int
+    files_deleted: int
+    revoked_leases: tuple[str, ...]
+    replayed: bool = False

@@ -9,6 +9,7 @@
     ├── AlreadyExists
     │   └── RealmAlreadyExists
     ├── StaleLease                  the lease is not the job's current one
+    ├── FailedPrecondition          the thing is not in a state that allows it
     ├── PermissionDenied
     ├── Unauthenticated
     ├── Unavailable                 draining, or the store is unreachable
@@ -64,6 +65,10 @@ class RealmAlreadyExists(AlreadyExists):
 
 class StaleLease(RealmError):
     """The lease is not current: the job was released, expired, finished or re-leased."""
+
+
+class FailedPrecondition(RealmError):
+    """The request does not apply to the resource in its current state."""
 
 
 class PermissionDenied(RealmError):

@@ -16,13 +16,17 @@ import functools
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from realm_common import tracing
+from realm_service import metrics
 from realm_service.clock import Clock, utcnow
 from realm_service.domain import (
+    MAX_JOB_PATHS,
     SYSTEM,
+    Attempt,
     AttemptOutcome,
     Disposition,
     EnqueueResult,
@@ -33,10 +37,14 @@ from realm_service.domain import (
     JobState,
     Lease,
     PathChange,
+    QueuePosition,
+    QueueStats,
     RealmState,
+    RunningInfo,
+    WorkerInfo,
     merge_paths,
 )
-from realm_service.errors import Conflict, InvalidArgument, StaleLease
+from realm_service.errors import Conflict, FailedPrecondition, InvalidArgument, StaleLease
 from realm_service.store import (
     claim_sql,
     enqueue_sql,
@@ -84,6 +92,11 @@ class JobQueue:
     def on_job_change(self, callback: Callable[[int], None]) -> None:
         """Call back with a job id once this process committed a change to it."""
         self.db.on_job_change(callback)
+
+    def on_lease_revoked(self, callback: Callable[[str, str], None]) -> None:
+        """Call back (from any thread) with (lease id, reason) when a lease is
+        revoked (its job cancelled or deleted), here or on another instance."""
+        self.db.on_lease_revoked(callback)
 
     # -- enqueue ------------------------------------------------------------
 
@@ -135,6 +148,8 @@ class JobQueue:
                     merged = enqueue_sql.merge(tx, scratch, priority)
                     return EnqueueResult(merged, Disposition.MERGED)
             target = queued.get(kind)
+            if kind is JobKind.INCREMENTAL and _too_many_paths(target, paths):
+                return self._escalate(tx, realm_id, priority, target)
             if target is not None:
                 return EnqueueResult(
                     enqueue_sql.merge(tx, target, priority, paths), Disposition.MERGED
@@ -152,7 +167,13 @@ class JobQueue:
                     if incoming and incoming <= covered and not content_changed:
                         return EnqueueResult(running, Disposition.ATTACHED)
             job = enqueue_sql.try_insert_job(
-                tx, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
+                tx,
+                realm_id=realm_id,
+                kind=kind,
+                priority=priority,
+                now=now,
+                paths=paths,
+                trace_parent=tracing.current_traceparent(),
             )
             if job is None:  # a concurrent enqueuer won: merge into its job
                 continue
@@ -166,13 +187,32 @@ class JobQueue:
             return result
         raise Conflict("could not enqueue: concurrent changes kept winning; retry")
 
+    def _escalate(
+        self, tx: Tx, realm_id: str, priority: int, queued_incremental: Job | None
+    ) -> EnqueueResult:
+        """More changed paths than an incremental job may list: index the
+        realm from scratch instead, folding its queued incremental job (if
+        any) into that one, so a path list stays bounded however many writes
+        come."""
+        if queued_incremental is not None:
+            priority = max(priority, queued_incremental.priority)
+        result = self.enqueue_in(tx, realm_id, JobKind.FROM_SCRATCH, priority, content_changed=True)
+        if queued_incremental is not None:
+            enqueue_sql.supersede(tx, queued_incremental, result.job)
+        return result
+
     def first_index_of_new_realm(self, tx: Tx, realm_id: str, priority: int) -> Job:
         """The first from-scratch job of a realm inserted in this same
         transaction. No job of it can exist yet (a job references the realm
         row, which others see only at commit), so nothing is looked up; the
         store's unique index still refuses a second queued one."""
         job = enqueue_sql.insert_job(
-            tx, realm_id=realm_id, kind=JobKind.FROM_SCRATCH, priority=priority, now=self.clock()
+            tx,
+            realm_id=realm_id,
+            kind=JobKind.FROM_SCRATCH,
+            priority=priority,
+            now=self.clock(),
+            trace_parent=tracing.current_traceparent(),
         )
         tx.on_commit(functools.partial(_log_enqueued, [EnqueueResult(job, Disposition.INSERTED)]))
         return job
@@ -185,7 +225,10 @@ class JobQueue:
         if JobKind.FROM_SCRATCH in queued:
             enqueue_sql.raise_priority(tx, [queued[JobKind.FROM_SCRATCH].job_id], priority)
             return None
-        if enqueue_sql.has_from_scratch(tx, realm_id, (JobState.RUNNING, JobState.SUCCEEDED)):
+        # A cancelled first job stays cancelled: an operator stopped it, and
+        # ReindexRealm (or RetryJob) starts another when they want one.
+        done = (JobState.RUNNING, JobState.SUCCEEDED, JobState.CANCELLED)
+        if enqueue_sql.has_from_scratch(tx, realm_id, done):
             return None
         result = self.enqueue_in(tx, realm_id, JobKind.FROM_SCRATCH, priority)
         # A concurrent mount may have inserted it first: we merged into its job
@@ -288,18 +331,9 @@ class JobQueue:
                 )
             return leases
 
-        leases = self.db.retrying(work)
-        for lease in leases:
-            log.info(
-                "job running job=%s realm=%s lease=%s worker=%s priority=%s attempt=%s",
-                lease.job.job_id,
-                lease.job.realm_id,
-                lease.lease_id,
-                worker,
-                lease.job.priority,
-                lease.job.attempt,
-            )
-        return leases
+        # "job running" is logged by the dispatcher, which knows the stream
+        # each lease goes to.
+        return self.db.retrying(work)
 
     # -- fenced lease operations ----------------------------------------------
 
@@ -357,8 +391,14 @@ class JobQueue:
             raise done
         return done
 
-    def complete_many(self, results: Sequence[tuple[str, int]]) -> dict[str, Job | StaleLease]:
-        """`complete` for several (lease, entries uploaded) in one transaction.
+    def complete_many(
+        self,
+        results: Sequence[tuple[str, int]],
+        *,
+        files_done: Mapping[str, int] | None = None,
+    ) -> dict[str, Job | StaleLease]:
+        """`complete` for several (lease, entries uploaded) in one transaction;
+        `files_done` is the final progress a worker reported for a lease.
         Each lease is fenced on its own: one that is not current is refused
         (its StaleLease is returned, nothing of it applied). One whose entry
         count does not match what the store received is refused too, and its
@@ -406,16 +446,34 @@ class JobQueue:
                 AttemptOutcome.COMPLETED,
                 now,
             )
-            succeeded = leases_sql.succeed(tx, [h for _, h in accepted], now)
+            succeeded = leases_sql.succeed(
+                tx,
+                [h for _, h in accepted],
+                now,
+                files_done={
+                    h.job_id: files_done[lease_id]
+                    for lease_id, h in accepted
+                    if files_done and lease_id in files_done
+                },
+            )
             finished = [
                 (lease_id, job) for (lease_id, _), job in zip(accepted, succeeded, strict=True)
             ]
             return done, finished
 
+        started = utcnow()
         done, finished = self.db.retrying(work)
         for lease_id, job in finished:
             done[lease_id] = job
-            self._log_end(job, lease_id, "succeeded")
+            self._log_end(job, lease_id, "succeeded", now)
+            if job.trace_parent:
+                tracing.record_span(
+                    "index generation switch",
+                    job.trace_parent,
+                    started,
+                    utcnow(),
+                    {"job": job.job_id, "realm": job.realm_id},
+                )
         return done
 
     def fail(self, lease_id: str, message: str, *, permanent: bool = False) -> Job:
@@ -428,7 +486,7 @@ class JobQueue:
             return self._count_failure(tx, held, message, now, permanent=permanent)
 
         job = self.db.retrying(work)
-        self._log_end(job, lease_id, job.state.value)
+        self._log_end(job, lease_id, "failed" if job.state.terminal else "requeued", now)
         return job
 
     def release(self, lease_ids: Sequence[str], reason: str = "released") -> list[Job]:
@@ -449,7 +507,9 @@ class JobQueue:
 
         jobs = self.db.retrying(work)
         for job in jobs:
-            log.info("job requeued job=%s realm=%s reason=%s", job.job_id, job.realm_id, reason)
+            metrics.ATTEMPTS.labels(job.kind.value, "interrupted").inc()
+            if log.isEnabledFor(logging.INFO):
+                log.info("job requeued", extra={**job_fields(job), "reason": reason})
         return jobs
 
     def defer_release(self, lease_ids: Sequence[str], reason: str) -> None:
@@ -536,11 +596,13 @@ class JobQueue:
             for lease_id in settled:
                 self._unreleased.pop(lease_id, None)
         for job in counted:
-            log.info(
-                "job lease expired job=%s realm=%s state=%s", job.job_id, job.realm_id, job.state
-            )
+            metrics.ATTEMPTS.labels(job.kind.value, "expired").inc()
+            if job.state.terminal:
+                metrics.JOBS_FINISHED.labels(job.kind.value, job.state.value).inc()
+            log.info("job lease expired", extra={**job_fields(job), "state": job.state.value})
         for job in interrupted:
-            log.info("job requeued job=%s realm=%s reason=lease orphaned", job.job_id, job.realm_id)
+            metrics.ATTEMPTS.labels(job.kind.value, "interrupted").inc()
+            log.info("job requeued", extra={**job_fields(job), "reason": "lease orphaned"})
         return counted + interrupted
 
     def _count_failure(
@@ -560,15 +622,19 @@ class JobQueue:
             realms_sql.set_realm_state(tx, held.realm_id, RealmState.INDEX_FAILED)
         return job
 
-    def _log_end(self, job: Job, lease_id: str, outcome: str) -> None:
-        log.info(
-            "job %s job=%s realm=%s lease=%s attempt=%s",
-            outcome,
-            job.job_id,
-            job.realm_id,
-            lease_id,
-            job.attempt,
-        )
+    def _log_end(self, job: Job, lease_id: str, outcome: str, now: datetime) -> None:
+        """An attempt's end in the log and the metrics (no query: the values
+        come with the job)."""
+        kind = job.kind.value
+        metrics.ATTEMPTS.labels(kind, "completed" if outcome == "succeeded" else "failed").inc()
+        if job.state.terminal:
+            metrics.JOBS_FINISHED.labels(kind, job.state.value).inc()
+        if job.start_time is not None:
+            metrics.RUN_DURATION.labels(kind, metrics.priority_class(job.priority)).observe(
+                max(0.0, (now - job.start_time).total_seconds())
+            )
+        if log.isEnabledFor(logging.INFO):
+            log.info(f"job {outcome}", extra={**job_fields(job), "lease": lease_id})
 
     # -- server instances ---------------------------------------------------------
 
@@ -578,16 +644,81 @@ class JobQueue:
             functools.partial(instances_sql.register, instance_id=self.instance_id, now=now)
         )
 
-    def touch_instance(self) -> None:
+    def touch_instance(self, workers: Sequence[WorkerInfo] | None = None) -> None:
         """Say this instance is alive; also the health check's write probe
-        (raises StoreUnavailable or StoreFull when writes cannot commit)."""
+        (raises StoreUnavailable or StoreFull when writes cannot commit).
+        On PostgreSQL, `workers` (this instance's streams) are published for
+        the other instances' ListWorkers and ExplainJob."""
         now = self.clock()
 
         def work(tx: Tx) -> None:
             if not instances_sql.touch(tx, self.instance_id, now):
                 instances_sql.register(tx, self.instance_id, now)
+            if workers is not None and tx.backend == "postgresql":
+                instances_sql.replace_presence(tx, self.instance_id, workers)
 
         self.db.retrying(work)
+
+    def other_instances_workers(self) -> list[WorkerInfo]:
+        """Streams of the other live instances sharing the store (PostgreSQL)."""
+        if self.db.backend != "postgresql":
+            return []
+        seen_after = self.clock() - self.settings.instance_timeout
+        with self.db.read_transaction() as tx:
+            return instances_sql.presence(tx, other_than=self.instance_id, seen_after=seen_after)
+
+    # -- job control ------------------------------------------------------------
+
+    def cancel(self, job_id: int, reason: str) -> Job:
+        """Cancel a queued or running job (DESIGN.md section 4, job control).
+        A running job's lease is revoked at commit; what it staged goes."""
+        now = self.clock()
+        reason = reason.strip() or "cancelled"
+
+        def work(tx: Tx) -> Job:
+            job, held = leases_sql.cancel(tx, job_id, f"cancelled: {reason}", now)
+            if held is not None and held.attempt_id is not None:
+                index_sql.drop_generation(tx, held.realm_id, held.attempt_id)
+            # A realm without an index whose from-scratch work is now all
+            # gone says so (another queued or running one would still index it).
+            if job.kind is JobKind.FROM_SCRATCH:
+                realm = realms_sql.get_realm(tx, job.realm_id)
+                pending = (JobState.QUEUED, JobState.RUNNING)
+                if realm.current_generation is None and not enqueue_sql.has_from_scratch(
+                    tx, job.realm_id, pending
+                ):
+                    realms_sql.set_realm_state(tx, job.realm_id, RealmState.INDEX_CANCELLED)
+            return job
+
+        job = self.db.retrying(work)
+        log.info(
+            "job cancelled", extra={"job": job.job_id, "realm": job.realm_id, "reason": reason}
+        )
+        return job
+
+    def retry(self, job_id: int) -> EnqueueResult:
+        """Queue a FAILED or CANCELLED job's work again under the coalescing
+        rules, with attempts counted afresh (it is a new job, or one it
+        merges into)."""
+
+        def work(tx: Tx) -> EnqueueResult:
+            job = jobs_sql.get_job(tx, job_id)
+            if job.state not in (JobState.FAILED, JobState.CANCELLED):
+                raise FailedPrecondition(
+                    f"job {job_id} is {job.state.value}; only failed or cancelled jobs are retried"
+                )
+            realm = realms_sql.get_realm(tx, job.realm_id, lock=True)
+            result = self.enqueue_in(
+                tx, job.realm_id, job.kind, job.priority, paths=job.path_changes
+            )
+            if realm.current_generation is None and realm.state in (
+                RealmState.INDEX_FAILED,
+                RealmState.INDEX_CANCELLED,
+            ):
+                realms_sql.set_realm_state(tx, job.realm_id, RealmState.INDEXING)
+            return result
+
+        return self.db.retrying(work)
 
     def unregister_instance(self) -> None:
         self.db.retrying(functools.partial(instances_sql.remove, instance_ids=[self.instance_id]))
@@ -633,18 +764,51 @@ class JobQueue:
         with self.db.read_transaction() as tx:
             return jobs_sql.queue_depth(tx)
 
+    def running_count(self) -> int:
+        with self.db.read_transaction() as tx:
+            return jobs_sql.running_count(tx)
+
+    def explain_reads(
+        self, job_id: int
+    ) -> tuple[Job, list[Attempt], QueuePosition | None, RunningInfo | None]:
+        """What the store says about a job for ExplainJob: the job, its
+        attempts, its place in the queue (queued) or its lease (running)."""
+        with self.db.read_transaction() as tx:
+            job = jobs_sql.get_job(tx, job_id)
+            attempts = jobs_sql.attempts_detail(tx, job_id)
+            place = jobs_sql.position(tx, job) if job.state is JobState.QUEUED else None
+            running = jobs_sql.running_info(tx, job_id) if job.state is JobState.RUNNING else None
+            return job, attempts, place, running
+
+    def stats(self) -> QueueStats:
+        with self.db.read_transaction() as tx:
+            return jobs_sql.queue_stats(tx, self.clock())
+
+
+def _too_many_paths(queued: Job | None, paths: Sequence[PathChange]) -> bool:
+    """Whether `paths`, merged into the queued job's, exceed MAX_JOB_PATHS."""
+    if len(paths) > MAX_JOB_PATHS:
+        return True
+    if queued is None or len(queued.path_changes) + len(paths) <= MAX_JOB_PATHS:
+        return False
+    return len(merge_paths(queued.path_changes, paths)) > MAX_JOB_PATHS
+
 
 def _with_priority(job: Job, priority: int) -> Job:
     return dataclasses.replace(job, priority=max(job.priority, priority))
 
 
+def job_fields(job: Job) -> dict[str, object]:
+    """The fields of a job's log lines."""
+    return {"job": job.job_id, "realm": job.realm_id, "kind": job.kind.value,
+            "priority": job.priority, "attempt": job.attempt}  # fmt: skip
+
+
 def _log_enqueued(results: Sequence[EnqueueResult]) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
     for r in results:
         log.info(
-            "job enqueued job=%s realm=%s kind=%s priority=%s disposition=%s",
-            r.job.job_id,
-            r.job.realm_id,
-            r.job.kind,
-            r.job.priority,
-            r.disposition,
+            "job enqueued",
+            extra={**job_fields(r.job), "disposition": str(r.disposition)},
         )

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import threading
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +33,7 @@ from realm_service.domain import (
     JobKind,
     PathChange,
     Realm,
+    RealmDeletion,
     RealmFile,
     check_client_delete,
     check_client_write,
@@ -43,7 +45,14 @@ from realm_service.domain import (
     validate_realm_id,
     validate_request_id,
 )
-from realm_service.errors import Conflict, InvalidArgument, PermissionDenied, RealmAlreadyExists
+from realm_service.errors import (
+    Conflict,
+    FileNotFound,
+    InvalidArgument,
+    PermissionDenied,
+    RealmAlreadyExists,
+    StaleLease,
+)
 from realm_service.queue import JobQueue
 from realm_service.store import index_sql, jobs_sql, keys_sql, leases_sql, realms_sql
 from realm_service.store.db import Database, Tx
@@ -51,6 +60,31 @@ from realm_service.store.db import Database, Tx
 log = logging.getLogger(__name__)
 
 MAX_INITIAL_FILES = 10_000
+# StreamRealmFiles: paths a request may name, files a page reads at most.
+MAX_STREAM_PATHS = 10_000
+STREAM_PAGE_FILES = 256
+# WriteRealmFiles: files and deletions one request may carry.
+MAX_WRITE_FILES = 10_000
+
+
+@dataclass(frozen=True)
+class FilePage:
+    """One page of a realm's files with their content, in path order."""
+
+    files: list[tuple[RealmFile, bytes]]
+    # Where the next page starts (exclusive); None after the last page.
+    next_after: str | None
+    # On the first page: how many files the stream will send at most.
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class BulkWrite:
+    """What WriteRealmFiles stored and the job that will index it."""
+
+    files: list[RealmFile]
+    deleted: int
+    result: EnqueueResult
 
 
 @dataclass(frozen=True)
@@ -115,6 +149,8 @@ class Realms:
         self.max_file_size = max_file_size
         self.clock = clock
         self.registry = MountRegistry()
+        # Deleted here or on another instance: unmount.
+        db.on_realm_deleted(self.registry.unmount)
 
     # -- create -----------------------------------------------------------
 
@@ -217,7 +253,9 @@ class Realms:
             if mounted_here:
                 self.registry.unmount(realm_id)
             raise
-        log.info("realm created realm=%s job=%s priority=%s", realm_id, job.job_id, priority)
+        log.info(
+            "realm created", extra={"realm": realm_id, "job": job.job_id, "priority": priority}
+        )
         return CreateResult(realm, job, replayed=False)
 
     # -- mount ------------------------------------------------------------
@@ -304,6 +342,77 @@ class Realms:
         with self.db.read_transaction() as s:
             return realms_sql.read_file(s, realm_id=realm_id, path=path)
 
+    def start_file_stream(
+        self, realm_id: str, paths: Sequence[str], after: str
+    ) -> tuple[list[str] | None, str | None]:
+        """Check a StreamRealmFiles request: returns the named paths (NFC,
+        sorted, deduplicated; None for every file) and where to start."""
+        validate_realm_id(realm_id)
+        if len(paths) > MAX_STREAM_PATHS:
+            raise InvalidArgument(
+                f"paths has {len(paths)} entries; the limit is {MAX_STREAM_PATHS}"
+            )
+        named = (
+            sorted({validate_path(p, f"paths[{i}]") for i, p in enumerate(paths)})
+            if paths
+            else None
+        )
+        start = validate_path(after, "after_path") if after else None
+        self.ensure_mounted(realm_id)
+        return named, start
+
+    def read_file_page(
+        self,
+        realm_id: str,
+        *,
+        lease_id: str,
+        after: str | None,
+        paths: Sequence[str] | None,
+        max_bytes: int,
+        first: bool = False,
+    ) -> FilePage:
+        """The next files after `after` with their content: at most
+        STREAM_PAGE_FILES, and no more than `max_bytes` of content unless one
+        file alone is larger. A quoted lease must still be current. The
+        `first` page also checks that the realm exists and counts the files
+        the stream will send at most (`total`)."""
+        total: int | None = None
+        with self.db.read_transaction() as s:
+            if first:
+                realm = realms_sql.get_realm(s, realm_id)
+                if paths is None:
+                    total = realm.files
+                else:
+                    total = len(paths) - (bisect_right(paths, after) if after is not None else 0)
+            if lease_id and not leases_sql.lease_runs_realm(s, lease_id[:64], realm_id):
+                raise StaleLease(
+                    f"lease {lease_id[:64]!r} is no longer the current lease of a running job "
+                    f"of realm {realm_id!r}: it was released, expired or revoked"
+                )
+            if paths is not None:
+                at = bisect_right(paths, after) if after is not None else 0
+                candidates = paths[at : at + STREAM_PAGE_FILES]
+                listed = realms_sql.file_page(
+                    s, realm_id, after=None, paths=candidates, limit=STREAM_PAGE_FILES
+                )
+                more = candidates and at + STREAM_PAGE_FILES < len(paths)
+                more_after = candidates[-1] if more else None
+            else:
+                listed = realms_sql.file_page(
+                    s, realm_id, after=after, paths=None, limit=STREAM_PAGE_FILES
+                )
+                more_after = listed[-1].path if len(listed) == STREAM_PAGE_FILES else None
+            taken: list[str] = []
+            size = 0
+            for info in listed:
+                if taken and size + info.size > max_bytes:
+                    more_after = taken[-1]
+                    break
+                taken.append(info.path)
+                size += info.size
+            files = realms_sql.files_with_content(s, realm_id, taken)
+        return FilePage(files, more_after, total)
+
     def search(
         self, realm_id: str, *, card_type: str, text: str, after_path: str | None, limit: int
     ) -> list[IndexEntry]:
@@ -349,6 +458,66 @@ class Realms:
 
         return self.db.retrying(work)
 
+    def write_files(
+        self,
+        realm_id: str,
+        files: Sequence[tuple[str, bytes]],
+        deleted_paths: Sequence[str],
+        priority: int | None,
+    ) -> BulkWrite:
+        """Write and delete many files in one transaction; one index request
+        for all of them (an incremental job, or a from-scratch one when they
+        are more paths than a job may list)."""
+        validate_realm_id(realm_id)
+        prio = validate_priority(priority, USER)
+        count = len(files) + len(deleted_paths)
+        if count == 0:
+            raise InvalidArgument("nothing to write: files and deleted_paths are both empty")
+        if count > MAX_WRITE_FILES:
+            raise InvalidArgument(
+                f"files and deleted_paths hold {count} entries; the limit is {MAX_WRITE_FILES}"
+            )
+        written: dict[str, bytes] = {}
+        for i, (raw_path, content) in enumerate(files):
+            path = validate_path(raw_path, f"files[{i}].path")
+            check_client_write(path, f"files[{i}].path")
+            validate_content(content, self.max_file_size, f"files[{i}].content")
+            if path in written:  # also two spellings (NFC, NFD) of one name
+                raise InvalidArgument(f"files[{i}].path {path!r} appears twice")
+            written[path] = content
+        deleted: list[str] = []
+        for i, raw_path in enumerate(deleted_paths):
+            path = validate_path(raw_path, f"deleted_paths[{i}]")
+            check_client_delete(path, f"deleted_paths[{i}]")
+            if path in written or path in deleted:
+                raise InvalidArgument(f"deleted_paths[{i}] {path!r} is named twice")
+            deleted.append(path)
+        changes = [PathChange(p, False) for p in written] + [PathChange(p, True) for p in deleted]
+
+        def work(s: Tx) -> BulkWrite:
+            realms_sql.get_realm(s, realm_id, lock=True)
+            existing = realms_sql.existing_paths(s, realm_id, [*written, *deleted])
+            missing = [p for p in deleted if p not in existing]
+            if missing:
+                raise FileNotFound(
+                    f"deleted_paths: file {missing[0][:200]!r} does not exist in realm "
+                    f"{realm_id!r}" + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+            stored = realms_sql.put_files(
+                s,
+                realm_id=realm_id,
+                files=list(written.items()),
+                existing=existing,
+                now=self.clock(),
+            )
+            gone = realms_sql.delete_files(s, realm_id=realm_id, paths=deleted)
+            result = self.queue.enqueue_in(
+                s, realm_id, JobKind.INCREMENTAL, prio, paths=changes, content_changed=True
+            )
+            return BulkWrite(stored, gone, result)
+
+        return self.db.retrying(work)
+
     def delete_file(self, realm_id: str, path: str, priority: int | None) -> EnqueueResult:
         validate_realm_id(realm_id)
         path = validate_path(path)
@@ -368,6 +537,49 @@ class Realms:
             )
 
         return self.db.retrying(work)
+
+    def delete(self, realm_id: str, request_id: str) -> RealmDeletion:
+        """Delete a realm with its files, index, idempotency keys and jobs;
+        running jobs' leases are revoked at commit, and every instance
+        unmounts it. Idempotent by request id."""
+        validate_realm_id(realm_id)
+        validate_request_id(request_id)
+        now = self.clock()
+
+        def work(s: Tx) -> RealmDeletion:
+            if request_id:
+                found = keys_sql.find_key(s, "delete-realm", request_id)
+                if found is not None:
+                    if found[0] != realm_id:
+                        raise InvalidArgument(
+                            f"request_id {request_id!r} was already used to delete realm "
+                            f"{found[0]!r}"
+                        )
+                    return RealmDeletion(0, 0, (), replayed=True)
+            realms_sql.get_realm(s, realm_id, lock=True)
+            active, files = realms_sql.delete_realm(s, realm_id)
+            keys_sql.delete_keys_of(s, realm_id)
+            if request_id:
+                keys_sql.put_key(
+                    s, scope="delete-realm", key=request_id, realm_id=realm_id, job_id=None, now=now
+                )
+            leases = tuple(lease for _, lease in active if lease)
+            s.revoke(leases, f"realm {realm_id} was deleted")
+            s.realm_deleted(realm_id)
+            s.job_changed([job_id for job_id, _ in active])
+            return RealmDeletion(len(active), files, leases)
+
+        deletion = self.db.retrying(work)
+        if not deletion.replayed:
+            log.info(
+                "realm deleted",
+                extra={
+                    "realm": realm_id,
+                    "jobs": deletion.jobs_cancelled,
+                    "files": deletion.files_deleted,
+                },
+            )
+        return deletion
 
     def reindex(self, realm_id: str, priority: int | None, content_changed: bool) -> EnqueueResult:
         validate_realm_id(realm_id)

@@ -20,13 +20,18 @@ CLIENT_METHODS = {
     "DeleteRealmFile",
     "ListRealmFiles",
     "ReadRealmFile",
+    "StreamRealmFiles",
+    "WriteRealmFiles",
     "SearchRealm",
     "GetJob",
     "ListJobs",
     "WatchJob",
+    "ExplainJob",
+    "ListWorkers",
+    "GetQueueStats",
 }
-WORKER_METHODS = {"ClaimJobs", "ListRealmFiles", "ReadRealmFile", "GetJob"}
-ADMIN_ONLY = {"ReindexAllRealms"}
+WORKER_METHODS = {"ClaimJobs", "ListRealmFiles", "ReadRealmFile", "StreamRealmFiles", "GetJob"}
+ADMIN_ONLY = {"ReindexAllRealms", "CancelJob", "RetryJob", "DeleteRealm"}
 # Health and reflection stay open so probes and grpcurl work without tokens.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

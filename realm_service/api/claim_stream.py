@@ -8,6 +8,7 @@ holds are released at once as interrupted (they do not count as failures).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,19 @@ MAX_ENTRIES_PER_BATCH = 1_000  # the contract's bound on IndexEntryBatch.entries
 MAX_DELETED_PER_BATCH = 10_000
 COMPLETE_BATCH = 500  # successful results completed per transaction
 MAX_ID = 200
+
+
+def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[object]) -> None:
+    """A release that failed with an outage is kept for the reaper; any other
+    failure is logged (and kept too, so the jobs do not wait for expiry)."""
+    if release.cancelled():
+        return
+    error = release.exception()
+    if error is None:
+        return
+    queue.defer_release(held, "stream closed")
+    if not isinstance(error, (Unavailable, Conflict)):
+        log.error("release failed; kept for the reaper", exc_info=error)
 
 
 def _duration(seconds: float) -> Duration:
@@ -105,7 +119,10 @@ class ClaimSession:
         assert stream is not None
         self.stream = stream
         self.dispatcher.add(stream)
-        log.info("stream opened stream=%s min_priority=%s", stream.label, stream.min_priority)
+        log.info(
+            "stream opened",
+            extra={"stream": stream.label, "worker": stream.worker_id, "lane": stream.min_priority},
+        )
         reader = asyncio.create_task(self._read(requests))
         pinger = asyncio.create_task(self._ping())
         try:
@@ -133,17 +150,26 @@ class ClaimSession:
             self.dispatcher.remove(stream)
             held = stream.drop_all()
             if held:
+                # Shielded: the call being torn down may cancel this task
+                # again while the release waits for a thread, and a release
+                # cancelled before it started would leave the jobs running
+                # until their leases expire.
+                release = asyncio.ensure_future(
+                    asyncio.to_thread(self.queue.release, held, "stream closed")
+                )
+                release.add_done_callback(functools.partial(_release_failed, self.queue, held))
                 try:
-                    await asyncio.to_thread(self.queue.release, held, "stream closed")
+                    await asyncio.shield(release)
                 except (Unavailable, Conflict) as e:
                     # Recorded later by the reaper, still as interruptions:
-                    # an outage must not turn into failed attempts.
-                    self.queue.defer_release(held, "stream closed")
+                    # an outage must not turn into failed attempts (the
+                    # callback above kept them).
                     log.warning(
-                        "release deferred stream=%s leases=%d: %s", stream.label, len(held), e
+                        "release deferred",
+                        extra={"stream": stream.label, "leases": len(held), "error": str(e)},
                     )
                 self.dispatcher.wake()
-            log.info("stream closed stream=%s released=%d", stream.label, len(held))
+            log.info("stream closed", extra={"stream": stream.label, "released": len(held)})
 
     def _hello(self, message: spb.ClaimJobsRequest) -> WorkerStream | None:
         if message.WhichOneof("message") != "hello":
@@ -172,6 +198,7 @@ class ClaimSession:
             kinds=tuple(sorted(set(kinds))),
             min_priority=min_priority,
             deliver=self._deliver,
+            revoked=self._revoked,
         )
 
     def _deliver(self, leases: list[Lease]) -> None:
@@ -180,11 +207,30 @@ class ClaimSession:
                 assignments=spb.JobAssignments(
                     assignments=[
                         spb.JobAssignment(
-                            job=job_pb(lease.job),
+                            job=job_pb(lease.job, max_paths=None),
                             lease_id=lease.lease_id,
                             lease_expire_time=ts(lease.expire_time),
+                            trace_parent=lease.job.trace_parent,
                         )
                         for lease in leases
+                    ]
+                )
+            )
+        )
+
+    def _revoked(self, lease_id: str, reason: str) -> None:
+        """Tell the worker to stop a job whose lease was revoked (CancelJob,
+        DeleteRealm): the refusal it already handles for a lost lease."""
+        self.outbox.put_nowait(
+            spb.ClaimJobsResponse(
+                acks=spb.LeaseAcks(
+                    acks=[
+                        spb.LeaseAck(
+                            lease_id=lease_id,
+                            accepted=False,
+                            reason=f"lease revoked: {reason}",
+                            job_state=pb.Job.STATE_CANCELLED,
+                        )
                     ]
                 )
             )
@@ -204,10 +250,12 @@ class ClaimSession:
         try:
             async for message in requests:
                 self.last_heard = time.monotonic()
+                if self.stream is not None:
+                    self.stream.last_message = time.time()
                 await self._handle(message)
         except RealmError as e:
             if not isinstance(e, InvalidArgument):
-                log.warning("stream ended: %s stream=%s", e, self._label())
+                log.warning("stream ended", extra={"error": str(e), "stream": self._label()})
             self._fail(e)
             return
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -215,7 +263,7 @@ class ClaimSession:
         except grpc.RpcError:
             pass  # the call itself ended (the worker went away)
         except Exception:
-            log.exception("stream reader failed stream=%s", self._label())
+            log.exception("stream reader failed", extra={"stream": self._label()})
             self._fail(InternalError())
             return
         self.outbox.put_nowait(None)  # the worker closed its side
@@ -312,7 +360,7 @@ class ClaimSession:
             raise
         except Exception:
             log.exception(
-                "entry batch failed lease=%s stream=%s", batch.lease_id[:40], self._label()
+                "entry batch failed", extra={"lease": batch.lease_id[:40], "stream": self._label()}
             )
             await self._refuse_entries(
                 batch.lease_id, "the server could not store the entries; see its log"
@@ -341,7 +389,13 @@ class ClaimSession:
         for start in range(0, len(succeeded), COMPLETE_BATCH):
             chunk = succeeded[start : start + COMPLETE_BATCH]
             done = await asyncio.to_thread(
-                self.queue.complete_many, [(r.lease_id, r.entries_uploaded) for _, r in chunk]
+                self.queue.complete_many,
+                [(r.lease_id, r.entries_uploaded) for _, r in chunk],
+                files_done={
+                    r.lease_id: max(r.progress.done, r.progress.total, 0)
+                    for _, r in chunk
+                    if r.HasField("progress")
+                },
             )
             for i, r in chunk:
                 outcome = done[r.lease_id]
@@ -414,7 +468,10 @@ class ClaimSession:
             await asyncio.sleep(self.ping_seconds)
             silent = time.monotonic() - self.last_heard
             if silent > self.ping_seconds * 3:
-                log.warning("stream silent for %.1fs; closing", silent)
+                log.warning(
+                    "stream silent; closing",
+                    extra={"stream": self._label(), "silent_s": round(silent, 1)},
+                )
                 self.outbox.put_nowait(None)
                 return
             if silent >= self.ping_seconds:

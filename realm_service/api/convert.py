@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
 from realm_service.domain import (
+    Attempt,
     Disposition,
     IndexEntry,
     Job,
     JobKind,
     JobState,
+    QueueStats,
     Realm,
     RealmFile,
     RealmState,
+    WorkerInfo,
 )
 from realm_service.errors import InvalidArgument
+from realm_service.explain import Explanation, WaitCode
 
 KIND_TO_PB = {
     JobKind.FROM_SCRATCH: pb.JOB_KIND_FROM_SCRATCH_INDEX,
@@ -30,12 +36,14 @@ JOB_STATE_TO_PB = {
     JobState.RUNNING: pb.Job.STATE_RUNNING,
     JobState.SUCCEEDED: pb.Job.STATE_SUCCEEDED,
     JobState.FAILED: pb.Job.STATE_FAILED,
+    JobState.CANCELLED: pb.Job.STATE_CANCELLED,
 }
 JOB_STATE_FROM_PB = {v: k for k, v in JOB_STATE_TO_PB.items()}
 REALM_STATE_TO_PB = {
     RealmState.INDEXING: pb.Realm.STATE_INDEXING,
     RealmState.READY: pb.Realm.STATE_READY,
     RealmState.INDEX_FAILED: pb.Realm.STATE_INDEX_FAILED,
+    RealmState.INDEX_CANCELLED: pb.Realm.STATE_INDEX_CANCELLED,
 }
 DISPOSITION_TO_PB = {
     Disposition.INSERTED: pb.DISPOSITION_INSERTED,
@@ -76,7 +84,13 @@ def realm_pb(realm: Realm) -> pb.Realm:
     )
 
 
-def job_pb(job: Job) -> pb.Job:
+# Client answers list at most this many of a job's paths (path_change_count
+# has them all); assignments to workers carry every one.
+SHOWN_PATH_CHANGES = 100
+
+
+def job_pb(job: Job, *, max_paths: int | None = SHOWN_PATH_CHANGES) -> pb.Job:
+    changes = job.path_changes if max_paths is None else job.path_changes[:max_paths]
     return pb.Job(
         job_id=str(job.job_id),
         realm_id=job.realm_id,
@@ -89,7 +103,8 @@ def job_pb(job: Job) -> pb.Job:
         finish_time=ts(job.finish_time),
         error_message=job.error_message,
         progress=pb.JobProgress(done=job.progress_done, total=job.progress_total),
-        path_changes=[pb.PathChange(path=c.path, deleted=c.deleted) for c in job.path_changes],
+        path_changes=[pb.PathChange(path=c.path, deleted=c.deleted) for c in changes],
+        path_change_count=len(job.path_changes),
     )
 
 
@@ -185,3 +200,94 @@ def job_id(value: str, field: str = "job_id") -> int:
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise InvalidArgument(f"{field} {value[:40]!r} is not a job id (decimal digits)")
     return int(value)
+
+
+# -- job control ----------------------------------------------------------------
+
+WAIT_CODE_TO_PB = {
+    WaitCode.JOBS_AHEAD: spb.WaitReason.CODE_JOBS_AHEAD,
+    WaitCode.REALM_BUSY: spb.WaitReason.CODE_REALM_BUSY,
+    WaitCode.NO_WORKERS: spb.WaitReason.CODE_NO_WORKERS,
+    WaitCode.NO_MATCHING_WORKER: spb.WaitReason.CODE_NO_MATCHING_WORKER,
+    WaitCode.RESERVED_SLOTS: spb.WaitReason.CODE_RESERVED_SLOTS,
+    WaitCode.ALL_SLOTS_BUSY: spb.WaitReason.CODE_ALL_SLOTS_BUSY,
+    WaitCode.DRAINING: spb.WaitReason.CODE_DRAINING,
+}
+
+
+def attempt_pb(a: Attempt) -> spb.JobAttempt:
+    return spb.JobAttempt(
+        number=a.number,
+        worker_id=a.worker,
+        instance_id=a.instance_id,
+        start_time=ts(a.start_time),
+        end_time=ts(a.end_time),
+        outcome=a.outcome,
+        error_message=a.error_message,
+    )
+
+
+def explanation_pb(e: Explanation) -> spb.ExplainJobResponse:
+    running = None
+    if e.running is not None:
+        running = spb.RunningAttempt(
+            worker_id=e.running.worker,
+            stream_id=e.running.stream_id,
+            instance_id=e.running.instance_id,
+            lease_expire_time=ts(e.running.lease_expire_time),
+            last_heartbeat_time=ts(e.running.last_heartbeat_time),
+        )
+    return spb.ExplainJobResponse(
+        job=job_pb(e.job),
+        summary=e.summary,
+        reasons=[
+            spb.WaitReason(code=WAIT_CODE_TO_PB[r.code], message=r.message) for r in e.reasons
+        ],
+        jobs_ahead=e.jobs_ahead,
+        ahead=[job_pb(j) for j in e.ahead],
+        running=running,
+        attempts=[attempt_pb(a) for a in e.attempts],
+    )
+
+
+def worker_pb(w: WorkerInfo) -> spb.Worker:
+    return spb.Worker(
+        worker_id=w.worker_id,
+        incarnation_id=w.incarnation_id,
+        instance_id=w.instance_id,
+        stream_id=w.stream_id,
+        kinds=[KIND_TO_PB[k] for k in w.kinds],
+        min_priority=w.min_priority,
+        credits=w.credits,
+        jobs_held=w.jobs_held,
+        connect_time=ts(w.connect_time),
+        last_message_time=ts(w.last_message_time),
+    )
+
+
+def queue_stats_pb(stats: QueueStats, now: datetime | None = None) -> spb.GetQueueStatsResponse:
+    now = now or datetime.now(UTC)
+
+    def finished(counts: dict[JobState, int]) -> spb.FinishedCounts:
+        return spb.FinishedCounts(
+            succeeded=counts.get(JobState.SUCCEEDED, 0),
+            failed=counts.get(JobState.FAILED, 0),
+            cancelled=counts.get(JobState.CANCELLED, 0),
+        )
+
+    oldest = []
+    for priority, created in stats.oldest:
+        age = Duration()
+        age.FromTimedelta(max(now - created, timedelta(0)))
+        oldest.append(spb.OldestQueued(priority=priority, create_time=ts(created), age=age))
+    return spb.GetQueueStatsResponse(
+        counts=[
+            spb.JobCount(
+                state=JOB_STATE_TO_PB[state], kind=KIND_TO_PB[kind], priority=priority, count=n
+            )
+            for state, kind, priority, n in stats.counts
+        ],
+        oldest=oldest,
+        last_minute=finished(stats.last_minute),
+        last_hour=finished(stats.last_hour),
+    )

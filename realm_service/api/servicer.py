@@ -26,8 +26,9 @@ from realm_service.api.status import status_of
 from realm_service.dispatcher import Dispatcher
 from realm_service.domain import SYSTEM, Job, validate_priority
 from realm_service.errors import InvalidArgument, RealmError, Unavailable
+from realm_service.explain import explain
 from realm_service.queue import JobQueue
-from realm_service.realms import Realms
+from realm_service.realms import FilePage, Realms
 from realm_service.watch import JobWatch
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+# CancelJob: the longest reason kept.
+MAX_REASON = 500
+# StreamRealmFiles: content bytes per message (default, bounds).
+DEFAULT_STREAM_MESSAGE_BYTES = 1 << 20
+MIN_STREAM_MESSAGE_BYTES = 4 << 10
+MAX_STREAM_MESSAGE_BYTES = 4 << 20
 
 
 def rpc(
@@ -51,7 +59,7 @@ def rpc(
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("internal error in %s", fn.__name__)
+            log.exception("internal error", extra={"rpc": fn.__name__})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         raise AssertionError("unreachable")
 
@@ -202,6 +210,108 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         stored, content = await call(self.realms.read_file, request.realm_id, request.path)
         return spb.ReadRealmFileResponse(file=c.file_pb(stored), content=content)
 
+    async def StreamRealmFiles(  # type: ignore[override]  # the reader/writer form
+        self, request: spb.StreamRealmFilesRequest, context: Ctx
+    ) -> None:
+        try:
+            await self._stream_files(request, context)
+        except RealmError as e:
+            await context.abort(status_of(e), e.message)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("internal error in StreamRealmFiles")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    async def _stream_files(self, request: spb.StreamRealmFilesRequest, context: Ctx) -> None:
+        budget = request.max_message_bytes or DEFAULT_STREAM_MESSAGE_BYTES
+        if not MIN_STREAM_MESSAGE_BYTES <= budget <= MAX_STREAM_MESSAGE_BYTES:
+            raise InvalidArgument(
+                f"max_message_bytes {request.max_message_bytes} is out of range: use 0 (1 MiB) "
+                f"or {MIN_STREAM_MESSAGE_BYTES}-{MAX_STREAM_MESSAGE_BYTES}"
+            )
+        await self._check_worker(request.realm_id, request.lease_id, context)
+
+        def first_page() -> tuple[list[str] | None, FilePage]:
+            paths, after = self.realms.start_file_stream(
+                request.realm_id, list(request.paths), request.after_path
+            )
+            page = self.realms.read_file_page(
+                request.realm_id,
+                lease_id=request.lease_id,
+                after=after,
+                paths=paths,
+                max_bytes=4 * budget,
+                first=True,
+            )
+            return paths, page
+
+        paths, page = await call(first_page)
+        message = spb.StreamRealmFilesResponse(total_files=page.total or 0)
+        size = 0
+        sent_any = False
+
+        async def send() -> None:
+            nonlocal message, size, sent_any
+            await context.write(message)
+            message, size, sent_any = spb.StreamRealmFilesResponse(), 0, True
+
+        while True:
+            for info, content in page.files:
+                meta = c.file_pb(info)
+                if size and size + len(content) > budget:
+                    await send()
+                if len(content) <= budget:
+                    message.chunks.append(
+                        spb.FileChunk(file=meta, offset=0, content=content, last=True)
+                    )
+                    size += len(content) + 1
+                    continue
+                for offset in range(0, len(content), budget):
+                    part = content[offset : offset + budget]
+                    message.chunks.append(
+                        spb.FileChunk(
+                            file=meta,
+                            offset=offset,
+                            content=part,
+                            last=offset + budget >= len(content),
+                        )
+                    )
+                    size = len(part)
+                    await send()
+            if page.next_after is None:
+                break
+            page = await call(
+                self.realms.read_file_page,
+                request.realm_id,
+                lease_id=request.lease_id,
+                after=page.next_after,
+                paths=paths,
+                max_bytes=4 * budget,
+            )
+        if size or not sent_any:
+            await send()
+
+    @rpc
+    async def WriteRealmFiles(
+        self, request: spb.WriteRealmFilesRequest, context: Ctx
+    ) -> spb.WriteRealmFilesResponse:
+        self._check_serving()
+        written = await call(
+            self.realms.write_files,
+            request.realm_id,
+            [(f.path, f.content) for f in request.files],
+            list(request.deleted_paths),
+            request.priority if request.HasField("priority") else None,
+        )
+        result = written.result
+        return spb.WriteRealmFilesResponse(
+            files=[c.file_pb(f) for f in written.files],
+            deleted=written.deleted,
+            job=c.job_pb(result.job),
+            disposition=c.DISPOSITION_TO_PB[result.disposition],
+        )
+
     @rpc
     async def SearchRealm(
         self, request: spb.SearchRealmRequest, context: Ctx
@@ -220,6 +330,64 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         return spb.SearchRealmResponse(
             entries=[c.entry_pb(e) for e in entries[:size]], next_page_token=token
         )
+
+    # -- job control ------------------------------------------------------------
+
+    @rpc
+    async def CancelJob(self, request: spb.CancelJobRequest, context: Ctx) -> spb.CancelJobResponse:
+        job_id = c.job_id(request.job_id)
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgument(f"reason is longer than {MAX_REASON} characters")
+        if any(ord(ch) < 0x20 for ch in request.reason):
+            raise InvalidArgument("reason contains control characters")
+        job = await call(self.queue.cancel, job_id, request.reason)
+        return spb.CancelJobResponse(job=c.job_pb(job))
+
+    @rpc
+    async def RetryJob(self, request: spb.RetryJobRequest, context: Ctx) -> spb.RetryJobResponse:
+        self._check_serving()
+        result = await call(self.queue.retry, c.job_id(request.job_id))
+        return spb.RetryJobResponse(
+            job=c.job_pb(result.job), disposition=c.DISPOSITION_TO_PB[result.disposition]
+        )
+
+    @rpc
+    async def DeleteRealm(
+        self, request: spb.DeleteRealmRequest, context: Ctx
+    ) -> spb.DeleteRealmResponse:
+        self._check_serving()
+        deletion = await call(self.realms.delete, request.realm_id, request.request_id)
+        return spb.DeleteRealmResponse(
+            jobs_cancelled=deletion.jobs_cancelled,
+            files_deleted=deletion.files_deleted,
+            replayed=deletion.replayed,
+        )
+
+    @rpc
+    async def ExplainJob(
+        self, request: spb.ExplainJobRequest, context: Ctx
+    ) -> spb.ExplainJobResponse:
+        found = await explain(
+            self.queue, self.dispatcher, c.job_id(request.job_id), draining=self.draining
+        )
+        return c.explanation_pb(found)
+
+    @rpc
+    async def ListWorkers(
+        self, request: spb.ListWorkersRequest, context: Ctx
+    ) -> spb.ListWorkersResponse:
+        others = await call(self.queue.other_instances_workers)
+        workers = sorted(
+            [*self.dispatcher.workers(), *others],
+            key=lambda w: (w.worker_id, w.instance_id, w.stream_id),
+        )
+        return spb.ListWorkersResponse(workers=[c.worker_pb(w) for w in workers])
+
+    @rpc
+    async def GetQueueStats(
+        self, request: spb.GetQueueStatsRequest, context: Ctx
+    ) -> spb.GetQueueStatsResponse:
+        return c.queue_stats_pb(await call(self.queue.stats))
 
     @rpc
     async def GetJob(self, request: spb.GetJobRequest, context: Ctx) -> spb.GetJobResponse:
@@ -270,7 +438,7 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("internal error in WatchJob")
+            log.exception("internal error", extra={"rpc": "WatchJob"})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
     async def ClaimJobs(  # type: ignore[override]  # the reader/writer form

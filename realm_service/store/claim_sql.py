@@ -30,6 +30,7 @@ _CLAIM_COLUMNS = (
     _JOBS.c.finish_time,
     _JOBS.c.error_message,
     _JOBS.c.paths,
+    _JOBS.c.trace_parent,
 )
 _claim_statements: dict[tuple[bool, bool], Select[*tuple[Any, ...]]] = {}
 
@@ -205,6 +206,7 @@ def claim(
                 progress_done=0,
                 progress_total=0,
                 path_changes=decode_paths(row.paths),
+                trace_parent=row.trace_parent,
             ),
         )
         for row in chosen

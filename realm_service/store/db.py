@@ -105,7 +105,17 @@ class Tx:
     Effects are collected here, not fired by whoever made the change: no
     caller has to remember a second step after the commit."""
 
-    __slots__ = ("_db", "_notified", "changed_jobs", "committed", "new_work", "session")
+    __slots__ = (
+        "_db",
+        "_notified",
+        "changed_jobs",
+        "committed",
+        "deleted_realms",
+        "new_work",
+        "revoked",
+        "session",
+        "stale_statistics",
+    )
 
     def __init__(self, session: Session, db: Database) -> None:
         self.session = session
@@ -114,6 +124,11 @@ class Tx:
         # Called once the transaction has committed (log lines that must not
         # report a change that rolled back).
         self.committed: list[Callable[[], None]] = []
+        # Tables whose planner statistics the commit makes stale (PostgreSQL).
+        self.stale_statistics: set[str] = set()
+        # Leases taken from their holders (lease id, reason), realms deleted.
+        self.revoked: list[tuple[str, str]] = []
+        self.deleted_realms: list[str] = []
         self._db = db
         self._notified = False
 
@@ -137,8 +152,36 @@ class Tx:
     def on_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)
 
+    def revoke(self, lease_ids: Iterable[str], reason: str) -> None:
+        """The leases end without a result (their jobs were cancelled or
+        deleted): at commit, the streams holding them, on any instance, drop
+        them and tell their workers to stop."""
+        for lease_id in lease_ids:
+            self.revoked.append((lease_id, reason))
+            self._tell_others(f"{_REVOKE}{lease_id}:{reason[:500]}")
+
+    def realm_deleted(self, realm_id: str) -> None:
+        """At commit, every instance unmounts the realm."""
+        self.deleted_realms.append(realm_id)
+        self._tell_others(f"{_UNMOUNT}{realm_id}")
+
+    def _tell_others(self, payload: str) -> None:
+        if self._db.backend == "postgresql":
+            self.session.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
+
+    def statistics_changed(self, table: str) -> None:
+        """The transaction changes so many rows of `table` that PostgreSQL's
+        planner would misjudge it until autovacuum gets to it: it is analyzed
+        right after the commit."""
+        if self._db.backend == "postgresql":
+            self.stale_statistics.add(table)
+
 
 _NOTIFY = text("SELECT pg_notify(:c, '')")
+_NOTIFY_PAYLOAD = text("SELECT pg_notify(:c, :p)")
+# Payloads on the wake-up channel besides '' (new work).
+_REVOKE = "revoke:"
+_UNMOUNT = "unmount:"
 
 
 class Database:
@@ -152,6 +195,8 @@ class Database:
         self.backend = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self._new_work_listeners: list[Callable[[], None]] = []
         self._job_change_listeners: list[Callable[[int], None]] = []
+        self._revoke_listeners: list[Callable[[str, str], None]] = []
+        self._unmount_listeners: list[Callable[[str], None]] = []
         self._listen_thread: threading.Thread | None = None
         self._stop = threading.Event()
         # SQLite has one writer at a time. Threads of this process take turns
@@ -260,6 +305,20 @@ class Database:
                     job_change(job_id)
         if tx.new_work:
             self.new_work_committed()
+        for lease_id, reason in tx.revoked:
+            self._lease_revoked(lease_id, reason)
+        for realm_id in tx.deleted_realms:
+            self._realm_deleted(realm_id)
+        for table in sorted(tx.stale_statistics):
+            self._analyze(table)
+
+    def _analyze(self, table: str) -> None:
+        """ANALYZE one of our tables; best effort (autovacuum does it later)."""
+        try:
+            with self.sessions() as session, session.begin():
+                session.execute(text(f'ANALYZE "{table}"'))
+        except Exception as e:
+            log.warning("could not analyze table", extra={"table": table, "error": str(e)})
 
     def ping(self) -> bool:
         try:
@@ -320,6 +379,32 @@ class Database:
         for callback in list(self._new_work_listeners):
             callback()
 
+    def on_lease_revoked(self, callback: Callable[[str, str], None]) -> None:
+        """Call back (from any thread) with (lease id, reason) when a lease is
+        revoked, by this process or, on PostgreSQL, another instance."""
+        self._revoke_listeners.append(callback)
+
+    def on_realm_deleted(self, callback: Callable[[str], None]) -> None:
+        """Call back (from any thread) with a realm id when a realm is deleted."""
+        self._unmount_listeners.append(callback)
+
+    def _lease_revoked(self, lease_id: str, reason: str) -> None:
+        for callback in list(self._revoke_listeners):
+            callback(lease_id, reason)
+
+    def _realm_deleted(self, realm_id: str) -> None:
+        for callback in list(self._unmount_listeners):
+            callback(realm_id)
+
+    def _notified(self, payload: str) -> None:
+        if payload.startswith(_REVOKE):
+            lease_id, _, reason = payload[len(_REVOKE) :].partition(":")
+            self._lease_revoked(lease_id, reason)
+        elif payload.startswith(_UNMOUNT):
+            self._realm_deleted(payload[len(_UNMOUNT) :])
+        else:
+            self.new_work_committed()
+
     def _listen(self) -> None:
         import psycopg
 
@@ -330,16 +415,16 @@ class Database:
             try:
                 with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
-                    log.info("listening channel=%s", self.channel)
+                    log.info("listening", extra={"channel": self.channel})
                     # A (re)connect may have missed notifications: wake everyone once.
                     self.new_work_committed()
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
-                            self.new_work_committed()
+                        for notify in conn.notifies(timeout=1.0, stop_after=1):
+                            self._notified(notify.payload)
             except Exception as e:  # reconnect: the polling fallback covers the gap
                 if self._stop.is_set():
                     return
-                log.warning("listen connection lost: %s; retrying", e)
+                log.warning("listen connection lost; retrying", extra={"error": str(e)})
                 time.sleep(1.0)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ decides, and answer with `Job` values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
@@ -15,7 +16,14 @@ from sqlalchemy import Table, bindparam, exc, func, insert, select, update
 
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
 from realm_service.store.db import Tx
-from realm_service.store.rows import QUEUED, RUNNING, encode_paths, new_job_values, to_job
+from realm_service.store.rows import (
+    MERGED,
+    QUEUED,
+    RUNNING,
+    encode_paths,
+    new_job_values,
+    to_job,
+)
 from realm_service.store.tables import JobRow
 
 _JOBS = cast(Table, JobRow.__table__)
@@ -98,8 +106,16 @@ def insert_job(
     priority: int,
     now: datetime,
     paths: Sequence[PathChange] = (),
+    trace_parent: str = "",
 ) -> Job:
-    values = new_job_values(realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths)
+    values = new_job_values(
+        realm_id=realm_id,
+        kind=kind,
+        priority=priority,
+        now=now,
+        paths=paths,
+        trace_parent=trace_parent,
+    )
     (row,) = tx.session.execute(_INSERT, [values]).all()
     tx.announce_new_work()
     tx.job_changed([row.id])
@@ -114,18 +130,27 @@ def try_insert_job(
     priority: int,
     now: datetime,
     paths: Sequence[PathChange] = (),
+    trace_parent: str = "",
 ) -> Job | None:
     """Insert in a savepoint; None when the unique index refused it (a
     concurrent enqueuer's job exists now), leaving the outer transaction usable.
     On SQLite the transaction holds the only write lock: no concurrent
     enqueuer exists, and the savepoint's two statements are saved."""
+    insert = functools.partial(
+        insert_job,
+        tx,
+        realm_id=realm_id,
+        kind=kind,
+        priority=priority,
+        now=now,
+        paths=paths,
+        trace_parent=trace_parent,
+    )
     if tx.backend != "postgresql":
-        return insert_job(tx, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths)
+        return insert()
     try:
         with tx.session.begin_nested():
-            return insert_job(
-                tx, realm_id=realm_id, kind=kind, priority=priority, now=now, paths=paths
-            )
+            return insert()
     except exc.IntegrityError:
         return None
 
@@ -169,3 +194,22 @@ def try_insert_from_scratch_jobs(
     tx.announce_new_work()
     tx.job_changed([job.job_id for job in jobs])
     return jobs
+
+
+def supersede(tx: Tx, job: Job, by: Job) -> None:
+    """A queued job (locked by `queued_jobs`) folds into `by`, a queued or
+    running job of the realm that does its work: it leaves the queue, reads
+    of it follow `by`, and a queued `by` keeps the earlier place in line."""
+    seq = tx.session.scalar(
+        update(_JOBS)
+        .where(_JOBS.c.id == job.job_id, _JOBS.c.state == QUEUED)
+        .values(state=MERGED, superseded_by=by.job_id)
+        .returning(_JOBS.c.seq)
+    )
+    if seq is not None:
+        tx.session.execute(
+            update(_JOBS)
+            .where(_JOBS.c.id == by.job_id, _JOBS.c.state == QUEUED, _JOBS.c.seq > seq)
+            .values(seq=seq)
+        )
+    tx.job_changed([job.job_id, by.job_id])

@@ -3,12 +3,14 @@ realm's stats when the job completes, searched in the current generation."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import Insert, Table, and_, bindparam, case, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from realm_service.domain import IndexEntry, RealmState
 from realm_service.errors import RealmNotFound
@@ -39,21 +41,32 @@ def stage_entries(
     entries: Sequence[IndexEntry],
     deleted_paths: Sequence[str],
 ) -> None:
-    """Write entries (and tombstones) under a generation; re-sent paths replace."""
-    paths = [e.path for e in entries] + list(deleted_paths)
-    if not paths:
+    """Write entries (and tombstones) under a generation in one statement: an
+    upsert by (realm, generation, path), so a re-sent path replaces."""
+    if not entries and not deleted_paths:
         return
-    for start in range(0, len(paths), 500):
-        chunk = paths[start : start + 500]
-        tx.session.execute(
-            delete(IndexEntryRow).where(
-                IndexEntryRow.realm_id == realm_id,
-                IndexEntryRow.generation == generation,
-                IndexEntryRow.path.in_(chunk),
-            )
-        )
-    rows: list[dict[str, object]] = [
-        {
+    rows: dict[str, dict[str, object]] = {
+        p: {
+            "realm_id": realm_id,
+            "generation": generation,
+            "path": p,
+            "deleted": True,
+            "mtime": _EPOCH,
+            "size": 0,
+            "sha256": "",
+            "media_type": "",
+            "card_type": "",
+            "title": "",
+            "search_text": "",
+            "links": "[]",
+            "error_message": "",
+        }
+        for p in deleted_paths
+    }
+    # An entry wins over a tombstone of the same path, the last entry over
+    # earlier ones.
+    for e in entries:
+        rows[e.path] = {
             "realm_id": realm_id,
             "generation": generation,
             "path": e.path,
@@ -68,30 +81,26 @@ def stage_entries(
             "links": json.dumps(list(e.links)),
             "error_message": e.error_message,
         }
-        for e in {e.path: e for e in entries}.values()
-    ]
-    epoch = datetime.fromtimestamp(0).astimezone()
-    rows += [
-        {
-            "realm_id": realm_id,
-            "generation": generation,
-            "path": p,
-            "deleted": True,
-            "mtime": epoch,
-            "size": 0,
-            "sha256": "",
-            "media_type": "",
-            "card_type": "",
-            "title": "",
-            "search_text": "",
-            "links": "[]",
-            "error_message": "",
-        }
-        for p in dict.fromkeys(deleted_paths)
-        if p not in {e.path for e in entries}
-    ]
-    if rows:
-        tx.session.execute(insert(IndexEntryRow), rows)
+    tx.session.execute(_upsert(tx.backend), list(rows.values()))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Generations switched in with at least this many entries refresh the planner
+# statistics of index_entries (PostgreSQL) after their commit.
+ANALYZE_AFTER_ENTRIES = 10_000
+_ENTRY_KEY = ("realm_id", "generation", "path")
+
+
+@functools.cache
+def _upsert(backend: str) -> Insert:
+    """INSERT ... ON CONFLICT (key) DO UPDATE of every other column, in the
+    backend's dialect (both speak it); built once per backend."""
+    table = cast(Table, IndexEntryRow.__table__)
+    stmt = postgresql.insert(table) if backend == "postgresql" else sqlite.insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=list(_ENTRY_KEY),
+        set_={c.name: stmt.excluded[c.name] for c in table.c if c.name not in _ENTRY_KEY},
+    )
 
 
 def count_staged_many(tx: Tx, generations: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
@@ -117,7 +126,14 @@ _FILES = cast(Table, RealmFileRow.__table__)
 # The statements of a generation switch, built once: a completion costs their
 # execution, not their construction (compiled forms are cached).
 _LOCK_GENERATIONS = (
-    select(_REALMS.c.realm_id, _REALMS.c.current_generation)
+    select(
+        _REALMS.c.realm_id,
+        _REALMS.c.current_generation,
+        _REALMS.c.entries,
+        _REALMS.c.errors,
+        _REALMS.c.cards,
+        _REALMS.c.files,
+    )
     .where(_REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
     .order_by(_REALMS.c.realm_id)
     .with_for_update()
@@ -129,15 +145,10 @@ _DROP_REPLACED = delete(_ENTRIES).where(
         _ENTRIES.c.deleted.is_(True),
     ),
 )
+_IS_ERROR = case((_ENTRIES.c.error_message != "", 1), else_=0)
+_IS_CARD = case((and_(_ENTRIES.c.card_type != "", _ENTRIES.c.error_message == ""), 1), else_=0)
 _COUNT_ENTRIES = (
-    select(
-        _ENTRIES.c.realm_id,
-        func.count(),
-        func.sum(case((_ENTRIES.c.error_message != "", 1), else_=0)),
-        func.sum(
-            case((and_(_ENTRIES.c.card_type != "", _ENTRIES.c.error_message == ""), 1), else_=0)
-        ),
-    )
+    select(_ENTRIES.c.realm_id, func.count(), func.sum(_IS_ERROR), func.sum(_IS_CARD))
     .where(
         _ENTRIES.c.realm_id.in_(bindparam("realm_ids", expanding=True)),
         _ENTRIES.c.generation.in_(bindparam("generations", expanding=True)),
@@ -162,93 +173,146 @@ _SET_GENERATION = (
         state=RealmState.READY.value,
     )
 )
+# An incremental merge, in statements that touch its own paths only (by the
+# primary key realm, generation, path), never the rest of the realm.
+# The staged paths are read first and named in the statements that follow:
+# with a subquery instead, PostgreSQL may hash the whole current generation.
+_STAGED = select(_ENTRIES.c.path).where(
+    _ENTRIES.c.realm_id == bindparam("realm"), _ENTRIES.c.generation == bindparam("staged")
+)
+_STATS_OF_REPLACED = select(func.count(), func.sum(_IS_ERROR), func.sum(_IS_CARD)).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("current"),
+    _ENTRIES.c.path.in_(bindparam("paths", expanding=True)),
+)
+_STATS_OF_STAGED = select(func.count(), func.sum(_IS_ERROR), func.sum(_IS_CARD)).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("staged"),
+    _ENTRIES.c.deleted.is_(False),
+)
+_DROP_OLD_VERSIONS = delete(_ENTRIES).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("current"),
+    _ENTRIES.c.path.in_(bindparam("paths", expanding=True)),
+)
+_DROP_TOMBSTONES = delete(_ENTRIES).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("staged"),
+    _ENTRIES.c.deleted.is_(True),
+)
+_PROMOTE = (
+    update(_ENTRIES)
+    .where(_ENTRIES.c.realm_id == bindparam("realm"), _ENTRIES.c.generation == bindparam("staged"))
+    .values(generation=bindparam("current"))
+)
+# Entries of generations that are neither current nor being merged (attempts
+# that never completed), as three ranges of the primary key.
+_DROP_ORPHANS = delete(_ENTRIES).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    or_(
+        _ENTRIES.c.generation < bindparam("lo"),
+        and_(_ENTRIES.c.generation > bindparam("lo"), _ENTRIES.c.generation < bindparam("hi")),
+        _ENTRIES.c.generation > bindparam("hi"),
+    ),
+)
 
 
 def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: datetime) -> None:
-    """`switch_generation` for completed jobs of distinct realms, given as
-    (realm, generation, from_scratch). Generations that replace a realm's
-    index (from-scratch jobs, or a realm's first) take a fixed number of
-    statements however many there are; incremental merges go one by one."""
+    """Switch in the generations of completed jobs of distinct realms, given
+    as (realm, generation, from_scratch), with the realms' stats. Generations
+    that replace a realm's index (from-scratch jobs, or a realm's first) take
+    a fixed number of statements however many there are, and count the new
+    index; an incremental merge touches its own paths only and adjusts the
+    stats by what it replaced and added."""
     if not jobs:
         return
     ids = [realm_id for realm_id, _, _ in jobs]
-    realms: dict[str, int | None] = {
-        realm_id: generation
-        for realm_id, generation in tx.session.execute(_LOCK_GENERATIONS, {"realm_ids": ids})
+    realms = {
+        row.realm_id: row for row in tx.session.execute(_LOCK_GENERATIONS, {"realm_ids": ids})
     }
-    current: dict[str, int] = {}
+    stats: dict[str, dict[str, object]] = {}
     replaced: dict[str, int] = {}
     for realm_id, generation, from_scratch in jobs:
-        if realm_id not in realms:
+        realm = realms.get(realm_id)
+        if realm is None:
             raise RealmNotFound(f"realm {realm_id!r} does not exist")
-        was = realms[realm_id]
+        was = realm.current_generation
         if from_scratch or was is None:
-            replaced[realm_id] = current[realm_id] = generation
-        else:
-            _merge_generation(tx, realm_id, generation, was)
-            current[realm_id] = was
+            replaced[realm_id] = generation
+            continue
+        entries, errors, cards = _merge_generation(tx, realm_id, generation, was)
+        stats[realm_id] = {
+            "b_realm": realm_id,
+            "b_generation": was,
+            "b_entries": realm.entries + entries,
+            "b_errors": realm.errors + errors,
+            "b_cards": realm.cards + cards,
+            "b_files": realm.files,
+            "b_now": now,
+        }
     if replaced:
         # Generations are attempt ids, unique across realms: an entry of these
         # realms that is not in one of the new generations is not in its own.
+        scratch_ids = list(replaced)
         tx.session.execute(
-            _DROP_REPLACED,
-            {"realm_ids": list(replaced), "generations": list(replaced.values())},
+            _DROP_REPLACED, {"realm_ids": scratch_ids, "generations": list(replaced.values())}
         )
-    counts: dict[str, tuple[int, int, int]] = {
-        realm_id: (int(entries or 0), int(errors or 0), int(cards or 0))
-        for realm_id, entries, errors, cards in tx.session.execute(
-            _COUNT_ENTRIES, {"realm_ids": ids, "generations": sorted(set(current.values()))}
-        )
-    }
-    files: dict[str, int] = {
-        realm_id: int(n) for realm_id, n in tx.session.execute(_COUNT_FILES, {"realm_ids": ids})
-    }
-    tx.session.execute(
-        _SET_GENERATION,
-        [
-            {
+        counts = {
+            realm_id: (int(n or 0), int(errors or 0), int(cards or 0))
+            for realm_id, n, errors, cards in tx.session.execute(
+                _COUNT_ENTRIES,
+                {"realm_ids": scratch_ids, "generations": sorted(set(replaced.values()))},
+            )
+        }
+        files = {
+            realm_id: int(n)
+            for realm_id, n in tx.session.execute(_COUNT_FILES, {"realm_ids": scratch_ids})
+        }
+        if sum(n for n, _, _ in counts.values()) >= ANALYZE_AFTER_ENTRIES:
+            # A big new generation: without fresh statistics PostgreSQL reads
+            # the realm's next merges through the card-type index, row by row.
+            tx.statistics_changed("index_entries")
+        for realm_id, generation in replaced.items():
+            n, errors, cards = counts.get(realm_id, (0, 0, 0))
+            stats[realm_id] = {
                 "b_realm": realm_id,
-                "b_generation": current[realm_id],
-                "b_entries": counts.get(realm_id, (0, 0, 0))[0],
-                "b_errors": counts.get(realm_id, (0, 0, 0))[1],
-                "b_cards": counts.get(realm_id, (0, 0, 0))[2],
+                "b_generation": generation,
+                "b_entries": n,
+                "b_errors": errors,
+                "b_cards": cards,
                 "b_files": files.get(realm_id, 0),
                 "b_now": now,
             }
-            for realm_id in ids
-        ],
-    )
+    tx.session.execute(_SET_GENERATION, [stats[realm_id] for realm_id in ids])
 
 
-def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> None:
+def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> tuple[int, int, int]:
     """An incremental job's entries replace those of the same paths in the
-    realm's current generation; its tombstones remove them."""
-    staged_paths = select(IndexEntryRow.path).where(
-        IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation
-    )
-    tx.session.execute(
-        delete(IndexEntryRow).where(
-            IndexEntryRow.realm_id == realm_id,
-            IndexEntryRow.generation == current,
-            IndexEntryRow.path.in_(staged_paths.scalar_subquery()),
+    realm's current generation; its tombstones remove them. Returns the
+    change in (entries, errors, cards)."""
+    keys = {"realm": realm_id, "staged": generation, "current": current}
+    staged = list(tx.session.scalars(_STAGED, keys))
+    old_count = old_errors = old_cards = 0
+    for start in range(0, len(staged), 1000):
+        named = {**keys, "paths": staged[start : start + 1000]}
+        count, errors, cards = tx.session.execute(_STATS_OF_REPLACED, named).one()
+        old_count, old_errors, old_cards = (
+            old_count + int(count or 0),
+            old_errors + int(errors or 0),
+            old_cards + int(cards or 0),
         )
-    )
+        tx.session.execute(_DROP_OLD_VERSIONS, named)
+    new = tx.session.execute(_STATS_OF_STAGED, keys).one()
+    tx.session.execute(_DROP_TOMBSTONES, keys)
     tx.session.execute(
-        delete(IndexEntryRow).where(
-            IndexEntryRow.realm_id == realm_id,
-            or_(
-                and_(IndexEntryRow.generation == generation, IndexEntryRow.deleted.is_(True)),
-                and_(
-                    IndexEntryRow.generation != generation,
-                    IndexEntryRow.generation != current,
-                ),
-            ),
-        )
+        _DROP_ORPHANS,
+        {"realm": realm_id, "lo": min(generation, current), "hi": max(generation, current)},
     )
-    tx.session.execute(
-        update(IndexEntryRow)
-        .where(IndexEntryRow.realm_id == realm_id, IndexEntryRow.generation == generation)
-        .values(generation=current)
+    tx.session.execute(_PROMOTE, keys)
+    return (
+        int(new[0] or 0) - old_count,
+        int(new[1] or 0) - old_errors,
+        int(new[2] or 0) - old_cards,
     )
 
 
@@ -285,3 +349,10 @@ def search(
     if after_path:
         q = q.where(IndexEntryRow.path > after_path)
     return [to_entry(r) for r in tx.session.scalars(q)]
+
+
+def drop_generation(tx: Tx, realm_id: str, generation: int) -> None:
+    """Discard what an attempt staged (its generation, never switched in)."""
+    tx.session.execute(
+        delete(_ENTRIES).where(_ENTRIES.c.realm_id == realm_id, _ENTRIES.c.generation == generation)
+    )

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 
+from realm_service.domain import JobKind, WorkerInfo
 from realm_service.store.db import Tx
-from realm_service.store.tables import JobAttemptRow, ServerInstanceRow
+from realm_service.store.tables import JobAttemptRow, ServerInstanceRow, WorkerPresenceRow
 
 
 def register(tx: Tx, instance_id: str, now: datetime) -> None:
@@ -77,3 +78,59 @@ def stale(tx: Tx, seen_before: datetime) -> list[str]:
             select(ServerInstanceRow.instance_id).where(ServerInstanceRow.seen_time < seen_before)
         )
     )
+
+
+def replace_presence(tx: Tx, instance_id: str, workers: Sequence[WorkerInfo]) -> None:
+    """This instance's connected streams, as they are now."""
+    tx.session.execute(
+        delete(WorkerPresenceRow).where(WorkerPresenceRow.instance_id == instance_id)
+    )
+    if workers:
+        tx.session.execute(
+            insert(WorkerPresenceRow),
+            [
+                {
+                    "instance_id": instance_id,
+                    "stream_id": w.stream_id,
+                    "worker_id": w.worker_id,
+                    "incarnation_id": w.incarnation_id,
+                    "kinds": ",".join(k.value for k in w.kinds),
+                    "min_priority": w.min_priority,
+                    "credits": w.credits,
+                    "jobs_held": w.jobs_held,
+                    "connect_time": w.connect_time,
+                    "last_message_time": w.last_message_time,
+                }
+                for w in workers
+            ],
+        )
+
+
+def presence(tx: Tx, *, other_than: str, seen_after: datetime) -> list[WorkerInfo]:
+    """The streams other live instances reported."""
+    rows = tx.session.scalars(
+        select(WorkerPresenceRow)
+        .join(
+            ServerInstanceRow,
+            ServerInstanceRow.instance_id == WorkerPresenceRow.instance_id,
+        )
+        .where(
+            WorkerPresenceRow.instance_id != other_than,
+            ServerInstanceRow.seen_time > seen_after,
+        )
+    )
+    return [
+        WorkerInfo(
+            worker_id=r.worker_id,
+            incarnation_id=r.incarnation_id,
+            instance_id=r.instance_id,
+            stream_id=r.stream_id,
+            kinds=tuple(JobKind(k) for k in r.kinds.split(",") if k),
+            min_priority=r.min_priority,
+            credits=r.credits,
+            jobs_held=r.jobs_held,
+            connect_time=r.connect_time,
+            last_message_time=r.last_message_time,
+        )
+        for r in rows
+    ]

@@ -3,14 +3,22 @@ page of jobs, a job's attempts, the queue's depth."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 
-from realm_service.domain import Job, JobKind, JobState
+from realm_service.domain import (
+    Attempt,
+    Job,
+    JobKind,
+    JobState,
+    QueuePosition,
+    QueueStats,
+    RunningInfo,
+)
 from realm_service.errors import JobNotFound
 from realm_service.store.db import Tx
-from realm_service.store.rows import MERGED, QUEUED, to_job
+from realm_service.store.rows import MERGED, QUEUED, RUNNING, to_job
 from realm_service.store.tables import JobAttemptRow, JobRow
 
 
@@ -72,3 +80,122 @@ def queue_depth(tx: Tx) -> list[tuple[int, int, datetime | None]]:
         .group_by(JobRow.priority)
     ).all()
     return [(int(p), int(c), t) for p, c, t in rows]
+
+
+def running_count(tx: Tx) -> int:
+    """Jobs running now, over every instance (served by the lease-expiry index)."""
+    return int(
+        tx.session.execute(
+            select(func.count()).select_from(JobRow).where(JobRow.state == RUNNING)
+        ).scalar_one()
+    )
+
+
+def attempts_detail(tx: Tx, job_id: int) -> list[Attempt]:
+    """Every attempt of a job, oldest first, without its lease id."""
+    rows = tx.session.scalars(
+        select(JobAttemptRow).where(JobAttemptRow.job_id == job_id).order_by(JobAttemptRow.id)
+    )
+    return [
+        Attempt(
+            number=i,
+            worker=r.worker,
+            instance_id=r.instance_id,
+            start_time=r.start_time,
+            end_time=r.end_time,
+            outcome=r.outcome,
+            error_message=r.error_message,
+        )
+        for i, r in enumerate(rows, start=1)
+    ]
+
+
+def running_info(tx: Tx, job_id: int) -> RunningInfo | None:
+    """Where a running job's current lease stands."""
+    row = tx.session.execute(
+        select(JobRow.lease_id, JobRow.lease_expire_time, JobRow.worker).where(
+            JobRow.id == job_id, JobRow.state == RUNNING
+        )
+    ).first()
+    if row is None or row.lease_id is None:
+        return None
+    instance = tx.session.scalar(
+        select(JobAttemptRow.instance_id).where(JobAttemptRow.lease_id == row.lease_id)
+    )
+    return RunningInfo(
+        worker=row.worker, instance_id=instance or "", lease_expire_time=row.lease_expire_time
+    )
+
+
+def position(tx: Tx, job: Job, *, show: int = 5) -> QueuePosition:
+    """A queued job's place in the claim order (priority, then age): the
+    queued jobs before it, the first `show` of them, and its realm's
+    running job."""
+    row = tx.session.execute(select(JobRow.seq).where(JobRow.id == job.job_id)).first()
+    seq = row.seq if row is not None else 0
+    ahead = and_(
+        JobRow.state == QUEUED,
+        JobRow.id != job.job_id,
+        or_(
+            JobRow.priority > job.priority,
+            and_(
+                JobRow.priority == job.priority,
+                or_(JobRow.seq < seq, and_(JobRow.seq == seq, JobRow.id < job.job_id)),
+            ),
+        ),
+    )
+    count = int(tx.session.scalar(select(func.count()).select_from(JobRow).where(ahead)) or 0)
+    first = [
+        to_job(r)
+        for r in tx.session.scalars(
+            select(JobRow)
+            .where(ahead)
+            .order_by(JobRow.priority.desc(), JobRow.seq, JobRow.id)
+            .limit(show)
+        )
+    ]
+    running = tx.session.scalars(
+        select(JobRow).where(JobRow.realm_id == job.realm_id, JobRow.state == RUNNING)
+    ).first()
+    return QueuePosition(
+        ahead=count,
+        first_ahead=tuple(first),
+        realm_running=None if running is None else to_job(running),
+    )
+
+
+def queue_stats(tx: Tx, now: datetime) -> QueueStats:
+    """Jobs by state, kind and priority (a merged job counts with the job it
+    was folded into, so it is left out), the oldest queued per priority, and
+    jobs finished in the last minute and hour by outcome."""
+    counts = tx.session.execute(
+        select(JobRow.state, JobRow.kind, JobRow.priority, func.count())
+        .where(JobRow.state != MERGED)
+        .group_by(JobRow.state, JobRow.kind, JobRow.priority)
+        .order_by(JobRow.state, JobRow.kind, JobRow.priority)
+    ).all()
+    oldest = tx.session.execute(
+        select(JobRow.priority, func.min(JobRow.create_time))
+        .where(JobRow.state == QUEUED)
+        .group_by(JobRow.priority)
+        .order_by(JobRow.priority.desc())
+    ).all()
+    finished = [JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value]
+
+    def ended_since(since: datetime) -> dict[JobState, int]:
+        rows = tx.session.execute(
+            select(JobRow.state, func.count())
+            .where(JobRow.state.in_(finished), JobRow.finish_time >= since)
+            .group_by(JobRow.state)
+        ).all()
+        return {JobState(state): int(n) for state, n in rows}
+
+    return QueueStats(
+        counts=tuple(
+            (JobState(state), JobKind(kind), int(priority), int(n))
+            for state, kind, priority, n in counts
+        ),
+        oldest=tuple((int(p), t) for p, t in oldest),
+        last_minute=ended_since(now - timedelta(minutes=1)),
+        last_hour=ended_since(now - timedelta(hours=1)),
+    )

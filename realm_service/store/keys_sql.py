@@ -47,3 +47,8 @@ def sweep_keys(tx: Tx, *, before: datetime, limit: int) -> int:
         )
     )
     return len(doomed)
+
+
+def delete_keys_of(tx: Tx, realm_id: str) -> None:
+    """Forget every request id that named the realm."""
+    tx.session.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.realm_id == realm_id))

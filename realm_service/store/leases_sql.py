@@ -5,16 +5,18 @@ Each transition records its effects on the `Tx`: jobs changed, new work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, select, update
 
 from realm_service.domain import AttemptOutcome, HeldJob, Job, JobState, merge_paths
-from realm_service.errors import StaleLease
+from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
+    CANCELLED,
     FAILED,
     MERGED,
     QUEUED,
@@ -43,9 +45,16 @@ _SUCCEED = (
         state=SUCCEEDED,
         finish_time=bindparam("now"),
         error_message="",
+        # A job that succeeded did all its work, whatever was last reported.
+        progress_done=_JOBS.c.progress_total,
         lease_id=None,
         lease_expire_time=None,
     )
+)
+_FINAL_PROGRESS = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"))
+    .values(progress_done=bindparam("b_done"), progress_total=bindparam("b_done"))
 )
 _END_ATTEMPTS = (
     update(_ATTEMPTS)
@@ -154,30 +163,31 @@ def end_attempts(
         )
 
 
-def succeed(tx: Tx, held: Sequence[HeldJob], now: datetime) -> list[Job]:
-    """Mark held jobs succeeded in one statement; the jobs as they now are.
-    Their realms' next jobs may run now: that is new work."""
+def succeed(
+    tx: Tx, held: Sequence[HeldJob], now: datetime, *, files_done: Mapping[int, int] | None = None
+) -> list[Job]:
+    """Mark held jobs succeeded in one statement (a second records the final
+    progress workers reported, by job id); the jobs as they now are. Their
+    realms' next jobs may run now: that is new work."""
     if not held:
         return []
     ids = [h.job_id for h in held]
     tx.session.execute(_SUCCEED, {"ids": ids, "now": now})
+    final = files_done or {}
+    if final:
+        tx.session.execute(
+            _FINAL_PROGRESS, [{"b_id": job_id, "b_done": n} for job_id, n in final.items()]
+        )
     tx.job_changed(ids)
     tx.announce_new_work()
     return [
-        Job(
-            job_id=h.job.job_id,
-            realm_id=h.job.realm_id,
-            kind=h.job.kind,
-            priority=h.job.priority,
+        dataclasses.replace(
+            h.job,
             state=JobState.SUCCEEDED,
-            attempt=h.job.attempt,
-            create_time=h.job.create_time,
-            start_time=h.job.start_time,
             finish_time=now,
             error_message="",
-            progress_done=h.job.progress_done,
-            progress_total=h.job.progress_total,
-            path_changes=h.job.path_changes,
+            progress_done=final.get(h.job_id, h.job.progress_total),
+            progress_total=final.get(h.job_id, h.job.progress_total),
         )
         for h in held
     ]
@@ -283,3 +293,58 @@ def expired(tx: Tx, now: datetime, limit: int) -> list[HeldJob]:
             .with_for_update(skip_locked=True)
         )
     ]
+
+
+def cancel(tx: Tx, job_id: int, reason: str, now: datetime) -> tuple[Job, HeldJob | None]:
+    """Cancel a job (a merged one: the job it was folded into): a queued one
+    leaves the queue, a running one loses its lease and its attempt ends as
+    cancelled. Returns the job as it now is, and what was held (to revoke
+    its lease and drop what it staged); a cancelled job is returned as is.
+    FailedPrecondition on a job that already succeeded or failed."""
+    row = _live_row_for_update(tx, job_id)
+    if row.state == CANCELLED:
+        return to_job(row), None
+    if row.state in (SUCCEEDED, FAILED):
+        raise FailedPrecondition(
+            f"job {row.id} already {row.state}; only queued or running jobs can be cancelled"
+        )
+    held = _held(row) if row.state == RUNNING else None
+    tx.session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == row.id)
+        .values(
+            state=CANCELLED,
+            finish_time=now,
+            error_message=reason[:2000],
+            lease_id=None,
+            lease_expire_time=None,
+        )
+    )
+    if held is not None and held.attempt_id is not None:
+        end_attempt(tx, held.attempt_id, AttemptOutcome.CANCELLED, now, reason)
+        tx.revoke([held.lease_id], reason)
+        tx.announce_new_work()  # the realm's next job may run now
+    tx.job_changed([row.id] if row.id == job_id else [job_id, row.id])
+    return (
+        dataclasses.replace(
+            to_job(row),
+            state=JobState.CANCELLED,
+            finish_time=now,
+            error_message=reason[:2000],
+        ),
+        held,
+    )
+
+
+def _live_row_for_update(tx: Tx, job_id: int) -> Any:
+    """The job's row, or the row of the job it was merged into, locked."""
+    for _ in range(64):  # merge chains are short; the bound guards against cycles
+        row = tx.session.execute(
+            select(_JOBS).where(_JOBS.c.id == job_id).with_for_update()
+        ).first()
+        if row is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        if row.state != MERGED or row.superseded_by is None:
+            return row
+        job_id = row.superseded_by
+    raise JobNotFound(f"job {job_id} does not exist")

@@ -6,15 +6,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, exists, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, exists, func, insert, or_, select, update
 
 from realm_service.domain import JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
 from realm_service.store.db import Tx
-from realm_service.store.rows import QUEUED, RUNNING, SUCCEEDED
-from realm_service.store.tables import JobRow, RealmFileRow, RealmRow
+from realm_service.store.rows import CANCELLED, QUEUED, RUNNING, SUCCEEDED
+from realm_service.store.tables import (
+    IndexEntryRow,
+    JobAttemptRow,
+    JobRow,
+    RealmFileRow,
+    RealmRow,
+)
 
 
 def to_realm(row: RealmRow) -> Realm:
@@ -105,7 +111,7 @@ def realm_ids_page(
         scratch = (JobRow.realm_id == RealmRow.realm_id) & (
             JobRow.kind == JobKind.FROM_SCRATCH.value
         )
-        has_job = exists().where(scratch, JobRow.state.in_((QUEUED, RUNNING, SUCCEEDED)))
+        has_job = exists().where(scratch, JobRow.state.in_((QUEUED, RUNNING, SUCCEEDED, CANCELLED)))
         queued_low = exists().where(
             scratch, JobRow.state == QUEUED, JobRow.priority < RealmRow.created_priority
         )
@@ -185,3 +191,165 @@ def read_file(tx: Tx, *, realm_id: str, path: str) -> tuple[RealmFile, bytes]:
     if row is None:
         raise FileNotFound(f"file {path[:200]!r} does not exist in realm {realm_id!r}")
     return to_file(row), row.content
+
+
+def file_page(
+    tx: Tx, realm_id: str, *, after: str | None, paths: Sequence[str] | None, limit: int
+) -> list[RealmFile]:
+    """Metadata of up to `limit` files in path order after `after`: every
+    file of the realm, or only those named in `paths` (which exist)."""
+    q = (
+        select(RealmFileRow.path, RealmFileRow.mtime, RealmFileRow.size, RealmFileRow.sha256)
+        .where(RealmFileRow.realm_id == realm_id)
+        .order_by(RealmFileRow.path)
+        .limit(limit)
+    )
+    if after is not None:
+        q = q.where(RealmFileRow.path > after)
+    if paths is not None:
+        q = q.where(RealmFileRow.path.in_(list(paths)))
+    return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.session.execute(q)]
+
+
+def files_with_content(
+    tx: Tx, realm_id: str, paths: Sequence[str]
+) -> list[tuple[RealmFile, bytes]]:
+    """These files (those that still exist) with their content, in path
+    order, metadata and bytes from one statement."""
+    if not paths:
+        return []
+    rows = tx.session.execute(
+        select(
+            RealmFileRow.path,
+            RealmFileRow.mtime,
+            RealmFileRow.size,
+            RealmFileRow.sha256,
+            RealmFileRow.content,
+        )
+        .where(RealmFileRow.realm_id == realm_id, RealmFileRow.path.in_(list(paths)))
+        .order_by(RealmFileRow.path)
+    )
+    return [
+        (RealmFile(path=p, mtime=m, size=s, sha256=h), bytes(content))
+        for p, m, s, h, content in rows
+    ]
+
+
+_FILES_TABLE = cast(Table, RealmFileRow.__table__)
+_REPLACE_FILE = (
+    update(_FILES_TABLE)
+    .where(
+        _FILES_TABLE.c.realm_id == bindparam("b_realm"),
+        _FILES_TABLE.c.path == bindparam("b_path"),
+    )
+    .values(
+        content=bindparam("b_content"),
+        mtime=bindparam("b_mtime"),
+        size=bindparam("b_size"),
+        sha256=bindparam("b_sha256"),
+    )
+)
+
+
+def existing_paths(tx: Tx, realm_id: str, paths: Sequence[str]) -> set[str]:
+    """Which of these paths are files of the realm."""
+    found: set[str] = set()
+    ordered = list(paths)
+    for start in range(0, len(ordered), 500):
+        found.update(
+            tx.session.scalars(
+                select(RealmFileRow.path).where(
+                    RealmFileRow.realm_id == realm_id,
+                    RealmFileRow.path.in_(ordered[start : start + 500]),
+                )
+            )
+        )
+    return found
+
+
+def put_files(
+    tx: Tx,
+    *,
+    realm_id: str,
+    files: Sequence[tuple[str, bytes]],
+    existing: set[str],
+    now: datetime,
+) -> list[RealmFile]:
+    """Create or replace files in a few statements: one executemany of
+    updates for the `existing` ones, one multi-row insert of the others, and
+    the realm's file count. Answers in the order of `files`."""
+    rows = _file_rows(realm_id, files, now)
+    replaced = [
+        {
+            "b_realm": realm_id,
+            "b_path": r["path"],
+            "b_content": r["content"],
+            "b_mtime": now,
+            "b_size": r["size"],
+            "b_sha256": r["sha256"],
+        }
+        for r in rows
+        if r["path"] in existing
+    ]
+    created = [r for r in rows if r["path"] not in existing]
+    if replaced:
+        tx.session.execute(_REPLACE_FILE, replaced)
+    if created:
+        tx.session.execute(insert(RealmFileRow), created)
+        tx.session.execute(
+            update(RealmRow)
+            .where(RealmRow.realm_id == realm_id)
+            .values(files=RealmRow.files + len(created))
+        )
+    return [RealmFile(path=r["path"], mtime=now, size=r["size"], sha256=r["sha256"]) for r in rows]
+
+
+def delete_files(tx: Tx, *, realm_id: str, paths: Sequence[str]) -> int:
+    """Delete files the caller has checked exist; returns how many went."""
+    deleted = 0
+    ordered = list(paths)
+    for start in range(0, len(ordered), 500):
+        result = tx.session.execute(
+            delete(RealmFileRow).where(
+                RealmFileRow.realm_id == realm_id,
+                RealmFileRow.path.in_(ordered[start : start + 500]),
+            )
+        )
+        deleted += int(getattr(result, "rowcount", 0) or 0)
+    if deleted:
+        tx.session.execute(
+            update(RealmRow)
+            .where(RealmRow.realm_id == realm_id)
+            .values(files=RealmRow.files - deleted)
+        )
+    return deleted
+
+
+def delete_realm(tx: Tx, realm_id: str) -> tuple[list[tuple[int, str | None]], int]:
+    """Delete a realm (locked by the caller) with everything of it: files,
+    index entries, jobs and their attempts (by the foreign keys' cascade).
+    Returns its queued and running jobs as (job id, lease id or None), and
+    how many files it had."""
+    active = [
+        (int(job_id), lease_id)
+        for job_id, lease_id in tx.session.execute(
+            select(JobRow.id, JobRow.lease_id).where(
+                JobRow.realm_id == realm_id, JobRow.state.in_((QUEUED, RUNNING))
+            )
+        )
+    ]
+    files = int(
+        tx.session.scalar(
+            select(func.count()).select_from(RealmFileRow).where(RealmFileRow.realm_id == realm_id)
+        )
+        or 0
+    )
+    # Children first: SQLite enforces the cascade only with foreign keys on,
+    # and explicit deletes keep the order of locks the same on both stores.
+    tx.session.execute(delete(IndexEntryRow).where(IndexEntryRow.realm_id == realm_id))
+    tx.session.execute(delete(RealmFileRow).where(RealmFileRow.realm_id == realm_id))
+    job_ids = select(JobRow.id).where(JobRow.realm_id == realm_id).scalar_subquery()
+    tx.session.execute(delete(JobAttemptRow).where(JobAttemptRow.job_id.in_(job_ids)))
+    tx.session.execute(delete(JobRow).where(JobRow.realm_id == realm_id))
+    tx.session.execute(delete(RealmRow).where(RealmRow.realm_id == realm_id))
+    return active, files

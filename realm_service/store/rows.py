@@ -19,6 +19,7 @@ QUEUED = JobState.QUEUED.value
 RUNNING = JobState.RUNNING.value
 SUCCEEDED = JobState.SUCCEEDED.value
 FAILED = JobState.FAILED.value
+CANCELLED = JobState.CANCELLED.value
 # A job folded into another (named by `superseded_by`) while both were queued.
 # Clients are shown the state of the job it was folded into.
 MERGED = "merged"
@@ -45,6 +46,7 @@ def new_job_values(
     priority: int,
     now: datetime,
     paths: Sequence[PathChange] = (),
+    trace_parent: str = "",
 ) -> dict[str, Any]:
     """Every column of a newly queued job: the one definition of a new job,
     used by the store's inserts, the tests and the benchmarks."""
@@ -62,6 +64,7 @@ def new_job_values(
         "progress_total": 0,
         "paths": encode_paths(paths),
         "worker": "",
+        "trace_parent": trace_parent,
     }
 
 
@@ -84,6 +87,7 @@ def to_job(row: Any, shown: Any = None) -> Job:
         progress_done=live.progress_done,
         progress_total=live.progress_total,
         path_changes=decode_paths(live.paths),
+        trace_parent=row.trace_parent,
     )
 
 

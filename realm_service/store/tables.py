@@ -122,6 +122,8 @@ class JobRow(Base):
     lease_expire_time: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker: Mapped[str] = mapped_column(String(200), default="")
     superseded_by: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # W3C traceparent of the call that queued the job; "" when it was not traced.
+    trace_parent: Mapped[str] = mapped_column(String(64), default="", server_default=text("''"))
 
     __table_args__ = (
         Index(
@@ -154,6 +156,8 @@ class JobRow(Base):
             sqlite_where=text("state = 'running'"),
         ),
         Index("ix_jobs_realm", "realm_id", "id"),
+        # Ids are never reused (DeleteRealm deletes jobs; migration 0005).
+        {"sqlite_autoincrement": True},
     )
 
 
@@ -175,7 +179,7 @@ class JobAttemptRow(Base):
     outcome: Mapped[str] = mapped_column(String(20))
     error_message: Mapped[str] = mapped_column(Text, default="")
 
-    __table_args__ = (Index("ix_job_attempts_job", "job_id"),)
+    __table_args__ = (Index("ix_job_attempts_job", "job_id"), {"sqlite_autoincrement": True})
 
 
 class IndexEntryRow(Base):
@@ -225,3 +229,25 @@ class ServerInstanceRow(Base):
     instance_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     start_time: Mapped[datetime] = mapped_column(UTCDateTime())
     seen_time: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WorkerPresenceRow(Base):
+    """A connected ClaimJobs stream, as its instance last reported it (every
+    few seconds, PostgreSQL only); rows go with their instance."""
+
+    __tablename__ = "worker_presence"
+
+    instance_id: Mapped[str] = mapped_column(
+        String(40),
+        ForeignKey("server_instances.instance_id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    stream_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    incarnation_id: Mapped[str] = mapped_column(String(200))
+    kinds: Mapped[str] = mapped_column(String(100))  # comma-separated JobKind values
+    min_priority: Mapped[int] = mapped_column(Integer)
+    credits: Mapped[int] = mapped_column(Integer)
+    jobs_held: Mapped[int] = mapped_column(Integer)
+    connect_time: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_message_time: Mapped[datetime] = mapped_column(UTCDateTime())

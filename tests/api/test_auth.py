@@ -38,13 +38,21 @@ CLIENT_RPCS = {
     "DeleteRealmFile",
     "ListRealmFiles",
     "ReadRealmFile",
+    "StreamRealmFiles",
+    "WriteRealmFiles",
     "SearchRealm",
     "GetJob",
     "ListJobs",
     "WatchJob",
+    "ExplainJob",
+    "ListWorkers",
+    "GetQueueStats",
 }
-WORKER_RPCS = {"ClaimJobs", "ListRealmFiles", "ReadRealmFile", "GetJob"}
-ALL_RPCS = CLIENT_RPCS | {"ReindexAllRealms", "ClaimJobs"}
+WORKER_RPCS = {"ClaimJobs", "ListRealmFiles", "ReadRealmFile", "StreamRealmFiles", "GetJob"}
+# Job control: admins only. Their requests name nothing that exists, so an
+# allowed call ends in NOT_FOUND (past the role check) and changes nothing.
+ADMIN_ACTIONS = {"CancelJob", "RetryJob", "DeleteRealm"}
+ALL_RPCS = CLIENT_RPCS | ADMIN_ACTIONS | {"ReindexAllRealms", "ClaimJobs"}
 ALLOWED = {"client": CLIENT_RPCS, "worker": WORKER_RPCS, "admin": ALL_RPCS}
 
 
@@ -92,10 +100,20 @@ def attempt(
         "DeleteRealmFile": spb.DeleteRealmFileRequest(realm_id="authz", path=f"del-{who}.txt"),
         "ListRealmFiles": spb.ListRealmFilesRequest(realm_id="authz"),
         "ReadRealmFile": spb.ReadRealmFileRequest(realm_id="authz", path="realm.json"),
+        "StreamRealmFiles": spb.StreamRealmFilesRequest(realm_id="authz"),
+        "WriteRealmFiles": spb.WriteRealmFilesRequest(
+            realm_id="authz", files=[pb.FileContent(path=f"bulk-{who}.txt")]
+        ),
         "SearchRealm": spb.SearchRealmRequest(realm_id="authz"),
         "GetJob": spb.GetJobRequest(job_id=job_id),
         "ListJobs": spb.ListJobsRequest(),
         "WatchJob": spb.WatchJobRequest(job_id=job_id),
+        "ExplainJob": spb.ExplainJobRequest(job_id=job_id),
+        "ListWorkers": spb.ListWorkersRequest(),
+        "GetQueueStats": spb.GetQueueStatsRequest(),
+        "CancelJob": spb.CancelJobRequest(job_id="987654321"),
+        "RetryJob": spb.RetryJobRequest(job_id="987654321"),
+        "DeleteRealm": spb.DeleteRealmRequest(realm_id="no-such-realm"),
     }
     try:
         if rpc == "ClaimJobs":
@@ -105,6 +123,11 @@ def attempt(
             finally:
                 stream.close()
             assert stream.wait_closed() is None
+        elif rpc == "StreamRealmFiles":
+            messages = list(
+                live.stub.StreamRealmFiles(requests[rpc], metadata=metadata, timeout=RPC_TIMEOUT)
+            )
+            assert messages[0].total_files >= 2
         elif rpc == "WatchJob":
             (snapshot,) = list(
                 live.stub.WatchJob(requests[rpc], metadata=metadata, timeout=RPC_TIMEOUT)
@@ -115,6 +138,8 @@ def attempt(
     except grpc.RpcError as e:
         if e.code() in (DENIED, UNAUTHENTICATED):
             return e.code()
+        if rpc in ADMIN_ACTIONS and e.code() == grpc.StatusCode.NOT_FOUND:
+            return OK
         raise AssertionError(f"{rpc} as {who}: {e.code()} {e.details()}") from e
     return OK
 
@@ -127,7 +152,7 @@ def test_each_role_calls_exactly_its_rpcs(secured: tuple[LiveServer, str], role:
     if role == "worker":
         # Workers read only realms of running jobs; "authz" has none now
         # (test_worker_runs_a_job_with_its_token reads one that has).
-        expected.update(ListRealmFiles=DENIED, ReadRealmFile=DENIED)
+        expected.update(ListRealmFiles=DENIED, ReadRealmFile=DENIED, StreamRealmFiles=DENIED)
     assert got == expected
 
 

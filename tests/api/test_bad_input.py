@@ -28,6 +28,7 @@ MAX_FILE_SIZE = 64 * 1024  # BASE settings of tests/api/conftest.py
 SEEDED = "seeded"  # exists, with docs/a.txt, created with request_id SEED_KEY
 SEED_KEY = "seed-key"
 UNKNOWN = "no-such-realm"
+LEASE_UNKNOWN = "fedcba9876543210fedcba9876543210"  # never given to anyone
 
 
 def token(raw: str) -> str:
@@ -134,6 +135,14 @@ for name, rid in BAD_REALM_IDS.items():
         name,
     )
     case("SearchRealm", spb.SearchRealmRequest(realm_id=rid), INVALID, "realm_id", name)
+    case("StreamRealmFiles", spb.StreamRealmFilesRequest(realm_id=rid), INVALID, "realm_id", name)
+    case(
+        "WriteRealmFiles",
+        spb.WriteRealmFilesRequest(realm_id=rid, files=[pb.FileContent(path="a.txt")]),
+        INVALID,
+        "realm_id",
+        name,
+    )
     if rid:  # an empty realm_id means "all realms" in ListJobs
         case("ListJobs", spb.ListJobsRequest(realm_id=rid), INVALID, "realm_id", name)
 
@@ -167,6 +176,38 @@ for name, path in BAD_PATHS.items():
         spb.ReadRealmFileRequest(realm_id=SEEDED, path=path),
         INVALID,
         "path",
+        name,
+    )
+    case(
+        "StreamRealmFiles",
+        spb.StreamRealmFilesRequest(realm_id=SEEDED, paths=["docs/a.txt", path]),
+        INVALID,
+        "paths[1]",
+        name,
+    )
+    if path:  # an empty after_path starts at the first file
+        case(
+            "StreamRealmFiles",
+            spb.StreamRealmFilesRequest(realm_id=SEEDED, after_path=path),
+            INVALID,
+            "after_path",
+            name,
+        )
+    case(
+        "WriteRealmFiles",
+        spb.WriteRealmFilesRequest(
+            realm_id=SEEDED,
+            files=[pb.FileContent(path="ok.txt"), pb.FileContent(path=path, content=b"x")],
+        ),
+        INVALID,
+        "files[1].path",
+        name,
+    )
+    case(
+        "WriteRealmFiles",
+        spb.WriteRealmFilesRequest(realm_id=SEEDED, deleted_paths=[path]),
+        INVALID,
+        "deleted_paths[0]",
         name,
     )
 
@@ -283,6 +324,10 @@ for rpc, request in {
     "ListRealmFiles": spb.ListRealmFilesRequest(realm_id=UNKNOWN),
     "ReadRealmFile": spb.ReadRealmFileRequest(realm_id=UNKNOWN, path="realm.json"),
     "SearchRealm": spb.SearchRealmRequest(realm_id=UNKNOWN),
+    "StreamRealmFiles": spb.StreamRealmFilesRequest(realm_id=UNKNOWN),
+    "WriteRealmFiles": spb.WriteRealmFilesRequest(
+        realm_id=UNKNOWN, files=[pb.FileContent(path="a.txt", content=b"x")]
+    ),
 }.items():
     case(rpc, request, NOT_FOUND, UNKNOWN, "unknown-realm")
 case(
@@ -299,7 +344,156 @@ case(
     "docs/missing.txt",
     "unknown-file",
 )
-for rpc, make in {"GetJob": spb.GetJobRequest, "WatchJob": spb.WatchJobRequest}.items():
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(
+        realm_id=SEEDED,
+        files=[pb.FileContent(path="docs/new.txt", content=b"x")],
+        deleted_paths=["docs/a.txt", "docs/missing.txt"],
+    ),
+    NOT_FOUND,
+    "docs/missing.txt",
+    "unknown-file",
+)
+# StreamRealmFiles and WriteRealmFiles: bounds and shapes.
+for name, size in {"negative": -1, "under-4k": 4095, "over-4m": (4 << 20) + 1}.items():
+    case(
+        "StreamRealmFiles",
+        spb.StreamRealmFilesRequest(realm_id=SEEDED, max_message_bytes=size),
+        INVALID,
+        "max_message_bytes",
+        name,
+    )
+case(
+    "StreamRealmFiles",
+    spb.StreamRealmFilesRequest(realm_id=SEEDED, paths=[f"p{i}" for i in range(10_001)]),
+    INVALID,
+    "paths has 10001 entries",
+    "too-many-paths",
+)
+case(
+    "StreamRealmFiles",
+    spb.StreamRealmFilesRequest(realm_id=SEEDED, lease_id=LEASE_UNKNOWN),
+    grpc.StatusCode.FAILED_PRECONDITION,
+    "no longer the current lease",
+    "lease-not-current",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(realm_id=SEEDED),
+    INVALID,
+    "nothing to write",
+    "empty",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(
+        realm_id=SEEDED, files=[pb.FileContent(path=f"f{i}") for i in range(10_001)]
+    ),
+    INVALID,
+    "the limit is 10000",
+    "too-many-files",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(
+        realm_id=SEEDED,
+        files=[pb.FileContent(path="caf\u00e9.json"), pb.FileContent(path="cafe\u0301.json")],
+    ),
+    INVALID,
+    "files[1].path 'caf\u00e9.json' appears twice",
+    "duplicate-file-nfc-and-nfd",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(
+        realm_id=SEEDED,
+        files=[pb.FileContent(path="docs/a.txt", content=b"new")],
+        deleted_paths=["docs/a.txt"],
+    ),
+    INVALID,
+    "deleted_paths[0] 'docs/a.txt' is named twice",
+    "written-and-deleted",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(
+        realm_id=SEEDED,
+        files=[
+            pb.FileContent(path="ok.txt"),
+            pb.FileContent(path="big.bin", content=b"x" * (64 * 1024 + 1)),
+        ],
+    ),
+    INVALID,
+    "files[1].content",
+    "oversized-file",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(realm_id=SEEDED, files=[pb.FileContent(path="realm.json")]),
+    INVALID,
+    "files[0].path: realm.json is reserved",
+    "reserved-realm-json",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(realm_id=SEEDED, deleted_paths=["index.json"]),
+    INVALID,
+    "deleted_paths[0]",
+    "delete-index-json",
+)
+case(
+    "WriteRealmFiles",
+    spb.WriteRealmFilesRequest(realm_id=SEEDED, files=[pb.FileContent(path="a.txt")], priority=101),
+    INVALID,
+    "priority",
+    "priority-over-100",
+)
+# Job control.
+case("DeleteRealm", spb.DeleteRealmRequest(realm_id=UNKNOWN), NOT_FOUND, UNKNOWN, "unknown-realm")
+case("DeleteRealm", spb.DeleteRealmRequest(realm_id="Bad_Id"), INVALID, "realm_id", "bad-id")
+case(
+    "DeleteRealm",
+    spb.DeleteRealmRequest(realm_id=SEEDED, request_id="k" * 129),
+    INVALID,
+    "request_id",
+    "request-id-too-long",
+)
+case(
+    "CancelJob",
+    spb.CancelJobRequest(job_id="1", reason="r" * 501),
+    INVALID,
+    "reason",
+    "reason-too-long",
+)
+case(
+    "CancelJob",
+    spb.CancelJobRequest(job_id="1", reason="a\nb"),
+    INVALID,
+    "reason",
+    "reason-control",
+)
+case(
+    "CancelJob",
+    spb.CancelJobRequest(job_id="1"),
+    grpc.StatusCode.FAILED_PRECONDITION,
+    "succeeded",
+    "finished-job",
+)
+case(
+    "RetryJob",
+    spb.RetryJobRequest(job_id="1"),
+    grpc.StatusCode.FAILED_PRECONDITION,
+    "succeeded",
+    "finished-job",
+)
+for rpc, make in {
+    "GetJob": spb.GetJobRequest,
+    "WatchJob": spb.WatchJobRequest,
+    "CancelJob": spb.CancelJobRequest,
+    "RetryJob": spb.RetryJobRequest,
+    "ExplainJob": spb.ExplainJobRequest,
+}.items():
     case(rpc, make(job_id="987654321"), NOT_FOUND, "987654321", "unknown-job")
     for name, jid in {
         "empty": "",
@@ -425,7 +619,7 @@ def seeded(module_live: LiveServer) -> LiveServer:
 
 def invoke(live: LiveServer, rpc: str, request: Message) -> Any:
     method: Callable[..., Any] = getattr(live.stub, rpc)
-    if rpc == "WatchJob":
+    if rpc in ("WatchJob", "StreamRealmFiles"):
         return list(method(request, timeout=RPC_TIMEOUT))
     return method(request, timeout=RPC_TIMEOUT)
 

@@ -50,10 +50,18 @@ RPCS = {
     "DeleteRealmFile",
     "ListRealmFiles",
     "ReadRealmFile",
+    "StreamRealmFiles",
+    "WriteRealmFiles",
     "SearchRealm",
     "GetJob",
     "ListJobs",
     "WatchJob",
+    "CancelJob",
+    "RetryJob",
+    "DeleteRealm",
+    "ExplainJob",
+    "ListWorkers",
+    "GetQueueStats",
     "ClaimJobs",
 }
 

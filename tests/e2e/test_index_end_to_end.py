@@ -253,7 +253,7 @@ def test_writes_during_a_from_scratch_job_converge(store_url: str, system: Syste
     stub = server.stub()
     files = bulk_cards(400)
     first = create_realm(stub, "busy", files).job.job_id
-    system.start_worker(server, "w", "--concurrency", "2", "--read-concurrency", "1")
+    system.start_worker(server, "w", "--concurrency", "2", "--files-per-second", "300")
     poll(
         lambda: (
             (job := get_job(stub, first)).state == pb.Job.STATE_RUNNING

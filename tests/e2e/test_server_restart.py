@@ -44,7 +44,7 @@ def test_server_restart_under_running_workers(store_url: str, system: System) ->
     first = system.start_server(store_url, *SERVER_FLAGS)
     workers = [
         system.start_worker(
-            first, f"w{i}", "--concurrency", "1", "--read-concurrency", "1", "--batch-size", "20"
+            first, f"w{i}", "--concurrency", "1", "--files-per-second", "300", "--batch-size", "20"
         )
         for i in (1, 2)
     ]
@@ -117,7 +117,7 @@ def test_server_crashes_do_not_use_up_a_healthy_jobs_attempts(
     server = system.start_server(store_url, *flags)
     files = bulk_cards(CRASHED_FILES)
     job_id = create_realm(server.stub(), "crashed", files).job.job_id
-    worker = system.start_worker(server, "w1", "--concurrency", "1", "--read-concurrency", "1")
+    worker = system.start_worker(server, "w1", "--concurrency", "1", "--files-per-second", "300")
     for crash in range(1, crashes + 1):
         stub = server.stub()
         poll(
@@ -153,7 +153,7 @@ def test_second_server_on_a_port_in_use_refuses_to_start(sqlite_url: str, system
         [*program("realm-service", "realm_service"), "serve",
          "--listen", first.address, "--store", sqlite_url],
     )  # fmt: skip
-    assert clash.wait(timeout=60) == 1
+    assert clash.wait(timeout=60) == 4  # EXIT_LISTEN
     assert "listening on" not in clash.stdout()
     assert "Traceback" not in clash.stderr()
     assert first.address in clash.stderr()

@@ -35,7 +35,7 @@ def test_workers_ride_out_a_store_outage(
     store_url, proxy = pg_behind_proxy
     server = system.start_server(store_url, "--lease-seconds", "6", "--heartbeat-seconds", "0.5")
     workers = [
-        system.start_worker(server, f"w{i}", "--concurrency", "2", "--read-concurrency", "1")
+        system.start_worker(server, f"w{i}", "--concurrency", "2", "--files-per-second", "300")
         for i in (1, 2)
     ]
     stub = server.stub()

@@ -68,7 +68,7 @@ def test_sigkilled_worker_job_completes_once_on_another(store_url: str, system: 
     job_id = create_realm(stub, "big", files).job.job_id
 
     doomed = system.start_worker(
-        server, "doomed", "--concurrency", "1", "--read-concurrency", "1", "--batch-size", "50"
+        server, "doomed", "--concurrency", "1", "--files-per-second", "300", "--batch-size", "50"
     )
     # Past a few upload batches, so the attempt leaves staged entries behind.
     mid = wait_running_with_progress(server, job_id, min_done=120)
@@ -120,8 +120,8 @@ def test_sigtermed_worker_finishes_or_releases_and_exits_0(
         "first",
         "--concurrency",
         "1",
-        "--read-concurrency",
-        "1",
+        "--files-per-second",
+        "300",
         "--drain-timeout",
         drain_timeout,
     )

@@ -215,3 +215,77 @@ def test_realms_do_not_share_entries(queue: JobQueue) -> None:
     assert paths_of(queue, "r1") == sorted(FILES)
     assert paths_of(queue, "r2") == []
     assert get_realm(queue, "r2").entries == 0
+
+
+def test_an_incremental_merge_sweeps_entries_of_attempts_that_never_completed(
+    queue: JobQueue,
+) -> None:
+    from sqlalchemy import func, select
+
+    from realm_service.store.tables import IndexEntryRow
+
+    def stored_rows() -> int:
+        with queue.db.session_for_tests() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(IndexEntryRow)
+                    .where(IndexEntryRow.realm_id == "r")
+                )
+                or 0
+            )
+
+    make_realm(queue, "r", FILES)
+    run_job(queue, "r", FS, FIRST)
+    # An incremental attempt stages two entries, then fails: they stay behind.
+    queue.enqueue("r", INC, USER, paths=[PathChange("a.json", False)])
+    [lease] = queue.claim(1)
+    queue.add_entries(lease.lease_id, [entry("a.json", "m/P", "A"), entry("z.json", "m/P", "Z")])
+    queue.fail(lease.lease_id, "worker crashed")
+    assert stored_rows() == len(FIRST) + 2
+    # The retry stages one entry; its merge leaves the index and nothing else.
+    [retry] = queue.claim(1)
+    new_a = entry("a.json", "m/Person", "Ann 2")
+    queue.add_entries(retry.lease_id, [new_a])
+    queue.complete(retry.lease_id, entries_uploaded=1)
+    assert stored_rows() == len(FIRST)
+    assert {e.path: e for e in index_of(queue, "r")}["a.json"] == new_a
+    realm = get_realm(queue, "r")
+    assert (realm.entries, realm.cards, realm.errors) == (5, 2, 1)
+
+
+def test_a_big_new_generation_refreshes_postgresql_statistics(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a large generation is switched in, index_entries is analyzed,
+    so the next incremental merge finds its rows by primary key."""
+    import time
+
+    from sqlalchemy import text
+
+    from realm_service.store import index_sql
+    from realm_service.store.db import open_database
+
+    monkeypatch.setattr(index_sql, "ANALYZE_AFTER_ENTRIES", 3)
+    queue = JobQueue(open_database(pg_url))
+
+    def analyses() -> int:
+        with queue.db.session_for_tests() as s:
+            return int(
+                s.scalar(
+                    text(
+                        "SELECT analyze_count FROM pg_stat_user_tables "
+                        "WHERE relname = 'index_entries' AND schemaname = current_schema()"
+                    )
+                )
+                or 0
+            )
+
+    make_realm(queue, "r", FILES)
+    before = analyses()
+    run_job(queue, "r", FS, FIRST[:2])  # two entries: under the bound
+    run_job(queue, "r", FS, FIRST)  # five: over it
+    deadline = time.monotonic() + 10
+    while analyses() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert analyses() == before + 1

@@ -110,3 +110,69 @@ def test_the_claim_query_reads_the_claim_index_in_order(db: Database) -> None:
             detail = "\n".join(str(row[0]) for row in plan)
             assert "ix_jobs_claim" in detail
             assert "Sort" not in detail
+
+
+def test_sqlite_rebuild_for_autoincrement_keeps_rows_and_never_reuses_ids(tmp_path: Any) -> None:
+    """Migration 0005 rebuilds jobs and job_attempts on SQLite: rows survive,
+    and an id freed by a delete is not handed out again."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, event
+
+    from realm_service.store.db import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _foreign_keys(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+        conn.execute(
+            text(
+                "INSERT INTO realms (realm_id, display_name, state, created_priority, "
+                "create_time, files, cards, errors, entries) "
+                "VALUES ('r', 'r', 'indexing', 10, '2026-01-01 00:00:00', 0, 0, 0, 0)"
+            )
+        )
+        for job_id in (1, 2):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, realm_id, kind, priority, state, seq, attempt, "
+                    "counted_failures, create_time, error_message, progress_done, "
+                    "progress_total, paths, worker, trace_parent) VALUES (:id, 'r', "
+                    "'from-scratch', 10, 'succeeded', :id, 1, 0, '2026-01-01 00:00:00', '', "
+                    "0, 0, '[]', '', '')"
+                ),
+                {"id": job_id},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO job_attempts (id, job_id, lease_id, worker, start_time, outcome, "
+                "error_message, instance_id) VALUES (7, 2, 'l', 'w', '2026-01-01 00:00:00', "
+                "'completed', '', '')"
+            )
+        )
+        conn.commit()
+        command.upgrade(cfg, "head")
+        conn.commit()
+        assert conn.execute(text("SELECT id FROM jobs ORDER BY id")).scalars().all() == [1, 2]
+        assert conn.execute(text("SELECT job_id FROM job_attempts")).scalars().all() == [2]
+        conn.execute(text("DELETE FROM jobs WHERE id = 2"))  # cascades to its attempt
+        assert conn.execute(text("SELECT count(*) FROM job_attempts")).scalar() == 0
+        conn.execute(
+            text(
+                "INSERT INTO jobs (realm_id, kind, priority, state, seq, attempt, "
+                "counted_failures, create_time, error_message, progress_done, progress_total, "
+                "paths, worker) VALUES ('r', 'from-scratch', 10, 'queued', 3, 0, 0, "
+                "'2026-01-01 00:00:00', '', 0, 0, '[]', '')"
+            )
+        )
+        assert conn.execute(text("SELECT max(id) FROM jobs")).scalar() == 3
+        conn.commit()
+    engine.dispose()

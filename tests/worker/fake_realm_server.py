@@ -1,9 +1,9 @@
 """A scriptable fake of the realm service's worker-facing RPCs, on a real loopback server.
 
 The test drives each ClaimJobs stream by hand (`FakeStream.send`, `.end`) and
-inspects what the worker sent (`FakeStream.next`). ListRealmFiles and
-ReadRealmFile serve in-memory realms; a read can be held back with a gate to
-keep a job running as long as a test needs.
+inspects what the worker sent (`FakeStream.next`). ListRealmFiles,
+ReadRealmFile and StreamRealmFiles serve in-memory realms; a file's read can
+be held back with a gate to keep a job running as long as a test needs.
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ class FakeRealmService(pb_grpc.RealmServiceServicer):
 
     async def read_started(self, path: str, timeout: float = WAIT) -> None:
         async with asyncio.timeout(timeout), self._read_started:
-            while ("ReadRealmFile", path) not in [(c[0], c[2]) for c in self.file_calls]:
+            while not {("ReadRealmFile", path), ("StreamedFile", path)} & {
+                (c[0], c[2]) for c in self.file_calls
+            }:
                 await self._read_started.wait()
 
     async def ClaimJobs(  # type: ignore[override]
@@ -195,6 +197,34 @@ class FakeRealmService(pb_grpc.RealmServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.realm_id}/{request.path}")
         content = files[request.path]
         return pb.ReadRealmFileResponse(file=_realm_file(request.path, content), content=content)
+
+    async def StreamRealmFiles(  # type: ignore[override]
+        self, request: pb.StreamRealmFilesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StreamRealmFilesResponse]:
+        """One file a message, in path order; a gated file waits for its gate."""
+        self._note_call("StreamRealmFiles", request.realm_id, "", context)
+        files = self.realms.get(request.realm_id)
+        if files is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"realm {request.realm_id}")
+        wanted = sorted(set(request.paths) & set(files) if request.paths else files)
+        wanted = [p for p in wanted if p > request.after_path]
+        yield pb.StreamRealmFilesResponse(total_files=len(wanted))
+        for path in wanted:
+            self._note_call("StreamedFile", request.realm_id, path, context)
+            async with self._read_started:
+                self._read_started.notify_all()
+            gate = self.gates.get((request.realm_id, path))
+            if gate is not None:
+                try:
+                    await gate.wait()
+                except asyncio.CancelledError:
+                    self.cancelled_reads.append(path)
+                    raise
+            if path not in files:
+                continue
+            content = files[path]
+            chunk = pb.FileChunk(file=_realm_file(path, content), content=content, last=True)
+            yield pb.StreamRealmFilesResponse(chunks=[chunk])
 
     def _note_call(
         self, rpc: str, realm_id: str, path: str, context: grpc.aio.ServicerContext[Any, Any]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from fake_realm_server import WAIT, FakeRealmService, FakeStream, assignment, running
@@ -13,7 +13,16 @@ from realm.v1 import resources_pb2 as res
 
 from index_worker.indexer import IndexEntry
 from index_worker.jobs import JobLimits, execute_job
-from index_worker.model import Assignment, FileInfo, JobKind, Outcome, Progress
+from index_worker.model import (
+    Assignment,
+    FileBatch,
+    FileInfo,
+    JobKind,
+    JobOutcome,
+    Outcome,
+    PathChange,
+    Progress,
+)
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -85,6 +94,8 @@ def test_from_scratch_uploads_every_unignored_file_in_bounded_batches() -> None:
             entries = {e.path: e for b in batches for e in b.entries}
             assert [e.path for b in batches for e in b.entries] == INDEXED  # path order
             assert result.entries_uploaded == len(INDEXED)
+            # Every file visited (ignored ones too): the job's final progress.
+            assert (result.progress.done, result.progress.total) == (len(REALM), len(REALM))
             # The result comes after the last batch, on the same stream.
             kinds = stream.kinds()
             assert kinds.index("results") > max(i for i, k in enumerate(kinds) if k == "entries")
@@ -102,8 +113,13 @@ def test_from_scratch_uploads_every_unignored_file_in_bounded_batches() -> None:
             # The file RPCs carry the worker's token too.
             assert service.file_metadata
             assert all(m["authorization"] == "Bearer worker-token" for m in service.file_metadata)
-            read = sorted(path for rpc, _, path in service.file_calls if rpc == "ReadRealmFile")
-            assert read == sorted([".gitignore", *INDEXED])
+            # .gitignore first, then every file in one stream, in path order.
+            read = [path for rpc, _, path in service.file_calls if rpc == "ReadRealmFile"]
+            assert read == [".gitignore"]
+            streams = [c for c in service.file_calls if c[0] == "StreamRealmFiles"]
+            assert len(streams) == 1
+            streamed = [path for rpc, _, path in service.file_calls if rpc == "StreamedFile"]
+            assert streamed == sorted(REALM)
 
     run(scenario)
 
@@ -129,10 +145,14 @@ def test_incremental_sends_deleted_paths_and_reindexes_changed_files() -> None:
             deleted = sorted(p for b in batches for p in b.deleted_paths)
             assert deleted == ["Pet/gone.json", "Pet/vanished.json", "debug.log"]
             assert [e.path for b in batches for e in b.entries] == ["Pet/mango.json"]
-            listed = [c for c in service.file_calls if c[0] == "ListRealmFiles"]
-            # Once to check the deleted paths are really gone, once to tell
-            # "file gone" from "realm gone".
-            assert len(listed) == 2
+            # One call: a stream of .gitignore (it sorts first) and the changed
+            # paths tells which still exist (a missing realm is NOT_FOUND).
+            assert [c[0] for c in service.file_calls if c[0] != "StreamedFile"] == [
+                "StreamRealmFiles"
+            ]
+            streamed = [path for rpc, _, path in service.file_calls if rpc == "StreamedFile"]
+            assert streamed == [".gitignore", "Pet/mango.json", "debug.log"]
+            assert (result.progress.done, result.progress.total) == (4, 4)
 
     run(scenario)
 
@@ -230,6 +250,23 @@ class MemoryFiles:
         content = self.files.get(path)
         return None if content is None else (FileInfo(path, None, len(content), ""), content)
 
+    async def stream_files(
+        self, realm_id: str, paths: Sequence[str] | None = None
+    ) -> AsyncIterator[FileBatch]:
+        if self.fail_reads:
+            from index_worker.model import FileAccessError
+
+            raise FileAccessError(f"StreamRealmFiles({realm_id}): PERMISSION_DENIED: no")
+        names = sorted(self.files if paths is None else set(paths) & set(self.files))
+        yield FileBatch([], total=len(names))
+        for start in range(0, len(names), 3):  # three files a message
+            yield FileBatch(
+                [
+                    (FileInfo(p, None, len(self.files[p]), ""), self.files[p])
+                    for p in names[start : start + 3]
+                ]
+            )
+
 
 def test_batches_are_also_bounded_in_bytes() -> None:
     files = {f"{i:03}.txt": b"x" * 1000 for i in range(20)}
@@ -239,7 +276,7 @@ def test_batches_are_also_bounded_in_bytes() -> None:
         uploads.append(list(entries))
 
     job = Assignment("lease", "1", "r", JobKind.FROM_SCRATCH, 10)
-    limits = JobLimits(batch_size=500, batch_max_bytes=4000, read_concurrency=4)
+    limits = JobLimits(batch_size=500, batch_max_bytes=4000)
     progress = Progress()
     outcome = asyncio.run(execute_job(job, MemoryFiles(files), upload, progress, limits))
     assert outcome.outcome is Outcome.SUCCEEDED
@@ -268,3 +305,42 @@ def test_unknown_job_kind_fails_without_touching_files() -> None:
     outcome = asyncio.run(execute_job(job, MemoryFiles({}), upload, Progress(), JobLimits()))
     assert outcome.outcome is Outcome.FAILED
     assert "kind" in outcome.error_message
+
+
+def _run_incremental(
+    files: dict[str, bytes], changes: list[tuple[str, bool]]
+) -> tuple[JobOutcome, list[str], list[str]]:
+    entries: list[str] = []
+    deleted: list[str] = []
+
+    async def upload(batch: Sequence[IndexEntry], gone: Sequence[str]) -> None:
+        entries.extend(e.path for e in batch)
+        deleted.extend(gone)
+
+    job = Assignment(
+        "lease",
+        "1",
+        "r",
+        JobKind.INCREMENTAL,
+        10,
+        path_changes=tuple(PathChange(p, d) for p, d in changes),
+    )
+    outcome = asyncio.run(execute_job(job, MemoryFiles(files), upload, Progress(), JobLimits()))
+    return outcome, sorted(entries), sorted(deleted)
+
+
+def test_incremental_with_a_path_sorting_before_gitignore_still_applies_it() -> None:
+    files = {".gitignore": b"-*\n", "-early.txt": b"x", "b.txt": b"b"}
+    outcome, entries, deleted = _run_incremental(files, [("-early.txt", False), ("b.txt", False)])
+    assert outcome.outcome is Outcome.SUCCEEDED
+    assert entries == ["b.txt"]
+    assert deleted == ["-early.txt"]  # ignored: its entry goes
+
+
+def test_a_changed_gitignore_decides_every_file_again() -> None:
+    files = {".gitignore": b"*.log\n", "a.txt": b"a", "x.log": b"x", "sub/y.log": b"y"}
+    outcome, entries, deleted = _run_incremental(files, [(".gitignore", False)])
+    assert outcome.outcome is Outcome.SUCCEEDED
+    assert entries == ["a.txt"]
+    assert deleted == ["sub/y.log", "x.log"]
+    assert outcome.files_done == 4

@@ -131,7 +131,7 @@ def test_assignment_beyond_granted_credits_is_released_not_run() -> None:
             release = await stream.next("release")
             assert list(release.release.lease_ids) == [extra.lease_id]
             await service.read_started("a.txt")
-            assert [c[0] for c in service.file_calls].count("ListRealmFiles") == 1
+            assert [c[0] for c in service.file_calls].count("StreamRealmFiles") == 1
 
     run(scenario)
 
@@ -141,7 +141,7 @@ def test_heartbeats_report_progress_of_held_leases() -> None:
         files = {"1.txt": b"one", "2.txt": b"two", "3.txt": b"three"}
         service = FakeRealmService(heartbeat_interval=0.05, realms={"r": files})
         gate = gated(service, "r", "2.txt")
-        async with running(service, concurrency=1, read_concurrency=1):
+        async with running(service, concurrency=1):
             stream = await service.next_stream(0)
             await stream.next("credit")
             job = assignment("r")
@@ -373,5 +373,34 @@ def test_failing_side_task_stops_the_worker_with_its_error(
             with pytest.raises(RuntimeError, match="heartbeat bug"):
                 await h.exit_code()
             assert len(service.streams) == 1
+
+    run(scenario)
+
+
+def test_progress_reaches_the_server_within_a_second_between_heartbeats() -> None:
+    async def scenario() -> None:
+        files = {"a.txt": b"a", "b.txt": b"b", "c.txt": b"c"}
+        service = FakeRealmService(realms={"r": files}, heartbeat_interval=60.0)
+        gate = gated(service, "r", "c.txt")
+        async with running(service, concurrency=1):
+            stream = await service.next_stream(0)
+            await stream.next("credit")
+            job = assignment("r")
+            await stream.assign(job)
+            await service.read_started("c.txt")
+            # a and b are indexed, c is held back: the job is running, and its
+            # progress goes out long before the 60 s heartbeat is due.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            beat = await stream.next("heartbeat", timeout=2.5)
+            assert loop.time() - started < 2.0
+            (lease,) = beat.heartbeat.leases
+            assert lease.lease_id == job.lease_id
+            assert (lease.progress.done, lease.progress.total) == (2, 3)
+            # Unchanged progress is not sent again before the heartbeat is due.
+            await quiet(stream, "heartbeat", 1.5)
+            gate.set()
+            result = await stream.next("results")
+            assert result.results.results[0].progress.done == 3
 
     run(scenario)
