@@ -3,6 +3,7 @@ GetQueueStats, on a real server with ClaimJobs streams played by the test."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 
@@ -370,3 +371,22 @@ def test_list_workers_and_queue_stats(live: LiveServer) -> None:
     assert stats.last_hour.failed == 0 and stats.last_hour.cancelled == 0
     stream.close()
     stream.wait_closed()
+
+
+def test_explain_names_a_drain(live_with: Callable[..., LiveServer]) -> None:
+    live = live_with(drain_grace_seconds=3.0)
+    job = _create(live, "dr")
+    # A stream keeps the drain waiting for its grace.
+    stream = StreamClient(live.stub, hello=hello("held"), answer_pings=True)
+    stream.settings()
+    stream.credit(1)
+    (a,) = stream.assignments(1)
+    queued = live.stub.ReindexRealm(spb.ReindexRealmRequest(realm_id="dr", content_changed=True))
+    draining = asyncio.run_coroutine_threadsafe(live.srv.drain_and_stop(), live.loop)
+    poll(lambda: live.srv.servicer.draining, what="the drain to start")
+    reasons = _reasons(live, queued.job.job_id)
+    assert W.CODE_DRAINING in reasons
+    assert "draining" in reasons[W.CODE_DRAINING]
+    assert a.job.job_id == job.job_id
+    stream.cancel()
+    draining.result(15)
