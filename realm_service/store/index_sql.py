@@ -206,14 +206,15 @@ _PROMOTE = (
     .values(generation=bindparam("current"))
 )
 # Entries of generations that are neither current nor being merged (attempts
-# that never completed), as three ranges of the primary key.
-_DROP_ORPHANS = delete(_ENTRIES).where(
-    _ENTRIES.c.realm_id == bindparam("realm"),
-    or_(
-        _ENTRIES.c.generation < bindparam("lo"),
-        and_(_ENTRIES.c.generation > bindparam("lo"), _ENTRIES.c.generation < bindparam("hi")),
-        _ENTRIES.c.generation > bindparam("hi"),
-    ),
+# that never completed): three ranges of the primary key, each its own
+# statement (SQLite scans the realm for an OR of them).
+_DROP_ORPHANS = tuple(
+    delete(_ENTRIES).where(_ENTRIES.c.realm_id == bindparam("realm"), *bounds)
+    for bounds in (
+        (_ENTRIES.c.generation < bindparam("lo"),),
+        (_ENTRIES.c.generation > bindparam("lo"), _ENTRIES.c.generation < bindparam("hi")),
+        (_ENTRIES.c.generation > bindparam("hi"),),
+    )
 )
 
 
@@ -304,10 +305,9 @@ def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> t
         tx.session.execute(_DROP_OLD_VERSIONS, named)
     new = tx.session.execute(_STATS_OF_STAGED, keys).one()
     tx.session.execute(_DROP_TOMBSTONES, keys)
-    tx.session.execute(
-        _DROP_ORPHANS,
-        {"realm": realm_id, "lo": min(generation, current), "hi": max(generation, current)},
-    )
+    bounds = {"realm": realm_id, "lo": min(generation, current), "hi": max(generation, current)}
+    for drop in _DROP_ORPHANS:
+        tx.session.execute(drop, bounds)
     tx.session.execute(_PROMOTE, keys)
     return (
         int(new[0] or 0) - old_count,
