@@ -367,3 +367,51 @@ def test_a_succeeded_job_reports_all_its_work_done(live: LiveServer) -> None:
     assert (progress.done, progress.total) == (12, 12)
     stream.close()
     stream.wait_closed()
+
+
+def test_bulk_rpcs_work_from_buf_curl_with_reflection(live: LiveServer) -> None:
+    """As a person would debug them: JSON in, JSON out, no proto files."""
+    import base64
+    import json
+    import subprocess
+
+    from tests.api.test_reflection import _buf
+
+    _create(live, "curl", {})
+    base = [_buf(), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+    url = f"http://{live.address}/realm.v1.RealmService"
+    body = {
+        "realm_id": "curl",
+        "files": [
+            {"path": "a.txt", "content": base64.b64encode(b"alpha").decode()},
+            {"path": "b.txt", "content": base64.b64encode(b"beta").decode()},
+        ],
+    }
+    wrote = subprocess.run(
+        [*base, "-d", json.dumps(body), f"{url}/WriteRealmFiles"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    answer = json.loads(wrote.stdout)
+    assert [f["path"] for f in answer["files"]] == ["a.txt", "b.txt"]
+    assert answer["disposition"] in ("DISPOSITION_INSERTED", "DISPOSITION_MERGED")
+
+    streamed = subprocess.run(
+        [*base, "-d", json.dumps({"realm_id": "curl", "paths": ["b.txt", "a.txt"]}),
+         f"{url}/StreamRealmFiles"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr
+    decoder, text, messages = json.JSONDecoder(), streamed.stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    chunks = [c for m in messages for c in m.get("chunks", [])]
+    assert [(c["file"]["path"], base64.b64decode(c["content"])) for c in chunks] == [
+        ("a.txt", b"alpha"),
+        ("b.txt", b"beta"),
+    ]
+    assert messages[0]["totalFiles"] == "2"
