@@ -147,19 +147,6 @@ _DROP_REPLACED = delete(_ENTRIES).where(
 )
 _IS_ERROR = case((_ENTRIES.c.error_message != "", 1), else_=0)
 _IS_CARD = case((and_(_ENTRIES.c.card_type != "", _ENTRIES.c.error_message == ""), 1), else_=0)
-_COUNT_ENTRIES = (
-    select(_ENTRIES.c.realm_id, func.count(), func.sum(_IS_ERROR), func.sum(_IS_CARD))
-    .where(
-        _ENTRIES.c.realm_id.in_(bindparam("realm_ids", expanding=True)),
-        _ENTRIES.c.generation.in_(bindparam("generations", expanding=True)),
-    )
-    .group_by(_ENTRIES.c.realm_id)
-)
-_COUNT_FILES = (
-    select(_FILES.c.realm_id, func.count())
-    .where(_FILES.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
-    .group_by(_FILES.c.realm_id)
-)
 _SET_GENERATION = (
     update(_REALMS)
     .where(_REALMS.c.realm_id == bindparam("b_realm"))
@@ -172,6 +159,30 @@ _SET_GENERATION = (
         last_index_time=bindparam("b_now"),
         state=RealmState.READY.value,
     )
+)
+_NEW_GENERATION = and_(
+    _ENTRIES.c.realm_id == _REALMS.c.realm_id, _ENTRIES.c.generation == bindparam("b_generation")
+)
+_SWITCH_COUNTED = (
+    update(_REALMS)
+    .where(_REALMS.c.realm_id == bindparam("b_realm"))
+    .values(
+        current_generation=bindparam("b_generation"),
+        entries=select(func.count()).where(_NEW_GENERATION).scalar_subquery(),
+        errors=select(func.coalesce(func.sum(_IS_ERROR), 0))
+        .where(_NEW_GENERATION)
+        .scalar_subquery(),
+        cards=select(func.coalesce(func.sum(_IS_CARD), 0)).where(_NEW_GENERATION).scalar_subquery(),
+        files=select(func.count())
+        .select_from(_FILES)
+        .where(_FILES.c.realm_id == _REALMS.c.realm_id)
+        .scalar_subquery(),
+        last_index_time=bindparam("b_now"),
+        state=RealmState.READY.value,
+    )
+)
+_SUM_ENTRIES = select(func.sum(_REALMS.c.entries)).where(
+    _REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True))
 )
 # An incremental merge, in statements that touch its own paths only (by the
 # primary key realm, generation, path), never the rest of the realm.
@@ -258,33 +269,25 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
         tx.session.execute(
             _DROP_REPLACED, {"realm_ids": scratch_ids, "generations": list(replaced.values())}
         )
-        counts = {
-            realm_id: (int(n or 0), int(errors or 0), int(cards or 0))
-            for realm_id, n, errors, cards in tx.session.execute(
-                _COUNT_ENTRIES,
-                {"realm_ids": scratch_ids, "generations": sorted(set(replaced.values()))},
-            )
-        }
-        files = {
-            realm_id: int(n)
-            for realm_id, n in tx.session.execute(_COUNT_FILES, {"realm_ids": scratch_ids})
-        }
-        if sum(n for n, _, _ in counts.values()) >= ANALYZE_AFTER_ENTRIES:
-            # A big new generation: without fresh statistics PostgreSQL reads
-            # the realm's next merges through the card-type index, row by row.
-            tx.statistics_changed("index_entries")
-        for realm_id, generation in replaced.items():
-            n, errors, cards = counts.get(realm_id, (0, 0, 0))
-            stats[realm_id] = {
-                "b_realm": realm_id,
-                "b_generation": generation,
-                "b_entries": n,
-                "b_errors": errors,
-                "b_cards": cards,
-                "b_files": files.get(realm_id, 0),
-                "b_now": now,
-            }
-    tx.session.execute(_SET_GENERATION, [stats[realm_id] for realm_id in ids])
+        # The switch and the new generation's stats in one statement a realm.
+        tx.session.execute(
+            _SWITCH_COUNTED,
+            [
+                {"b_realm": realm_id, "b_generation": generation, "b_now": now}
+                for realm_id, generation in sorted(replaced.items())
+            ],
+        )
+        if tx.backend == "postgresql":
+            entries = tx.session.scalar(_SUM_ENTRIES, {"realm_ids": scratch_ids}) or 0
+            if entries >= ANALYZE_AFTER_ENTRIES:
+                # A big new generation: without fresh statistics PostgreSQL
+                # reads the realm's next merges through the card-type index,
+                # row by row.
+                tx.statistics_changed("index_entries")
+    if stats:
+        tx.session.execute(
+            _SET_GENERATION, [stats[realm_id] for realm_id in ids if realm_id in stats]
+        )
 
 
 def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> tuple[int, int, int]:
