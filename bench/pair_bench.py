@@ -19,6 +19,7 @@ Items (see bench/README.md, "Service pair"):
               alone, the per-file ReadRealmFile alone and the indexer alone;
               a bulk write of 5,000 files; one change in a 50,000-file realm
   index_rss   100,000 files of 1 KiB indexed: server and worker RSS growth
+  push        `realmctl push` of a directory of 5,000 small cards, as a process
   stmt        what one SQL statement of the claim path costs through SQLAlchemy
               (built per call as the store does, prebuilt, raw DB-API), same store
 
@@ -72,7 +73,7 @@ from realm.v1 import resources_pb2 as pb
 HERE = Path(__file__).resolve().parent
 USER = 10
 SYSTEM = 0
-ITEMS = ("throughput", "wakeup", "storm", "create", "index", "index_rss", "stmt")
+ITEMS = ("throughput", "wakeup", "storm", "create", "index", "index_rss", "push", "stmt")
 
 
 @dataclass
@@ -100,6 +101,8 @@ class Config:
     index_big_files: int = 50_000
     index_rss_files: int = 100_000
     change_samples: int = 20
+    push_files: int = 5000
+    push_runs: int = 3
     only: tuple[str, ...] = ITEMS
     keep: bool = False
     py_spy: str = ""
@@ -122,6 +125,8 @@ class Config:
             index_big_files=2_000,
             index_rss_files=5_000,
             change_samples=5,
+            push_files=500,
+            push_runs=1,
             **kw,
         )
 
@@ -906,6 +911,69 @@ async def run_index_rss(cfg: Config, workdir: Path) -> None:
     )
 
 
+# -- 9. realmctl push -------------------------------------------------------------------
+
+
+def run_push(cfg: Config, workdir: Path) -> None:
+    """`realmctl push REALM DIR` of `push_files` small cards, timed as the process
+    it is (interpreter start included), into a fresh realm each run; no worker,
+    so the queue does nothing meanwhile. Next to it, `realmctl get` (the
+    process's fixed cost) in the same run."""
+    tree = workdir / "push-tree"
+    for i in range(cfg.push_files):
+        path, content = card_file(i)
+        target = tree / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    realmctl = [str(BIN / "realmctl")]
+    with Pair(cfg, workdir, "push") as pair:
+        pair.start_server()
+        address = pair.server.address
+
+        def timed(*args: str) -> tuple[float, str]:
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [*realmctl, "--server", address, *args],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=600,
+            )
+            elapsed = time.perf_counter() - t0
+            if done.returncode != 0:
+                raise RuntimeError(f"realmctl {args[0]} exited {done.returncode}: {done.stderr}")
+            return elapsed, done.stdout
+
+        timed("create", "warm-up")
+        seconds, fixed = [], []
+        summary_line = ""
+        for run in range(cfg.push_runs):
+            realm_id = f"push-{run}"
+            timed("create", realm_id)
+            fixed.append(timed("get", realm_id)[0])
+            elapsed, out = timed("push", realm_id, str(tree))
+            seconds.append(elapsed)
+            summary_line = out.splitlines()[-1]
+            log(f"push run {run}: {cfg.push_files / elapsed:.0f} files/s ({elapsed:.2f} s)")
+    rates = sorted(cfg.push_files / s for s in seconds)
+    median = statistics.median(rates)
+    emit(
+        {
+            "item": "push",
+            "store": cfg.store,
+            "files": cfg.push_files,
+            "runs": cfg.push_runs,
+            "files_per_s": round(median, 1),
+            "files_per_s_runs": [round(r, 1) for r in rates],
+            "seconds_runs": [round(s, 3) for s in sorted(seconds)],
+            "realmctl_get_s_median": round(statistics.median(fixed), 3),
+            "summary": summary_line,
+            "target": "realmctl push of 5,000 files: at least 5,000 files/s",
+            "met": median >= 5000,
+        }
+    )
+
+
 async def wait_job(
     stub: sgrpc.RealmServiceStub, job_id: str, *, watch: bool = False, timeout: float = 300
 ) -> pb.Job:
@@ -1109,6 +1177,12 @@ def table() -> str:
                 + ", ".join(f"{k} {v}" for k, v in r["one_change_parts_p50_ms"].items())
                 + ")",
             )
+        elif item == "push":
+            row(
+                f"realmctl push, {r['files']} files",
+                f"{r['files_per_s']:>10.0f} files/s median of {r['runs']} (process with "
+                f"start; `realmctl get` takes {r['realmctl_get_s_median']:.2f} s){met}",
+            )
         elif item == "index_rss":
             row(
                 f"index {r['files']} files of 1 KiB",
@@ -1172,6 +1246,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_index(cfg, work.path))
         if "index_rss" in only:
             asyncio.run(run_index_rss(cfg, work.path))
+        if "push" in only:
+            run_push(cfg, work.path)
         if "stmt" in only:
             run_stmt(cfg, work.path)
     finally:

@@ -17,6 +17,10 @@ from realmctl.errors import UsageError
 
 DEFAULT_SERVER = DEFAULT_TARGET
 DEFAULT_TIMEOUT = 30.0
+# A followed job's watch (watch, create --wait, push --wait) is reopened after
+# UNAVAILABLE this many times in a row without news: with the client's backoff
+# (0.1 s doubling to 2 s) about 15 s, time for a server to restart.
+WATCH_BREAKS = 10
 
 # How grpc-core words a failure to open a connection (as opposed to a server
 # that answered UNAVAILABLE itself, e.g. while draining).
@@ -53,6 +57,7 @@ def open_client(settings: ConnectionSettings, channel: grpc.Channel | None = Non
         tls=settings.tls,
         root_certificates=root_certificates,
         timeout=settings.timeout,
+        watch_breaks=WATCH_BREAKS,
         channel=channel,
     )
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import resources_pb2 as res
 
 NONE = "-"
@@ -22,11 +24,13 @@ JOB_STATE_WORDS: Mapping[res.Job.State.ValueType, str] = {
     res.Job.STATE_RUNNING: "running",
     res.Job.STATE_SUCCEEDED: "succeeded",
     res.Job.STATE_FAILED: "failed",
+    res.Job.STATE_CANCELLED: "cancelled",
 }
 REALM_STATE_WORDS: Mapping[res.Realm.State.ValueType, str] = {
     res.Realm.STATE_INDEXING: "indexing",
     res.Realm.STATE_READY: "ready",
     res.Realm.STATE_INDEX_FAILED: "index-failed",
+    res.Realm.STATE_INDEX_CANCELLED: "index-cancelled",
 }
 JOB_KIND_WORDS: Mapping[res.JobKind.ValueType, str] = {
     res.JOB_KIND_FROM_SCRATCH_INDEX: "from-scratch",
@@ -38,8 +42,24 @@ DISPOSITION_WORDS: Mapping[res.Disposition.ValueType, str] = {
     res.DISPOSITION_ATTACHED: "attached",
     res.DISPOSITION_RERUN_SCHEDULED: "rerun-scheduled",
 }
-TERMINAL_JOB_STATES = frozenset({res.Job.STATE_SUCCEEDED, res.Job.STATE_FAILED})
-NUMERIC_HEADERS = frozenset({"FILES", "CARDS", "ERRORS", "ENTRIES", "SIZE", "PRIORITY", "ATTEMPT"})
+WAIT_REASON_WORDS: Mapping[rs.WaitReason.Code.ValueType, str] = {
+    rs.WaitReason.CODE_JOBS_AHEAD: "jobs-ahead",
+    rs.WaitReason.CODE_REALM_BUSY: "realm-busy",
+    rs.WaitReason.CODE_NO_WORKERS: "no-workers",
+    rs.WaitReason.CODE_NO_MATCHING_WORKER: "no-matching-worker",
+    rs.WaitReason.CODE_RESERVED_SLOTS: "reserved-slots",
+    rs.WaitReason.CODE_ALL_SLOTS_BUSY: "all-slots-busy",
+    rs.WaitReason.CODE_DRAINING: "draining",
+}
+TERMINAL_JOB_STATES = frozenset(
+    {res.Job.STATE_SUCCEEDED, res.Job.STATE_FAILED, res.Job.STATE_CANCELLED}
+)
+NUMERIC_HEADERS = frozenset(
+    {
+        "FILES", "CARDS", "ERRORS", "ENTRIES", "SIZE", "PRIORITY", "ATTEMPT", "BATCH", "BYTES",
+        "COUNT", "CREDITS", "HELD", "MIN_PRIORITY", "SUCCEEDED", "FAILED", "CANCELLED", "#",
+    }
+)  # fmt: skip
 
 
 def word(words: Mapping[_Enum, str], value: _Enum) -> str:
@@ -55,6 +75,37 @@ def iso_time(timestamp: Timestamp) -> str:
         return NONE
     moment = datetime.fromtimestamp(timestamp.seconds, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_set(timestamp: Timestamp) -> bool:
+    return timestamp.seconds != 0 or timestamp.nanos != 0
+
+
+def seconds_text(seconds: float) -> str:
+    """`0.4s`, `12s`, `3m05s`, `2h07m`."""
+    if seconds < 0:
+        return NONE
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def duration_text(duration: Duration) -> str:
+    return seconds_text(duration.seconds + duration.nanos / 1e9)
+
+
+def job_duration(job: res.Job) -> str:
+    """How long the job's last attempt ran until the job finished; '-' until then."""
+    if not (is_set(job.start_time) and is_set(job.finish_time)):
+        return NONE
+    start = job.start_time.seconds + job.start_time.nanos / 1e9
+    finish = job.finish_time.seconds + job.finish_time.nanos / 1e9
+    return seconds_text(finish - start)
 
 
 def cell(value: object) -> str:
@@ -176,7 +227,13 @@ def job_fields(job: res.Job) -> list[tuple[str, object]]:
 
 
 def jobs_table(jobs: Sequence[res.Job]) -> str:
-    headers = ["JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "PROGRESS", "CREATED"]
+    """A row per job. The Job message names neither its worker nor the attempts
+    cap, so there is no WORKER column and ATTEMPT is the attempts started
+    (`realmctl explain JOB` shows each attempt's worker)."""
+    headers = [
+        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "PROGRESS",
+        "CREATED", "FINISHED", "DURATION", "ERROR",
+    ]  # fmt: skip
     rows = [
         [
             job.job_id,
@@ -187,10 +244,95 @@ def jobs_table(jobs: Sequence[res.Job]) -> str:
             job.attempt,
             progress_text(job.progress),
             iso_time(job.create_time),
+            iso_time(job.finish_time),
+            job_duration(job),
+            job.error_message,
         ]
         for job in jobs
     ]
     return table(headers, rows)
+
+
+def explain_text(answer: rs.ExplainJobResponse) -> str:
+    """The sentence, then what there is of: reasons, jobs ahead, where it runs, attempts."""
+    parts = [cell(answer.summary) if answer.summary else f"job {job_summary(answer.job)}"]
+    if answer.reasons:
+        reasons = [[word(WAIT_REASON_WORDS, r.code), r.message] for r in answer.reasons]
+        parts.append(table(["REASON", "DETAIL"], reasons))
+    if answer.jobs_ahead or answer.ahead:
+        parts.append(f"jobs ahead: {answer.jobs_ahead}\n{jobs_table(answer.ahead)}")
+    if answer.HasField("running"):
+        run = answer.running
+        parts.append(
+            fields(
+                [
+                    ("worker", run.worker_id),
+                    ("instance", run.instance_id),
+                    ("stream", run.stream_id),
+                    ("lease expires", iso_time(run.lease_expire_time)),
+                    ("last heartbeat", iso_time(run.last_heartbeat_time)),
+                    ("progress", progress_text(answer.job.progress)),
+                ]
+            )
+        )
+    if answer.attempts:
+        rows = [
+            [
+                a.number,
+                a.worker_id,
+                a.instance_id,
+                iso_time(a.start_time),
+                iso_time(a.end_time),
+                a.outcome,
+                a.error_message,
+            ]
+            for a in answer.attempts
+        ]
+        parts.append(
+            table(["#", "WORKER", "INSTANCE", "STARTED", "ENDED", "OUTCOME", "ERROR"], rows)
+        )
+    return "\n\n".join(parts)
+
+
+def workers_table(workers: Sequence[rs.Worker]) -> str:
+    headers = [
+        "WORKER", "INSTANCE", "KINDS", "MIN_PRIORITY", "CREDITS", "HELD",
+        "CONNECTED", "LAST_MESSAGE", "STREAM",
+    ]  # fmt: skip
+    rows = [
+        [
+            w.worker_id,
+            w.instance_id,
+            ",".join(word(JOB_KIND_WORDS, k) for k in w.kinds) or "all",
+            w.min_priority,
+            w.credits,
+            w.jobs_held,
+            iso_time(w.connect_time),
+            iso_time(w.last_message_time),
+            w.stream_id,
+        ]
+        for w in workers
+    ]
+    return table(headers, rows)
+
+
+def queue_stats_text(stats: rs.GetQueueStatsResponse) -> str:
+    counts = [
+        [word(JOB_STATE_WORDS, c.state), word(JOB_KIND_WORDS, c.kind), c.priority, c.count]
+        for c in stats.counts
+    ]
+    oldest = [[o.priority, iso_time(o.create_time), duration_text(o.age)] for o in stats.oldest]
+    windows = [
+        [name, f.succeeded, f.failed, f.cancelled]
+        for name, f in (("last minute", stats.last_minute), ("last hour", stats.last_hour))
+    ]
+    return "\n\n".join(
+        [
+            table(["STATE", "KIND", "PRIORITY", "COUNT"], counts),
+            table(["PRIORITY", "OLDEST_QUEUED", "AGE"], oldest),
+            table(["FINISHED", "SUCCEEDED", "FAILED", "CANCELLED"], windows),
+        ]
+    )
 
 
 def files_table(files: Sequence[res.RealmFile]) -> str:

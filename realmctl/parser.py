@@ -21,7 +21,7 @@ exit status:
   0  success
   1  the server refused the call or could not be reached
   2  bad usage (arguments, unreadable local files)
-  3  a watched job failed (create --wait, watch)
+  3  a watched job failed or was cancelled (create --wait, push --wait, watch)
 
 environment:
   REALMCTL_SERVER  default for --server
@@ -94,7 +94,8 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> 
         default=default(DEFAULT_TIMEOUT),
         help=(
             f"deadline of each call in seconds, 0 for none (default: {DEFAULT_TIMEOUT:g}); "
-            "watching a job has no deadline"
+            "watching a job has no deadline, and reconnects for about 15 s after the "
+            "server goes away"
         ),
     )
     group.add_argument(
@@ -180,14 +181,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "push",
         commands.push,
-        "Write every file under DIR into a realm (relative POSIX paths, skipping .git/).",
-        '{"realm_id": str, "count": int, "results": [WriteRealmFileResponse, ...], '
-        '"jobs": [Job, ...]}',
+        "Write every file under DIR into a realm (relative POSIX paths, skipping .git/ and\n"
+        "the root realm.json), in WriteRealmFiles batches of at most "
+        f"{commands.PUSH_BATCH_FILES:,} files\nand {commands.PUSH_BATCH_BYTES >> 20} MiB, "
+        "each stored all or nothing with one index job.",
+        '{"realm_id": str, "count": int, "files": [RealmFile, ...],\n'
+        ' "batches": [{"files": int, "bytes": int, "job_id": str, "disposition": str}, ...],\n'
+        ' "jobs": [Job, ...] (with --wait: as they ended)}',
     )
     p.add_argument("realm_id", metavar="REALM_ID")
     p.add_argument("dir", metavar="DIR")
     p.add_argument(
         "--priority", type=_priority, help="priority of the index job, 0-100 (default: 10)"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="show the index jobs' progress on stderr until they end; exit 3 if one failed",
+    )
+
+    p = command(
+        "rm-realm",
+        commands.remove_realm,
+        "Delete a realm with its files, index and jobs (admin only). Asks for confirmation\n"
+        "on a terminal; without one, --yes is required.",
+        "DeleteRealmResponse",
+    )
+    p.add_argument("realm_id", metavar="REALM_ID")
+    p.add_argument("--yes", action="store_true", help="delete without asking")
+    p.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="idempotency key: a repeat with the same ID succeeds instead of NOT_FOUND",
     )
 
     p = command(
@@ -250,6 +275,39 @@ def build_parser() -> argparse.ArgumentParser:
         "Job (the final snapshot)",
     )
     p.add_argument("job_id", metavar="JOB_ID")
+
+    p = command(
+        "cancel",
+        commands.cancel,
+        "Cancel a queued or running job (admin only).",
+        "Job (CANCELLED)",
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--reason", help="why (kept as the job's error message, at most 500 chars)")
+
+    p = command(
+        "retry",
+        commands.retry,
+        "Queue a failed or cancelled job's work again (admin only).",
+        "RetryJobResponse",
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+
+    p = command(
+        "explain",
+        commands.explain,
+        "Say why a job is where it is: why it waits, where it runs, or its attempts.",
+        "ExplainJobResponse",
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+
+    command("workers", commands.workers, "List the connected workers.", "[Worker, ...]")
+    command(
+        "stats",
+        commands.stats,
+        "Count jobs by state, kind and priority; the oldest queued; recent outcomes.",
+        "GetQueueStatsResponse",
+    )
 
     p = command(
         "search",

@@ -113,6 +113,16 @@ class Cli:
         rpc.terminate(response, (), grpc.StatusCode.OK, "")
         return taken
 
+    def taken_request(self, method: str) -> tuple[Any, Any]:
+        """Takes realmctl's next call of `method`: its request, and a function
+        that answers it with a response (for answers built from the request)."""
+        taken, rpc = self._unary(method)
+
+        def reply(response: Message) -> None:
+            rpc.terminate(response, (), grpc.StatusCode.OK, "")
+
+        return taken.request, reply
+
     def fail(self, method: str, code: grpc.StatusCode, details: str) -> Taken:
         """Takes realmctl's next call of `method` and ends it with a status."""
         taken, rpc = self._unary(method)

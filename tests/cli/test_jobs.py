@@ -9,7 +9,7 @@ import json
 import grpc
 from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import resources_pb2 as res
-from realmctl_fakes import T0_ISO, Cli, assert_table_aligned, assert_values_aligned, make_job
+from realmctl_fakes import T0, T0_ISO, Cli, assert_table_aligned, assert_values_aligned, make_job
 
 from realmctl.output import ProgressBar
 
@@ -122,10 +122,19 @@ def test_jobs_defaults(cli: Cli) -> None:
 
 
 def test_jobs_table_and_json(cli: Cli) -> None:
+    finished = make_job("11", priority=0, state=SUCCEEDED)
+    finished.attempt = 2
+    finished.start_time.seconds = T0 + 60
+    finished.finish_time.seconds = T0 + 60 + 185
+    failed = make_job("10", state=FAILED, error="attempts cap\nreached")
+    failed.attempt = 5
+    failed.start_time.seconds = T0
+    failed.finish_time.seconds = T0 + 3
     jobs = rs.ListJobsResponse(
         jobs=[
             make_job("12", kind=res.JOB_KIND_INCREMENTAL_INDEX, state=RUNNING, done=2, total=5),
-            make_job("11", priority=0, state=SUCCEEDED),
+            finished,
+            failed,
         ]
     )
 
@@ -139,11 +148,21 @@ def test_jobs_table_and_json(cli: Cli) -> None:
     lines = table.out.splitlines()
     assert lines[0].split() == [
         "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "PROGRESS", "CREATED",
+        "FINISHED", "DURATION", "ERROR",
     ]  # fmt: skip
-    assert lines[1].split() == ["12", "demo", "incremental", "10", "running", "0", "2/5", T0_ISO]
-    assert lines[2].split() == ["11", "demo", "from-scratch", "0", "succeeded", "0", "-", T0_ISO]
+    assert lines[1].split() == [
+        "12", "demo", "incremental", "10", "running", "0", "2/5", T0_ISO, "-", "-", "-",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "11", "demo", "from-scratch", "0", "succeeded", "2", "-", T0_ISO,
+        "2023-11-14T22:17:25Z", "3m05s", "-",
+    ]  # fmt: skip
+    assert lines[3].split() == [
+        "10", "demo", "from-scratch", "10", "failed", "5", "-", T0_ISO,
+        "2023-11-14T22:13:23Z", "3.0s", "attempts", "cap", "reached",
+    ]  # fmt: skip
     assert_table_aligned(table.out)
-    assert [job["state"] for job in data] == ["STATE_RUNNING", "STATE_SUCCEEDED"]
+    assert [job["state"] for job in data] == ["STATE_RUNNING", "STATE_SUCCEEDED", "STATE_FAILED"]
 
 
 def test_job_shows_every_field(cli: Cli) -> None:
@@ -188,6 +207,7 @@ def test_job_json(cli: Cli) -> None:
 
 def test_watch_until_success(cli: Cli) -> None:
     running = cli.start("watch", "12")
+    looked_up = cli.answer("GetJob", rs.GetJobResponse(job=make_job("12"))).request
     taken = cli.watch(
         [
             make_job("12", state=RUNNING, done=1, total=2),
@@ -197,7 +217,8 @@ def test_watch_until_success(cli: Cli) -> None:
     result = running.result()
 
     assert result.code == 0
-    assert taken.request.job_id == "12"
+    assert looked_up.job_id == taken.request.job_id == "12"
+    assert cli.methods() == ["GetJob", "WatchJob"]
     assert result.err.splitlines() == [
         "job 12 [" + "#" * 15 + "." * 15 + "] 1/2 files  running",
         "job 12 [" + "#" * 30 + "] 2/2 files  succeeded",
@@ -208,6 +229,7 @@ def test_watch_until_success(cli: Cli) -> None:
 
 def test_watch_of_a_failed_job_exits_3(cli: Cli) -> None:
     running = cli.start("watch", "12", "--json")
+    cli.answer("GetJob", rs.GetJobResponse(job=make_job("12", state=RUNNING)))
     cli.watch([make_job("12", state=FAILED, error="attempts cap reached")])
     result = running.result()
 
@@ -218,17 +240,29 @@ def test_watch_of_a_failed_job_exits_3(cli: Cli) -> None:
 
 def test_watch_of_an_unknown_job(cli: Cli) -> None:
     running = cli.start("watch", "99")
-    cli.watch([], grpc.StatusCode.NOT_FOUND, "job 99 not found")
+    cli.fail("GetJob", grpc.StatusCode.NOT_FOUND, "job 99 not found")
     result = running.result()
 
     assert result.code == 1
     assert result.err == "realmctl: error: NOT_FOUND: job 99 not found\n"
     assert result.out == ""
-    assert cli.methods() == ["WatchJob"]
+    assert cli.methods() == ["GetJob"]
+
+
+def test_watch_of_a_finished_job_shows_it_without_watching(cli: Cli) -> None:
+    running = cli.start("watch", "12")
+    cli.answer("GetJob", rs.GetJobResponse(job=make_job("12", state=SUCCEEDED)))
+    result = running.result()
+
+    assert result.code == 0
+    assert "state:    succeeded" in result.out.splitlines()
+    assert result.err == ""
+    assert cli.methods() == ["GetJob"]
 
 
 def test_watch_broken_midway_is_resumed(cli: Cli) -> None:
     running = cli.start("watch", "12")
+    cli.answer("GetJob", rs.GetJobResponse(job=make_job("12", state=RUNNING)))
     first = cli.watch(
         [make_job("12", state=RUNNING, done=1, total=3)],
         grpc.StatusCode.UNAVAILABLE,
@@ -248,6 +282,7 @@ def test_watch_broken_midway_is_resumed(cli: Cli) -> None:
 
 def test_watch_that_keeps_breaking_is_one_error_line(cli: Cli) -> None:
     running = cli.start("watch", "12")
+    cli.answer("GetJob", rs.GetJobResponse(job=make_job("12", state=RUNNING)))
     for _ in range(3):  # the first stream and two reconnects (the tests' budget)
         cli.watch(
             [make_job("12", state=RUNNING, done=1, total=3)],

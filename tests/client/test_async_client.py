@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import realm_client
+from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import resources_pb2 as res
 from realm_client import AsyncRealmClient
 
 from tests.client.live import live_server, live_system
 
 SUCCEEDED = res.Job.STATE_SUCCEEDED
+CANCELLED = res.Job.STATE_CANCELLED
 
 
 def test_create_wait_then_the_other_calls(tmp_path: Path) -> None:
@@ -134,3 +136,80 @@ def test_unreachable_server_is_unavailable(tmp_path: Path) -> None:
                 await client.get_job("1")
 
     asyncio.run(scenario())
+
+
+def test_bulk_files_and_job_control(tmp_path: Path) -> None:
+    """Without a worker, jobs stay queued: cancel, retry, explain, stats, then
+    StreamRealmFiles and WriteRealmFiles, then DeleteRealm."""
+    big = bytes(range(256)) * 40  # 10,240 bytes: three chunks at 4 KiB a message
+
+    async def scenario(address: str) -> None:
+        async with AsyncRealmClient(address, timeout=15) as client:
+            created = await client.create_realm("bulk", initial_files={"big.bin": big})
+            job_id = created.job.job_id
+
+            explained = await client.explain_job(job_id)
+            assert explained.job.job_id == job_id
+            assert explained.summary
+            codes = {reason.code for reason in explained.reasons}
+            assert rs.WaitReason.CODE_NO_WORKERS in codes
+            assert await client.list_workers() == []
+            stats = await client.get_queue_stats()
+            queued = [c for c in stats.counts if c.state == res.Job.STATE_QUEUED]
+            assert sum(c.count for c in queued) == 1
+
+            cancelled = await client.cancel_job(job_id, reason="not now")
+            assert cancelled.state == res.Job.STATE_CANCELLED
+            assert "not now" in cancelled.error_message
+            again = await client.cancel_job(job_id)  # idempotent on a cancelled job
+            assert again.state == res.Job.STATE_CANCELLED
+            assert (await client.wait_for_job(job_id, timeout=10)).state == CANCELLED
+            retried = await client.retry_job(job_id)
+            assert retried.job.state == res.Job.STATE_QUEUED
+            assert retried.disposition == res.DISPOSITION_INSERTED
+            with pytest.raises(realm_client.FailedPrecondition):
+                await client.retry_job(retried.job.job_id)  # queued: nothing to retry
+
+            written = await client.write_realm_files(
+                "bulk", files={"a.txt": b"alpha", "b/c.txt": b"gamma"}, priority=30
+            )
+            assert [f.path for f in written.files] == ["a.txt", "b/c.txt"]
+            assert written.job.priority == 30
+            removed = await client.write_realm_files("bulk", deleted_paths=["a.txt"])
+            assert removed.deleted == 1
+            with pytest.raises(realm_client.NotFound):
+                await client.write_realm_files("bulk", deleted_paths=["a.txt"])
+
+            streamed = [s async for s in client.stream_realm_files("bulk", max_message_bytes=4096)]
+            by_path = {s.path: s for s in streamed}
+            assert by_path["big.bin"].content == big
+            assert by_path["big.bin"].file.size == len(big)
+            assert by_path["b/c.txt"].content == b"gamma"
+            assert "a.txt" not in by_path
+            assert [s.path for s in streamed] == sorted(by_path)
+            some = [s.path async for s in client.stream_realm_files("bulk", ["b/c.txt", "zz"])]
+            assert some == ["b/c.txt"]
+
+            deleted = await client.delete_realm("bulk", request_id="del-1")
+            assert deleted.files_deleted >= 3 and not deleted.replayed
+            assert deleted.jobs_cancelled >= 1
+            replay = await client.delete_realm("bulk", request_id="del-1")
+            assert replay.replayed
+            with pytest.raises(realm_client.NotFound):
+                await client.get_realm("bulk")
+            with pytest.raises(realm_client.NotFound):
+                await client.delete_realm("bulk")
+
+    with live_server(tmp_path) as live:
+        asyncio.run(scenario(live.address))
+
+
+def test_workers_are_listed(tmp_path: Path) -> None:
+    async def scenario(address: str) -> None:
+        async with AsyncRealmClient(address) as client:
+            workers = await client.list_workers()
+            assert [w.worker_id for w in workers] == ["w1"]
+            assert workers[0].credits + workers[0].jobs_held >= 1
+
+    with live_system(tmp_path) as live:
+        asyncio.run(scenario(live.address))

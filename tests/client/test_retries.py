@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -50,6 +51,30 @@ class FlakyService(realm_service_pb2_grpc.RealmServiceServicer):
     ) -> rs.GetRealmResponse:
         self._attempt(request, context)
         return rs.GetRealmResponse(realm=res.Realm(realm_id=request.realm_id))
+
+    def DeleteRealm(
+        self, request: rs.DeleteRealmRequest, context: grpc.ServicerContext
+    ) -> rs.DeleteRealmResponse:
+        self._attempt(request, context)
+        return rs.DeleteRealmResponse(replayed=len(self.attempts) > 1)
+
+    def CancelJob(
+        self, request: rs.CancelJobRequest, context: grpc.ServicerContext
+    ) -> rs.CancelJobResponse:
+        self._attempt(request, context)
+        return rs.CancelJobResponse(job=res.Job(job_id=request.job_id))
+
+    def RetryJob(
+        self, request: rs.RetryJobRequest, context: grpc.ServicerContext
+    ) -> rs.RetryJobResponse:
+        self._attempt(request, context)
+        return rs.RetryJobResponse(job=res.Job(job_id="2"))
+
+    def WriteRealmFiles(
+        self, request: rs.WriteRealmFilesRequest, context: grpc.ServicerContext
+    ) -> rs.WriteRealmFilesResponse:
+        self._attempt(request, context)
+        return rs.WriteRealmFilesResponse(job=res.Job(job_id="3"))
 
     def DeleteRealmFile(
         self, request: rs.DeleteRealmFileRequest, context: grpc.ServicerContext
@@ -133,3 +158,42 @@ def test_retry_none_turns_retries_off(service: tuple[FlakyService, str]) -> None
         client.create_realm("demo")
 
     assert len(fake.attempts) == 1
+
+
+def test_a_retried_delete_realm_keeps_its_request_id(service: tuple[FlakyService, str]) -> None:
+    fake, address = service
+    fake.failures = 2
+
+    with RealmClient(address, retry=FAST) as client:
+        deleted = client.delete_realm("demo")
+
+    assert deleted.replayed  # the fake says so of any answer after a refused attempt
+    assert len(fake.attempts) == 3
+    ids = {a.request.request_id for a in fake.attempts}  # type: ignore[attr-defined]
+    assert len(ids) == 1 and "" not in ids
+    assert {a.metadata[realm_client.REQUEST_ID_KEY] for a in fake.attempts} == ids
+
+
+@pytest.mark.parametrize(
+    ("call", "retried"),
+    [
+        (lambda c: c.cancel_job("1", reason="r"), True),
+        (lambda c: c.write_realm_files("demo", files={"a": b"x" * 300_000}), True),
+        (lambda c: c.retry_job("1"), False),
+    ],
+    ids=["CancelJob", "WriteRealmFiles", "RetryJob"],
+)
+def test_job_control_and_bulk_writes_are_retried_only_where_a_repeat_is_safe(
+    service: tuple[FlakyService, str], call: Any, retried: bool
+) -> None:
+    fake, address = service
+    fake.failures = 1
+
+    with RealmClient(address, retry=FAST) as client:
+        if retried:
+            call(client)
+        else:
+            with pytest.raises(realm_client.Unavailable, match="attempt 1 refused"):
+                call(client)
+
+    assert len(fake.attempts) == (2 if retried else 1)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import System
-from tests.e2e.helpers import PERSON, PET, card, card_type, sha256
+from tests.e2e.helpers import PERSON, PET, bulk_cards, card, card_type, sha256
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +129,8 @@ def test_realmctl_commands_against_a_live_server(
     push_dir = write_tree(tmp_path / "push", pushed_files)
     pushed = ok_json(ctl("--json", "push", "notes", str(push_dir)))
     assert pushed["count"] == 2
-    assert sorted(r["file"]["path"] for r in pushed["results"]) == sorted(pushed_files)
+    assert sorted(f["path"] for f in pushed["files"]) == sorted(pushed_files)
+    assert [b["files"] for b in pushed["batches"]] == [2]
     assert {job["kind"] for job in pushed["jobs"]} == {"JOB_KIND_INCREMENTAL_INDEX"}
     push_jobs = [job["job_id"] for job in pushed["jobs"]]
     for job_id in push_jobs:
@@ -184,6 +185,87 @@ def test_realmctl_commands_against_a_live_server(
     assert server.proc.alive()
     # The refused calls changed nothing.
     assert [r["realm_id"] for r in ok_json(ctl("--json", "ls"))] == ["notes", "scratch"]
+
+
+def test_realmctl_push_wait_and_job_control(store_url: str, system: System, tmp_path: Path) -> None:
+    """push --wait of 300 files; a queued job (no worker takes priority 0 here)
+    explained, cancelled and retried; workers, stats, and rm-realm."""
+    server = system.start_server(store_url)
+    system.start_worker(server, "lane-worker", "--min-priority", "10")
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return system.realmctl(*args, server=server)
+
+    ok(ctl("create", "bulk", "--wait"))
+    cards = bulk_cards(300)
+    tree = write_tree(tmp_path / "bulk", cards)
+    (tree / "realm.json").write_text('{"name": "skipped"}')
+
+    # push --wait: one batch, one incremental job, followed to its end.
+    pushed = ctl("push", "bulk", str(tree), "--wait")
+    out = ok(pushed)
+    *table, summary = out.splitlines()
+    assert table[0].split() == ["BATCH", "FILES", "BYTES", "JOB_ID", "DISPOSITION"]
+    assert table[1].split()[:2] == ["1", "300"]
+    assert table[1].split()[4] == "inserted"
+    push_job = table[1].split()[3]
+    assert summary == (
+        f"pushed 300 files to realm bulk in 1 batch; "
+        f"index job: {push_job} (incremental, priority 10, succeeded)"
+    )
+    assert "skipped realm.json" in pushed.stderr
+    assert pushed.stderr.splitlines()[-1].endswith("300/300 files  succeeded")
+    found = ok_json(ctl("--json", "search", "bulk", "--type", card_type(PERSON)))
+    assert len(found) == 300
+    realm = ok_json(ctl("--json", "get", "bulk"))
+    assert realm["stats"]["files"] == "302"  # the cards, realm.json and index.json
+
+    # explain a finished job: its attempt, on the worker that ran it.
+    explained = ok_json(ctl("--json", "explain", push_job))
+    assert explained["job"]["state"] == "STATE_SUCCEEDED"
+    assert [a["worker_id"] for a in explained["attempts"]] == ["lane-worker"]
+    text = ok(ctl("explain", push_job))
+    assert text.splitlines()[0] == explained["summary"]
+    assert any(line.split()[:2] == ["1", "lane-worker"] for line in text.splitlines())
+
+    # workers, and stats.
+    workers = ok_json(ctl("--json", "workers"))
+    assert [(w["worker_id"], w["min_priority"]) for w in workers] == [("lane-worker", 10)]
+    assert ok(ctl("workers")).splitlines()[1].split()[0] == "lane-worker"
+    stats = ok_json(ctl("--json", "stats"))
+    succeeded = [c for c in stats["counts"] if c["state"] == "STATE_SUCCEEDED"]
+    assert sum(int(c["count"]) for c in succeeded) >= 2
+    assert ok(ctl("stats")).splitlines()[0].split() == ["STATE", "KIND", "PRIORITY", "COUNT"]
+
+    # A SYSTEM-priority job stays queued (the only worker takes 10 and up).
+    queued = ok_json(ctl("--json", "reindex", "bulk", "--priority", "0"))["job"]
+    queued_id = queued["job_id"]
+    why = ok_json(ctl("--json", "explain", queued_id))
+    assert why["job"]["state"] == "STATE_QUEUED"
+    assert "CODE_NO_MATCHING_WORKER" in {r["code"] for r in why["reasons"]}
+    assert ok(ctl("explain", queued_id)).splitlines()[0] == why["summary"]
+    cancelled = ok(ctl("cancel", queued_id, "--reason", "not tonight"))
+    assert cancelled == f"cancelled job {queued_id} (from-scratch, priority 0, cancelled)\n"
+    shown = ok_json(ctl("--json", "job", queued_id))
+    assert shown["state"] == "STATE_CANCELLED" and "not tonight" in shown["error_message"]
+    jobs = ok(ctl("jobs", "--realm", "bulk", "--state", "cancelled")).splitlines()
+    assert jobs[0].split()[-3:] == ["FINISHED", "DURATION", "ERROR"]
+    assert [line.split()[0] for line in jobs[1:]] == [queued_id]
+    retried = ok_json(ctl("--json", "retry", queued_id))
+    assert retried["job"]["state"] == "STATE_QUEUED"
+    assert retried["job"]["job_id"] != queued_id
+    one_line_error(ctl("retry", retried["job"]["job_id"]), "FAILED_PRECONDITION")
+    one_line_error(ctl("jobs", "--realm", "nowhere"), "NOT_FOUND")
+
+    # rm-realm: refused without --yes off a terminal, then done with it.
+    refused = ctl("rm-realm", "bulk")
+    assert refused.returncode == 2
+    assert "stdin is not a terminal" in refused.stderr
+    assert ok_json(ctl("--json", "get", "bulk"))["realm_id"] == "bulk"
+    deleted = ok(ctl("rm-realm", "bulk", "--yes"))
+    assert deleted == "deleted realm bulk: 302 files, 1 queued or running jobs cancelled\n"
+    one_line_error(ctl("get", "bulk"), "NOT_FOUND")
+    one_line_error(ctl("rm-realm", "bulk", "--yes"), "NOT_FOUND")
 
 
 def created_job_id(create_output: str) -> str:

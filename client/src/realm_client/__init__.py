@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from realm.v1 import realm_service_pb2, resources_pb2
 
-from realm_client._calls import TERMINAL_JOB_STATES
+from realm_client._calls import TERMINAL_JOB_STATES, StreamedFile
 from realm_client._channel import (
     DEFAULT,
     DEFAULT_TARGET,
@@ -65,6 +65,7 @@ __all__ = [
     "RealmClientError",
     "ResourceExhausted",
     "RetryPolicy",
+    "StreamedFile",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

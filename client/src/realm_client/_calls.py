@@ -4,7 +4,7 @@ that do not depend on how it is sent, shared by the sync and asyncio clients."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from realm.v1 import realm_service_pb2 as rs
 from realm.v1 import resources_pb2 as res
@@ -14,7 +14,9 @@ from realm_client.errors import Internal, RealmClientError, Unavailable
 _Item = TypeVar("_Item")
 
 MAX_PAGE_SIZE = 1000
-TERMINAL_JOB_STATES = frozenset({res.Job.STATE_SUCCEEDED, res.Job.STATE_FAILED})
+TERMINAL_JOB_STATES = frozenset(
+    {res.Job.STATE_SUCCEEDED, res.Job.STATE_FAILED, res.Job.STATE_CANCELLED}
+)
 
 # Files to create a realm with: {path: content} or FileContent messages.
 InitialFiles = Mapping[str, bytes] | Iterable[res.FileContent]
@@ -40,6 +42,92 @@ def create_realm_request(
     if priority is not None:
         request.priority = priority
     return request
+
+
+# Files to write: {path: content} or FileContent messages.
+FilesToWrite = Mapping[str, bytes] | Iterable[res.FileContent]
+
+
+def file_contents(files: FilesToWrite) -> list[res.FileContent]:
+    if isinstance(files, Mapping):
+        return [res.FileContent(path=path, content=data) for path, data in files.items()]
+    return list(files)
+
+
+def write_realm_files_request(
+    realm_id: str, files: FilesToWrite, deleted_paths: Iterable[str], priority: int | None
+) -> rs.WriteRealmFilesRequest:
+    request = rs.WriteRealmFilesRequest(
+        realm_id=realm_id, files=file_contents(files), deleted_paths=list(deleted_paths)
+    )
+    if priority is not None:
+        request.priority = priority
+    return request
+
+
+def stream_realm_files_request(
+    realm_id: str,
+    paths: Iterable[str] | None,
+    lease_id: str,
+    after_path: str,
+    max_message_bytes: int,
+) -> rs.StreamRealmFilesRequest:
+    return rs.StreamRealmFilesRequest(
+        realm_id=realm_id,
+        lease_id=lease_id,
+        paths=list(paths or ()),
+        after_path=after_path,
+        max_message_bytes=max_message_bytes,
+    )
+
+
+class StreamedFile(NamedTuple):
+    """One whole file of a StreamRealmFiles stream."""
+
+    path: str
+    file: res.RealmFile
+    content: bytes
+
+
+class FileAssembler:
+    """Puts the chunks of a StreamRealmFiles stream back into whole files.
+
+    Holds at most one file's bytes; a chunk that does not continue the file
+    it should (another path before the last chunk, a gap or an overlap)
+    raises `Internal`, as does a stream that ends inside a file (`finish`).
+    """
+
+    def __init__(self) -> None:
+        self._file: res.RealmFile | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: rs.FileChunk) -> StreamedFile | None:
+        """The file this chunk completes, if it does."""
+        if self._file is not None and chunk.file.path != self._file.path:
+            raise Internal(
+                f"StreamRealmFiles sent {chunk.file.path!r} before the last chunk of "
+                f"{self._file.path!r}"
+            )
+        if chunk.offset != self._size:
+            raise Internal(
+                f"StreamRealmFiles sent {chunk.file.path!r} from offset {chunk.offset}, "
+                f"expected {self._size}"
+            )
+        if self._file is None:
+            self._file = chunk.file
+        self._parts.append(chunk.content)
+        self._size += len(chunk.content)
+        if not chunk.last:
+            return None
+        whole = StreamedFile(self._file.path, self._file, b"".join(self._parts))
+        self._file, self._parts, self._size = None, [], 0
+        return whole
+
+    def finish(self) -> None:
+        """The stream ended: it must not have ended inside a file."""
+        if self._file is not None:
+            raise Internal(f"StreamRealmFiles ended inside {self._file.path!r}")
 
 
 class Pager:

@@ -26,10 +26,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 REQUEST_ID_KEY = "x-request-id"
 
 # RPCs a repeat of which has the effect of one call, retried on UNAVAILABLE
-# and on ABORTED (a concurrent writer won and nothing was stored): reads;
+# and on ABORTED (a concurrent writer won and nothing was stored): reads
+# (StreamRealmFiles too: gRPC retries a stream only before its first answer);
 # CreateRealm, whose request id makes a repeat answer the first result;
 # ReindexRealm and ReindexAllRealms, which coalesce with the job they made;
-# WriteRealmFile, which stores the same bytes again into the same job.
+# WriteRealmFile, which stores the same bytes again into the same job;
+# WriteRealmFiles, for the same reason (all or nothing: ABORTED stored
+# nothing). Its deletions are the exception: a repeat of a request whose
+# deletions were applied before the connection broke answers NOT_FOUND for a
+# deleted path. That answer is no less certain than the UNAVAILABLE it
+# replaces (in both, the caller cannot tell whether the first attempt landed),
+# while a request of writes only, the common one, succeeds: so it is retried.
+# DeleteRealm, idempotent by the request id the client puts in the request
+# and keeps across the retries (a repeat answers `replayed`); CancelJob,
+# idempotent on a cancelled job. RetryJob is not retried: the retried job
+# stays FAILED or CANCELLED, so a repeat after an applied first attempt whose
+# new job has started since queues the work a second time; the caller, who
+# can look at the realm's jobs, decides.
 REPEATABLE_RPCS = (
     "CreateRealm",
     "GetRealm",
@@ -37,12 +50,19 @@ REPEATABLE_RPCS = (
     "ReindexRealm",
     "ReindexAllRealms",
     "WriteRealmFile",
+    "WriteRealmFiles",
     "ListRealmFiles",
     "ReadRealmFile",
     "SearchRealm",
     "GetJob",
     "ListJobs",
     "WatchJob",
+    "StreamRealmFiles",
+    "CancelJob",
+    "DeleteRealm",
+    "ExplainJob",
+    "ListWorkers",
+    "GetQueueStats",
 )
 # DeleteRealmFile is not among them: a repeat of a delete that was applied
 # before the connection broke answers NOT_FOUND. gRPC still repeats it

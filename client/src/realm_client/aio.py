@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -18,7 +18,17 @@ from realm.v1 import realm_service_pb2_grpc
 from realm.v1 import resources_pb2 as res
 
 from realm_client import _channel
-from realm_client._calls import Follow, InitialFiles, Pager, create_realm_request
+from realm_client._calls import (
+    FileAssembler,
+    FilesToWrite,
+    Follow,
+    InitialFiles,
+    Pager,
+    StreamedFile,
+    create_realm_request,
+    stream_realm_files_request,
+    write_realm_files_request,
+)
 from realm_client._channel import (
     DEFAULT,
     DEFAULT_TARGET,
@@ -148,6 +158,14 @@ class AsyncRealmClient:
             request.priority = priority
         return await self._unary(self._stub.ReindexAllRealms, request, new_request_id(), timeout)
 
+    async def delete_realm(
+        self, realm_id: str, *, request_id: str | None = None, timeout: Timeout = DEFAULT
+    ) -> rs.DeleteRealmResponse:
+        """Deletes a realm (admin only); see `RealmClient.delete_realm`."""
+        call_id = request_id or new_request_id()
+        request = rs.DeleteRealmRequest(realm_id=realm_id, request_id=call_id)
+        return await self._unary(self._stub.DeleteRealm, request, call_id, timeout)
+
     # Files.
 
     async def write_realm_file(
@@ -184,6 +202,50 @@ class AsyncRealmClient:
     ) -> rs.ReadRealmFileResponse:
         request = rs.ReadRealmFileRequest(realm_id=realm_id, path=path)
         return await self._unary(self._stub.ReadRealmFile, request, new_request_id(), timeout)
+
+    async def write_realm_files(
+        self,
+        realm_id: str,
+        *,
+        files: FilesToWrite = (),
+        deleted_paths: Iterable[str] = (),
+        priority: int | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> rs.WriteRealmFilesResponse:
+        """Writes and deletes many files at once; see `RealmClient.write_realm_files`."""
+        request = write_realm_files_request(realm_id, files, deleted_paths, priority)
+        return await self._unary(self._stub.WriteRealmFiles, request, new_request_id(), timeout)
+
+    async def stream_realm_files(
+        self,
+        realm_id: str,
+        paths: Iterable[str] | None = None,
+        lease_id: str = "",
+        *,
+        after_path: str = "",
+        max_message_bytes: int = 0,
+        timeout: Timeout = DEFAULT,
+    ) -> AsyncIterator[StreamedFile]:
+        """Whole files of the realm; see `RealmClient.stream_realm_files`."""
+        request = stream_realm_files_request(
+            realm_id, paths, lease_id, after_path, max_message_bytes
+        )
+        metadata = call_metadata(self._token, new_request_id())
+        stream = self._stub.StreamRealmFiles(
+            request, timeout=self._timeout(timeout), metadata=metadata
+        )
+        assembler = FileAssembler()
+        try:
+            async for response in stream:
+                for chunk in response.chunks:
+                    whole = assembler.add(chunk)
+                    if whole is not None:
+                        yield whole
+            assembler.finish()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "StreamRealmFiles") from exc
+        finally:
+            stream.cancel()
 
     def search_realm(
         self,
@@ -245,6 +307,35 @@ class AsyncRealmClient:
         timeout: float | None = None,
     ) -> res.Job:
         return await self._follow(res.Job(job_id=job_id), new_request_id(), on_progress, timeout)
+
+    async def cancel_job(
+        self, job_id: str, *, reason: str = "", timeout: Timeout = DEFAULT
+    ) -> res.Job:
+        """Cancels a job (admin only); see `RealmClient.cancel_job`."""
+        request = rs.CancelJobRequest(job_id=job_id, reason=reason)
+        return (await self._unary(self._stub.CancelJob, request, new_request_id(), timeout)).job
+
+    async def retry_job(self, job_id: str, *, timeout: Timeout = DEFAULT) -> rs.RetryJobResponse:
+        """Queues a FAILED or CANCELLED job's work again (admin only); not retried."""
+        request = rs.RetryJobRequest(job_id=job_id)
+        return await self._unary(self._stub.RetryJob, request, new_request_id(), timeout)
+
+    async def explain_job(
+        self, job_id: str, *, timeout: Timeout = DEFAULT
+    ) -> rs.ExplainJobResponse:
+        request = rs.ExplainJobRequest(job_id=job_id)
+        return await self._unary(self._stub.ExplainJob, request, new_request_id(), timeout)
+
+    # The system.
+
+    async def list_workers(self, *, timeout: Timeout = DEFAULT) -> list[rs.Worker]:
+        request = rs.ListWorkersRequest()
+        response = await self._unary(self._stub.ListWorkers, request, new_request_id(), timeout)
+        return list(response.workers)
+
+    async def get_queue_stats(self, *, timeout: Timeout = DEFAULT) -> rs.GetQueueStatsResponse:
+        request = rs.GetQueueStatsRequest()
+        return await self._unary(self._stub.GetQueueStats, request, new_request_id(), timeout)
 
     # The calls.
 

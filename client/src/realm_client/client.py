@@ -9,7 +9,7 @@ key), the client's deadline unless `timeout=` says otherwise, and raises a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -19,7 +19,17 @@ from realm.v1 import realm_service_pb2_grpc
 from realm.v1 import resources_pb2 as res
 
 from realm_client import _channel
-from realm_client._calls import Follow, InitialFiles, Pager, create_realm_request
+from realm_client._calls import (
+    FileAssembler,
+    FilesToWrite,
+    Follow,
+    InitialFiles,
+    Pager,
+    StreamedFile,
+    create_realm_request,
+    stream_realm_files_request,
+    write_realm_files_request,
+)
 from realm_client._channel import (
     DEFAULT,
     DEFAULT_TARGET,
@@ -181,6 +191,19 @@ class RealmClient:
             request.priority = priority
         return self._unary(self._stub.ReindexAllRealms, request, new_request_id(), timeout)
 
+    def delete_realm(
+        self, realm_id: str, *, request_id: str | None = None, timeout: Timeout = DEFAULT
+    ) -> rs.DeleteRealmResponse:
+        """Deletes a realm with its files, index and jobs (admin only).
+
+        `request_id` (default: a fresh one, which the call's retries reuse)
+        makes the delete idempotent: a repeat with the same id answers
+        `replayed=True` instead of NOT_FOUND.
+        """
+        call_id = request_id or new_request_id()
+        request = rs.DeleteRealmRequest(realm_id=realm_id, request_id=call_id)
+        return self._unary(self._stub.DeleteRealm, request, call_id, timeout)
+
     # Files.
 
     def write_realm_file(
@@ -219,6 +242,64 @@ class RealmClient:
         """A file's metadata (`.file`) and bytes (`.content`)."""
         request = rs.ReadRealmFileRequest(realm_id=realm_id, path=path)
         return self._unary(self._stub.ReadRealmFile, request, new_request_id(), timeout)
+
+    def write_realm_files(
+        self,
+        realm_id: str,
+        *,
+        files: FilesToWrite = (),
+        deleted_paths: Iterable[str] = (),
+        priority: int | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> rs.WriteRealmFilesResponse:
+        """Writes and deletes many files in one transaction, all or nothing.
+
+        `files` is `{path: bytes}` or FileContent messages; at most 10,000
+        files and deletions together, in one message under the server's limit
+        (64 MiB by default). At most one incremental index job (priority
+        default 10) takes them all: it and its disposition are in the answer.
+        Retried like `write_realm_file` (see `REPEATABLE_RPCS` for deletions).
+        """
+        request = write_realm_files_request(realm_id, files, deleted_paths, priority)
+        return self._unary(self._stub.WriteRealmFiles, request, new_request_id(), timeout)
+
+    def stream_realm_files(
+        self,
+        realm_id: str,
+        paths: Iterable[str] | None = None,
+        lease_id: str = "",
+        *,
+        after_path: str = "",
+        max_message_bytes: int = 0,
+        timeout: Timeout = DEFAULT,
+    ) -> Iterator[StreamedFile]:
+        """The realm's files (or those of `paths` that exist), whole, in path order.
+
+        Yields `StreamedFile(path, file, content)`, the chunks of a large file
+        put back together (one file's bytes in memory at a time). `lease_id`
+        binds the stream to a running job of the realm (required of workers);
+        `after_path` resumes after a path; `max_message_bytes` (0: 1 MiB) is
+        the content per message. `timeout` bounds the whole stream.
+        """
+        request = stream_realm_files_request(
+            realm_id, paths, lease_id, after_path, max_message_bytes
+        )
+        metadata = self._metadata(new_request_id())
+        stream = self._stub.StreamRealmFiles(
+            request, timeout=self._timeout(timeout), metadata=metadata
+        )
+        assembler = FileAssembler()
+        try:
+            for response in stream:
+                for chunk in response.chunks:
+                    whole = assembler.add(chunk)
+                    if whole is not None:
+                        yield whole
+            assembler.finish()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "StreamRealmFiles") from exc
+        finally:
+            stream.cancel()
 
     def search_realm(
         self,
@@ -289,6 +370,42 @@ class RealmClient:
         """Follows the job to its end (see `watch_job`); returns its last snapshot."""
         job = res.Job(job_id=job_id)
         return self._follow(job, new_request_id(), on_progress, timeout)
+
+    def cancel_job(self, job_id: str, *, reason: str = "", timeout: Timeout = DEFAULT) -> res.Job:
+        """Cancels a queued or running job (admin only); returns it, CANCELLED.
+
+        `reason` (at most 500 characters) becomes its error_message. Idempotent
+        on a cancelled job; FailedPrecondition on one that succeeded or failed.
+        """
+        request = rs.CancelJobRequest(job_id=job_id, reason=reason)
+        return self._unary(self._stub.CancelJob, request, new_request_id(), timeout).job
+
+    def retry_job(self, job_id: str, *, timeout: Timeout = DEFAULT) -> rs.RetryJobResponse:
+        """Queues a FAILED or CANCELLED job's work again (admin only).
+
+        The answer names the job that will run and how (disposition). Not
+        retried on UNAVAILABLE (see `REPEATABLE_RPCS`).
+        """
+        request = rs.RetryJobRequest(job_id=job_id)
+        return self._unary(self._stub.RetryJob, request, new_request_id(), timeout)
+
+    def explain_job(self, job_id: str, *, timeout: Timeout = DEFAULT) -> rs.ExplainJobResponse:
+        """Why the job is where it is: a sentence, reasons, where it runs, its attempts."""
+        request = rs.ExplainJobRequest(job_id=job_id)
+        return self._unary(self._stub.ExplainJob, request, new_request_id(), timeout)
+
+    # The system.
+
+    def list_workers(self, *, timeout: Timeout = DEFAULT) -> list[rs.Worker]:
+        """The connected workers' ClaimJobs streams, of every instance."""
+        request = rs.ListWorkersRequest()
+        response = self._unary(self._stub.ListWorkers, request, new_request_id(), timeout)
+        return list(response.workers)
+
+    def get_queue_stats(self, *, timeout: Timeout = DEFAULT) -> rs.GetQueueStatsResponse:
+        """Jobs by state, kind and priority, the oldest queued, and recent outcomes."""
+        request = rs.GetQueueStatsRequest()
+        return self._unary(self._stub.GetQueueStats, request, new_request_id(), timeout)
 
     # The calls.
 
