@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import time
@@ -112,6 +113,20 @@ class WorkerStream:
     @property
     def label(self) -> str:
         return f"{self.worker_id}/{self.incarnation_id[:8]}/{self.stream_id}"
+
+
+def _plan(members: list[WorkerStream]) -> list[WorkerStream]:
+    """Which stream each claimed job goes to, in claim order: one credit at a
+    time to the stream with the most left, so jobs spread over the group."""
+    heap = [(-s.credits, i) for i, s in enumerate(members) if s.credits > 0]
+    heapq.heapify(heap)
+    plan: list[WorkerStream] = []
+    while heap:
+        left, i = heapq.heappop(heap)
+        plan.append(members[i])
+        if left < -1:
+            heapq.heappush(heap, (left + 1, i))
+    return plan
 
 
 def running_fields(lease: Lease, stream: WorkerStream) -> dict[str, object]:
@@ -213,18 +228,18 @@ class Dispatcher:
         # Dedicated lanes (higher minimum priority) pick first: they can take
         # nothing else, while shared streams can.
         for (kinds, min_priority), members in sorted(groups.items(), key=lambda g: -g[0][1]):
-            want = sum(s.credits for s in members)
+            plan = _plan(members)
             leases = await asyncio.to_thread(
                 self.queue.claim,
-                want,
-                worker=",".join(sorted({s.worker_id for s in members}))[:200],
+                len(plan),
+                worker=[s.worker_id for s in plan],
                 min_priority=min_priority,
                 kinds=list(kinds) or None,
                 system_limit=self._system_budget() if min_priority <= SYSTEM else None,
             )
             if leases:
                 assigned = True
-                self._distribute(members, leases)
+                self._distribute(members, leases, plan)
         return assigned
 
     def system_budget(self) -> int:
@@ -238,14 +253,22 @@ class Dispatcher:
         allowed = slots - self.reserved_slots if slots > self.reserved_slots else min(slots, 1)
         return max(0, allowed - busy)
 
-    def _distribute(self, members: list[WorkerStream], leases: list[Lease]) -> None:
+    def _distribute(
+        self, members: list[WorkerStream], leases: list[Lease], plan: list[WorkerStream]
+    ) -> None:
+        """Hand the leases out as planned (the store recorded each one's
+        worker by the plan); a stream that went away or ran out of credits
+        meanwhile is replaced by the one with most credits left."""
         batches: dict[str, list[Lease]] = {s.stream_id: [] for s in members}
         live = [s for s in members if s.stream_id in self.streams]
         pending = list(leases)
+        planned = list(plan)
         logging_on = log.isEnabledFor(logging.INFO)
         while pending and live:
-            live.sort(key=lambda s: -s.credits)
-            target = live[0]
+            target = planned.pop(0) if planned else live[0]
+            if target.stream_id not in self.streams or target.credits <= 0:
+                live.sort(key=lambda s: -s.credits)
+                target = live[0]
             if target.credits <= 0:
                 break
             lease = pending.pop(0)

@@ -290,13 +290,15 @@ class JobQueue:
         self,
         limit: int,
         *,
-        worker: str = "",
+        worker: str | Sequence[str] = "",
         min_priority: int = 0,
         kinds: Sequence[JobKind] | None = None,
         system_limit: int | None = None,
     ) -> list[Lease]:
         """Lease up to `limit` jobs in priority order. `system_limit` caps how
-        many SYSTEM-level jobs this call may take (reserved slots)."""
+        many SYSTEM-level jobs this call may take (reserved slots). `worker`
+        names the holder of every lease, or of each in the order they come
+        (the dispatcher's plan of which stream gets which)."""
         if limit <= 0:
             return []
         now = self.clock()
@@ -324,7 +326,7 @@ class JobQueue:
                     min_priority=min_priority,
                     max_priority=SYSTEM,
                     kinds=kinds,
-                    worker=worker,
+                    worker=worker if isinstance(worker, str) else worker[len(leases) :],
                     now=now,
                     lease_until=until,
                     instance_id=self.instance_id,

@@ -99,7 +99,7 @@ def claim(
     min_priority: int,
     max_priority: int | None,
     kinds: Sequence[JobKind] | None,
-    worker: str,
+    worker: str | Sequence[str],
     now: datetime,
     lease_until: datetime,
     instance_id: str = "",
@@ -151,7 +151,9 @@ def claim(
         tx.announce_new_work(here=False)
     if not chosen:
         return []
-    worker = worker[:200]
+    # One worker for all, or the worker each job in claim order will go to.
+    names = [worker] * len(chosen) if isinstance(worker, str) else list(worker)
+    holder = {row.id: (names[i] if i < len(names) else "")[:200] for i, row in enumerate(chosen)}
     leases = {row.id: secrets.token_hex(16) for row in chosen}
     tx.job_changed(leases)
     # A fixed number of statements per claim, whatever its size: one
@@ -164,7 +166,7 @@ def claim(
                 {
                     "job_id": job_id,
                     "lease_id": lease_id,
-                    "worker": worker,
+                    "worker": holder[job_id],
                     "instance_id": instance_id,
                     "start_time": now,
                     "outcome": AttemptOutcome.RUNNING.value,
@@ -183,7 +185,7 @@ def claim(
                 "b_attempt": attempt_ids[row.id],
                 "b_now": now,
                 "b_until": lease_until,
-                "b_worker": worker,
+                "b_worker": holder[row.id],
             }
             for row in chosen
         ],

@@ -390,3 +390,35 @@ def test_explain_names_a_drain(live_with: Callable[..., LiveServer]) -> None:
     assert a.job.job_id == job.job_id
     stream.cancel()
     draining.result(15)
+
+
+def test_each_attempt_names_the_worker_that_got_it(live: LiveServer) -> None:
+    """Streams with the same filter are claimed for together; each attempt
+    still records the one worker its job went to."""
+    streams = {
+        name: StreamClient(live.stub, hello=hello(name), answer_pings=True) for name in ("wa", "wb")
+    }
+    for s in streams.values():
+        s.settings()
+    streams["wa"].credit(3)
+    streams["wb"].credit(1)
+    poll(
+        lambda: (
+            len(live.stub.ListWorkers(spb.ListWorkersRequest()).workers) == 2
+            and all(w.credits for w in live.stub.ListWorkers(spb.ListWorkersRequest()).workers)
+        ),
+        what="both streams with credits",
+    )
+    # Both streams ready when the jobs come: each claim is for the two.
+    jobs = [_create(live, f"who{i}") for i in range(4)]
+    got = {name: [a.job.job_id for a in s.assignments(3 if name == "wa" else 1)]
+           for name, s in streams.items()}  # fmt: skip
+    assert sorted(got["wa"] + got["wb"]) == sorted(j.job_id for j in jobs)
+    for name, job_ids in got.items():
+        for job_id in job_ids:
+            explained = _explain(live, job_id)
+            assert explained.running.worker_id == name
+            assert [a.worker_id for a in explained.attempts] == [name]
+    for s in streams.values():
+        s.close()
+        s.wait_closed()
