@@ -125,6 +125,8 @@ class Job:
     # W3C traceparent of the call that queued the job ("" when not traced):
     # the worker continues that trace.
     trace_parent: str = ""
+    # The worker holding the job, or that held its last attempt.
+    worker: str = ""
 
 
 @dataclass(frozen=True)

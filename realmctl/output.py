@@ -227,11 +227,11 @@ def job_fields(job: res.Job) -> list[tuple[str, object]]:
 
 
 def jobs_table(jobs: Sequence[res.Job]) -> str:
-    """A row per job. The Job message names neither its worker nor the attempts
-    cap, so there is no WORKER column and ATTEMPT is the attempts started
-    (`realmctl explain JOB` shows each attempt's worker)."""
+    """A row per job. ATTEMPT is the attempts started; WORKER the worker
+    holding the job or that held its last attempt (`realmctl explain JOB`
+    shows every attempt)."""
     headers = [
-        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "PROGRESS",
+        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "WORKER", "PROGRESS",
         "CREATED", "FINISHED", "DURATION", "ERROR",
     ]  # fmt: skip
     rows = [
@@ -242,6 +242,7 @@ def jobs_table(jobs: Sequence[res.Job]) -> str:
             job.priority,
             word(JOB_STATE_WORDS, job.state),
             job.attempt,
+            job.worker_id,
             progress_text(job.progress),
             iso_time(job.create_time),
             iso_time(job.finish_time),

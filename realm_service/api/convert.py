@@ -105,6 +105,7 @@ def job_pb(job: Job, *, max_paths: int | None = SHOWN_PATH_CHANGES) -> pb.Job:
         progress=pb.JobProgress(done=job.progress_done, total=job.progress_total),
         path_changes=[pb.PathChange(path=c.path, deleted=c.deleted) for c in changes],
         path_change_count=len(job.path_changes),
+        worker_id=job.worker,
     )
 
 

@@ -209,6 +209,7 @@ def claim(
                 progress_total=0,
                 path_changes=decode_paths(row.paths),
                 trace_parent=row.trace_parent,
+                worker=holder[row.id],
             ),
         )
         for row in chosen

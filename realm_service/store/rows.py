@@ -88,6 +88,7 @@ def to_job(row: Any, shown: Any = None) -> Job:
         progress_total=live.progress_total,
         path_changes=decode_paths(live.paths),
         trace_parent=row.trace_parent,
+        worker=live.worker,
     )
 
 

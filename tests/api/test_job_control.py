@@ -419,6 +419,7 @@ def test_each_attempt_names_the_worker_that_got_it(live: LiveServer) -> None:
             explained = _explain(live, job_id)
             assert explained.running.worker_id == name
             assert [a.worker_id for a in explained.attempts] == [name]
+            assert get_job(live.stub, job_id).worker_id == name
     for s in streams.values():
         s.close()
         s.wait_closed()

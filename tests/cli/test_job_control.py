@@ -353,7 +353,7 @@ def test_jobs_of_a_realm_costs_no_lookup_unless_the_list_is_empty(cli: Cli) -> N
     some = running.result()
 
     assert empty.code == 0 and empty.out.split() == [
-        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "PROGRESS", "CREATED",
+        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "WORKER", "PROGRESS", "CREATED",
         "FINISHED", "DURATION", "ERROR",
     ]  # fmt: skip
     assert some.code == 0

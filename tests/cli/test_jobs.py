@@ -130,13 +130,9 @@ def test_jobs_table_and_json(cli: Cli) -> None:
     failed.attempt = 5
     failed.start_time.seconds = T0
     failed.finish_time.seconds = T0 + 3
-    jobs = rs.ListJobsResponse(
-        jobs=[
-            make_job("12", kind=res.JOB_KIND_INCREMENTAL_INDEX, state=RUNNING, done=2, total=5),
-            finished,
-            failed,
-        ]
-    )
+    held = make_job("12", kind=res.JOB_KIND_INCREMENTAL_INDEX, state=RUNNING, done=2, total=5)
+    held.worker_id = "w-7"
+    jobs = rs.ListJobsResponse(jobs=[held, finished, failed])
 
     running = cli.start("jobs")
     cli.answer("ListJobs", jobs)
@@ -147,18 +143,18 @@ def test_jobs_table_and_json(cli: Cli) -> None:
 
     lines = table.out.splitlines()
     assert lines[0].split() == [
-        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "PROGRESS", "CREATED",
+        "JOB_ID", "REALM", "KIND", "PRIORITY", "STATE", "ATTEMPT", "WORKER", "PROGRESS", "CREATED",
         "FINISHED", "DURATION", "ERROR",
     ]  # fmt: skip
     assert lines[1].split() == [
-        "12", "demo", "incremental", "10", "running", "0", "2/5", T0_ISO, "-", "-", "-",
+        "12", "demo", "incremental", "10", "running", "0", "w-7", "2/5", T0_ISO, "-", "-", "-",
     ]  # fmt: skip
     assert lines[2].split() == [
-        "11", "demo", "from-scratch", "0", "succeeded", "2", "-", T0_ISO,
+        "11", "demo", "from-scratch", "0", "succeeded", "2", "-", "-", T0_ISO,
         "2023-11-14T22:17:25Z", "3m05s", "-",
     ]  # fmt: skip
     assert lines[3].split() == [
-        "10", "demo", "from-scratch", "10", "failed", "5", "-", T0_ISO,
+        "10", "demo", "from-scratch", "10", "failed", "5", "-", "-", T0_ISO,
         "2023-11-14T22:13:23Z", "3.0s", "attempts", "cap", "reached",
     ]  # fmt: skip
     assert_table_aligned(table.out)

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18realm/v1/resources.proto\x12\x08realm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x02\n\x05Realm\x12\x10\n\x08realm_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.realm.v1.Realm.State\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.realm.v1.RealmStats\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_INDEXING\x10\x01\x12\x0f\n\x0bSTATE_READY\x10\x02\x12\x16\n\x12STATE_INDEX_FAILED\x10\x03\x12\x19\n\x15STATE_INDEX_CANCELLED\x10\x04\"\x80\x01\n\nRealmStats\x12\r\n\x05\x66iles\x18\x01 \x01(\x03\x12\r\n\x05\x63\x61rds\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x33\n\x0flast_index_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\"*\n\x0bJobProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"\xa9\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08realm_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.realm.v1.JobKind\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.realm.v1.Job.State\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rerror_message\x18\n \x01(\t\x12\'\n\x08progress\x18\x0b \x01(\x0b\x32\x15.realm.v1.JobProgress\x12*\n\x0cpath_changes\x18\x0c \x03(\x0b\x32\x14.realm.v1.PathChange\x12\x19\n\x11path_change_count\x18\r \x01(\x03\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\"+\n\nPathChange\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"b\n\tRealmFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12)\n\x05mtime\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\",\n\x0b\x46ileContent\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"\xd4\x01\n\nIndexEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12)\n\x05mtime\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nmedia_type\x18\x05 \x01(\t\x12\x11\n\tcard_type\x18\x06 \x01(\t\x12\r\n\x05title\x18\x07 \x01(\t\x12\x13\n\x0bsearch_text\x18\x08 \x01(\t\x12\r\n\x05links\x18\t \x03(\t\x12\x15\n\rerror_message\x18\n \x01(\t*d\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bJOB_KIND_FROM_SCRATCH_INDEX\x10\x01\x12\x1e\n\x1aJOB_KIND_INCREMENTAL_INDEX\x10\x02*\x97\x01\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISPOSITION_INSERTED\x10\x01\x12\x16\n\x12\x44ISPOSITION_MERGED\x10\x02\x12\x18\n\x14\x44ISPOSITION_ATTACHED\x10\x03\x12\x1f\n\x1b\x44ISPOSITION_RERUN_SCHEDULED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18realm/v1/resources.proto\x12\x08realm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x02\n\x05Realm\x12\x10\n\x08realm_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.realm.v1.Realm.State\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.realm.v1.RealmStats\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_INDEXING\x10\x01\x12\x0f\n\x0bSTATE_READY\x10\x02\x12\x16\n\x12STATE_INDEX_FAILED\x10\x03\x12\x19\n\x15STATE_INDEX_CANCELLED\x10\x04\"\x80\x01\n\nRealmStats\x12\r\n\x05\x66iles\x18\x01 \x01(\x03\x12\r\n\x05\x63\x61rds\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x33\n\x0flast_index_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\"*\n\x0bJobProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"\xbc\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08realm_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.realm.v1.JobKind\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.realm.v1.Job.State\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rerror_message\x18\n \x01(\t\x12\'\n\x08progress\x18\x0b \x01(\x0b\x32\x15.realm.v1.JobProgress\x12*\n\x0cpath_changes\x18\x0c \x03(\x0b\x32\x14.realm.v1.PathChange\x12\x19\n\x11path_change_count\x18\r \x01(\x03\x12\x11\n\tworker_id\x18\x0e \x01(\t\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\"+\n\nPathChange\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"b\n\tRealmFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12)\n\x05mtime\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\",\n\x0b\x46ileContent\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"\xd4\x01\n\nIndexEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12)\n\x05mtime\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nmedia_type\x18\x05 \x01(\t\x12\x11\n\tcard_type\x18\x06 \x01(\t\x12\r\n\x05title\x18\x07 \x01(\t\x12\x13\n\x0bsearch_text\x18\x08 \x01(\t\x12\r\n\x05links\x18\t \x03(\t\x12\x15\n\rerror_message\x18\n \x01(\t*d\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bJOB_KIND_FROM_SCRATCH_INDEX\x10\x01\x12\x1e\n\x1aJOB_KIND_INCREMENTAL_INDEX\x10\x02*\x97\x01\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISPOSITION_INSERTED\x10\x01\x12\x16\n\x12\x44ISPOSITION_MERGED\x10\x02\x12\x18\n\x14\x44ISPOSITION_ATTACHED\x10\x03\x12\x1f\n\x1b\x44ISPOSITION_RERUN_SCHEDULED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'realm.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBKIND']._serialized_start=1502
-  _globals['_JOBKIND']._serialized_end=1602
-  _globals['_DISPOSITION']._serialized_start=1605
-  _globals['_DISPOSITION']._serialized_end=1756
+  _globals['_JOBKIND']._serialized_start=1521
+  _globals['_JOBKIND']._serialized_end=1621
+  _globals['_DISPOSITION']._serialized_start=1624
+  _globals['_DISPOSITION']._serialized_end=1775
   _globals['_REALM']._serialized_start=72
   _globals['_REALM']._serialized_end=363
   _globals['_REALM_STATE']._serialized_start=245
@@ -45,15 +45,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBPROGRESS']._serialized_start=496
   _globals['_JOBPROGRESS']._serialized_end=538
   _globals['_JOB']._serialized_start=541
-  _globals['_JOB']._serialized_end=1094
-  _globals['_JOB_STATE']._serialized_start=967
-  _globals['_JOB_STATE']._serialized_end=1094
-  _globals['_PATHCHANGE']._serialized_start=1096
-  _globals['_PATHCHANGE']._serialized_end=1139
-  _globals['_REALMFILE']._serialized_start=1141
-  _globals['_REALMFILE']._serialized_end=1239
-  _globals['_FILECONTENT']._serialized_start=1241
-  _globals['_FILECONTENT']._serialized_end=1285
-  _globals['_INDEXENTRY']._serialized_start=1288
-  _globals['_INDEXENTRY']._serialized_end=1500
+  _globals['_JOB']._serialized_end=1113
+  _globals['_JOB_STATE']._serialized_start=986
+  _globals['_JOB_STATE']._serialized_end=1113
+  _globals['_PATHCHANGE']._serialized_start=1115
+  _globals['_PATHCHANGE']._serialized_end=1158
+  _globals['_REALMFILE']._serialized_start=1160
+  _globals['_REALMFILE']._serialized_end=1258
+  _globals['_FILECONTENT']._serialized_start=1260
+  _globals['_FILECONTENT']._serialized_end=1304
+  _globals['_INDEXENTRY']._serialized_start=1307
+  _globals['_INDEXENTRY']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

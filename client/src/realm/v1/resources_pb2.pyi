@@ -277,6 +277,7 @@ class Job(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     PATH_CHANGES_FIELD_NUMBER: _builtins.int
     PATH_CHANGE_COUNT_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Output only. Identifier of the job (decimal digits)."""
     realm_id: _builtins.str
@@ -294,6 +295,10 @@ class Job(_message.Message):
     path_change_count: _builtins.int
     """Output only. Number of paths the job re-indexes (at most 1,000: beyond,
     changes make a from-scratch job instead).
+    """
+    worker_id: _builtins.str
+    """Output only. The worker holding the job, or that held its last attempt;
+    empty before the first.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -334,10 +339,11 @@ class Job(_message.Message):
         progress: Global___JobProgress | None = ...,
         path_changes: _abc.Iterable[Global___PathChange] | None = ...,
         path_change_count: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "progress", b"progress", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "error_message", b"error_message", "finish_time", b"finish_time", "job_id", b"job_id", "kind", b"kind", "path_change_count", b"path_change_count", "path_changes", b"path_changes", "priority", b"priority", "progress", b"progress", "realm_id", b"realm_id", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "error_message", b"error_message", "finish_time", b"finish_time", "job_id", b"job_id", "kind", b"kind", "path_change_count", b"path_change_count", "path_changes", b"path_changes", "priority", b"priority", "progress", b"progress", "realm_id", b"realm_id", "start_time", b"start_time", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
