@@ -376,7 +376,9 @@ class JobQueue:
     def _stage(
         self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str], tx: Tx
     ) -> None:
-        held = leases_sql.current(tx, lease_id, lock=False)
+        # Shared lock: a cancel (or anything ending the lease) waits for this
+        # batch to commit, so it sees and drops what the batch staged.
+        held = leases_sql.current(tx, lease_id, share=True)
         assert held.attempt_id is not None
         index_sql.stage_entries(
             tx,

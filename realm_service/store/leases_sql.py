@@ -79,10 +79,14 @@ _EXTEND_ONLY = (
 )
 
 
-def current(tx: Tx, lease_id: str, *, lock: bool = True) -> HeldJob:
-    """The running job held under `lease_id`, or StaleLease."""
+def current(tx: Tx, lease_id: str, *, lock: bool = True, share: bool = False) -> HeldJob:
+    """The running job held under `lease_id`, or StaleLease. `share` takes a
+    shared lock instead: enough to keep the lease current until commit (a
+    cancel or completion waits for it), without serializing its readers."""
     q = select(JobRow).where(JobRow.lease_id == lease_id, JobRow.state == RUNNING)
-    if lock:
+    if share:
+        q = q.with_for_update(read=True)
+    elif lock:
         q = q.with_for_update()
     row = tx.session.scalars(q).first() if lease_id else None
     if row is None:
