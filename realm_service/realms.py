@@ -63,6 +63,8 @@ MAX_INITIAL_FILES = 10_000
 # StreamRealmFiles: paths a request may name, files a page reads at most.
 MAX_STREAM_PATHS = 10_000
 STREAM_PAGE_FILES = 256
+# So many named files or fewer are read with their content in one query.
+FEW_PATHS = 4
 # WriteRealmFiles: files and deletions one request may carry.
 MAX_WRITE_FILES = 10_000
 
@@ -392,6 +394,12 @@ class Realms:
             if paths is not None:
                 at = bisect_right(paths, after) if after is not None else 0
                 candidates = paths[at : at + STREAM_PAGE_FILES]
+                if len(paths) - at <= FEW_PATHS:
+                    # The last few named files (an incremental job's usual
+                    # read): their content at once, no listing first.
+                    return FilePage(
+                        realms_sql.files_with_content(s, realm_id, candidates), None, total
+                    )
                 listed = realms_sql.file_page(
                     s, realm_id, after=None, paths=candidates, limit=STREAM_PAGE_FILES
                 )
