@@ -51,6 +51,11 @@ _SUCCEED = (
         lease_expire_time=None,
     )
 )
+_QUEUED_IN_REALMS = (
+    select(_JOBS.c.id)
+    .where(_JOBS.c.realm_id.in_(bindparam("realm_ids", expanding=True)), _JOBS.c.state == QUEUED)
+    .limit(1)
+)
 _FINAL_PROGRESS = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"))
@@ -183,7 +188,11 @@ def succeed(
             _FINAL_PROGRESS, [{"b_id": job_id, "b_done": n} for job_id, n in final.items()]
         )
     tx.job_changed(ids)
-    tx.announce_new_work()
+    # A realm's next job, held back while this one ran, may run now: new work,
+    # if there is one (otherwise the wake-up would only cost a claim for nothing).
+    realms = sorted({h.realm_id for h in held})
+    if tx.session.execute(_QUEUED_IN_REALMS, {"realm_ids": realms}).first() is not None:
+        tx.announce_new_work()
     return [
         dataclasses.replace(
             h.job,
