@@ -4,8 +4,9 @@ page of jobs, a job's attempts, the queue's depth."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Table, and_, bindparam, func, or_, select
 
 from realm_service.domain import (
     Attempt,
@@ -21,13 +22,18 @@ from realm_service.store.db import Tx
 from realm_service.store.rows import MERGED, QUEUED, RUNNING, to_job
 from realm_service.store.tables import JobAttemptRow, JobRow
 
+_JOBS = cast(Table, JobRow.__table__)
+_ONE_JOB = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 
-def _resolve(tx: Tx, row: JobRow) -> Job:
+
+def _resolve(tx: Tx, row: Any) -> Job:
+    """The job of `row` as clients see it: a merged job shows the job it was
+    folded into (rows as Core rows or ORM objects alike)."""
     live = row
     for _ in range(64):  # chains are short; the bound guards against cycles
         if live.state != MERGED or live.superseded_by is None:
             break
-        nxt = tx.session.get(JobRow, live.superseded_by)
+        nxt = tx.session.execute(_ONE_JOB, {"job_id": live.superseded_by}).first()
         if nxt is None:
             break
         live = nxt
@@ -35,7 +41,9 @@ def _resolve(tx: Tx, row: JobRow) -> Job:
 
 
 def get_job(tx: Tx, job_id: int) -> Job:
-    row = tx.session.get(JobRow, job_id)
+    """One job, read with a prebuilt Core statement (WatchJob reads a job on
+    every change of it)."""
+    row = tx.session.execute(_ONE_JOB, {"job_id": job_id}).first()
     if row is None:
         raise JobNotFound(f"job {job_id} does not exist")
     return _resolve(tx, row)
