@@ -40,6 +40,8 @@ DEV_OPTIONS = Options(
     ],
 )
 
+DEV_WEB_PORT = 8080  # dev serves the web console unless --web-listen says where
+
 log = logging.getLogger("realm_service")
 
 
@@ -87,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cannot_start(EXIT_STORE, "--store/REALM_STORE_URL", _store_problem(e, settings.store_url))
         return EXIT_STORE
     except OSError as e:
-        _cannot_start(EXIT_LISTEN, "--listen/--metrics-listen", str(e))
+        _cannot_start(EXIT_LISTEN, "--listen/--metrics-listen/--web-listen", str(e))
         return EXIT_LISTEN
     except KeyboardInterrupt:
         # Ctrl-C while still starting, before the signal handlers are in
@@ -124,6 +126,13 @@ def _server_flags(dev_argv: list[str]) -> list[str]:
     return own.parse_known_args(dev_argv)[1]
 
 
+def _dev_web_listen(listen: str) -> str:
+    """dev's console: on --listen's host, port 8080, or any free port when
+    --listen asks for one (so that several dev systems can run at once)."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{'0' if port == '0' else DEV_WEB_PORT}"
+
+
 def _dev(settings: Settings, workers: int, concurrency: int, server_flags: list[str]) -> int:
     """A server and N workers as child processes; Ctrl-C stops them all."""
     server_cmd = [
@@ -144,13 +153,17 @@ def _dev(settings: Settings, workers: int, concurrency: int, server_flags: list[
         server_cmd.append("--log-json")
     if settings.metrics_listen:
         server_cmd += ["--metrics-listen", settings.metrics_listen]
+    server_cmd += ["--web-listen", settings.web_listen or _dev_web_listen(settings.listen)]
     server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     line = ""
+    console = ""
     for _ in range(10):  # the address line follows at most a few others
         line = server.stdout.readline()
         if not line or "listening on" in line:
             break
+        if "web console on" in line:
+            console = line.rsplit(" ", 1)[-1].strip()
         print(line, end="", flush=True)
     if "listening on" not in line:
         server.wait()
@@ -189,6 +202,8 @@ def _dev(settings: Settings, workers: int, concurrency: int, server_flags: list[
         f"{workers} index workers; Ctrl-C stops everything",
         flush=True,
     )
+    if console:
+        print(f"realm-service dev: web console on {console}", flush=True)
     stopping = False
 
     def _stop(*_: object) -> None:

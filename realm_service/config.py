@@ -35,6 +35,7 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     store_url: str = "sqlite:///data/realm.db"
     metrics_listen: str = ""
+    web_listen: str = ""  # the web console (realm_service/web); empty: off
     tokens: dict[str, str] = field(default_factory=dict)  # token -> role
     insecure: bool = False
     tls_cert: str = ""
@@ -102,6 +103,9 @@ OPTIONS = Options(
         Option(
             "metrics_listen", text, "", "host:port for /metrics and /healthz; empty disables"
         ),
+        Option(
+            "web_listen", text, "", "host:port for the web console (http); empty disables"
+        ),
         Option("tokens", text, "", "bearer tokens as role:token,... (roles client, worker, admin)"),
         Option("tokens_file", text, "", "file with one role:token per line"),
         Option("insecure", boolean, False, "allow listening beyond loopback without auth",
@@ -162,10 +166,20 @@ def settings_from_args(
             f"refusing to listen on {v['listen']} without auth: set --tokens/REALM_TOKENS, "
             "or --insecure/REALM_INSECURE=1 to accept unauthenticated calls"
         )
+    if v["web_listen"] and ":" not in v["web_listen"]:
+        raise ConfigError(
+            f"{OPTIONS.describe('web_listen')}: must be host:port (got {v['web_listen']!r})"
+        )
+    if v["web_listen"] and not tokens and not v["insecure"] and not is_loopback(v["web_listen"]):
+        raise ConfigError(
+            f"refusing to serve the web console on {v['web_listen']} without auth: set "
+            "--tokens/REALM_TOKENS, or --insecure/REALM_INSECURE=1"
+        )
     return Settings(
         listen=v["listen"],
         store_url=v["store"],
         metrics_listen=v["metrics_listen"],
+        web_listen=v["web_listen"],
         tokens=tokens,
         insecure=v["insecure"],
         tls_cert=v["tls_cert"],

@@ -361,6 +361,17 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         log.info("metrics", extra={"url": web.url})
         print(f"realm-service metrics on {web.url}", flush=True)
     await srv.start()
+    console = None
+    if settings.web_listen:
+        from realm_service.web import start_console
+
+        try:
+            console = await start_console(srv, settings.web_listen)
+        except OSError:
+            await srv.drain_and_stop()
+            raise
+        log.info("web console", extra={"url": console.url})
+        print(f"realm-service web console on {console.url}", flush=True)
     print(f"realm-service listening on {srv.address}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -369,3 +380,5 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         ready.set()
     await stop.wait()
     await srv.drain_and_stop()
+    if console is not None:
+        await console.close()
