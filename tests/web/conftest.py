@@ -49,8 +49,11 @@ def _chromium() -> str:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Browser]:
+    """A browser per test: Playwright's sync API keeps an event loop running
+    in its thread while it is open, and other tests sharing the process
+    (pytest-xdist) call asyncio.run."""
     executable = _chromium()
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
