@@ -220,21 +220,8 @@ def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) ->
     tx.session.execute(update(_JOBS).where(_JOBS.c.id == held.job_id).values(**values))
     tx.job_changed([held.job_id])
     tx.announce_new_work()  # the realm's next job may run now
-    job = held.job
-    return Job(
-        job_id=job.job_id,
-        realm_id=job.realm_id,
-        kind=job.kind,
-        priority=job.priority,
-        state=JobState.FAILED,
-        attempt=job.attempt,
-        create_time=job.create_time,
-        start_time=job.start_time,
-        finish_time=now,
-        error_message=reason[:2000],
-        progress_done=job.progress_done,
-        progress_total=job.progress_total,
-        path_changes=job.path_changes,
+    return dataclasses.replace(
+        held.job, state=JobState.FAILED, finish_time=now, error_message=reason[:2000]
     )
 
 
@@ -276,20 +263,10 @@ def requeue(tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None)
     tx.session.execute(update(_JOBS).where(_JOBS.c.id == job.job_id).values(**values))
     tx.job_changed([job.job_id])
     tx.announce_new_work()
-    return Job(
-        job_id=job.job_id,
-        realm_id=job.realm_id,
-        kind=job.kind,
-        priority=job.priority,
+    return dataclasses.replace(
+        job,
         state=JobState.QUEUED,
-        attempt=job.attempt,
-        create_time=job.create_time,
-        start_time=job.start_time,
-        finish_time=job.finish_time,
         error_message=job.error_message if message is None else message[:2000],
-        progress_done=job.progress_done,
-        progress_total=job.progress_total,
-        path_changes=job.path_changes,
     )
 
 
