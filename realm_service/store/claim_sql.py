@@ -3,17 +3,32 @@ statements whatever their count."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Table, bindparam, exists, insert, select, update
+from sqlalchemy import (
+    Insert,
+    Row,
+    Select,
+    String,
+    Table,
+    Update,
+    bindparam,
+    exists,
+    insert,
+    literal,
+    select,
+    update,
+)
 
 from realm_service.domain import AttemptOutcome, Job, JobKind, JobState, Lease
 from realm_service.store.db import Tx
 from realm_service.store.rows import QUEUED, RUNNING, decode_paths
-from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow
+from realm_service.store.sets import in_values, rows_params, rows_source
+from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow, UTCDateTime
 
 _JOBS = cast(Table, JobRow.__table__)
 _ATTEMPTS = cast(Table, JobAttemptRow.__table__)
@@ -66,30 +81,56 @@ def _candidates(max_priority: bool, kinds: bool) -> Select[*tuple[Any, ...]]:
 
 _LOCK_REALMS = (
     select(_REALMS.c.realm_id)
-    .where(_REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
+    .where(in_values(_REALMS.c.realm_id, "realm_ids"))
     .with_for_update(skip_locked=True)
 )
 _BUSY_REALMS = select(_JOBS.c.realm_id).where(
-    _JOBS.c.realm_id.in_(bindparam("realm_ids", expanding=True)), _JOBS.c.state == RUNNING
+    in_values(_JOBS.c.realm_id, "realm_ids"), _JOBS.c.state == RUNNING
 )
-_INSERT_ATTEMPTS = insert(_ATTEMPTS).returning(
-    _ATTEMPTS.c.id, _ATTEMPTS.c.job_id, sort_by_parameter_order=True
-)
-_START_JOBS = (
-    update(_JOBS)
-    .where(_JOBS.c.id == bindparam("b_id"))
-    .values(
-        state=RUNNING,
-        attempt=_JOBS.c.attempt + 1,
-        start_time=bindparam("b_now"),
-        lease_id=bindparam("b_lease"),
-        lease_attempt_id=bindparam("b_attempt"),
-        lease_expire_time=bindparam("b_until"),
-        worker=bindparam("b_worker"),
-        progress_done=0,
-        progress_total=0,
+# The leased jobs, as rows bound in one parameter: (job, lease, worker), then
+# with the attempt's id.
+_NEW_ATTEMPT_COLUMNS = (("job_id", int), ("lease_id", str), ("worker", str))
+_STARTED_COLUMNS = (("job_id", int), ("lease_id", str), ("attempt_id", int), ("worker", str))
+
+
+@functools.cache
+def _claim_writes(backend: str) -> tuple[Insert, Update]:
+    """The claim's two writes, one SQL text each whatever the claim's size:
+    the attempts inserted from the bound rows, the jobs started from them."""
+    new = rows_source(backend, "v", _NEW_ATTEMPT_COLUMNS)
+    insert_attempts = (
+        insert(_ATTEMPTS)
+        .from_select(
+            ["job_id", "lease_id", "worker", "instance_id", "start_time", "outcome", "error_message"],
+            select(
+                new.c.job_id,
+                new.c.lease_id,
+                new.c.worker,
+                bindparam("instance_id", type_=String()),
+                bindparam("now", type_=UTCDateTime()),
+                literal(AttemptOutcome.RUNNING.value),
+                literal(""),
+            ),
+        )
+        .returning(_ATTEMPTS.c.id, _ATTEMPTS.c.job_id)
     )
-)
+    started = rows_source(backend, "s", _STARTED_COLUMNS)
+    start_jobs = (
+        update(_JOBS)
+        .where(_JOBS.c.id == started.c.job_id)
+        .values(
+            state=RUNNING,
+            attempt=_JOBS.c.attempt + 1,
+            start_time=bindparam("now", type_=UTCDateTime()),
+            lease_id=started.c.lease_id,
+            lease_attempt_id=started.c.attempt_id,
+            lease_expire_time=bindparam("until", type_=UTCDateTime()),
+            worker=started.c.worker,
+            progress_done=0,
+            progress_total=0,
+        )
+    )
+    return insert_attempts, start_jobs
 
 
 def claim(
@@ -156,39 +197,29 @@ def claim(
     holder = {row.id: (names[i] if i < len(names) else "")[:200] for i, row in enumerate(chosen)}
     leases = {row.id: secrets.token_hex(16) for row in chosen}
     tx.job_changed(leases)
-    # A fixed number of statements per claim, whatever its size: one
-    # multi-row insert of the attempts, one executemany update of the jobs.
+    # Two writes per claim, whatever its size, each with one SQL text: the
+    # attempts inserted from the bound rows, the jobs started from them.
+    insert_attempts, start_jobs = _claim_writes(tx.backend)
+    new_rows = [(row.id, leases[row.id], holder[row.id]) for row in chosen]
     attempt_ids = dict(
         (job_id, attempt_id)
         for attempt_id, job_id in tx.session.execute(
-            _INSERT_ATTEMPTS,
-            [
-                {
-                    "job_id": job_id,
-                    "lease_id": lease_id,
-                    "worker": holder[job_id],
-                    "instance_id": instance_id,
-                    "start_time": now,
-                    "outcome": AttemptOutcome.RUNNING.value,
-                    "error_message": "",
-                }
-                for job_id, lease_id in leases.items()
-            ],
+            insert_attempts,
+            {
+                **rows_params(tx.backend, "v", _NEW_ATTEMPT_COLUMNS, new_rows),
+                "instance_id": instance_id,
+                "now": now,
+            },
         )
     )
+    started_rows = [(j, lease, attempt_ids[j], w) for j, lease, w in new_rows]
     tx.session.execute(
-        _START_JOBS,
-        [
-            {
-                "b_id": row.id,
-                "b_lease": leases[row.id],
-                "b_attempt": attempt_ids[row.id],
-                "b_now": now,
-                "b_until": lease_until,
-                "b_worker": holder[row.id],
-            }
-            for row in chosen
-        ],
+        start_jobs,
+        {
+            **rows_params(tx.backend, "s", _STARTED_COLUMNS, started_rows),
+            "now": now,
+            "until": lease_until,
+        },
     )
     return [
         Lease(

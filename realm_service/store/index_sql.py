@@ -7,15 +7,16 @@ import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Insert, Table, and_, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Insert, Table, Update, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from realm_service.domain import IndexEntry, RealmState
 from realm_service.errors import RealmNotFound
 from realm_service.store.db import Tx
-from realm_service.store.tables import IndexEntryRow, RealmFileRow, RealmRow
+from realm_service.store.sets import in_values, not_in_values, rows_params, rows_source
+from realm_service.store.tables import IndexEntryRow, RealmFileRow, RealmRow, UTCDateTime
 
 
 def to_entry(row: IndexEntryRow) -> IndexEntry:
@@ -134,14 +135,14 @@ _LOCK_GENERATIONS = (
         _REALMS.c.cards,
         _REALMS.c.files,
     )
-    .where(_REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True)))
+    .where(in_values(_REALMS.c.realm_id, "realm_ids"))
     .order_by(_REALMS.c.realm_id)
     .with_for_update()
 )
 _DROP_REPLACED = delete(_ENTRIES).where(
-    _ENTRIES.c.realm_id.in_(bindparam("realm_ids", expanding=True)),
+    in_values(_ENTRIES.c.realm_id, "realm_ids"),
     or_(
-        _ENTRIES.c.generation.not_in(bindparam("generations", expanding=True)),
+        not_in_values(_ENTRIES.c.generation, "generations", int),
         _ENTRIES.c.deleted.is_(True),
     ),
 )
@@ -160,30 +161,41 @@ _SET_GENERATION = (
         state=RealmState.READY.value,
     )
 )
-_NEW_GENERATION = and_(
-    _ENTRIES.c.realm_id == _REALMS.c.realm_id, _ENTRIES.c.generation == bindparam("b_generation")
-)
-_SWITCH_COUNTED = (
-    update(_REALMS)
-    .where(_REALMS.c.realm_id == bindparam("b_realm"))
-    .values(
-        current_generation=bindparam("b_generation"),
-        entries=select(func.count()).where(_NEW_GENERATION).scalar_subquery(),
-        errors=select(func.coalesce(func.sum(_IS_ERROR), 0))
-        .where(_NEW_GENERATION)
-        .scalar_subquery(),
-        cards=select(func.coalesce(func.sum(_IS_CARD), 0)).where(_NEW_GENERATION).scalar_subquery(),
-        files=select(func.count())
-        .select_from(_FILES)
-        .where(_FILES.c.realm_id == _REALMS.c.realm_id)
-        .scalar_subquery(),
-        last_index_time=bindparam("b_now"),
-        state=RealmState.READY.value,
+_SWITCH_COLUMNS = (("realm_id", str), ("generation", int))
+
+
+@functools.cache
+def _switch_counted(backend: str) -> Update:
+    """Realms switched to new generations (the bound rows: realm, generation),
+    each with the new generation's stats counted in the same statement."""
+    switch = rows_source(backend, "g", _SWITCH_COLUMNS)
+    new_generation = and_(
+        _ENTRIES.c.realm_id == _REALMS.c.realm_id, _ENTRIES.c.generation == switch.c.generation
     )
-)
-_SUM_ENTRIES = select(func.sum(_REALMS.c.entries)).where(
-    _REALMS.c.realm_id.in_(bindparam("realm_ids", expanding=True))
-)
+
+    def counted(expr: Any) -> Any:
+        return select(expr).where(new_generation).correlate(_REALMS, switch).scalar_subquery()
+
+    return (
+        update(_REALMS)
+        .where(_REALMS.c.realm_id == switch.c.realm_id)
+        .values(
+            current_generation=switch.c.generation,
+            entries=counted(func.count()),
+            errors=counted(func.coalesce(func.sum(_IS_ERROR), 0)),
+            cards=counted(func.coalesce(func.sum(_IS_CARD), 0)),
+            files=select(func.count())
+            .select_from(_FILES)
+            .where(_FILES.c.realm_id == _REALMS.c.realm_id)
+            .correlate(_REALMS)
+            .scalar_subquery(),
+            last_index_time=bindparam("now", type_=UTCDateTime()),
+            state=RealmState.READY.value,
+        )
+    )
+
+
+_SUM_ENTRIES = select(func.sum(_REALMS.c.entries)).where(in_values(_REALMS.c.realm_id, "realm_ids"))
 # An incremental merge, in statements that touch its own paths only (by the
 # primary key realm, generation, path), never the rest of the realm.
 # The staged paths are read first and named in the statements that follow:
@@ -271,11 +283,11 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
         )
         # The switch and the new generation's stats in one statement a realm.
         tx.session.execute(
-            _SWITCH_COUNTED,
-            [
-                {"b_realm": realm_id, "b_generation": generation, "b_now": now}
-                for realm_id, generation in sorted(replaced.items())
-            ],
+            _switch_counted(tx.backend),
+            {
+                **rows_params(tx.backend, "g", _SWITCH_COLUMNS, sorted(replaced.items())),
+                "now": now,
+            },
         )
         if tx.backend == "postgresql":
             entries = tx.session.scalar(_SUM_ENTRIES, {"realm_ids": scratch_ids}) or 0

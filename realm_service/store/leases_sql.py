@@ -6,11 +6,12 @@ Each transition records its effects on the `Tx`: jobs changed, new work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, Update, bindparam, select, update
 
 from realm_service.domain import AttemptOutcome, HeldJob, Job, JobState, merge_paths
 from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
@@ -27,6 +28,7 @@ from realm_service.store.rows import (
     to_held,
     to_job,
 )
+from realm_service.store.sets import in_values, rows_params, rows_source
 from realm_service.store.tables import JobAttemptRow, JobRow
 
 _JOBS = cast(Table, JobRow.__table__)
@@ -34,13 +36,13 @@ _ATTEMPTS = cast(Table, JobAttemptRow.__table__)
 
 _HELD = (
     select(_JOBS)
-    .where(_JOBS.c.lease_id.in_(bindparam("leases", expanding=True)), _JOBS.c.state == RUNNING)
+    .where(in_values(_JOBS.c.lease_id, "leases"), _JOBS.c.state == RUNNING)
     .order_by(_JOBS.c.id)
     .with_for_update()
 )
 _SUCCEED = (
     update(_JOBS)
-    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .where(in_values(_JOBS.c.id, "ids", int))
     .values(
         state=SUCCEEDED,
         finish_time=bindparam("now"),
@@ -53,17 +55,26 @@ _SUCCEED = (
 )
 _QUEUED_IN_REALMS = (
     select(_JOBS.c.id)
-    .where(_JOBS.c.realm_id.in_(bindparam("realm_ids", expanding=True)), _JOBS.c.state == QUEUED)
+    .where(in_values(_JOBS.c.realm_id, "realm_ids"), _JOBS.c.state == QUEUED)
     .limit(1)
 )
-_FINAL_PROGRESS = (
-    update(_JOBS)
-    .where(_JOBS.c.id == bindparam("b_id"))
-    .values(progress_done=bindparam("b_done"), progress_total=bindparam("b_done"))
-)
+_FINAL_COLUMNS = (("job_id", int), ("done", int))
+
+
+@functools.cache
+def _final_progress(backend: str) -> Update:
+    final = rows_source(backend, "f", _FINAL_COLUMNS)
+    return (
+        update(_JOBS)
+        .where(_JOBS.c.id == final.c.job_id)
+        .values(progress_done=final.c.done, progress_total=final.c.done)
+    )
+
+
+
 _END_ATTEMPTS = (
     update(_ATTEMPTS)
-    .where(_ATTEMPTS.c.id.in_(bindparam("ids", expanding=True)))
+    .where(in_values(_ATTEMPTS.c.id, "ids", int))
     .values(outcome=bindparam("outcome"), end_time=bindparam("now"), error_message="")
 )
 _EXTEND = (
@@ -185,7 +196,8 @@ def succeed(
     final = files_done or {}
     if final:
         tx.session.execute(
-            _FINAL_PROGRESS, [{"b_id": job_id, "b_done": n} for job_id, n in final.items()]
+            _final_progress(tx.backend),
+            rows_params(tx.backend, "f", _FINAL_COLUMNS, list(final.items())),
         )
     tx.job_changed(ids)
     # A realm's next job, held back while this one ran, may run now: new work,
