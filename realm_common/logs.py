@@ -12,7 +12,12 @@ rather than structlog: every module already logs through
 their records come out in the same format with no bridge; and a record's
 fields are what callers pass as `extra=`, which costs nothing when the level
 is off. Times are UTC, RFC 3339 with milliseconds. A traceback goes into the
-`exc` field, so a record is always exactly one line.
+`exc` field, so a record is always exactly one line, with one exception: a
+record whose `extra=` has `each` (a list of field dicts) stands for one line
+per item, each with the record's other fields too. A batch of 64 jobs
+starting is then one record, one formatting pass and one write, and still
+64 lines that each name their job (`job running job=29 ...`); handlers other
+than this formatter see one record with the list.
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 }
 
 
+EACH = "each"  # an `extra=` field: one line per item of this list of dicts
+
+
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields a record carries besides its message (from `extra=`)."""
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+
+
+def _items(fields: dict[str, Any]) -> list[dict[str, Any]] | None:
+    items = fields.pop(EACH, None)
+    return items if isinstance(items, list) and items else None
 
 
 def _time(record: logging.LogRecord) -> str:
@@ -43,16 +56,26 @@ def _time(record: logging.LogRecord) -> str:
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        pairs: list[tuple[str, object]] = [
+        head: list[tuple[str, object]] = [
             ("time", _time(record)),
             ("level", record.levelname.lower()),
             ("logger", record.name),
             ("msg", record.getMessage()),
-            *record_fields(record).items(),
         ]
+        fields = record_fields(record)
+        items = _items(fields)
+        tail = list(fields.items())
         if record.exc_info:
-            pairs.append(("exc", self.formatException(record.exc_info)))
-        return " ".join(f"{key}={logfmt_value(value)}" for key, value in pairs)
+            tail.append(("exc", self.formatException(record.exc_info)))
+        if items is None:
+            return _logfmt([*head, *tail])
+        start, end = _logfmt(head), _logfmt(tail)
+        sep = " " if end else ""
+        return "\n".join(f"{start} {_logfmt(item.items())}{sep}{end}" for item in items)
+
+
+def _logfmt(pairs: Any) -> str:
+    return " ".join(f"{key}={logfmt_value(value)}" for key, value in pairs)
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,13 +86,19 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        out.update(record_fields(record))
+        fields = record_fields(record)
+        items = _items(fields)
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+            fields["exc"] = self.formatException(record.exc_info)
+        if items is None:
+            out.update(fields)
+            return json.dumps(out, default=str)
+        return "\n".join(json.dumps({**out, **item, **fields}, default=str) for item in items)
 
 
 def logfmt_value(value: object) -> str:
+    if type(value) is int:
+        return str(value)
     text = str(value)
     if not text or any(c in text for c in ' "=\\') or not text.isprintable():
         return json.dumps(text)

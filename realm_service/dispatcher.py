@@ -129,11 +129,11 @@ def _plan(members: list[WorkerStream]) -> list[WorkerStream]:
     return plan
 
 
-def running_fields(lease: Lease, stream: WorkerStream) -> dict[str, object]:
+def lease_fields(lease: Lease) -> dict[str, object]:
     job = lease.job
     return {"job": job.job_id, "realm": job.realm_id, "kind": job.kind.value,
-            "priority": job.priority, "attempt": job.attempt, "lease": lease.lease_id,
-            "worker": stream.worker_id, "stream": stream.label}  # fmt: skip
+            "priority": job.priority, "attempt": job.attempt,
+            "lease": lease.lease_id}  # fmt: skip
 
 
 class Dispatcher:
@@ -274,13 +274,19 @@ class Dispatcher:
             lease = pending.pop(0)
             target.assign(lease)
             batches[target.stream_id].append(lease)
-            if logging_on:
-                log.info("job running", extra=running_fields(lease, target))
         if pending:  # every stream went away meanwhile: give the jobs back at once
             asyncio.get_running_loop().create_task(
                 asyncio.to_thread(self.queue.release, [p.lease_id for p in pending], "no stream")
             )
         for s in live:
-            if batches[s.stream_id]:
-                s.deliver(batches[s.stream_id])
+            batch = batches[s.stream_id]
+            if batch:
+                s.deliver(batch)
+                if logging_on:
+                    # One record, one line per job (realm_common.logs).
+                    log.info(
+                        "job running",
+                        extra={"each": [lease_fields(lease) for lease in batch],
+                               "worker": s.worker_id, "stream": s.label},
+                    )  # fmt: skip
         self.on_assigned(leases)

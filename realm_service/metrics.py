@@ -7,6 +7,8 @@ before the first event.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -34,6 +36,18 @@ KNOWN_PRIORITIES = (SYSTEM, USER)
 
 def priority_class(priority: int) -> str:
     return "system" if priority <= SYSTEM else "user"
+
+
+def run_duration(kind: str, priority: int) -> Any:
+    """RUN_DURATION's child for a job (children cached: `labels` is not free)."""
+    key = (kind, priority <= SYSTEM)
+    child = _run_duration.get(key)
+    if child is None:
+        child = _run_duration[key] = RUN_DURATION.labels(kind, priority_class(priority))
+    return child
+
+
+_run_duration: dict[tuple[str, bool], Any] = {}
 
 
 QUEUE_DEPTH = Gauge(

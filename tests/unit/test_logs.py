@@ -58,6 +58,23 @@ def test_json_keeps_field_types() -> None:
     }
 
 
+def test_a_batch_record_is_one_line_per_item_with_the_shared_fields() -> None:
+    """`extra={"each": [...]}`: one record for a batch of jobs, still one
+    line per job, each carrying the record's other fields after its own."""
+    items = [{"job": 29, "realm": "notes"}, {"job": 30, "realm": "my realm"}]
+    text = LogfmtFormatter().format(record(each=items, worker="w1", stream="w1/s1"))
+    lines = [parse_logfmt(line) for line in text.split("\n")]
+    assert [(f["msg"], f["job"], f["realm"], f["worker"]) for f in lines] == [
+        ("job running", "29", "notes", "w1"),
+        ("job running", "30", "my realm", "w1"),
+    ]
+    assert all(f["time"] == "2026-12-05T07:37:23.590Z" and "each" not in f for f in lines)
+    out = [json.loads(line) for line in JsonFormatter().format(record(each=items)).split("\n")]
+    assert [(o["msg"], o["job"]) for o in out] == [("job running", 29), ("job running", 30)]
+    # An empty or malformed list is an ordinary field-less record.
+    assert "\n" not in LogfmtFormatter().format(record(each=[], job=1))
+
+
 def test_the_fault_matrix_still_finds_logged_tracebacks() -> None:
     """scripts/fault_matrix.py reports tracebacks in the programs' logs; in
     the one-line format they are in the `exc` field of either format."""
