@@ -299,6 +299,8 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
             pair.add_worker(f"w{i}", concurrency=cfg.worker_concurrency, noop=True)
             for i in range(n_workers)
         ]
+        # The first worker is profiled too (its start-up included).
+        worker_spy = profile(cfg, workers[0].pid, f"{label}-worker") if workers else None
         samples: list[tuple[float, int]] = []
         deadline = t_spawn + cfg.drain_limit_s
         while True:
@@ -309,9 +311,10 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
                 break
             time.sleep(0.1)
         worker_cpu = sum(cpu_seconds(w.pid) for w in workers)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+        for one in (spy, worker_spy):
+            if one is not None:
+                one.send_signal(signal.SIGINT)
+                one.wait(30)
         server_cpu = cpu_seconds(pair.server.pid) - cpu0["server"]
         pg_cpu = postgres_cpu_seconds() - cpu0["pg"] if cfg.store == "postgresql" else 0.0
         states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
@@ -1206,7 +1209,7 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--worker-concurrency", type=int, help="throughput: jobs per worker (64)")
     p.add_argument("--drain-limit", type=float, help="throughput: seconds per drain at most (240)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    p.add_argument("--py-spy", default="", help="profile the server of each drain into this dir")
+    p.add_argument("--py-spy", default="", help="profile the server and the first worker of each drain into this dir")
     args = p.parse_args(argv)
     common = {"store": args.store, "pg_url": args.pg_url, "log_level": args.log_level}
     cfg = Config.quick_config(**common) if args.quick else Config(quick=False, **common)

@@ -39,3 +39,13 @@ SLOTS = Gauge("index_worker_slots", "Job slots: total, and busy now", ["state"],
 for _kind in JobKind:
     for _outcome in Outcome:
         JOBS.labels(_kind.value, _outcome.value)
+
+_jobs_children: dict[tuple[str, str], Counter] = {}
+
+
+def job_finished(kind: str, outcome: str) -> None:
+    """JOBS + 1 (label children cached: `labels` is not free per job)."""
+    child = _jobs_children.get((kind, outcome))
+    if child is None:
+        child = _jobs_children[(kind, outcome)] = JOBS.labels(kind, outcome)
+    child.inc()

@@ -72,6 +72,9 @@ class Session:
         self._drain_deadline: float | None = None
         self._drain_changed = asyncio.Event()
         self._pending_results: list[JobOutcome] = []
+        # "job finished" lines of successes, written with the next flush as
+        # one record (one line per job: realm_common.logs).
+        self._pending_finished: list[dict[str, object]] = []
         self._flush_scheduled = False
 
     @property
@@ -141,6 +144,7 @@ class Session:
 
     def on_assignments(self, assignments: list[Assignment]) -> None:
         refused: list[str] = []
+        started: list[dict[str, object]] = []
         for assignment in assignments:
             if assignment.lease_id in self._held:
                 logger.warning("duplicate assignment ignored", extra=self._fields(assignment))
@@ -157,6 +161,10 @@ class Session:
                 refused.append(assignment.lease_id)
                 continue
             self._start(assignment)
+            started.append(self._job_fields(assignment))
+        if started and logger.isEnabledFor(logging.INFO):
+            # One record for the message's jobs, one line per job.
+            logger.info("job started", extra={"each": started, "worker": self._config.worker_id})
         if refused:
             self._stream.send_release(refused)
 
@@ -181,7 +189,6 @@ class Session:
         held = _HeldJob(assignment)
         self._held[assignment.lease_id] = held
         held.task = asyncio.create_task(self._run_job(held), name=f"job-{assignment.job_id}")
-        logger.info("job started", extra=self._fields(assignment))
 
     async def _run_job(self, held: _HeldJob) -> None:
         assignment = held.assignment
@@ -221,13 +228,14 @@ class Session:
         else:
             self._pending_results.append(outcome)
         self._schedule_flush()
-        fields = {**self._fields(assignment), "outcome": outcome.outcome.value}
+        fields = {**self._job_fields(assignment), "outcome": outcome.outcome.value}
         fields["entries"] = outcome.entries_uploaded
-        if outcome.error_message:
+        metrics.job_finished(str(fields["kind"]), outcome.outcome.value)
+        if outcome.outcome is Outcome.SUCCEEDED:
+            self._pending_finished.append(fields)
+        else:
             fields["error"] = outcome.error_message
-        metrics.JOBS.labels(fields["kind"], outcome.outcome.value).inc()
-        level = logging.INFO if outcome.outcome is Outcome.SUCCEEDED else logging.WARNING
-        logger.log(level, "job finished", extra=fields)
+            logger.warning("job finished", extra={**fields, "worker": self._config.worker_id})
 
     def _drop(self, held: _HeldJob) -> None:
         """Forget a job without a result; its slot frees once its work has stopped."""
@@ -314,6 +322,12 @@ class Session:
             results, self._pending_results = self._pending_results, []
             self._stream.send_results(results)
         self._grant_free()
+        if self._pending_finished:
+            finished, self._pending_finished = self._pending_finished, []
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "job finished", extra={"each": finished, "worker": self._config.worker_id}
+                )
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeats every interval for all held leases; in between, at most
@@ -353,13 +367,15 @@ class Session:
         return {"worker": self._config.worker_id, "stream": self._settings.stream_id}
 
     def _fields(self, assignment: Assignment) -> dict[str, object]:
+        return {**self._job_fields(assignment), "worker": self._config.worker_id}
+
+    def _job_fields(self, assignment: Assignment) -> dict[str, object]:
         return {
             "job": assignment.job_id,
             "realm": assignment.realm_id,
             "lease": assignment.lease_id,
             "kind": assignment.kind.value if assignment.kind else "unknown",
             "priority": assignment.priority,
-            "worker": self._config.worker_id,
         }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -96,13 +97,16 @@ class JsonFormatter(logging.Formatter):
         return "\n".join(json.dumps({**out, **item, **fields}, default=str) for item in items)
 
 
+_QUOTED = re.compile(r'[ "=\\]')
+
+
 def logfmt_value(value: object) -> str:
     if type(value) is int:
         return str(value)
     text = str(value)
-    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
-        return json.dumps(text)
-    return text
+    if text and text.isprintable() and _QUOTED.search(text) is None:
+        return text
+    return json.dumps(text)
 
 
 def parse_logfmt(line: str) -> dict[str, str]:

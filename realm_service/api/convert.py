@@ -56,12 +56,20 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def ts(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
-    out = Timestamp()
-    out.FromDatetime(value.astimezone(UTC))
-    return out
+    if value.tzinfo is None:
+        out = Timestamp()
+        out.FromDatetime(value.astimezone(UTC))
+        return out
+    # What FromDatetime computes, without its Python-level steps: a job
+    # assignment carries three or four of these.
+    since = value - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def from_ts(value: Timestamp) -> datetime:

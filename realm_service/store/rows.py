@@ -36,7 +36,9 @@ def encode_paths(changes: Iterable[PathChange]) -> str:
 
 
 def decode_paths(raw: str) -> tuple[PathChange, ...]:
-    return tuple(PathChange(str(p), bool(d)) for p, d in json.loads(raw or "[]"))
+    if not raw or raw == "[]":  # every from-scratch job
+        return ()
+    return tuple(PathChange(str(p), bool(d)) for p, d in json.loads(raw))
 
 
 def new_job_values(
