@@ -106,6 +106,7 @@ class Config:
     only: tuple[str, ...] = ITEMS
     keep: bool = False
     py_spy: str = ""
+    py_spy_gil: bool = False
 
     @classmethod
     def quick_config(cls, **kw: Any) -> Config:
@@ -253,6 +254,10 @@ def profile(cfg: Config, pid: int, name: str) -> subprocess.Popen[bytes] | None:
         [
             *(str(BIN / "py-spy"), "record", "--pid", str(pid), "--format", "raw"),
             *("--rate", "200", "--output", str(out), "--nonblocking", "--threads"),
+            # --gil: only the thread holding the GIL, i.e. where a CPU-bound
+            # Python process spends its one core (threads inside SQLite or
+            # waiting on a lock are left out).
+            *(["--gil"] if cfg.py_spy_gil else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -1209,7 +1214,14 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--worker-concurrency", type=int, help="throughput: jobs per worker (64)")
     p.add_argument("--drain-limit", type=float, help="throughput: seconds per drain at most (240)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    p.add_argument("--py-spy", default="", help="profile the server and the first worker of each drain into this dir")
+    p.add_argument(
+        "--py-spy-gil", action="store_true", help="with --py-spy: sample the GIL holder only"
+    )
+    p.add_argument(
+        "--py-spy",
+        default="",
+        help="profile the server and the first worker of each drain into this dir",
+    )
     args = p.parse_args(argv)
     common = {"store": args.store, "pg_url": args.pg_url, "log_level": args.log_level}
     cfg = Config.quick_config(**common) if args.quick else Config(quick=False, **common)
@@ -1224,6 +1236,7 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg.only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     cfg.keep = args.keep
     cfg.py_spy = args.py_spy
+    cfg.py_spy_gil = args.py_spy_gil
     unknown = set(cfg.only) - set(ITEMS)
     if unknown:
         p.error(f"unknown items {sorted(unknown)}")

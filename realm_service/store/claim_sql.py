@@ -24,9 +24,9 @@ from sqlalchemy import (
     update,
 )
 
-from realm_service.domain import AttemptOutcome, Job, JobKind, JobState, Lease
+from realm_service.domain import AttemptOutcome, JobKind, JobState, Lease
 from realm_service.store.db import Tx
-from realm_service.store.rows import QUEUED, RUNNING, decode_paths
+from realm_service.store.rows import QUEUED, RUNNING, decode_paths, make_job
 from realm_service.store.sets import in_values, rows_params, rows_source
 from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow, UTCDateTime
 
@@ -101,7 +101,15 @@ def _claim_writes(backend: str) -> tuple[Insert, Update]:
     insert_attempts = (
         insert(_ATTEMPTS)
         .from_select(
-            ["job_id", "lease_id", "worker", "instance_id", "start_time", "outcome", "error_message"],
+            [
+                "job_id",
+                "lease_id",
+                "worker",
+                "instance_id",
+                "start_time",
+                "outcome",
+                "error_message",
+            ],
             select(
                 new.c.job_id,
                 new.c.lease_id,
@@ -225,7 +233,7 @@ def claim(
         Lease(
             lease_id=leases[row.id],
             expire_time=lease_until,
-            job=Job(
+            job=make_job(
                 job_id=row.id,
                 realm_id=row.realm_id,
                 kind=JobKind(row.kind),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -144,7 +145,7 @@ class Tx:
         self.new_work = self.new_work or here
         if self._db.backend == "postgresql" and not self._notified:
             self._notified = True
-            self.session.execute(_NOTIFY, {"c": self._db.channel})
+            self.session.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": self._db.origin})
 
     def job_changed(self, job_ids: Iterable[int]) -> None:
         self.changed_jobs.extend(job_ids)
@@ -177,9 +178,9 @@ class Tx:
             self.stale_statistics.add(table)
 
 
-_NOTIFY = text("SELECT pg_notify(:c, '')")
 _NOTIFY_PAYLOAD = text("SELECT pg_notify(:c, :p)")
-# Payloads on the wake-up channel besides '' (new work).
+# Payloads on the wake-up channel besides new work (the announcing process's
+# origin, or '' from older servers).
 _REVOKE = "revoke:"
 _UNMOUNT = "unmount:"
 
@@ -229,6 +230,10 @@ class Database:
 
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.channel = "realm_new_work"
+        # Names this process's new-work NOTIFYs: its own come back to its
+        # listener, and its dispatcher already knows (Tx effects wake it at
+        # commit), so they are not a reason to claim again.
+        self.origin = f"work:{secrets.token_hex(8)}"
 
     def _sqlite_engine(self) -> Engine:
         path = self.url.removeprefix("sqlite:///")
@@ -402,7 +407,7 @@ class Database:
             self._lease_revoked(lease_id, reason)
         elif payload.startswith(_UNMOUNT):
             self._realm_deleted(payload[len(_UNMOUNT) :])
-        else:
+        elif payload != self.origin:
             self.new_work_committed()
 
     def _listen(self) -> None:

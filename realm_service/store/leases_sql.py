@@ -25,6 +25,7 @@ from realm_service.store.rows import (
     SUCCEEDED,
     decode_paths,
     encode_paths,
+    job_with,
     to_held,
     to_job,
 )
@@ -69,7 +70,6 @@ def _final_progress(backend: str) -> Update:
         .where(_JOBS.c.id == final.c.job_id)
         .values(progress_done=final.c.done, progress_total=final.c.done)
     )
-
 
 
 _END_ATTEMPTS = (
@@ -206,7 +206,7 @@ def succeed(
     if tx.session.execute(_QUEUED_IN_REALMS, {"realm_ids": realms}).first() is not None:
         tx.announce_new_work()
     return [
-        dataclasses.replace(
+        job_with(
             h.job,
             state=JobState.SUCCEEDED,
             finish_time=now,

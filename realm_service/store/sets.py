@@ -106,9 +106,7 @@ def _in_values_default(element: InValues, compiler: Any, **kw: Any) -> str:
     return f"{col} {op} (SELECT value FROM json_each({param}))"
 
 
-def rows_source(
-    backend: str, name: str, columns: Sequence[tuple[str, type]]
-) -> FromClause:
+def rows_source(backend: str, name: str, columns: Sequence[tuple[str, type]]) -> FromClause:
     """A derived table `name` of the rows bound by `rows_params(backend,
     name, columns, rows)`: `unnest` of one array per column on PostgreSQL,
     `json_each` of one JSON array of rows on SQLite."""
