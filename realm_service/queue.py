@@ -677,13 +677,17 @@ class JobQueue:
         the other instances' ListWorkers and ExplainJob."""
         now = self.clock()
 
-        def work(tx: Tx) -> None:
+        def work(tx: Tx) -> bool:
             if not instances_sql.touch(tx, self.instance_id, now):
                 instances_sql.register(tx, self.instance_id, now)
-            if workers is not None and tx.backend == "postgresql":
+            if tx.backend != "postgresql":
+                return False
+            if workers is not None:
                 instances_sql.replace_presence(tx, self.instance_id, workers)
+            seen_after = now - self.settings.instance_timeout
+            return instances_sql.others_alive(tx, self.instance_id, seen_after)
 
-        self.db.retrying(work)
+        self.db.set_others_alive(self.db.retrying(work))
 
     def other_instances_workers(self) -> list[WorkerInfo]:
         """Streams of the other live instances sharing the store (PostgreSQL)."""

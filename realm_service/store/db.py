@@ -143,6 +143,8 @@ class Tx:
         and other instances through NOTIFY, which PostgreSQL delivers at
         commit too."""
         self.new_work = self.new_work or here
+        if not here and not self._db.others_alive:
+            return  # a word for other instances, and there are none
         if self._db.backend == "postgresql" and not self._notified:
             self._notified = True
             self.session.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": self._db.origin})
@@ -234,6 +236,10 @@ class Database:
         # listener, and its dispatcher already knows (Tx effects wake it at
         # commit), so they are not a reason to claim again.
         self.origin = f"work:{secrets.token_hex(8)}"
+        # Whether other live instances share the store (learned at each
+        # instance refresh; assumed until the first): a claim's word that
+        # others may look again is not sent when nobody else would hear it.
+        self.others_alive = True
 
     def _sqlite_engine(self) -> Engine:
         path = self.url.removeprefix("sqlite:///")
@@ -379,6 +385,9 @@ class Database:
     def on_job_change(self, callback: Callable[[int], None]) -> None:
         """Call back with a job id when this process changed that job."""
         self._job_change_listeners.append(callback)
+
+    def set_others_alive(self, alive: bool) -> None:
+        self.others_alive = alive
 
     def new_work_committed(self) -> None:
         for callback in list(self._new_work_listeners):

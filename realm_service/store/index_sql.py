@@ -204,10 +204,10 @@ def _switch_counted(backend: str) -> Update:
             last_index_time=bindparam("now", type_=UTCDateTime()),
             state=RealmState.READY.value,
         )
+        .returning(_REALMS.c.entries)
     )
 
 
-_SUM_ENTRIES = select(func.sum(_REALMS.c.entries)).where(in_values(_REALMS.c.realm_id, "realm_ids"))
 # An incremental merge, in statements that touch its own paths only (by the
 # primary key realm, generation, path), never the rest of the realm.
 # The staged paths are read first and named in the statements that follow:
@@ -294,20 +294,18 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
             _DROP_REPLACED, {"realm_ids": scratch_ids, "generations": list(replaced.values())}
         )
         # The switch and the new generation's stats in one statement a realm.
-        tx.session.execute(
+        switched_entries = tx.session.scalars(
             _switch_counted(tx.backend),
             {
                 **rows_params(tx.backend, "g", _SWITCH_COLUMNS, sorted(replaced.items())),
                 "now": now,
             },
         )
-        if tx.backend == "postgresql":
-            entries = tx.session.scalar(_SUM_ENTRIES, {"realm_ids": scratch_ids}) or 0
-            if entries >= ANALYZE_AFTER_ENTRIES:
-                # A big new generation: without fresh statistics PostgreSQL
-                # reads the realm's next merges through the card-type index,
-                # row by row.
-                tx.statistics_changed("index_entries")
+        if tx.backend == "postgresql" and sum(switched_entries) >= ANALYZE_AFTER_ENTRIES:
+            # A big new generation: without fresh statistics PostgreSQL
+            # reads the realm's next merges through the card-type index,
+            # row by row.
+            tx.statistics_changed("index_entries")
     if stats:
         tx.session.execute(
             _SET_GENERATION, [stats[realm_id] for realm_id in ids if realm_id in stats]

@@ -36,6 +36,19 @@ def touch(tx: Tx, instance_id: str, now: datetime) -> bool:
     return result is not None
 
 
+def others_alive(tx: Tx, instance_id: str, seen_after: datetime) -> bool:
+    """Whether any other instance refreshed its row after `seen_after`."""
+    found = tx.session.execute(
+        select(ServerInstanceRow.instance_id)
+        .where(
+            ServerInstanceRow.instance_id != instance_id,
+            ServerInstanceRow.seen_time > seen_after,
+        )
+        .limit(1)
+    ).first()
+    return found is not None
+
+
 def remove(tx: Tx, instance_ids: Sequence[str]) -> None:
     if instance_ids:
         tx.session.execute(
