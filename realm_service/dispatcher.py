@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 from realm_service.domain import SYSTEM, JobKind, Lease, WorkerInfo
 from realm_service.errors import RealmError
-from realm_service.queue import JobQueue
+from realm_service.queue import JobQueue, job_fields
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ def _plan(members: list[WorkerStream]) -> list[WorkerStream]:
 
 
 def lease_fields(lease: Lease) -> dict[str, object]:
-    job = lease.job
-    return {"job": job.job_id, "realm": job.realm_id, "kind": job.kind.value,
-            "priority": job.priority, "attempt": job.attempt,
-            "lease": lease.lease_id}  # fmt: skip
+    return {**job_fields(lease.job), "lease": lease.lease_id}
 
 
 class Dispatcher:

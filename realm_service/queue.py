@@ -656,7 +656,7 @@ class JobQueue:
         if job.state.terminal:
             metrics.JOBS_FINISHED.labels(kind, job.state.value).inc()
         if job.start_time is not None:
-            metrics.RUN_DURATION.labels(kind, metrics.priority_class(job.priority)).observe(
+            metrics.run_duration(kind, job.priority).observe(
                 max(0.0, (now - job.start_time).total_seconds())
             )
         if log.isEnabledFor(logging.INFO):
