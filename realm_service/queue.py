@@ -89,8 +89,9 @@ class JobQueue:
         here or on another instance sharing the store."""
         self.db.on_new_work(callback)
 
-    def on_job_change(self, callback: Callable[[int], None]) -> None:
-        """Call back with a job id once this process committed a change to it."""
+    def on_job_change(self, callback: Callable[[int, Job | None], None]) -> None:
+        """Call back with a job id once this process committed a change to it,
+        and the job itself when the change finished it (else None)."""
         self.db.on_job_change(callback)
 
     def on_lease_revoked(self, callback: Callable[[str, str], None]) -> None:

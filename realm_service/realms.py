@@ -418,7 +418,7 @@ class Realms:
                     break
                 taken.append(info.path)
                 size += info.size
-            files = realms_sql.files_with_content(s, realm_id, taken)
+            files = realms_sql.files_with_content(s, realm_id, taken, contiguous=paths is None)
         return FilePage(files, more_after, total)
 
     def search(

@@ -16,18 +16,25 @@ class JobWatch:
         self.queue = queue
         self.poll_seconds = poll_seconds
         self._events: dict[int, set[asyncio.Event]] = {}
+        # Final values of followed jobs that finished here (no read needed).
+        self._finished: dict[int, Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.queue.on_job_change(self._changed_threadsafe)
 
-    def _changed_threadsafe(self, job_id: int) -> None:
+    def _changed_threadsafe(self, job_id: int, finished: Job | None) -> None:
         if self._loop is not None and job_id in self._events:
-            self._loop.call_soon_threadsafe(self._changed, job_id)
+            self._loop.call_soon_threadsafe(self._changed, job_id, finished)
 
-    def _changed(self, job_id: int) -> None:
-        for event in self._events.get(job_id, ()):
+    def _changed(self, job_id: int, finished: Job | None = None) -> None:
+        events = self._events.get(job_id)
+        if not events:
+            return
+        if finished is not None:
+            self._finished[job_id] = finished
+        for event in events:
             event.set()
 
     async def follow(self, job_id: int) -> AsyncGenerator[Job, None]:
@@ -37,7 +44,12 @@ class JobWatch:
         try:
             while True:
                 event.clear()
-                job = await asyncio.to_thread(self.queue.get_job, job_id)
+                # A job that finished in this process comes with its final
+                # value; anything else is read (changes of other instances,
+                # merges, polls).
+                job = self._finished.get(job_id)
+                if job is None:
+                    job = await asyncio.to_thread(self.queue.get_job, job_id)
                 yield job
                 if job.state.terminal:
                     return
@@ -52,6 +64,7 @@ class JobWatch:
                 waiters.discard(event)
                 if not waiters:
                     del self._events[job_id]
+                    self._finished.pop(job_id, None)
 
     async def wait_terminal(self, job_id: int, timeout: float | None) -> Job:
         """The job once terminal, or as it is when the timeout passes. A small

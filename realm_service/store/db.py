@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from realm_service.domain import Job
 from realm_service.errors import Conflict, InvalidArgument, StoreFull, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Tx:
         "changed_jobs",
         "committed",
         "deleted_realms",
+        "finished_jobs",
         "new_work",
         "revoked",
         "session",
@@ -121,6 +123,8 @@ class Tx:
     def __init__(self, session: Session, db: Database) -> None:
         self.session = session
         self.changed_jobs: list[int] = []
+        # Jobs that ended in this transaction, as they now are (final values).
+        self.finished_jobs: dict[int, Job] = {}
         self.new_work = False
         # Called once the transaction has committed (log lines that must not
         # report a change that rolled back).
@@ -151,6 +155,14 @@ class Tx:
 
     def job_changed(self, job_ids: Iterable[int]) -> None:
         self.changed_jobs.extend(job_ids)
+
+    def job_finished(self, jobs: Iterable[Job]) -> None:
+        """These jobs reached a terminal state: changed, and their values are
+        final (nothing changes a finished job), so listeners get them with
+        the change and need not read them again."""
+        for job in jobs:
+            self.finished_jobs[job.job_id] = job
+            self.changed_jobs.append(job.job_id)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)
@@ -197,7 +209,7 @@ class Database:
         self.url = normalize_url(url)
         self.backend = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self._new_work_listeners: list[Callable[[], None]] = []
-        self._job_change_listeners: list[Callable[[int], None]] = []
+        self._job_change_listeners: list[Callable[[int, Job | None], None]] = []
         self._revoke_listeners: list[Callable[[str, str], None]] = []
         self._unmount_listeners: list[Callable[[str], None]] = []
         self._listen_thread: threading.Thread | None = None
@@ -311,9 +323,10 @@ class Database:
         for callback in tx.committed:
             callback()
         if tx.changed_jobs:
+            finished = tx.finished_jobs
             for job_change in list(self._job_change_listeners):
                 for job_id in tx.changed_jobs:
-                    job_change(job_id)
+                    job_change(job_id, finished.get(job_id))
         if tx.new_work:
             self.new_work_committed()
         for lease_id, reason in tx.revoked:
@@ -382,8 +395,9 @@ class Database:
             )
             self._listen_thread.start()
 
-    def on_job_change(self, callback: Callable[[int], None]) -> None:
-        """Call back with a job id when this process changed that job."""
+    def on_job_change(self, callback: Callable[[int, Job | None], None]) -> None:
+        """Call back with a job id when this process changed that job, and
+        the job itself when the change finished it (else None)."""
         self._job_change_listeners.append(callback)
 
     def set_others_alive(self, alive: bool) -> None:

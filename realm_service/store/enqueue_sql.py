@@ -24,6 +24,7 @@ from realm_service.store.rows import (
     new_job_values,
     to_job,
 )
+from realm_service.store.sets import in_values
 from realm_service.store.tables import JobRow
 
 _JOBS = cast(Table, JobRow.__table__)
@@ -46,22 +47,29 @@ def queued_jobs(tx: Tx, realm_id: str, kinds: Sequence[JobKind]) -> dict[JobKind
     return {
         JobKind(row.kind): to_job(row)
         for row in tx.session.execute(
-            select(_JOBS)
-            .where(
-                _JOBS.c.realm_id == realm_id,
-                _JOBS.c.state == QUEUED,
-                _JOBS.c.kind.in_([k.value for k in kinds]),
-            )
-            .with_for_update()
+            _QUEUED_OF_KINDS, {"realm_id": realm_id, "kinds": [k.value for k in kinds]}
         )
     }
 
 
 def running_job(tx: Tx, realm_id: str) -> Job | None:
-    row = tx.session.execute(
-        select(_JOBS).where(_JOBS.c.realm_id == realm_id, _JOBS.c.state == RUNNING)
-    ).first()
+    row = tx.session.execute(_RUNNING_OF_REALM, {"realm_id": realm_id}).first()
     return None if row is None else to_job(row)
+
+
+# Every enqueue reads these two: prebuilt, and the kinds bound as one list.
+_QUEUED_OF_KINDS = (
+    select(_JOBS)
+    .where(
+        _JOBS.c.realm_id == bindparam("realm_id"),
+        _JOBS.c.state == QUEUED,
+        in_values(_JOBS.c.kind, "kinds"),
+    )
+    .with_for_update()
+)
+_RUNNING_OF_REALM = select(_JOBS).where(
+    _JOBS.c.realm_id == bindparam("realm_id"), _JOBS.c.state == RUNNING
+)
 
 
 def has_from_scratch(tx: Tx, realm_id: str, states: Sequence[JobState]) -> bool:

@@ -99,15 +99,17 @@ def current(tx: Tx, lease_id: str, *, lock: bool = True, share: bool = False) ->
     """The running job held under `lease_id`, or StaleLease. `share` takes a
     shared lock instead: enough to keep the lease current until commit (a
     cancel or completion waits for it), without serializing its readers."""
-    q = select(JobRow).where(JobRow.lease_id == lease_id, JobRow.state == RUNNING)
-    if share:
-        q = q.with_for_update(read=True)
-    elif lock:
-        q = q.with_for_update()
-    row = tx.session.scalars(q).first() if lease_id else None
+    q = _CURRENT_SHARED if share else _CURRENT_LOCKED if lock else _CURRENT
+    row = tx.session.execute(q, {"lease_id": lease_id}).first() if lease_id else None
     if row is None:
         raise StaleLease(f"lease {lease_id[:40]!r} is not current")
     return to_held(row)
+
+
+# Every result, upload and heartbeat of a lease reads it: prebuilt Core.
+_CURRENT = select(_JOBS).where(_JOBS.c.lease_id == bindparam("lease_id"), _JOBS.c.state == RUNNING)
+_CURRENT_LOCKED = _CURRENT.with_for_update()
+_CURRENT_SHARED = _CURRENT.with_for_update(read=True)
 
 
 def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
@@ -199,13 +201,12 @@ def succeed(
             _final_progress(tx.backend),
             rows_params(tx.backend, "f", _FINAL_COLUMNS, list(final.items())),
         )
-    tx.job_changed(ids)
     # A realm's next job, held back while this one ran, may run now: new work,
     # if there is one (otherwise the wake-up would only cost a claim for nothing).
     realms = sorted({h.realm_id for h in held})
     if tx.session.execute(_QUEUED_IN_REALMS, {"realm_ids": realms}).first() is not None:
         tx.announce_new_work()
-    return [
+    jobs = [
         job_with(
             h.job,
             state=JobState.SUCCEEDED,
@@ -216,6 +217,8 @@ def succeed(
         )
         for h in held
     ]
+    tx.job_finished(jobs)
+    return jobs
 
 
 def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) -> Job:
@@ -230,11 +233,12 @@ def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) ->
     if counted:
         values["counted_failures"] = _JOBS.c.counted_failures + 1
     tx.session.execute(update(_JOBS).where(_JOBS.c.id == held.job_id).values(**values))
-    tx.job_changed([held.job_id])
     tx.announce_new_work()  # the realm's next job may run now
-    return dataclasses.replace(
+    job = dataclasses.replace(
         held.job, state=JobState.FAILED, finish_time=now, error_message=reason[:2000]
     )
+    tx.job_finished([job])
+    return job
 
 
 def requeue(tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None) -> Job:

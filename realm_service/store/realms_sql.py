@@ -14,6 +14,7 @@ from realm_service.domain import JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
 from realm_service.store.db import Tx
 from realm_service.store.rows import CANCELLED, QUEUED, RUNNING, SUCCEEDED
+from realm_service.store.sets import in_values
 from realm_service.store.tables import (
     IndexEntryRow,
     JobAttemptRow,
@@ -23,7 +24,8 @@ from realm_service.store.tables import (
 )
 
 
-def to_realm(row: RealmRow) -> Realm:
+def to_realm(row: Any) -> Realm:
+    """From a RealmRow or any row with its columns."""
     return Realm(
         realm_id=row.realm_id,
         display_name=row.display_name,
@@ -79,17 +81,22 @@ def insert_new_realm(
 
 
 def get_realm(tx: Tx, realm_id: str, *, lock: bool = False) -> Realm:
-    q = select(RealmRow).where(RealmRow.realm_id == realm_id)
-    if lock:
-        q = q.with_for_update()
-    row = tx.session.scalars(q).first()
+    row = tx.session.execute(_REALM_LOCKED if lock else _REALM, {"realm_id": realm_id}).first()
     if row is None:
         raise RealmNotFound(f"realm {realm_id!r} does not exist")
     return to_realm(row)
 
 
 def realm_exists(tx: Tx, realm_id: str) -> bool:
-    return tx.session.get(RealmRow, realm_id) is not None
+    return tx.session.execute(_REALM_EXISTS, {"realm_id": realm_id}).first() is not None
+
+
+# Most requests read their realm first: prebuilt Core statements (an ORM
+# entity select costs several times as much in Python).
+_R = cast(Table, RealmRow.__table__)
+_REALM = select(_R).where(_R.c.realm_id == bindparam("realm_id"))
+_REALM_LOCKED = _REALM.with_for_update()
+_REALM_EXISTS = select(_R.c.realm_id).where(_R.c.realm_id == bindparam("realm_id"))
 
 
 def list_realms(tx: Tx, *, after: str | None, limit: int) -> list[Realm]:
@@ -129,24 +136,21 @@ def set_realm_state(tx: Tx, realm_id: str, state: RealmState) -> None:
 
 
 def put_file(tx: Tx, *, realm_id: str, path: str, content: bytes, now: datetime) -> RealmFile:
-    digest = hashlib.sha256(content).hexdigest()
-    row = tx.session.get(RealmFileRow, (realm_id, path))
-    if row is None:
-        row = RealmFileRow(
-            realm_id=realm_id, path=path, content=content, mtime=now, size=len(content)
-        )
-        row.sha256 = digest
-        tx.session.add(row)
-        tx.session.execute(
-            update(RealmRow).where(RealmRow.realm_id == realm_id).values(files=RealmRow.files + 1)
-        )
-    else:
-        row.content = content
-        row.mtime = now
-        row.size = len(content)
-        row.sha256 = digest
-    tx.session.flush()
-    return to_file(row)
+    stored = RealmFile(
+        path=path, mtime=now, size=len(content), sha256=hashlib.sha256(content).hexdigest()
+    )
+    values = {
+        "b_realm": realm_id,
+        "b_path": path,
+        "b_content": content,
+        "b_mtime": now,
+        "b_size": stored.size,
+        "b_sha256": stored.sha256,
+    }
+    if getattr(tx.session.execute(_REPLACE_FILE, values), "rowcount", 0) == 0:
+        tx.session.execute(_INSERT_FILE, values)
+        tx.session.execute(_COUNT_NEW_FILE, {"b_realm": realm_id})
+    return stored
 
 
 def _file_rows(
@@ -198,41 +202,69 @@ def file_page(
 ) -> list[RealmFile]:
     """Metadata of up to `limit` files in path order after `after`: every
     file of the realm, or only those named in `paths` (which exist)."""
-    q = (
-        select(RealmFileRow.path, RealmFileRow.mtime, RealmFileRow.size, RealmFileRow.sha256)
-        .where(RealmFileRow.realm_id == realm_id)
-        .order_by(RealmFileRow.path)
-        .limit(limit)
-    )
-    if after is not None:
-        q = q.where(RealmFileRow.path > after)
     if paths is not None:
-        q = q.where(RealmFileRow.path.in_(list(paths)))
+        rows = tx.session.execute(_NAMED_META, {"realm_id": realm_id, "paths": list(paths)})
+        listed = sorted(rows)
+        if after is not None:
+            listed = [r for r in listed if r[0] > after]
+        return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in listed[:limit]]
+    q = select(*_META).where(_F.realm_id == realm_id).order_by(_F.path).limit(limit)
+    if after is not None:
+        q = q.where(_F.path > after)
     return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.session.execute(q)]
 
 
 def files_with_content(
-    tx: Tx, realm_id: str, paths: Sequence[str]
+    tx: Tx, realm_id: str, paths: Sequence[str], *, contiguous: bool = False
 ) -> list[tuple[RealmFile, bytes]]:
     """These files (those that still exist) with their content, in path
-    order, metadata and bytes from one statement."""
+    order, metadata and bytes from one statement. `contiguous`: `paths` are
+    in path order and every file of the realm between the first and the last
+    (a page of a listing), read as one range of the primary key."""
     if not paths:
         return []
-    rows = tx.session.execute(
-        select(
-            RealmFileRow.path,
-            RealmFileRow.mtime,
-            RealmFileRow.size,
-            RealmFileRow.sha256,
-            RealmFileRow.content,
+    if contiguous:
+        wanted = set(paths)
+        rows = [
+            r
+            for r in tx.session.execute(
+                _RANGE_CONTENT, {"realm_id": realm_id, "first": paths[0], "last": paths[-1]}
+            )
+            if r[0] in wanted
+        ]
+    else:
+        rows = sorted(
+            tx.session.execute(_NAMED_CONTENT, {"realm_id": realm_id, "paths": list(paths)})
         )
-        .where(RealmFileRow.realm_id == realm_id, RealmFileRow.path.in_(list(paths)))
-        .order_by(RealmFileRow.path)
-    )
     return [
         (RealmFile(path=p, mtime=m, size=s, sha256=h), bytes(content))
         for p, m, s, h, content in rows
     ]
+
+
+# A realm's named files: `= ANY(array)` (PostgreSQL) or `IN (json_each)`
+# (SQLite) probes the primary key once a path. No ORDER BY (the rows are
+# sorted here): with one, PostgreSQL may walk the realm's whole key range in
+# path order and filter it, which it prefers whenever its statistics
+# underestimate the realm (right after a bulk load, 7 ms for two files of a
+# 50,000-file realm against 0.02 ms).
+_F = cast(Table, RealmFileRow.__table__).c
+_META = (_F.path, _F.mtime, _F.size, _F.sha256)
+_NAMED_META = select(*_META).where(
+    _F.realm_id == bindparam("realm_id"), in_values(_F.path, "paths")
+)
+_NAMED_CONTENT = select(*_META, _F.content).where(
+    _F.realm_id == bindparam("realm_id"), in_values(_F.path, "paths")
+)
+_RANGE_CONTENT = (
+    select(*_META, _F.content)
+    .where(
+        _F.realm_id == bindparam("realm_id"),
+        _F.path >= bindparam("first"),
+        _F.path <= bindparam("last"),
+    )
+    .order_by(_F.path)
+)
 
 
 _FILES_TABLE = cast(Table, RealmFileRow.__table__)
@@ -248,6 +280,17 @@ _REPLACE_FILE = (
         size=bindparam("b_size"),
         sha256=bindparam("b_sha256"),
     )
+)
+_INSERT_FILE = insert(_FILES_TABLE).values(
+    realm_id=bindparam("b_realm"),
+    path=bindparam("b_path"),
+    content=bindparam("b_content"),
+    mtime=bindparam("b_mtime"),
+    size=bindparam("b_size"),
+    sha256=bindparam("b_sha256"),
+)
+_COUNT_NEW_FILE = (
+    update(_R).where(_R.c.realm_id == bindparam("b_realm")).values(files=_R.c.files + 1)
 )
 
 

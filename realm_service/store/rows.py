@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 
 from realm_service.domain import HeldJob, Job, JobKind, JobState, PathChange
-from realm_service.store.tables import JobRow
 
 QUEUED = JobState.QUEUED.value
 RUNNING = JobState.RUNNING.value
@@ -113,7 +112,7 @@ def to_job(row: Any, shown: Any = None) -> Job:
     )
 
 
-def to_held(row: JobRow) -> HeldJob:
+def to_held(row: Any) -> HeldJob:
     return HeldJob(
         job=to_job(row),
         lease_id=row.lease_id or "",

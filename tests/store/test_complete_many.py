@@ -109,3 +109,33 @@ def test_each_result_is_fenced_on_its_own(queue: JobQueue) -> None:
 
 def test_an_empty_batch_does_nothing(queue: JobQueue) -> None:
     assert queue.complete_many([]) == {}
+
+
+def test_a_job_that_finishes_reaches_listeners_with_its_final_value(queue: JobQueue) -> None:
+    """Followers of a job (WatchJob) get a finished job's value with the
+    change instead of reading it: the value must be what a read returns."""
+    seen: dict[int, Job | None] = {}
+    queue.on_job_change(lambda job_id, finished: seen.__setitem__(job_id, finished))
+    leases = start_jobs(queue, "fin")
+    first = leases["fin-new0"]
+    done = queue.complete_many(
+        [(lease.lease_id, 0) for lease in leases.values()], files_done={first.lease_id: 3}
+    )
+    for lease in leases.values():
+        job = done[lease.lease_id]
+        assert isinstance(job, Job)
+        assert seen[job.job_id] == job == queue.get_job(job.job_id)
+    final = seen[first.job.job_id]
+    assert final is not None and (final.progress_done, final.progress_total) == (3, 3)
+
+    make_realm(queue, "fin-bad", FILES)
+    queue.enqueue("fin-bad", FS, USER)
+    [lease] = queue.claim(1)
+    seen.clear()
+    failed = queue.fail(lease.lease_id, "broken for good", permanent=True)
+    assert failed.state is JobState.FAILED
+    assert seen[failed.job_id] == failed == queue.get_job(failed.job_id)
+
+    seen.clear()
+    queued = queue.enqueue("fin-bad", FS, USER).job  # a change that finishes nothing
+    assert seen == {queued.job_id: None}
