@@ -100,7 +100,7 @@ class Config:
     index_realms: int = 3
     index_big_files: int = 50_000
     index_rss_files: int = 100_000
-    change_samples: int = 20
+    change_samples: int = 100
     push_files: int = 5000
     push_runs: int = 3
     only: tuple[str, ...] = ITEMS

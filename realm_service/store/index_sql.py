@@ -212,23 +212,18 @@ def _switch_counted(backend: str) -> Update:
 # primary key realm, generation, path), never the rest of the realm.
 # The staged paths are read first and named in the statements that follow:
 # with a subquery instead, PostgreSQL may hash the whole current generation.
-_STAGED = select(_ENTRIES.c.path).where(
-    _ENTRIES.c.realm_id == bindparam("realm"), _ENTRIES.c.generation == bindparam("staged")
-)
-_STATS_OF_REPLACED = select(func.count(), func.sum(_IS_ERROR), func.sum(_IS_CARD)).where(
-    _ENTRIES.c.realm_id == bindparam("realm"),
-    _ENTRIES.c.generation == bindparam("current"),
-    _ENTRIES.c.path.in_(bindparam("paths", expanding=True)),
-)
-_STATS_OF_STAGED = select(func.count(), func.sum(_IS_ERROR), func.sum(_IS_CARD)).where(
-    _ENTRIES.c.realm_id == bindparam("realm"),
-    _ENTRIES.c.generation == bindparam("staged"),
-    _ENTRIES.c.deleted.is_(False),
-)
-_DROP_OLD_VERSIONS = delete(_ENTRIES).where(
-    _ENTRIES.c.realm_id == bindparam("realm"),
-    _ENTRIES.c.generation == bindparam("current"),
-    _ENTRIES.c.path.in_(bindparam("paths", expanding=True)),
+_STAGED = select(
+    _ENTRIES.c.path, _ENTRIES.c.deleted, _IS_ERROR.label("error"), _IS_CARD.label("card")
+).where(_ENTRIES.c.realm_id == bindparam("realm"), _ENTRIES.c.generation == bindparam("staged"))
+# The current versions of the staged paths go, and say what they counted for.
+_DROP_OLD_VERSIONS = (
+    delete(_ENTRIES)
+    .where(
+        _ENTRIES.c.realm_id == bindparam("realm"),
+        _ENTRIES.c.generation == bindparam("current"),
+        in_values(_ENTRIES.c.path, "paths"),
+    )
+    .returning(_IS_ERROR, _IS_CARD)
 )
 _DROP_TOMBSTONES = delete(_ENTRIES).where(
     _ENTRIES.c.realm_id == bindparam("realm"),
@@ -317,28 +312,23 @@ def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> t
     realm's current generation; its tombstones remove them. Returns the
     change in (entries, errors, cards)."""
     keys = {"realm": realm_id, "staged": generation, "current": current}
-    staged = list(tx.session.scalars(_STAGED, keys))
-    old_count = old_errors = old_cards = 0
-    for start in range(0, len(staged), 1000):
-        named = {**keys, "paths": staged[start : start + 1000]}
-        count, errors, cards = tx.session.execute(_STATS_OF_REPLACED, named).one()
-        old_count, old_errors, old_cards = (
-            old_count + int(count or 0),
-            old_errors + int(errors or 0),
-            old_cards + int(cards or 0),
-        )
-        tx.session.execute(_DROP_OLD_VERSIONS, named)
-    new = tx.session.execute(_STATS_OF_STAGED, keys).one()
-    tx.session.execute(_DROP_TOMBSTONES, keys)
+    staged = tx.session.execute(_STAGED, keys).all()
+    paths = [row.path for row in staged]
+    kept = [row for row in staged if not row.deleted]
+    entries = len(kept)
+    errors = sum(row.error for row in kept)
+    cards = sum(row.card for row in kept)
+    for start in range(0, len(paths), 1000):
+        named = {**keys, "paths": paths[start : start + 1000]}
+        for error, card in tx.session.execute(_DROP_OLD_VERSIONS, named):
+            entries, errors, cards = entries - 1, errors - error, cards - card
+    if len(kept) < len(staged):
+        tx.session.execute(_DROP_TOMBSTONES, keys)
     bounds = {"realm": realm_id, "lo": min(generation, current), "hi": max(generation, current)}
     for drop in _DROP_ORPHANS:
         tx.session.execute(drop, bounds)
     tx.session.execute(_PROMOTE, keys)
-    return (
-        int(new[0] or 0) - old_count,
-        int(new[1] or 0) - old_errors,
-        int(new[2] or 0) - old_cards,
-    )
+    return entries, errors, cards
 
 
 def search(
