@@ -132,6 +132,13 @@ def assignment_from_proto(message: pb.JobAssignment) -> Assignment:
             PathChange(path=change.path, deleted=change.deleted) for change in job.path_changes
         ),
         trace_parent=message.trace_parent,
+        files=tuple(
+            (file_info_from_proto(chunk.file), chunk.content)
+            for chunk in message.files
+            if chunk.last and chunk.offset == 0  # whole files only
+        )
+        if message.files_included
+        else None,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -67,6 +67,39 @@ class RealmFiles(Protocol):
         ...
 
 
+class IncludedFiles:
+    """A realm's files as far as a job's assignment brought them (each path of
+    its list that exists, and .gitignore, as they were when it was claimed);
+    anything else is read from `rest`."""
+
+    def __init__(self, assignment: Assignment, rest: RealmFiles) -> None:
+        self._realm_id = assignment.realm_id
+        self._covered = {change.path for change in assignment.path_changes} | {GITIGNORE_PATH}
+        self._files = {info.path: (info, content) for info, content in assignment.files or ()}
+        self._rest = rest
+
+    def _has(self, realm_id: str, paths: Iterable[str]) -> bool:
+        return realm_id == self._realm_id and all(path in self._covered for path in paths)
+
+    async def list_files(self, realm_id: str) -> list[FileInfo]:
+        return await self._rest.list_files(realm_id)
+
+    async def read_file(self, realm_id: str, path: str) -> tuple[FileInfo, bytes] | None:
+        if self._has(realm_id, [path]):
+            return self._files.get(path)
+        return await self._rest.read_file(realm_id, path)
+
+    async def stream_files(
+        self, realm_id: str, paths: Sequence[str] | None = None
+    ) -> AsyncIterator[FileBatch]:
+        if paths is not None and self._has(realm_id, paths):
+            found = [self._files[path] for path in sorted(set(paths)) if path in self._files]
+            yield FileBatch(found, len(found))
+            return
+        async for batch in self._rest.stream_files(realm_id, paths):
+            yield batch
+
+
 class FileSource(Protocol):
     """Realm files as one job may read them: bound to the job's lease."""
 
@@ -93,6 +126,8 @@ async def execute_job(
 ) -> JobOutcome:
     """Run the job and say how it ended."""
     lease_id = assignment.lease_id
+    if assignment.files is not None:
+        files = IncludedFiles(assignment, files)
     try:
         batcher = _Batcher(upload, limits)
         if assignment.kind is JobKind.FROM_SCRATCH:

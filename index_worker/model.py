@@ -53,6 +53,9 @@ class Assignment:
     path_changes: tuple[PathChange, ...] = ()
     # W3C traceparent of the call that queued the job; "" when not traced.
     trace_parent: str = ""
+    # The files the job reads, when the server sent them with it (a small
+    # incremental job: each path of its list that exists, and .gitignore).
+    files: tuple[tuple[FileInfo, bytes], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,10 @@ class Lease:
     lease_id: str
     job: Job
     expire_time: datetime
+    # A small incremental job's files as its claim read them (each existing
+    # path of its list, and .gitignore), sent with the assignment; None when
+    # the worker reads what it needs itself.
+    files: tuple[tuple[RealmFile, bytes], ...] | None = None
 
 
 @dataclass(frozen=True)

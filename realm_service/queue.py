@@ -58,6 +58,14 @@ from realm_service.store.db import Database, Tx
 
 log = logging.getLogger(__name__)
 
+# A small incremental job gets its files with its assignment (read in the
+# claim's transaction), so the worker starts without a StreamRealmFiles call:
+# at most this many paths, this much content, and this many jobs of a claim.
+INLINE_PATHS = 8
+INLINE_BYTES = 64 << 10
+INLINE_JOBS = 16
+GITIGNORE_PATH = ".gitignore"
+
 
 @dataclass(frozen=True)
 class QueueSettings:
@@ -332,7 +340,7 @@ class JobQueue:
                     lease_until=until,
                     instance_id=self.instance_id,
                 )
-            return leases
+            return _with_files(tx, leases)
 
         # "job running" is logged by the dispatcher, which knows the stream
         # each lease goes to.
@@ -843,3 +851,20 @@ def _log_enqueued(results: Sequence[EnqueueResult]) -> None:
             "job enqueued",
             extra={**job_fields(r.job), "disposition": str(r.disposition)},
         )
+
+
+def _with_files(tx: Tx, leases: list[Lease]) -> list[Lease]:
+    """The leases, small incremental jobs with their files (see INLINE_PATHS)."""
+    inlined = 0
+    for i, lease in enumerate(leases):
+        job = lease.job
+        if inlined == INLINE_JOBS or job.kind is not JobKind.INCREMENTAL:
+            continue
+        paths = {change.path for change in job.path_changes}
+        if not paths or len(paths) > INLINE_PATHS or GITIGNORE_PATH in paths:
+            continue  # a changed .gitignore makes the worker read every file
+        inlined += 1
+        files = realms_sql.files_with_content(tx, job.realm_id, sorted(paths | {GITIGNORE_PATH}))
+        if sum(len(content) for _, content in files) <= INLINE_BYTES:
+            leases[i] = dataclasses.replace(lease, files=tuple(files))
+    return leases

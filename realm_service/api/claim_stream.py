@@ -23,6 +23,7 @@ from realm_service.api.convert import (
     JOB_STATE_TO_PB,
     KIND_FROM_PB,
     entry_from_pb,
+    file_pb,
     job_pb,
     ts,
 )
@@ -211,6 +212,11 @@ class ClaimSession:
                             lease_id=lease.lease_id,
                             lease_expire_time=ts(lease.expire_time),
                             trace_parent=lease.job.trace_parent,
+                            files_included=lease.files is not None,
+                            files=[
+                                spb.FileChunk(file=file_pb(f), content=content, last=True)
+                                for f, content in lease.files or ()
+                            ],
                         )
                         for lease in leases
                     ]

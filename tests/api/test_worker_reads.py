@@ -7,6 +7,7 @@ from dataclasses import replace
 import grpc
 import pytest
 from realm.v1 import realm_service_pb2 as spb
+from realm.v1 import resources_pb2 as pb
 
 from tests.api.conftest import start_live_server
 from tests.api.worker_stream import StreamClient
@@ -56,3 +57,47 @@ def test_worker_reads_only_realms_of_running_jobs(server_settings) -> None:  # t
         stream.wait_closed()
     finally:
         stop()
+
+
+def test_a_small_incremental_job_comes_with_its_files(live) -> None:  # type: ignore[no-untyped-def]
+    """The assignment of an incremental job of a few paths carries what the
+    job reads (each path that exists, .gitignore), as they were at its claim;
+    a from-scratch job's does not."""
+    stub = live.stub
+    stub.CreateRealm(spb.CreateRealmRequest(realm_id="inline"))
+    stream = StreamClient(stub)
+    stream.settings()
+    stream.credit(1)
+    (first,) = stream.assignments(1)
+    assert first.job.kind == pb.JOB_KIND_FROM_SCRATCH_INDEX and not first.files_included
+    assert not first.files
+    for path, content in ((".gitignore", b"*.tmp\n"), ("a.json", b'{"a": 1}')):
+        stub.WriteRealmFile(
+            spb.WriteRealmFileRequest(realm_id="inline", path=path, content=content)
+        )
+    assert stream.complete(first.lease_id).accepted  # the realm's next job may run now
+    stream.credit(1)
+    (second,) = stream.assignments(1)
+    assert second.job.kind == pb.JOB_KIND_INCREMENTAL_INDEX
+    assert {c.path for c in second.job.path_changes} >= {"a.json"}
+    if any(c.path == ".gitignore" for c in second.job.path_changes):
+        # A changed .gitignore makes the worker decide every file: no files sent.
+        assert not second.files_included and not second.files
+    stream.complete(second.lease_id)
+    stub.WriteRealmFile(spb.WriteRealmFileRequest(realm_id="inline", path="a.json", content=b"[]"))
+    stub.WriteRealmFile(spb.WriteRealmFileRequest(realm_id="inline", path="c.json", content=b"{}"))
+    stub.DeleteRealmFile(spb.DeleteRealmFileRequest(realm_id="inline", path="c.json"))
+    stream.credit(1)
+    (third,) = stream.assignments(1)
+    assert {(c.path, c.deleted) for c in third.job.path_changes} == {
+        ("a.json", False),
+        ("c.json", True),
+    }
+    assert third.files_included  # c.json is gone: not among the files
+    assert [(c.file.path, c.content, c.offset, c.last) for c in third.files] == [
+        (".gitignore", b"*.tmp\n", 0, True),
+        ("a.json", b"[]", 0, True),
+    ]
+    assert third.files[1].file.size == 2 and len(third.files[1].file.sha256) == 64
+    stream.close()
+    stream.wait_closed()

@@ -344,3 +344,65 @@ def test_a_changed_gitignore_decides_every_file_again() -> None:
     assert entries == ["a.txt"]
     assert deleted == ["sub/y.log", "x.log"]
     assert outcome.files_done == 4
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        [("-early.txt", False), ("b.txt", False)],  # reads .gitignore first
+        [("b.txt", False), ("gone.txt", True), ("c.txt", False)],  # streams the list
+    ],
+)
+def test_an_incremental_job_with_its_files_reads_nothing_else(
+    changes: list[tuple[str, bool]],
+) -> None:
+    """With the files in the assignment, the job needs no read; it ends as the
+    same job reading them does."""
+    files = {".gitignore": b"-*\n", "-early.txt": b"x", "b.txt": b"b", "c.txt": b"c"}
+    paths = {p for p, _ in changes} | {".gitignore"}
+    included = tuple(
+        (FileInfo(p, None, len(c), ""), c) for p, c in sorted(files.items()) if p in paths
+    )
+    uploads: list[tuple[list[str], list[str]]] = []
+
+    async def upload(batch: Sequence[IndexEntry], gone: Sequence[str]) -> None:
+        uploads.append((sorted(e.path for e in batch), sorted(gone)))
+
+    job = Assignment(
+        "lease",
+        "1",
+        "r",
+        JobKind.INCREMENTAL,
+        10,
+        path_changes=tuple(PathChange(p, d) for p, d in changes),
+        files=included,
+    )
+    unread = MemoryFiles(files, fail_reads=True)  # any read fails the job
+    outcome = asyncio.run(execute_job(job, unread, upload, Progress(), JobLimits()))
+    assert outcome.outcome is Outcome.SUCCEEDED, outcome.error_message
+    reading, entries, deleted = _run_incremental(files, changes)
+    assert outcome.entries_uploaded == reading.entries_uploaded
+    assert sorted(p for batch, _ in uploads for p in batch) == entries
+    assert sorted(p for _, gone in uploads for p in gone) == deleted
+    assert outcome.files_done == reading.files_done
+
+
+def test_files_an_assignment_did_not_bring_are_read() -> None:
+    files = {".gitignore": b"", "a.txt": b"a", "b.txt": b"b"}
+    job = Assignment(
+        "lease",
+        "1",
+        "r",
+        JobKind.INCREMENTAL,
+        10,
+        path_changes=(PathChange(".gitignore", False),),  # decides every file
+        files=((FileInfo(".gitignore", None, 0, ""), b""),),
+    )
+    entries: list[str] = []
+
+    async def upload(batch: Sequence[IndexEntry], gone: Sequence[str]) -> None:
+        entries.extend(e.path for e in batch)
+
+    outcome = asyncio.run(execute_job(job, MemoryFiles(files), upload, Progress(), JobLimits()))
+    assert outcome.outcome is Outcome.SUCCEEDED
+    assert sorted(entries) == ["a.txt", "b.txt"]

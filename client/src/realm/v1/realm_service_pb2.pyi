@@ -2129,11 +2129,20 @@ class JobAssignment(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    FILES_INCLUDED_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Fencing token: every later message about this attempt must quote it."""
     trace_parent: _builtins.str
     """W3C trace context (`traceparent`) of the call that queued the job, for
     the worker to continue that trace; empty when the call was not traced.
+    """
+    files_included: _builtins.bool
+    """True when `files` holds what the job will read, as it was when the job
+    was claimed: every file of the job's path list that exists, and the
+    realm's `.gitignore` if it has one. The server sends them with a small
+    incremental job (a few paths, little content), so that the worker need
+    not call StreamRealmFiles; a worker may still read the files itself.
     """
     @_builtins.property
     def job(self) -> _resources_pb2.Job:
@@ -2143,6 +2152,12 @@ class JobAssignment(_message.Message):
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the lease runs out unless extended by a heartbeat."""
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileChunk]:
+        """With `files_included`: those files, whole (offset 0, last set), in
+        path order.
+        """
+
     def __init__(
         self,
         *,
@@ -2150,10 +2165,12 @@ class JobAssignment(_message.Message):
         lease_id: _builtins.str = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         trace_parent: _builtins.str = ...,
+        files_included: _builtins.bool = ...,
+        files: _abc.Iterable[Global___FileChunk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "trace_parent", b"trace_parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "files_included", b"files_included", "job", b"job", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
