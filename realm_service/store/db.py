@@ -147,11 +147,18 @@ class Tx:
         and other instances through NOTIFY, which PostgreSQL delivers at
         commit too."""
         self.new_work = self.new_work or here
-        if not here and not self._db.others_alive:
-            return  # a word for other instances, and there are none
+        if not self._db.others_alive:
+            # NOTIFY is a word for other instances, and none is alive (as of
+            # this instance's last refresh; one that starts meanwhile polls).
+            return
         if self._db.backend == "postgresql" and not self._notified:
             self._notified = True
             self.session.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": self._db.origin})
+
+    def introduce(self) -> None:
+        """At commit, other instances learn that this one is alive (they
+        send it their words from then on) and look for work once."""
+        self._tell_others(self._db.origin)
 
     def job_changed(self, job_ids: Iterable[int]) -> None:
         self.changed_jobs.extend(job_ids)
@@ -249,8 +256,9 @@ class Database:
         # commit), so they are not a reason to claim again.
         self.origin = f"work:{secrets.token_hex(8)}"
         # Whether other live instances share the store (learned at each
-        # instance refresh; assumed until the first): a claim's word that
-        # others may look again is not sent when nobody else would hear it.
+        # instance refresh, and from any word of another instance; assumed
+        # until the first refresh): words of new work are not sent when
+        # nobody else would hear them.
         self.others_alive = True
 
     def _sqlite_engine(self) -> Engine:
@@ -431,6 +439,9 @@ class Database:
         elif payload.startswith(_UNMOUNT):
             self._realm_deleted(payload[len(_UNMOUNT) :])
         elif payload != self.origin:
+            # Another instance's word: it is alive (one that just started
+            # says so at once, before this instance's next refresh sees it).
+            self.others_alive = True
             self.new_work_committed()
 
     def _listen(self) -> None:

@@ -7,12 +7,12 @@ decides, and answer with `Job` values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, exc, func, insert, select, update
+from sqlalchemy import Table, bindparam, exc, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql
 
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
 from realm_service.store.db import Tx
@@ -140,13 +140,22 @@ def try_insert_job(
     paths: Sequence[PathChange] = (),
     trace_parent: str = "",
 ) -> Job | None:
-    """Insert in a savepoint; None when the unique index refused it (a
-    concurrent enqueuer's job exists now), leaving the outer transaction usable.
-    On SQLite the transaction holds the only write lock: no concurrent
-    enqueuer exists, and the savepoint's two statements are saved."""
-    insert = functools.partial(
-        insert_job,
-        tx,
+    """Insert unless the realm has a queued job of this kind: None then (a
+    concurrent enqueuer's job exists now), the transaction still usable.
+    PostgreSQL skips the row on the unique index's conflict (`ON CONFLICT DO
+    NOTHING`, one statement, no savepoint). On SQLite the transaction holds
+    the only write lock: no concurrent enqueuer exists."""
+    if tx.backend != "postgresql":
+        return insert_job(
+            tx,
+            realm_id=realm_id,
+            kind=kind,
+            priority=priority,
+            now=now,
+            paths=paths,
+            trace_parent=trace_parent,
+        )
+    values = new_job_values(
         realm_id=realm_id,
         kind=kind,
         priority=priority,
@@ -154,13 +163,23 @@ def try_insert_job(
         paths=paths,
         trace_parent=trace_parent,
     )
-    if tx.backend != "postgresql":
-        return insert()
-    try:
-        with tx.session.begin_nested():
-            return insert()
-    except exc.IntegrityError:
+    row = tx.session.execute(_INSERT_UNLESS_QUEUED, values).first()
+    if row is None:
         return None
+    tx.announce_new_work()
+    tx.job_changed([row.id])
+    return to_job(row)
+
+
+# The arbiter is the partial unique index of one queued job per realm and
+# kind; its predicate is repeated literally so PostgreSQL can infer it.
+_INSERT_UNLESS_QUEUED = (
+    postgresql.insert(_JOBS)
+    .on_conflict_do_nothing(
+        index_elements=[_JOBS.c.realm_id, _JOBS.c.kind], index_where=text("state = 'queued'")
+    )
+    .returning(*_JOBS.c)
+)
 
 
 def active_from_scratch(tx: Tx, realm_ids: Sequence[str]) -> dict[str, Job]:

@@ -21,6 +21,7 @@ from realm_service.store.tables import JobAttemptRow, ServerInstanceRow, WorkerP
 def register(tx: Tx, instance_id: str, now: datetime) -> None:
     tx.session.add(ServerInstanceRow(instance_id=instance_id, start_time=now, seen_time=now))
     tx.session.flush()
+    tx.introduce()
 
 
 def touch(tx: Tx, instance_id: str, now: datetime) -> bool:

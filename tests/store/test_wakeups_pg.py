@@ -1,22 +1,56 @@
 """Wake-ups between PostgreSQL instances: a claim that locked claimable jobs
 it had no room for tells the other instances to look again, and only them:
 not its own dispatcher (it knows), and nobody when no other instance is
-alive (the NOTIFY would be heard by no one)."""
+alive (the NOTIFY would be heard by no one). An instance that starts
+introduces itself, so the others talk to it before their next refresh."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
+
+import psycopg
 
 from realm_service.domain import USER, JobKind
 from realm_service.queue import JobQueue, QueueSettings
-from realm_service.store.db import open_database
+from realm_service.store.db import Database, open_database
 from tests.store.test_concurrency_pg import create_realms
 
 
 def _heard(event: threading.Event, seconds: float) -> bool:
     return event.wait(seconds)
+
+
+def _words_sent(db: Database, action: Callable[[], object]) -> list[str]:
+    """The payloads on the instances' channel while `action` runs."""
+    conninfo = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'LISTEN "{db.channel}"')
+        action()
+        return [n.payload for n in conn.notifies(timeout=0.5)]
+
+
+def test_an_enqueue_tells_other_instances_while_there_are_any(pg_url: str) -> None:
+    db_a, db_b = open_database(pg_url), open_database(pg_url, migrate=False)
+    try:
+        a, b = JobQueue(db_a), JobQueue(db_b)
+        a.register_instance()
+        b.register_instance()
+        create_realms(db_a, ["w1", "w2"])
+        a.touch_instance()
+        assert db_a.others_alive
+        assert _words_sent(db_a, lambda: a.enqueue("w1", JobKind.FROM_SCRATCH, USER)) == [
+            db_a.origin
+        ]
+        b.unregister_instance()
+        a.touch_instance()
+        assert not db_a.others_alive
+        assert _words_sent(db_a, lambda: a.enqueue("w2", JobKind.FROM_SCRATCH, USER)) == []
+    finally:
+        db_a.close()
+        db_b.close()
 
 
 def test_a_claim_with_leftovers_wakes_the_other_instances_only(pg_url: str) -> None:
@@ -28,7 +62,15 @@ def test_a_claim_with_leftovers_wakes_the_other_instances_only(pg_url: str) -> N
         heard_a, heard_b = threading.Event(), threading.Event()
         a.on_new_work(heard_a.set)
         b.on_new_work(heard_b.set)
+        a.register_instance()
         time.sleep(1.0)  # both listening; their connect-time wake-ups pass
+        a.touch_instance()
+        assert not db_a.others_alive  # B has no row yet: A is alone
+        b.register_instance()  # B introduces itself: A hears before refreshing
+        deadline = time.monotonic() + 5.0
+        while not db_a.others_alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert db_a.others_alive, "A did not learn of B from its introduction"
         realms = [f"r{i}" for i in range(6)]
         create_realms(db_a, realms)
         for realm in realms:
