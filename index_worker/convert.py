@@ -132,14 +132,18 @@ def assignment_from_proto(message: pb.JobAssignment) -> Assignment:
             PathChange(path=change.path, deleted=change.deleted) for change in job.path_changes
         ),
         trace_parent=message.trace_parent,
-        files=tuple(
-            (file_info_from_proto(chunk.file), chunk.content)
-            for chunk in message.files
-            if chunk.last and chunk.offset == 0  # whole files only
-        )
-        if message.files_included
-        else None,
+        files=_included_files(message),
     )
+
+
+def _included_files(message: pb.JobAssignment) -> tuple[tuple[FileInfo, bytes], ...] | None:
+    """The files sent with the job, or None (the job reads them itself) when
+    none were sent or one is not whole (it would be taken for deleted)."""
+    if not message.files_included or any(
+        chunk.offset != 0 or not chunk.last for chunk in message.files
+    ):
+        return None
+    return tuple((file_info_from_proto(chunk.file), chunk.content) for chunk in message.files)
 
 
 def ack_from_proto(message: pb.LeaseAck) -> LeaseAck:

@@ -685,6 +685,7 @@ class JobQueue:
         On PostgreSQL, `workers` (this instance's streams) are published for
         the other instances' ListWorkers and ExplainJob."""
         now = self.clock()
+        heard = self.db.words_heard
 
         def work(tx: Tx) -> bool:
             if not instances_sql.touch(tx, self.instance_id, now):
@@ -696,7 +697,7 @@ class JobQueue:
             seen_after = now - self.settings.instance_timeout
             return instances_sql.others_alive(tx, self.instance_id, seen_after)
 
-        self.db.set_others_alive(self.db.retrying(work))
+        self.db.set_others_alive(self.db.retrying(work), heard_before=heard)
 
     def other_instances_workers(self) -> list[WorkerInfo]:
         """Streams of the other live instances sharing the store (PostgreSQL)."""

@@ -260,6 +260,8 @@ class Database:
         # until the first refresh): words of new work are not sent when
         # nobody else would hear them.
         self.others_alive = True
+        # Words of other instances heard (and listener reconnects).
+        self.words_heard = 0
 
     def _sqlite_engine(self) -> Engine:
         path = self.url.removeprefix("sqlite:///")
@@ -408,8 +410,12 @@ class Database:
         the job itself when the change finished it (else None)."""
         self._job_change_listeners.append(callback)
 
-    def set_others_alive(self, alive: bool) -> None:
-        self.others_alive = alive
+    def set_others_alive(self, alive: bool, *, heard_before: int | None = None) -> None:
+        """What a refresh learned; a word of another instance heard since
+        `heard_before` (the count when the refresh began) wins over its
+        "alone": that instance started meanwhile."""
+        if alive or heard_before is None or heard_before == self.words_heard:
+            self.others_alive = alive
 
     def new_work_committed(self) -> None:
         for callback in list(self._new_work_listeners):
@@ -441,6 +447,7 @@ class Database:
         elif payload != self.origin:
             # Another instance's word: it is alive (one that just started
             # says so at once, before this instance's next refresh sees it).
+            self.words_heard += 1
             self.others_alive = True
             self.new_work_committed()
 
@@ -455,7 +462,11 @@ class Database:
                 with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
                     log.info("listening", extra={"channel": self.channel})
-                    # A (re)connect may have missed notifications: wake everyone once.
+                    # A (re)connect may have missed notifications (new work,
+                    # an instance introducing itself): wake everyone once, and
+                    # talk to the others until the next refresh says who is there.
+                    self.words_heard += 1
+                    self.others_alive = True
                     self.new_work_committed()
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=1.0, stop_after=1):

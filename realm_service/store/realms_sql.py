@@ -224,14 +224,12 @@ def files_with_content(
     if not paths:
         return []
     if contiguous:
-        wanted = set(paths)
-        rows = [
-            r
-            for r in tx.session.execute(
-                _RANGE_CONTENT, {"realm_id": realm_id, "first": paths[0], "last": paths[-1]}
+        rows = list(
+            tx.session.execute(
+                _RANGE_CONTENT,
+                {"realm_id": realm_id, "first": paths[0], "last": paths[-1], "paths": list(paths)},
             )
-            if r[0] in wanted
-        ]
+        )
     else:
         rows = sorted(
             tx.session.execute(_NAMED_CONTENT, {"realm_id": realm_id, "paths": list(paths)})
@@ -262,6 +260,8 @@ _RANGE_CONTENT = (
         _F.realm_id == bindparam("realm_id"),
         _F.path >= bindparam("first"),
         _F.path <= bindparam("last"),
+        # Files created in the range since the listing are not read.
+        in_values(_F.path, "paths"),
     )
     .order_by(_F.path)
 )

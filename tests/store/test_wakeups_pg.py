@@ -101,3 +101,20 @@ def test_a_claim_with_leftovers_wakes_the_other_instances_only(pg_url: str) -> N
     finally:
         db_a.close()
         db_b.close()
+
+
+def test_a_word_heard_during_a_refresh_outweighs_its_alone(pg_url: str) -> None:
+    """A refresh that found no other instance must not undo what a word heard
+    meanwhile taught (an instance that started during the refresh)."""
+    db = open_database(pg_url)
+    try:
+        db.set_others_alive(False)
+        heard = db.words_heard
+        db._notified("work:another-instance")  # an introduction, mid-refresh
+        assert db.others_alive
+        db.set_others_alive(False, heard_before=heard)
+        assert db.others_alive  # the refresh began before the word
+        db.set_others_alive(False, heard_before=db.words_heard)
+        assert not db.others_alive
+    finally:
+        db.close()

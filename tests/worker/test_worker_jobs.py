@@ -406,3 +406,28 @@ def test_files_an_assignment_did_not_bring_are_read() -> None:
     outcome = asyncio.run(execute_job(job, MemoryFiles(files), upload, Progress(), JobLimits()))
     assert outcome.outcome is Outcome.SUCCEEDED
     assert sorted(entries) == ["a.txt", "b.txt"]
+
+
+def test_files_sent_with_a_job_are_used_only_when_all_whole() -> None:
+    from realm.v1 import resources_pb2 as res_pb
+
+    from index_worker.convert import assignment_from_proto
+
+    def chunk(path: str, content: bytes, offset: int = 0, last: bool = True) -> pb.FileChunk:
+        return pb.FileChunk(
+            file=res_pb.RealmFile(path=path, size=len(content)),
+            offset=offset,
+            content=content,
+            last=last,
+        )
+
+    job = res_pb.Job(job_id="7", realm_id="r", kind=res_pb.JOB_KIND_INCREMENTAL_INDEX)
+    whole = pb.JobAssignment(job=job, lease_id="l", files_included=True, files=[chunk("a", b"A")])
+    assert [(f.path, c) for f, c in assignment_from_proto(whole).files or ()] == [("a", b"A")]
+    none = pb.JobAssignment(job=job, lease_id="l", files_included=True)
+    assert assignment_from_proto(none).files == ()  # nothing of its list exists
+    part = pb.JobAssignment(
+        job=job, lease_id="l", files_included=True, files=[chunk("a", b"A", last=False)]
+    )
+    assert assignment_from_proto(part).files is None  # read, not taken for deleted
+    assert assignment_from_proto(pb.JobAssignment(job=job, lease_id="l")).files is None
