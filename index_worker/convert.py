@@ -97,6 +97,8 @@ def results(outcomes: Iterable[JobOutcome]) -> pb.ClaimJobsRequest:
                         if outcome.files_done
                         else None
                     ),
+                    entries=[entry_to_proto(entry) for entry in outcome.entries],
+                    deleted_paths=list(outcome.deleted),
                 )
                 for outcome in outcomes
             ]
@@ -117,6 +119,7 @@ def settings_from_proto(message: pb.StreamSettings) -> StreamSettings:
         lease_duration=_seconds(message.lease_duration),
         heartbeat_interval=_seconds(message.heartbeat_interval),
         stream_id=message.stream_id,
+        result_entries=message.result_entries,
     )
 
 

@@ -48,6 +48,9 @@ MAX_BATCH_BYTES = 2 * 1024 * 1024
 # Above this, hashing and parsing move to a thread so pings and heartbeats
 # on the event loop are not held up by one big file.
 THREAD_THRESHOLD_BYTES = 256 * 1024
+# A job's last entries go with its result when they are this few bytes at
+# most (a small job is one message each way; results are sent in batches).
+RESULT_ENTRIES_BYTES = 64 * 1024
 # Paths one StreamRealmFiles call may name; beyond, every file is streamed.
 MAX_STREAM_PATHS = 10_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -123,8 +126,12 @@ async def execute_job(
     upload: Upload,
     progress: Progress,
     limits: JobLimits,
+    *,
+    result_entries: bool = False,
 ) -> JobOutcome:
-    """Run the job and say how it ended."""
+    """Run the job and say how it ended. With `result_entries` (the server
+    takes them) a job's last few entries go with its result instead of an
+    upload of their own."""
     lease_id = assignment.lease_id
     if assignment.files is not None:
         files = IncludedFiles(assignment, files)
@@ -136,12 +143,15 @@ async def execute_job(
             await _incremental(assignment, files, batcher, progress, limits)
         else:
             return JobOutcome(lease_id, Outcome.FAILED, "unsupported job kind")
+        entries, deleted = batcher.last() if result_entries else ((), ())
         await batcher.flush()
         return JobOutcome(
             lease_id,
             Outcome.SUCCEEDED,
-            entries_uploaded=batcher.entries_uploaded,
+            entries_uploaded=batcher.entries_uploaded + len(entries),
             files_done=progress.done,
+            entries=entries,
+            deleted=deleted,
         )
     except StreamClosedError:
         raise
@@ -311,6 +321,15 @@ class _Batcher:
     async def add_deleted(self, path: str) -> None:
         await self._make_room(len(path.encode()) + 8)
         self._deleted.append(path)
+
+    def last(self) -> tuple[tuple[IndexEntry, ...], tuple[str, ...]]:
+        """The pending entries and deletions, taken to go with the result,
+        when they are few (RESULT_ENTRIES_BYTES); else nothing is taken."""
+        if self._bytes > RESULT_ENTRIES_BYTES:
+            return (), ()
+        entries, deleted = tuple(self._entries), tuple(self._deleted)
+        self._entries, self._deleted, self._bytes = [], [], 0
+        return entries, deleted
 
     async def flush(self) -> None:
         if not self._entries and not self._deleted:

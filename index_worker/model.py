@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 
 class JobKind(enum.Enum):
@@ -65,6 +66,8 @@ class StreamSettings:
     lease_duration: float
     heartbeat_interval: float
     stream_id: str
+    # The server takes a job's last entries with its result.
+    result_entries: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ class JobOutcome:
     entries_uploaded: int = 0
     # Files the job visited in all (its final progress); 0 when not known.
     files_done: int = 0
+    # The job's last entries (index_worker.indexer.IndexEntry) and deleted
+    # paths, sent with the result; counted in entries_uploaded.
+    entries: tuple[Any, ...] = ()
+    deleted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,13 @@ from index_worker import metrics
 from index_worker.client import ClaimStream, StreamBrokenError
 from index_worker.config import WorkerConfig
 from index_worker.indexer import IndexEntry
-from index_worker.jobs import FileSource, JobLimits, execute_job
+from index_worker.jobs import (
+    MAX_BATCH_BYTES,
+    RESULT_ENTRIES_BYTES,
+    FileSource,
+    JobLimits,
+    execute_job,
+)
 from index_worker.model import (
     Assignment,
     DrainNotice,
@@ -210,6 +216,7 @@ class Session:
                         upload,
                         held.progress,
                         self._limits,
+                        result_entries=self._settings.result_entries,
                     )
                     if span is not None:
                         span.set_attribute("outcome", outcome.outcome.value)
@@ -320,7 +327,19 @@ class Session:
         self._flush_scheduled = False
         if self._pending_results:
             results, self._pending_results = self._pending_results, []
-            self._stream.send_results(results)
+            # Entries sent with results are at most RESULT_ENTRIES_BYTES a
+            # job: a message carries so many of them as fit MAX_BATCH_BYTES.
+            per_message = MAX_BATCH_BYTES // RESULT_ENTRIES_BYTES
+            message: list[JobOutcome] = []
+            carrying = 0
+            for result in results:
+                heavy = bool(result.entries or result.deleted)
+                if heavy and carrying == per_message:
+                    self._stream.send_results(message)
+                    message, carrying = [], 0
+                message.append(result)
+                carrying += heavy
+            self._stream.send_results(message)
         self._grant_free()
         if self._pending_finished:
             finished, self._pending_finished = self._pending_finished, []

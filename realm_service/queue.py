@@ -409,6 +409,7 @@ class JobQueue:
         results: Sequence[tuple[str, int]],
         *,
         files_done: Mapping[str, int] | None = None,
+        entries: Mapping[str, tuple[Sequence[IndexEntry], Sequence[str]]] | None = None,
     ) -> dict[str, Job | StaleLease]:
         """`complete` for several (lease, entries uploaded) in one transaction;
         `files_done` is the final progress a worker reported for a lease.
@@ -416,12 +417,25 @@ class JobQueue:
         (its StaleLease is returned, nothing of it applied). One whose entry
         count does not match what the store received is refused too, and its
         attempt fails (counted): the worker lost entries, so the index it
-        would publish is not whole."""
+        would publish is not whole. `entries` are a lease's last entries and
+        deleted paths, sent with its result: staged first, in the same
+        transaction, and counted (InvalidArgument when the store refuses them:
+        nothing of the batch is applied)."""
         now = self.clock()
 
         def work(tx: Tx) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
             done: dict[str, Job | StaleLease] = {}
             rows = leases_sql.held_many(tx, [lease_id for lease_id, _ in results])
+            for lease_id, (staged_entries, deleted_paths) in (entries or {}).items():
+                held = rows.get(lease_id)
+                if held is not None and held.attempt_id is not None:
+                    index_sql.stage_entries(
+                        tx,
+                        realm_id=held.realm_id,
+                        generation=held.attempt_id,
+                        entries=staged_entries,
+                        deleted_paths=deleted_paths,
+                    )
             accepted: list[tuple[str, HeldJob]] = []
             counted: list[tuple[str, HeldJob, int]] = []
             for lease_id, uploaded in results:

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 
 import grpc
@@ -29,7 +29,7 @@ from realm_service.api.convert import (
 )
 from realm_service.api.status import status_of
 from realm_service.dispatcher import Dispatcher, WorkerStream
-from realm_service.domain import Job, JobKind, JobState, Lease, validate_path
+from realm_service.domain import IndexEntry, Job, JobKind, JobState, Lease, validate_path
 from realm_service.errors import (
     Conflict,
     InvalidArgument,
@@ -135,6 +135,7 @@ class ClaimSession:
                         ),
                         heartbeat_interval=_duration(self.heartbeat_seconds),
                         stream_id=stream.stream_id,
+                        result_entries=True,
                     )
                 )
             )
@@ -340,6 +341,66 @@ class ClaimSession:
         if acks:
             self.outbox.put_nowait(spb.ClaimJobsResponse(acks=spb.LeaseAcks(acks=acks)))
 
+    @staticmethod
+    def _entries_of(
+        entries: Sequence[pb.IndexEntry], deleted_paths: Sequence[str], prefix: str
+    ) -> tuple[list[IndexEntry], list[str]]:
+        """Entries and deleted paths of a batch, checked: ProtocolError past
+        the contract's bounds, InvalidArgument for a bad entry or path."""
+        where = prefix or "entries."
+        if len(entries) > MAX_ENTRIES_PER_BATCH:
+            raise ProtocolError(f"{where}entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
+        if len(deleted_paths) > MAX_DELETED_PER_BATCH:
+            raise ProtocolError(
+                f"{where}deleted_paths: more than {MAX_DELETED_PER_BATCH} per batch"
+            )
+        return (
+            [entry_from_pb(e, f"{prefix}entries[{i}]") for i, e in enumerate(entries)],
+            [validate_path(p, f"{prefix}deleted_paths") for p in deleted_paths],
+        )
+
+    async def _complete(
+        self,
+        chunk: list[tuple[int, spb.JobResult]],
+        inline: Mapping[str, tuple[list[IndexEntry], list[str]]],
+    ) -> dict[str, Job | StaleLease | InvalidArgument]:
+        """Complete a chunk of successes in one transaction. When the store
+        refuses entries sent with one of them, each is completed alone, so
+        the refusal fails that attempt only."""
+        try:
+            done: dict[str, Job | StaleLease | InvalidArgument] = dict(
+                await asyncio.to_thread(
+                    self.queue.complete_many,
+                    [(r.lease_id, r.entries_uploaded) for _, r in chunk],
+                    files_done={
+                        r.lease_id: max(r.progress.done, r.progress.total, 0)
+                        for _, r in chunk
+                        if r.HasField("progress")
+                    },
+                    entries={
+                        r.lease_id: inline[r.lease_id] for _, r in chunk if r.lease_id in inline
+                    },
+                )
+            )
+            return done
+        except InvalidArgument as e:
+            if not any(r.lease_id in inline for _, r in chunk):
+                raise
+            if len(chunk) == 1:
+                return {chunk[0][1].lease_id: e}
+            alone: dict[str, Job | StaleLease | InvalidArgument] = {}
+            for item in chunk:
+                alone.update(await self._complete([item], inline))
+            return alone
+
+    async def _refused_entries(self, lease_id: str, reason: str) -> spb.LeaseAck:
+        """Entries sent with a result were refused: the attempt ends as a
+        counted failure, as for a refused entries message."""
+        self._drop(lease_id)
+        if await asyncio.to_thread(self.queue.refuse_entries, lease_id, reason) is not None:
+            self.dispatcher.wake()
+        return self._refusal(lease_id, reason)
+
     async def _entries(self, batch: spb.IndexEntryBatch) -> None:
         if len(batch.entries) > MAX_ENTRIES_PER_BATCH:
             raise ProtocolError(f"entries.entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
@@ -351,8 +412,7 @@ class ClaimSession:
             self._ack([self._refusal(batch.lease_id, "lease is not held by this stream")])
             return
         try:
-            entries = [entry_from_pb(e, f"entries[{i}]") for i, e in enumerate(batch.entries)]
-            deleted = [validate_path(p, "deleted_paths") for p in batch.deleted_paths]
+            entries, deleted = self._entries_of(batch.entries, batch.deleted_paths, "")
         except InvalidArgument as e:
             await self._refuse_entries(batch.lease_id, e.message)
             return
@@ -383,6 +443,7 @@ class ClaimSession:
     async def _results(self, results: spb.JobResults) -> None:
         acks: dict[int, spb.LeaseAck] = {}
         succeeded: list[tuple[int, spb.JobResult]] = []
+        inline: dict[str, tuple[list[IndexEntry], list[str]]] = {}
         seen: set[str] = set()
         for i, r in enumerate(results.results[:MAX_CREDITS]):
             if not self._held(r.lease_id) or r.lease_id in seen:
@@ -390,22 +451,24 @@ class ClaimSession:
                 continue
             seen.add(r.lease_id)
             if r.outcome == spb.JobResult.OUTCOME_SUCCEEDED:
+                if r.entries or r.deleted_paths:
+                    try:
+                        inline[r.lease_id] = self._entries_of(
+                            r.entries, r.deleted_paths, f"results.results[{i}]."
+                        )
+                    except InvalidArgument as e:
+                        acks[i] = await self._refused_entries(r.lease_id, e.message)
+                        continue
                 succeeded.append((i, r))
         # Successes share one transaction (and one dispatcher wake-up).
         for start in range(0, len(succeeded), COMPLETE_BATCH):
             chunk = succeeded[start : start + COMPLETE_BATCH]
-            done = await asyncio.to_thread(
-                self.queue.complete_many,
-                [(r.lease_id, r.entries_uploaded) for _, r in chunk],
-                files_done={
-                    r.lease_id: max(r.progress.done, r.progress.total, 0)
-                    for _, r in chunk
-                    if r.HasField("progress")
-                },
-            )
+            done = await self._complete(chunk, inline)
             for i, r in chunk:
                 outcome = done[r.lease_id]
-                if isinstance(outcome, StaleLease):
+                if isinstance(outcome, InvalidArgument):
+                    acks[i] = await self._refused_entries(r.lease_id, outcome.message)
+                elif isinstance(outcome, StaleLease):
                     # Not current, or refused by the queue (which then ended
                     # the attempt): either way the stream no longer holds it.
                     self._drop(r.lease_id)

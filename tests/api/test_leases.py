@@ -226,3 +226,68 @@ def test_bad_entries_are_refused_and_end_the_attempt(live: LiveServer) -> None:
     ack = stream.complete(leases["fine"], [entry_for(f) for f in _files(live, "fine")])
     assert ack.accepted and ack.job_state == pb.Job.STATE_SUCCEEDED
     stream.close()
+
+
+def _result_with(
+    lease_id: str, entries: list[pb.IndexEntry], deleted: list[str], uploaded: int
+) -> spb.ClaimJobsRequest:
+    return spb.ClaimJobsRequest(
+        results=spb.JobResults(
+            results=[
+                spb.JobResult(
+                    lease_id=lease_id,
+                    outcome=spb.JobResult.OUTCOME_SUCCEEDED,
+                    entries_uploaded=uploaded,
+                    entries=entries,
+                    deleted_paths=deleted,
+                )
+            ]
+        )
+    )
+
+
+def test_entries_sent_with_a_result_are_staged_with_it(live: LiveServer) -> None:
+    """A job's last entries may ride on its result (the server says so in
+    its settings): staged in the result's transaction, counted, fenced, and
+    checked like an entries message."""
+    jobs = {r: create_realm(live.stub, r).job for r in ("inline", "split", "miscount", "bad")}
+    stream = open_stream(live.stub, "w", credits=4)
+    leases = {a.job.realm_id: a.lease_id for a in stream.assignments(4)}
+    files = {r: _files(live, r) for r in jobs}
+
+    # All entries with the result: the realm's index is them.
+    entries = [entry_for(f) for f in files["inline"]]
+    stream.send(_result_with(leases["inline"], entries, [], len(entries)))
+    (ack,) = stream.acks()
+    assert ack.accepted and ack.job_state == pb.Job.STATE_SUCCEEDED
+    realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id="inline")).realm
+    assert realm.stats.entries == len(entries)
+
+    # Some in an entries message, the rest with the result: counted together.
+    first, *rest = [entry_for(f) for f in files["split"]]
+    stream.send_entries(leases["split"], [first])
+    stream.send(_result_with(leases["split"], rest, [], 1 + len(rest)))
+    (ack,) = stream.acks()
+    assert ack.accepted
+    realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id="split")).realm
+    assert realm.stats.entries == 1 + len(rest)
+
+    # A wrong count refuses the result: nothing of it stays.
+    wrong = [entry_for(f) for f in files["miscount"]]
+    stream.send(_result_with(leases["miscount"], wrong, [], len(wrong) + 1))
+    (ack,) = stream.acks()
+    assert not ack.accepted and "entries" in ack.reason
+    assert attempt_outcomes(live.srv.db, int(jobs["miscount"].job_id)) == ["failed"]
+    realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id="miscount")).realm
+    assert realm.stats.entries == 0  # staged under the failed attempt, never switched in
+
+    # A bad entry refuses the result and fails the attempt, counted.
+    stream.send(_result_with(leases["bad"], [pb.IndexEntry(path="../x.json")], [], 1))
+    (ack,) = _refusals(stream, 1)
+    assert not ack.accepted and "results.results[0].entries[0].path" in ack.reason, ack.reason
+    assert attempt_outcomes(live.srv.db, int(jobs["bad"].job_id)) == ["failed"]
+    assert counted_failures(live.srv.db, int(jobs["bad"].job_id)) == 1
+    with live.srv.db.session_for_tests() as s:
+        staged = {row.realm_id for row in s.query(IndexEntryRow)}
+    assert "bad" not in staged  # refused before anything was staged
+    stream.close()

@@ -431,3 +431,46 @@ def test_files_sent_with_a_job_are_used_only_when_all_whole() -> None:
     )
     assert assignment_from_proto(part).files is None  # read, not taken for deleted
     assert assignment_from_proto(pb.JobAssignment(job=job, lease_id="l")).files is None
+
+
+def test_a_jobs_last_few_entries_go_with_its_result_when_the_server_takes_them() -> None:
+    uploads: list[tuple[list[str], list[str]]] = []
+
+    async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
+        uploads.append(([e.path for e in entries], list(deleted)))
+
+    job = Assignment(
+        "lease",
+        "1",
+        "r",
+        JobKind.INCREMENTAL,
+        10,
+        path_changes=(PathChange("a.txt", False), PathChange("gone.txt", True)),
+    )
+    files = MemoryFiles({"a.txt": b"a"})
+    taken = asyncio.run(
+        execute_job(job, files, upload, Progress(), JobLimits(), result_entries=True)
+    )
+    assert taken.outcome is Outcome.SUCCEEDED and uploads == []
+    assert [e.path for e in taken.entries] == ["a.txt"] and taken.deleted == ("gone.txt",)
+    assert taken.entries_uploaded == 1
+    # A server that does not take them: an upload, as before.
+    sent = asyncio.run(execute_job(job, files, upload, Progress(), JobLimits()))
+    assert uploads == [(["a.txt"], ["gone.txt"])]
+    assert (sent.entries, sent.deleted, sent.entries_uploaded) == ((), (), 1)
+
+
+def test_many_last_entries_are_uploaded_not_sent_with_the_result() -> None:
+    files = {f"{i:03}.txt": b"x" * 900 for i in range(120)}  # > 64 KiB of entries
+    uploaded: list[int] = []
+
+    async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
+        uploaded.append(len(entries))
+
+    job = Assignment("lease", "1", "r", JobKind.FROM_SCRATCH, 10)
+    limits = JobLimits(batch_size=500, batch_max_bytes=1 << 20)
+    outcome = asyncio.run(
+        execute_job(job, MemoryFiles(files), upload, Progress(), limits, result_entries=True)
+    )
+    assert outcome.outcome is Outcome.SUCCEEDED
+    assert outcome.entries == () and sum(uploaded) == 120 == outcome.entries_uploaded

@@ -1930,6 +1930,8 @@ class JobResult(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     ENTRIES_UPLOADED_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    DELETED_PATHS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease (fencing token)."""
     outcome: Global___JobResult.Outcome.ValueType
@@ -1944,6 +1946,20 @@ class JobResult(_message.Message):
         with done = total. Unset keeps the last progress of a heartbeat.
         """
 
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.IndexEntry]:
+        """With OUTCOME_SUCCEEDED, when the server's StreamSettings.result_entries
+        is set: the job's last entries, staged in the result's own transaction
+        instead of an entries message of their own (a small job is then one
+        message each way). Counted in entries_uploaded; the bounds and checks
+        of IndexEntryBatch apply. A bad entry refuses the result and fails the
+        attempt (counted), as a bad entries message does.
+        """
+
+    @_builtins.property
+    def deleted_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With `entries`: paths whose entries the job removes (IndexEntryBatch.deleted_paths)."""
+
     def __init__(
         self,
         *,
@@ -1952,10 +1968,12 @@ class JobResult(_message.Message):
         error_message: _builtins.str = ...,
         entries_uploaded: _builtins.int = ...,
         progress: _resources_pb2.JobProgress | None = ...,
+        entries: _abc.Iterable[_resources_pb2.IndexEntry] | None = ...,
+        deleted_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries_uploaded", b"entries_uploaded", "error_message", b"error_message", "lease_id", b"lease_id", "outcome", b"outcome", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_paths", b"deleted_paths", "entries", b"entries", "entries_uploaded", b"entries_uploaded", "error_message", b"error_message", "lease_id", b"lease_id", "outcome", b"outcome", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2070,8 +2088,11 @@ class StreamSettings(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     STREAM_ID_FIELD_NUMBER: _builtins.int
+    RESULT_ENTRIES_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """Identifier of this stream in server logs."""
+    result_entries: _builtins.bool
+    """The server takes a job's last entries with its result (JobResult.entries)."""
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
         """How long a lease lives without a heartbeat."""
@@ -2086,10 +2107,11 @@ class StreamSettings(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         stream_id: _builtins.str = ...,
+        result_entries: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "result_entries", b"result_entries", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
