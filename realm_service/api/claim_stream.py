@@ -456,6 +456,8 @@ class ClaimSession:
                         inline[r.lease_id] = self._entries_of(
                             r.entries, r.deleted_paths, f"results.results[{i}]."
                         )
+                    except ProtocolError:
+                        raise  # past the contract's bounds: as for an entries message
                     except InvalidArgument as e:
                         acks[i] = await self._refused_entries(r.lease_id, e.message)
                         continue

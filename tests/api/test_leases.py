@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
+import grpc
 import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
@@ -291,3 +292,14 @@ def test_entries_sent_with_a_result_are_staged_with_it(live: LiveServer) -> None
         staged = {row.realm_id for row in s.query(IndexEntryRow)}
     assert "bad" not in staged  # refused before anything was staged
     stream.close()
+
+
+def test_too_many_entries_with_a_result_end_the_stream(live: LiveServer) -> None:
+    create_realm(live.stub, "flood")
+    stream = open_stream(live.stub, "w", credits=1)
+    (a,) = stream.assignments(1)
+    many = [pb.IndexEntry(path=f"f{i}.json") for i in range(1001)]
+    stream.send(_result_with(a.lease_id, many, [], len(many)))
+    ended = stream.wait_closed()
+    assert ended is not None and ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "results.results[0].entries: more than 1000" in (ended.details() or "")
