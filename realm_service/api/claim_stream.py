@@ -342,18 +342,23 @@ class ClaimSession:
             self.outbox.put_nowait(spb.ClaimJobsResponse(acks=spb.LeaseAcks(acks=acks)))
 
     @staticmethod
-    def _entries_of(
-        entries: Sequence[pb.IndexEntry], deleted_paths: Sequence[str], prefix: str
-    ) -> tuple[list[IndexEntry], list[str]]:
-        """Entries and deleted paths of a batch, checked: ProtocolError past
-        the contract's bounds, InvalidArgument for a bad entry or path."""
-        where = prefix or "entries."
+    def _check_bounds(
+        entries: Sequence[pb.IndexEntry], deleted_paths: Sequence[str], where: str
+    ) -> None:
+        """The contract's bounds of an entry batch (ProtocolError past them)."""
         if len(entries) > MAX_ENTRIES_PER_BATCH:
             raise ProtocolError(f"{where}entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
         if len(deleted_paths) > MAX_DELETED_PER_BATCH:
             raise ProtocolError(
                 f"{where}deleted_paths: more than {MAX_DELETED_PER_BATCH} per batch"
             )
+
+    @staticmethod
+    def _entries_of(
+        entries: Sequence[pb.IndexEntry], deleted_paths: Sequence[str], prefix: str
+    ) -> tuple[list[IndexEntry], list[str]]:
+        """Entries and deleted paths of a batch, checked (InvalidArgument for
+        a bad entry or path, the field named after `prefix`)."""
         return (
             [entry_from_pb(e, f"{prefix}entries[{i}]") for i, e in enumerate(entries)],
             [validate_path(p, f"{prefix}deleted_paths") for p in deleted_paths],
@@ -402,12 +407,7 @@ class ClaimSession:
         return self._refusal(lease_id, reason)
 
     async def _entries(self, batch: spb.IndexEntryBatch) -> None:
-        if len(batch.entries) > MAX_ENTRIES_PER_BATCH:
-            raise ProtocolError(f"entries.entries: more than {MAX_ENTRIES_PER_BATCH} per batch")
-        if len(batch.deleted_paths) > MAX_DELETED_PER_BATCH:
-            raise ProtocolError(
-                f"entries.deleted_paths: more than {MAX_DELETED_PER_BATCH} per batch"
-            )
+        self._check_bounds(batch.entries, batch.deleted_paths, "entries.")
         if not self._held(batch.lease_id):
             self._ack([self._refusal(batch.lease_id, "lease is not held by this stream")])
             return
@@ -452,12 +452,10 @@ class ClaimSession:
             seen.add(r.lease_id)
             if r.outcome == spb.JobResult.OUTCOME_SUCCEEDED:
                 if r.entries or r.deleted_paths:
+                    where = f"results.results[{i}]."
+                    self._check_bounds(r.entries, r.deleted_paths, where)
                     try:
-                        inline[r.lease_id] = self._entries_of(
-                            r.entries, r.deleted_paths, f"results.results[{i}]."
-                        )
-                    except ProtocolError:
-                        raise  # past the contract's bounds: as for an entries message
+                        inline[r.lease_id] = self._entries_of(r.entries, r.deleted_paths, where)
                     except InvalidArgument as e:
                         acks[i] = await self._refused_entries(r.lease_id, e.message)
                         continue
