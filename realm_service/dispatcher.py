@@ -214,14 +214,19 @@ class Dispatcher:
                 await asyncio.sleep(0.2)
 
     async def _round(self) -> bool:
-        """One claim per stream filter; True if anything was assigned."""
+        """One claim per stream filter; True if another round may find more:
+        some claim was given all it asked for. A claim given less took all
+        that was claimable then (work that becomes claimable later, by an
+        enqueue, a finished job of a busy realm or another instance's claim
+        that left rows, wakes this loop), so a round after it would only
+        cost a claim that finds nothing."""
         ready = [s for s in self.streams.values() if s.credits > 0 and not s.draining]
         if not ready:
             return False
         groups: dict[tuple[tuple[JobKind, ...], int], list[WorkerStream]] = {}
         for s in ready:
             groups.setdefault((s.kinds, s.min_priority), []).append(s)
-        assigned = False
+        more = False
         # Dedicated lanes (higher minimum priority) pick first: they can take
         # nothing else, while shared streams can.
         for (kinds, min_priority), members in sorted(groups.items(), key=lambda g: -g[0][1]):
@@ -235,9 +240,9 @@ class Dispatcher:
                 system_limit=self._system_budget() if min_priority <= SYSTEM else None,
             )
             if leases:
-                assigned = True
                 self._distribute(members, leases, plan)
-        return assigned
+                more = more or len(leases) >= len(plan)
+        return more
 
     def system_budget(self) -> int:
         """SYSTEM jobs this instance's streams may take now (reserved slots)."""

@@ -1,0 +1,59 @@
+"""Pooled PostgreSQL connections: one idle for a while is pinged before it is
+handed out, so a connection the server closed meanwhile (a restart, an idle
+timeout) is replaced without failing a transaction; one used a moment ago is
+handed out without that round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from realm_service.errors import StoreUnavailable
+from realm_service.store import db as db_module
+from realm_service.store.db import Database, open_database
+
+
+def _backend_pid(db: Database) -> int:
+    with db.transaction() as tx:
+        return int(tx.session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(db: Database, pid: int) -> None:
+    conninfo = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
+@pytest.fixture
+def db(pg_url: str) -> Iterator[Database]:
+    database = open_database(pg_url)
+    yield database
+    database.close()
+
+
+def test_a_connection_closed_while_idle_is_replaced_unseen(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.0)
+    pid = _backend_pid(db)
+    _terminate(db, pid)
+    # The pooled connection is dead; the ping finds it and a new one serves.
+    new_pid = _backend_pid(db)
+    assert new_pid != pid
+
+
+def test_a_connection_used_a_moment_ago_is_not_pinged(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 3600.0)
+    pid = _backend_pid(db)
+    _terminate(db, pid)
+    # Not pinged: the transaction meets the dead connection and fails as the
+    # store being unavailable, with nothing applied ...
+    with pytest.raises(StoreUnavailable):
+        _backend_pid(db)
+    # ... and the pool let go of it: the next transaction gets a live one.
+    assert _backend_pid(db) != pid
