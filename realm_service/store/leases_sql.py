@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, select, update
+from sqlalchemy import Table, Update, bindparam, exists, select, update
 
 from realm_service.domain import AttemptOutcome, HeldJob, Job, JobState, merge_paths
 from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
@@ -41,34 +41,30 @@ _HELD = (
     .order_by(_JOBS.c.id)
     .with_for_update()
 )
-_SUCCEED = (
-    update(_JOBS)
-    .where(in_values(_JOBS.c.id, "ids", int))
-    .values(
-        state=SUCCEEDED,
-        finish_time=bindparam("now"),
-        error_message="",
-        # A job that succeeded did all its work, whatever was last reported.
-        progress_done=_JOBS.c.progress_total,
-        lease_id=None,
-        lease_expire_time=None,
-    )
-)
-_QUEUED_IN_REALMS = (
-    select(_JOBS.c.id)
-    .where(in_values(_JOBS.c.realm_id, "realm_ids"), _JOBS.c.state == QUEUED)
-    .limit(1)
-)
-_FINAL_COLUMNS = (("job_id", int), ("done", int))
+# The job ids succeeding, each with its final progress (done = total).
+_SUCCEED_COLUMNS = (("job_id", int), ("done", int))
 
 
 @functools.cache
-def _final_progress(backend: str) -> Update:
-    final = rows_source(backend, "f", _FINAL_COLUMNS)
+def _succeed(backend: str) -> Update:
+    """Held jobs succeeded in one statement, with their final progress; each
+    row returned says whether the job's realm has a queued job (held back
+    while this one ran, it may run now)."""
+    final = rows_source(backend, "f", _SUCCEED_COLUMNS)
+    queued = _JOBS.alias("queued")
     return (
         update(_JOBS)
         .where(_JOBS.c.id == final.c.job_id)
-        .values(progress_done=final.c.done, progress_total=final.c.done)
+        .values(
+            state=SUCCEEDED,
+            finish_time=bindparam("now"),
+            error_message="",
+            progress_done=final.c.done,
+            progress_total=final.c.done,
+            lease_id=None,
+            lease_expire_time=None,
+        )
+        .returning(exists().where(queued.c.realm_id == _JOBS.c.realm_id, queued.c.state == QUEUED))
     )
 
 
@@ -188,23 +184,21 @@ def end_attempts(
 def succeed(
     tx: Tx, held: Sequence[HeldJob], now: datetime, *, files_done: Mapping[int, int] | None = None
 ) -> list[Job]:
-    """Mark held jobs succeeded in one statement (a second records the final
-    progress workers reported, by job id); the jobs as they now are. Their
-    realms' next jobs may run now: that is new work."""
+    """Mark held jobs succeeded, in one statement; the jobs as they now are.
+    A job that succeeded did all its work: its progress is done = total, the
+    final count its worker reported (`files_done`, by job id) or else the
+    total it had. Their realms' next jobs may run now: that is new work."""
     if not held:
         return []
-    ids = [h.job_id for h in held]
-    tx.session.execute(_SUCCEED, {"ids": ids, "now": now})
     final = files_done or {}
-    if final:
-        tx.session.execute(
-            _final_progress(tx.backend),
-            rows_params(tx.backend, "f", _FINAL_COLUMNS, list(final.items())),
-        )
+    done = {h.job_id: final.get(h.job_id, h.job.progress_total) for h in held}
+    queued_after = tx.session.scalars(
+        _succeed(tx.backend),
+        {**rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items())), "now": now},
+    ).all()
     # A realm's next job, held back while this one ran, may run now: new work,
     # if there is one (otherwise the wake-up would only cost a claim for nothing).
-    realms = sorted({h.realm_id for h in held})
-    if tx.session.execute(_QUEUED_IN_REALMS, {"realm_ids": realms}).first() is not None:
+    if any(queued_after):
         tx.announce_new_work()
     jobs = [
         job_with(
@@ -212,8 +206,8 @@ def succeed(
             state=JobState.SUCCEEDED,
             finish_time=now,
             error_message="",
-            progress_done=final.get(h.job_id, h.job.progress_total),
-            progress_total=final.get(h.job_id, h.job.progress_total),
+            progress_done=done[h.job_id],
+            progress_total=done[h.job_id],
         )
         for h in held
     ]
