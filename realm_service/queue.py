@@ -313,33 +313,25 @@ class JobQueue:
         now = self.clock()
         until = now + self.settings.lease_duration
 
+        # With a SYSTEM budget, one statement serves both lanes (the jobs
+        # above SYSTEM come first in its order); without any, only the jobs
+        # above SYSTEM are looked at, so that a backlog of SYSTEM work is not
+        # scanned (and locked) by claims that may take none of it.
+        system_lane = system_limit is None or (system_limit > 0 and min_priority <= SYSTEM)
+
         def work(tx: Tx) -> list[Lease]:
             leases = claim_sql.claim(
                 tx,
                 limit=limit,
-                min_priority=min_priority
-                if system_limit is None
-                else max(min_priority, SYSTEM + 1),
+                min_priority=min_priority if system_lane else max(min_priority, SYSTEM + 1),
                 max_priority=None,
                 kinds=kinds,
                 worker=worker,
                 now=now,
                 lease_until=until,
                 instance_id=self.instance_id,
+                system_cap=system_limit if system_lane else None,
             )
-            room = min(limit - len(leases), system_limit or 0)
-            if system_limit is not None and room > 0 and min_priority <= SYSTEM:
-                leases += claim_sql.claim(
-                    tx,
-                    limit=room,
-                    min_priority=min_priority,
-                    max_priority=SYSTEM,
-                    kinds=kinds,
-                    worker=worker if isinstance(worker, str) else worker[len(leases) :],
-                    now=now,
-                    lease_until=until,
-                    instance_id=self.instance_id,
-                )
             return _with_files(tx, leases)
 
         # "job running" is logged by the dispatcher, which knows the stream

@@ -24,7 +24,7 @@ from sqlalchemy import (
     update,
 )
 
-from realm_service.domain import AttemptOutcome, JobKind, JobState, Lease
+from realm_service.domain import SYSTEM, AttemptOutcome, JobKind, JobState, Lease
 from realm_service.store.db import Tx
 from realm_service.store.rows import QUEUED, RUNNING, decode_paths, make_job
 from realm_service.store.sets import in_values, rows_params, rows_source
@@ -141,6 +141,27 @@ def _claim_writes(backend: str) -> tuple[Insert, Update]:
     return insert_attempts, start_jobs
 
 
+def _take(
+    eligible: Sequence[Row[*tuple[Any, ...]]], limit: int, system_cap: int | None
+) -> tuple[list[Row[*tuple[Any, ...]]], bool]:
+    """The eligible rows (in priority order) a claim takes, and whether
+    scanning further could add none: `limit` taken, or the SYSTEM lane's cap
+    met by rows past which only SYSTEM rows follow."""
+    if system_cap is None:
+        return list(eligible[:limit]), len(eligible) >= limit
+    chosen: list[Row[*tuple[Any, ...]]] = []
+    system = 0
+    for row in eligible:
+        if len(chosen) >= limit:
+            return chosen, True
+        if row.priority <= SYSTEM:
+            if system >= system_cap:
+                return chosen, True
+            system += 1
+        chosen.append(row)
+    return chosen, len(chosen) >= limit or (system_cap <= system and system > 0)
+
+
 def claim(
     tx: Tx,
     *,
@@ -152,9 +173,13 @@ def claim(
     now: datetime,
     lease_until: datetime,
     instance_id: str = "",
+    system_cap: int | None = None,
 ) -> list[Lease]:
     """Lease up to `limit` queued jobs: highest priority, then oldest, at most
-    one per realm and none of a realm that already has a running job.
+    one per realm and none of a realm that already has a running job. With
+    `system_cap`, at most that many of them at SYSTEM priority or below (the
+    reserved slots): the candidates come in priority order, so the jobs above
+    SYSTEM come first and one statement serves both lanes.
 
     On SQLite the transaction holds the write lock (BEGIN IMMEDIATE), so the
     candidate query's own test for running jobs is final: a claim is three
@@ -188,8 +213,8 @@ def claim(
         else:
             locked = set(first_per_realm)
         eligible = [row for realm_id, row in first_per_realm.items() if realm_id in locked]
-        chosen = eligible[:limit]
-        if len(chosen) >= limit or len(candidates) < scan or scan >= 100_000:
+        chosen, lanes_full = _take(eligible, limit, system_cap)
+        if lanes_full or len(candidates) < scan or scan >= 100_000:
             break
         scan *= 4  # the head of the queue holds several jobs of a realm: look further
     # Claimable jobs locked here but not taken (this claim had no room left)

@@ -188,6 +188,22 @@ def test_system_limit_respects_the_lane_floor(queue: JobQueue) -> None:
     assert queue.claim(5, min_priority=USER, system_limit=3) == []
 
 
+def test_one_claim_serves_both_lanes_and_takes_one_job_a_realm(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    """With a SYSTEM budget one statement looks at both lanes: a realm whose
+    USER job is taken gives no SYSTEM job to the same claim, however old."""
+    mixed, storm = realms(queue, 2, "lanes")
+    old_inc = queue.enqueue(mixed, INC, SYSTEM, paths=[PathChange("a", False)]).job.job_id
+    storm_job = queue.enqueue(storm, FS, SYSTEM).job.job_id
+    clock.advance(1)
+    user_fs = queue.enqueue(mixed, FS, USER).job.job_id
+    assert ids(queue.claim(5, system_limit=5)) == [user_fs, storm_job]
+    # The realm is busy now: its SYSTEM job waits for the USER one to end.
+    assert queue.claim(5, system_limit=5) == []
+    assert queue.get_job(old_inc).state is JobState.QUEUED
+
+
 def test_claim_limit_zero_or_empty_queue(queue: JobQueue) -> None:
     make_realm(queue, "r")
     assert queue.claim(5) == []
