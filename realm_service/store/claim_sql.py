@@ -47,16 +47,22 @@ _CLAIM_COLUMNS = (
     _JOBS.c.paths,
     _JOBS.c.trace_parent,
 )
-_claim_statements: dict[tuple[bool, bool], Select[*tuple[Any, ...]]] = {}
+_claim_statements: dict[bool, Select[*tuple[Any, ...]]] = {}
+# The candidates are always bounded above, by `max_priority` or else by the
+# largest value the column holds: with a lower bound alone PostgreSQL starts
+# its walk of the claim index at the first leaf and steps over the entries
+# that jobs claimed earlier left there until vacuum (a 20,000-job drain spent
+# 10.1 s of the database's CPU against 7.0 s with the bound).
+_ANY_PRIORITY = 2**31 - 1
 
 
-def _candidates(max_priority: bool, kinds: bool) -> Select[*tuple[Any, ...]]:
+def _candidates(kinds: bool) -> Select[*tuple[Any, ...]]:
     """The claim's candidate query, built once per shape and reused, so that
     each claim costs its execution and not the building of the statement
     (the compiled form is cached by SQLAlchemy). Jobs of a realm that already
     has a running job are left out here; the partial unique index on running
     jobs serves that test."""
-    key = (max_priority, kinds)
+    key = kinds
     q = _claim_statements.get(key)
     if q is None:
         running = _JOBS.alias("running")
@@ -65,14 +71,13 @@ def _candidates(max_priority: bool, kinds: bool) -> Select[*tuple[Any, ...]]:
             .where(
                 _JOBS.c.state == QUEUED,
                 _JOBS.c.priority >= bindparam("min_priority"),
+                _JOBS.c.priority <= bindparam("max_priority"),
                 ~exists().where(running.c.realm_id == _JOBS.c.realm_id, running.c.state == RUNNING),
             )
             .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
             .limit(bindparam("scan"))
             .with_for_update(skip_locked=True, of=_JOBS)
         )
-        if max_priority:
-            q = q.where(_JOBS.c.priority <= bindparam("max_priority"))
         if kinds:
             q = q.where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)))
         _claim_statements[key] = q
@@ -191,10 +196,11 @@ def claim(
     if limit <= 0:
         return []
     pg = tx.backend == "postgresql"
-    query = _candidates(max_priority is not None, bool(kinds))
-    params: dict[str, Any] = {"min_priority": min_priority}
-    if max_priority is not None:
-        params["max_priority"] = max_priority
+    query = _candidates(bool(kinds))
+    params: dict[str, Any] = {
+        "min_priority": min_priority,
+        "max_priority": _ANY_PRIORITY if max_priority is None else max_priority,
+    }
     if kinds:
         params["kinds"] = [k.value for k in kinds]
     # Most realms have one queued job, so a scan of a few more rows than
