@@ -143,7 +143,7 @@ def insert_job(
         paths=paths,
         trace_parent=trace_parent,
     )
-    (row,) = tx.session.execute(_INSERT, [values]).all()
+    row = tx.session.execute(_INSERT, values).one()
     tx.announce_new_work()
     tx.job_changed([row.id])
     return to_job(row)
