@@ -228,7 +228,8 @@ class Realms:
                 # committed, the second read sees its key if the first saw
                 # its realm (PostgreSQL reads each statement's latest commits),
                 # and a retry gets the first result rather than ALREADY_EXISTS.
-                exists = realms_sql.realm_exists(s, realm_id)
+                # Without a request id, the insert itself finds out.
+                exists = bool(request_id) and realms_sql.realm_exists(s, realm_id)
                 if request_id:
                     found = keys_sql.find_key(s, "create-realm", request_id)
                     if found is not None:
@@ -237,15 +238,19 @@ class Realms:
                                 f"request_id {request_id!r} was already used to create "
                                 f"realm {found[0]!r}"
                             )
-                        realm = realms_sql.get_realm(s, realm_id)
                         assert found[1] is not None
-                        return CreateResult(realm, jobs_sql.get_job(s, found[1]), replayed=True)
+                        return CreateResult(
+                            realms_sql.get_realm(s, realm_id),
+                            jobs_sql.get_job(s, found[1]),
+                            replayed=True,
+                        )
                 if exists:
                     raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
                 # Another instance's create committing since `exists` was read
                 # makes this insert fail (a Conflict): the next pass reads its
-                # realm and request id.
-                realm = realms_sql.insert_new_realm(
+                # realm and request id. Without a request id there is nothing
+                # to replay: the insert finds the realm there or puts it.
+                created = realms_sql.insert_new_realm(
                     s,
                     realm_id=realm_id,
                     display_name=name,
@@ -256,7 +261,11 @@ class Realms:
                         (INDEX_JSON, index_card(name)),
                         *files,
                     ],
+                    if_absent=not request_id,
                 )
+                if created is None:
+                    raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
+                realm = created
                 # Mount first: from here this process serves the realm; the job
                 # becomes visible to workers only when this transaction commits.
                 mounted_here = self.registry.mount(realm_id)

@@ -3,12 +3,14 @@ domain values."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Insert, Table, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from realm_service.domain import JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
@@ -56,12 +58,14 @@ def insert_new_realm(
     priority: int,
     now: datetime,
     files: Sequence[tuple[str, bytes]] = (),
-) -> Realm:
+    if_absent: bool = False,
+) -> Realm | None:
     """A realm the caller has just read as absent, with its files, in two
     statements (prebuilt Core inserts: the ORM's unit of work for one new row
     was most of a CreateRealm's own time). A concurrent creator's row makes
     the insert fail on the primary key (a Conflict at the transaction's
-    edge)."""
+    edge). With `if_absent` the caller has not looked: None, and nothing
+    written, when the realm exists (or a concurrent creator's commits)."""
     realm = Realm(
         realm_id=realm_id,
         display_name=display_name,
@@ -75,10 +79,12 @@ def insert_new_realm(
         current_generation=None,
         created_priority=priority,
     )
-    tx.session.execute(
-        _INSERT_REALM,
-        {**vars(realm), "state": realm.state.value},
-    )
+    values = {**vars(realm), "state": realm.state.value}
+    if if_absent:
+        if tx.session.execute(_insert_realm_if_absent(tx.backend), values).first() is None:
+            return None
+    else:
+        tx.session.execute(_INSERT_REALM, values)
     if files:
         tx.session.execute(_INSERT_FILES, _file_rows(realm_id, files, now))
     return realm
@@ -99,6 +105,14 @@ def realm_exists(tx: Tx, realm_id: str) -> bool:
 # entity select costs several times as much in Python).
 _R = cast(Table, RealmRow.__table__)
 _INSERT_REALM = insert(_R)
+
+
+@functools.cache
+def _insert_realm_if_absent(backend: str) -> Insert:
+    ins = (postgresql.insert if backend == "postgresql" else sqlite.insert)(_R)
+    return ins.on_conflict_do_nothing(index_elements=[_R.c.realm_id]).returning(_R.c.realm_id)
+
+
 _REALM = select(_R).where(_R.c.realm_id == bindparam("realm_id"))
 _REALM_LOCKED = _REALM.with_for_update()
 _REALM_EXISTS = select(_R.c.realm_id).where(_R.c.realm_id == bindparam("realm_id"))
