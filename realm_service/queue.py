@@ -146,7 +146,7 @@ class JobQueue:
         for _ in range(3):
             # An incremental change may merge into a queued from-scratch job;
             # a from-scratch one needs (and locks) only its own kind.
-            queued, running = enqueue_sql.realm_jobs(
+            queued = enqueue_sql.queued_jobs(
                 tx,
                 realm_id,
                 [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind],
@@ -163,6 +163,7 @@ class JobQueue:
                 return EnqueueResult(
                     enqueue_sql.merge(tx, target, priority, paths), Disposition.MERGED
                 )
+            running = enqueue_sql.running_job(tx, realm_id)
             if running is not None and running.kind is kind:
                 if kind is JobKind.FROM_SCRATCH and not content_changed:
                     return EnqueueResult(running, Disposition.ATTACHED)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, exc, func, insert, select, text, union_all, update
+from sqlalchemy import Table, bindparam, exc, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
@@ -52,28 +52,12 @@ def queued_jobs(tx: Tx, realm_id: str, kinds: Sequence[JobKind]) -> dict[JobKind
     }
 
 
-def realm_jobs(
-    tx: Tx, realm_id: str, kinds: Sequence[JobKind]
-) -> tuple[dict[JobKind, Job], Job | None]:
-    """The realm's queued jobs of these kinds (as `queued_jobs`) and its
-    running job, in one read: the queued ones locked
-    until the transaction ends, the running one not (a lease operation locks
-    it before the realm, an enqueue after the realm: locking both here
-    could deadlock them)."""
-    queued: dict[JobKind, Job] = {}
-    running: Job | None = None
-    for row in tx.session.execute(
-        _QUEUED_AND_RUNNING, {"realm_id": realm_id, "kinds": [k.value for k in kinds]}
-    ):
-        job = to_job(row)
-        if job.state is JobState.RUNNING:
-            running = job
-        else:
-            queued[job.kind] = job
-    return queued, running
+def running_job(tx: Tx, realm_id: str) -> Job | None:
+    row = tx.session.execute(_RUNNING_OF_REALM, {"realm_id": realm_id}).first()
+    return None if row is None else to_job(row)
 
 
-# Every enqueue reads these: prebuilt, and the kinds bound as one list.
+# Every enqueue reads these two: prebuilt, and the kinds bound as one list.
 _QUEUED_OF_KINDS = (
     select(_JOBS)
     .where(
@@ -85,9 +69,6 @@ _QUEUED_OF_KINDS = (
 )
 _RUNNING_OF_REALM = select(_JOBS).where(
     _JOBS.c.realm_id == bindparam("realm_id"), _JOBS.c.state == RUNNING
-)
-_QUEUED_AND_RUNNING = union_all(
-    select(_QUEUED_OF_KINDS.subquery("q")), select(_RUNNING_OF_REALM.subquery("r"))
 )
 
 

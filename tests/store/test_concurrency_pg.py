@@ -17,6 +17,7 @@ from sqlalchemy import insert, select, text
 
 from realm_service.domain import SYSTEM, USER, Disposition, Job, JobKind, JobState, PathChange
 from realm_service.queue import JobQueue, QueueSettings
+from realm_service.store import claim_sql
 from realm_service.store.db import Database, open_database
 from realm_service.store.rows import new_job_values
 from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow
@@ -161,6 +162,45 @@ def test_a_mount_that_loses_the_insert_race_reports_no_job(pg_url: str) -> None:
         assert second == [None]
         [job] = queue.list_jobs(realm_id="r")
         assert (job.job_id, job.priority) == (mine.job_id, USER)  # raised, not added
+    finally:
+        db.close()
+
+
+def test_an_enqueue_waiting_on_a_claim_of_the_queued_job_attaches_to_it(pg_url: str) -> None:
+    """A reindex arrives while a claim holds the realm's queued from-scratch
+    job: the enqueue's locked read of queued jobs waits, and once the claim
+    commits the job is running. The enqueue must see it running (attach),
+    not find nothing and queue a second from-scratch job: its read of the
+    running job comes after the wait, in a statement of its own."""
+    db = open_database(pg_url)
+    queue = JobQueue(db)
+    try:
+        create_realms(db, ["r"])
+        queued = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
+        result: list[Any] = []
+        with db.transaction() as tx:
+            [lease] = claim_sql.claim(
+                tx,
+                limit=1,
+                min_priority=0,
+                max_priority=None,
+                kinds=None,
+                worker="w",
+                now=datetime.now(UTC),
+                lease_until=datetime.now(UTC),
+            )
+            assert lease.job.job_id == queued.job_id
+
+            def reindex() -> None:
+                result.append(queue.enqueue("r", JobKind.FROM_SCRATCH, USER))
+
+            thread = threading.Thread(target=reindex)
+            thread.start()
+            wait_for_a_lock_wait(db)
+        thread.join(timeout=30)
+        [outcome] = result
+        assert (outcome.disposition, outcome.job.job_id) == (Disposition.ATTACHED, queued.job_id)
+        assert [j.job_id for j in queue.list_jobs(realm_id="r")] == [queued.job_id]
     finally:
         db.close()
 
