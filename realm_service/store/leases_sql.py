@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, exists, select, update
+from sqlalchemy import Table, Update, bindparam, exists, select, text, update
 
 from realm_service.domain import AttemptOutcome, HeldJob, Job, JobState, merge_paths
 from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
@@ -64,7 +64,14 @@ def _succeed(backend: str) -> Update:
             lease_id=None,
             lease_expire_time=None,
         )
-        .returning(exists().where(queued.c.realm_id == _JOBS.c.realm_id, queued.c.state == QUEUED))
+        .returning(
+            # Spelled out: SQLite's compiler drops table names inside a
+            # RETURNING clause, which made `queued.realm_id = jobs.realm_id`
+            # read `realm_id = realm_id` (any realm's queued job counted).
+            exists()
+            .select_from(queued)
+            .where(text(f"queued.realm_id = jobs.realm_id AND queued.state = '{QUEUED}'"))
+        )
     )
 
 

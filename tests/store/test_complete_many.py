@@ -139,3 +139,26 @@ def test_a_job_that_finishes_reaches_listeners_with_its_final_value(queue: JobQu
     seen.clear()
     queued = queue.enqueue("fin-bad", FS, USER).job  # a change that finishes nothing
     assert seen == {queued.job_id: None}
+
+
+def test_a_completion_announces_work_only_when_its_realm_has_a_queued_job(
+    queue: JobQueue,
+) -> None:
+    """A finished job frees its realm: its queued job, held back meanwhile,
+    may run now, and that is new work. A job queued in another realm is not
+    news (it was claimable all along), and announcing it would cost every
+    listener a claim that finds nothing."""
+    for name in ("waiting", "done", "busy"):
+        make_realm(queue, name)
+    heard: list[str] = []
+    queue.on_new_work(lambda: heard.append("new work"))
+    queue.enqueue("done", JobKind.FROM_SCRATCH, USER)
+    queue.enqueue("busy", JobKind.FROM_SCRATCH, USER)
+    leases = {lease.job.realm_id: lease for lease in queue.claim(2)}
+    queue.enqueue("waiting", JobKind.FROM_SCRATCH, USER)  # another realm's
+    queue.enqueue("busy", JobKind.INCREMENTAL, USER, paths=[PathChange("a.json", False)])
+    heard.clear()
+    assert queue.complete(leases["done"].lease_id, entries_uploaded=0).state is JobState.SUCCEEDED
+    assert heard == []
+    assert queue.complete(leases["busy"].lease_id, entries_uploaded=0).state is JobState.SUCCEEDED
+    assert heard == ["new work"]
