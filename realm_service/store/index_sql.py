@@ -341,7 +341,11 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
 # not a hash of the whole current generation), tombstones and orphans go, the
 # rest is promoted, and the realm's stats move by what was replaced and
 # added. The parts see one snapshot and touch disjoint rows (current
-# generation, staged tombstones, staged entries, generations between).
+# generation, staged tombstones, staged entries, generations between), but
+# the promotion writes keys (realm, current, path) that the drop of old
+# versions frees: PostgreSQL leaves the order of a statement's CTEs open, so
+# the promotion waits on `gone` (an init plan, run before its first row).
+# tests/store/test_generations.py replaces existing paths this way.
 _ERROR_SQL = "CASE WHEN error_message != '' THEN 1 ELSE 0 END"
 _CARD_SQL = "CASE WHEN card_type != '' AND error_message = '' THEN 1 ELSE 0 END"
 _MERGE_PG = text(
@@ -367,6 +371,7 @@ WITH staged AS MATERIALIZED (
 ), promoted AS (
     UPDATE index_entries SET generation = :current
     WHERE realm_id = :realm AND generation = :staged AND NOT deleted
+        AND (SELECT n FROM gone) IS NOT NULL
 )
 UPDATE realms SET
     entries = realms.entries + added.n - gone.n,
