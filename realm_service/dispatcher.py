@@ -216,10 +216,13 @@ class Dispatcher:
     async def _round(self) -> bool:
         """One claim per stream filter; True if another round may find more:
         some claim was given all it asked for. A claim given less took all
-        that was claimable then (work that becomes claimable later, by an
-        enqueue, a finished job of a busy realm or another instance's claim
-        that left rows, wakes this loop), so a round after it would only
-        cost a claim that finds nothing."""
+        it could then: work that becomes claimable later (an enqueue, a
+        finished job of a busy realm, another instance's claim that left
+        rows) wakes this loop, and a round right after it would find nothing
+        more. A job passed over because another transaction held its row (a
+        write merging into it, a cancel) is announced by nobody: the next
+        poll (`poll_seconds`) takes it, as a round right after would mostly
+        not have (that transaction is still open)."""
         ready = [s for s in self.streams.values() if s.credits > 0 and not s.draining]
         if not ready:
             return False
