@@ -353,6 +353,12 @@ class JobQueue:
         )
         return {lease: (until if lease in extended else None) for lease in leases}
 
+    def stale_reasons(self, lease_ids: Sequence[str]) -> dict[str, str]:
+        """Why each of these leases (found not current) is not: its attempt's
+        end, for the refusal a worker logs."""
+        with self.db.read_transaction() as tx:
+            return leases_sql.stale_reasons(tx, lease_ids)
+
     def add_entries(
         self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str] = ()
     ) -> None:
@@ -430,14 +436,18 @@ class JobQueue:
                     )
             accepted: list[tuple[str, HeldJob]] = []
             counted: list[tuple[str, HeldJob, int]] = []
+            stale: list[str] = []
             for lease_id, uploaded in results:
                 held = rows.pop(lease_id, None)  # a lease listed twice is current once
                 if held is None:
-                    done[lease_id] = StaleLease(f"lease {lease_id[:40]!r} is not current")
+                    stale.append(lease_id)
                 elif uploaded:
                     counted.append((lease_id, held, uploaded))
                 else:
                     accepted.append((lease_id, held))
+            if stale:
+                for lease_id, reason in leases_sql.stale_reasons(tx, stale).items():
+                    done[lease_id] = StaleLease(reason)
             staged = index_sql.count_staged_many(
                 tx, [(held.realm_id, held.attempt_id or 0) for _, held, _ in counted]
             )

@@ -325,10 +325,18 @@ class ClaimSession:
                 acks.append(self._refusal(lp.lease_id, "lease is not held by this stream"))
         if progress:
             result = await asyncio.to_thread(self.queue.heartbeat, progress)
+            lost = [lease_id for lease_id, until in result.items() if until is None]
+            reasons: dict[str, str] = {}
+            if lost:
+                try:
+                    reasons = await asyncio.to_thread(self.queue.stale_reasons, lost)
+                except RealmError:  # the reason is a courtesy; the refusal stands
+                    reasons = {}
             for lease_id, until in result.items():
                 if until is None:
                     self._drop(lease_id)
-                    acks.append(self._refusal(lease_id, "lease is no longer current"))
+                    reason = reasons.get(lease_id, "lease is no longer current")
+                    acks.append(self._refusal(lease_id, reason))
                 else:
                     acks.append(
                         spb.LeaseAck(

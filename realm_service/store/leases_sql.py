@@ -99,14 +99,57 @@ _EXTEND_ONLY = (
 
 
 def current(tx: Tx, lease_id: str, *, lock: bool = True, share: bool = False) -> HeldJob:
-    """The running job held under `lease_id`, or StaleLease. `share` takes a
-    shared lock instead: enough to keep the lease current until commit (a
-    cancel or completion waits for it), without serializing its readers."""
+    """The running job held under `lease_id`, or StaleLease (saying why).
+    `share` takes a shared lock instead: enough to keep the lease current
+    until commit (a cancel or completion waits for it), without serializing
+    its readers."""
     q = _CURRENT_SHARED if share else _CURRENT_LOCKED if lock else _CURRENT
     row = tx.session.execute(q, {"lease_id": lease_id}).first() if lease_id else None
     if row is None:
-        raise StaleLease(f"lease {lease_id[:40]!r} is not current")
+        raise StaleLease(stale_reasons(tx, [lease_id])[lease_id])
     return to_held(row)
+
+
+_ENDED_ATTEMPTS = select(
+    _ATTEMPTS.c.lease_id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.error_message
+).where(in_values(_ATTEMPTS.c.lease_id, "leases"))
+_WHY_ENDED = {
+    AttemptOutcome.COMPLETED.value: "its job completed",
+    AttemptOutcome.FAILED.value: "its attempt failed",
+    AttemptOutcome.INTERRUPTED.value: "its attempt was released as interrupted",
+    AttemptOutcome.EXPIRED.value: "it expired",
+    AttemptOutcome.CANCELLED.value: "its job was cancelled",
+}
+
+
+def stale_reasons(tx: Tx, lease_ids: Sequence[str]) -> dict[str, str]:
+    """Why each of these leases is not current, read from its attempt (for a
+    worker's log and an operator reading it): "lease '…' is not current:
+    cancelled: <reason>", "…: it expired", "…: no such lease". The
+    caller has found them not current; this only reads."""
+    found = {
+        row.lease_id: row
+        for row in tx.session.execute(_ENDED_ATTEMPTS, {"leases": [x for x in lease_ids if x]})
+    }
+    reasons: dict[str, str] = {}
+    for lease_id in lease_ids:
+        head = f"lease {lease_id[:40]!r} is not current"
+        row = found.get(lease_id)
+        if row is None:
+            reasons[lease_id] = f"{head}: no such lease"
+            continue
+        why = _WHY_ENDED.get(row.outcome)
+        if why is None:  # still running: the lease was named twice in one message
+            reasons[lease_id] = head
+            continue
+        detail = (row.error_message or "")[:200]
+        if row.outcome == AttemptOutcome.CANCELLED.value and detail:
+            reasons[lease_id] = f"{head}: {detail}"  # the cancel's own words ("cancelled: …")
+        elif row.outcome == AttemptOutcome.FAILED.value and detail:
+            reasons[lease_id] = f"{head}: {why}: {detail}"
+        else:
+            reasons[lease_id] = f"{head}: {why}"
+    return reasons
 
 
 # Every result, upload and heartbeat of a lease reads it: prebuilt Core.

@@ -145,7 +145,7 @@ def test_result_after_the_lease_expired_and_moved_is_refused_by_the_store(
     stale.send_result(old.lease_id, entries_uploaded=0)
     (ack,) = stale.acks()
     assert (ack.lease_id, ack.accepted) == (old.lease_id, False)
-    assert "not current" in ack.reason
+    assert ack.reason.endswith("is not current: it expired"), ack.reason  # says why
     stale.send_entries(old.lease_id, [entry_for(f, title="stale") for f in files])
     stale.heartbeat({old.lease_id: (5, 5)})
     assert [a.accepted for a in _refusals(stale, 2)] == [False, False]

@@ -96,6 +96,38 @@ def test_a_completed_lease_is_stale(queue: JobQueue) -> None:
     assert outcomes(queue, job.job_id) == ["completed"]
 
 
+def test_a_stale_lease_says_how_it_ended(queue: JobQueue, clock: FakeClock) -> None:
+    """A worker refused for a stale lease is told why, from the attempt's end:
+    its log then names a cancellation, an expiry, a completion."""
+    for name in ("done", "cancelled", "expired", "released"):
+        make_realm(queue, name)
+        queue.enqueue(name, FS, USER)
+    claimed = queue.claim(4)
+    leases = {lease.job.realm_id: lease.lease_id for lease in claimed}
+    jobs = {lease.job.realm_id: lease.job.job_id for lease in claimed}
+    queue.complete(leases["done"])
+    queue.cancel(jobs["cancelled"], "realm retired")
+    queue.release([leases["released"]])
+    clock.advance(LEASE.total_seconds() + 1)
+    queue.reap_expired()
+    with pytest.raises(StaleLease) as raised:
+        queue.fail(leases["cancelled"], "x")
+    assert raised.value.message.endswith("is not current: cancelled: realm retired")
+    assert queue.stale_reasons([*leases.values(), "nope"]) == {
+        leases["done"]: f"lease {leases['done']!r} is not current: its job completed",
+        leases["cancelled"]: (
+            f"lease {leases['cancelled']!r} is not current: cancelled: realm retired"
+        ),
+        leases["expired"]: f"lease {leases['expired']!r} is not current: it expired",
+        leases["released"]: (
+            f"lease {leases['released']!r} is not current: its attempt was released as interrupted"
+        ),
+        "nope": "lease 'nope' is not current: no such lease",
+    }
+    [refused] = queue.complete_many([(leases["expired"], 0)]).values()
+    assert isinstance(refused, StaleLease) and refused.message.endswith("it expired")
+
+
 def test_a_re_leased_job_fences_the_previous_lease(queue: JobQueue) -> None:
     make_realm(queue, "r")
     job = queue.enqueue("r", FS, USER).job
