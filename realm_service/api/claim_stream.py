@@ -8,6 +8,7 @@ holds are released at once as interrupted (they do not count as failures).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -328,10 +329,8 @@ class ClaimSession:
             lost = [lease_id for lease_id, until in result.items() if until is None]
             reasons: dict[str, str] = {}
             if lost:
-                try:
+                with contextlib.suppress(RealmError):  # a courtesy; the refusal stands
                     reasons = await asyncio.to_thread(self.queue.stale_reasons, lost)
-                except RealmError:  # the reason is a courtesy; the refusal stands
-                    reasons = {}
             for lease_id, until in result.items():
                 if until is None:
                     self._drop(lease_id)

@@ -23,12 +23,17 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from realm_service.domain import IndexEntry, RealmState
 from realm_service.errors import RealmNotFound
 from realm_service.store.db import Tx
-from realm_service.store.sets import in_values, not_in_values, rows_params, rows_source
+from realm_service.store.sets import (
+    dialect_insert,
+    in_values,
+    not_in_values,
+    rows_params,
+    rows_source,
+)
 from realm_service.store.tables import IndexEntryRow, RealmFileRow, RealmRow, UTCDateTime
 
 
@@ -110,7 +115,7 @@ def _upsert(backend: str) -> Insert:
     """INSERT ... ON CONFLICT (key) DO UPDATE of every other column, in the
     backend's dialect (both speak it); built once per backend."""
     table = cast(Table, IndexEntryRow.__table__)
-    stmt = postgresql.insert(table) if backend == "postgresql" else sqlite.insert(table)
+    stmt = dialect_insert(backend, table)
     return stmt.on_conflict_do_update(
         index_elements=list(_ENTRY_KEY),
         set_={c.name: stmt.excluded[c.name] for c in table.c if c.name not in _ENTRY_KEY},

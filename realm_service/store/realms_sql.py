@@ -10,13 +10,12 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Insert, Table, bindparam, delete, exists, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from realm_service.domain import JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
 from realm_service.store.db import Tx
 from realm_service.store.rows import CANCELLED, QUEUED, RUNNING, SUCCEEDED
-from realm_service.store.sets import in_values
+from realm_service.store.sets import dialect_insert, in_values
 from realm_service.store.tables import (
     IndexEntryRow,
     JobAttemptRow,
@@ -109,8 +108,11 @@ _INSERT_REALM = insert(_R)
 
 @functools.cache
 def _insert_realm_if_absent(backend: str) -> Insert:
-    ins = (postgresql.insert if backend == "postgresql" else sqlite.insert)(_R)
-    return ins.on_conflict_do_nothing(index_elements=[_R.c.realm_id]).returning(_R.c.realm_id)
+    return (
+        dialect_insert(backend, _R)
+        .on_conflict_do_nothing(index_elements=[_R.c.realm_id])
+        .returning(_R.c.realm_id)
+    )
 
 
 _REALM = select(_R).where(_R.c.realm_id == bindparam("realm_id"))

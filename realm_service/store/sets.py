@@ -21,7 +21,18 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, ColumnElement, String, bindparam, column, func, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ColumnElement,
+    String,
+    Table,
+    bindparam,
+    column,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
@@ -139,3 +150,9 @@ def rows_params(
     if backend == "postgresql":
         return {f"{name}_{col}": [row[i] for row in rows] for i, (col, _) in enumerate(columns)}
     return {name: json.dumps([list(row) for row in rows])}
+
+
+def dialect_insert(backend: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT in the backend's own dialect, for its ON CONFLICT clauses
+    (both backends speak them)."""
+    return postgresql.insert(table) if backend == "postgresql" else sqlite.insert(table)
