@@ -99,7 +99,8 @@ class JobQueue:
 
     def on_job_change(self, callback: Callable[[int, Job | None], None]) -> None:
         """Call back with a job id once this process committed a change to it,
-        and the job itself when the change finished it (else None)."""
+        and the job as the change left it when the change knew it (a claim,
+        an ending; else None)."""
         self.db.on_job_change(callback)
 
     def on_lease_revoked(self, callback: Callable[[str, str], None]) -> None:

@@ -18,22 +18,30 @@ class JobWatch:
         self._events: dict[int, set[asyncio.Event]] = {}
         # Final values of followed jobs that finished here (no read needed).
         self._finished: dict[int, Job] = {}
+        # The value a change here left a followed job with, when the change
+        # knew it (a claim), until the follower takes it; a change without
+        # one drops it (the follower reads instead).
+        self._latest: dict[int, Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.queue.on_job_change(self._changed_threadsafe)
 
-    def _changed_threadsafe(self, job_id: int, finished: Job | None) -> None:
+    def _changed_threadsafe(self, job_id: int, value: Job | None) -> None:
         if self._loop is not None and job_id in self._events:
-            self._loop.call_soon_threadsafe(self._changed, job_id, finished)
+            self._loop.call_soon_threadsafe(self._changed, job_id, value)
 
-    def _changed(self, job_id: int, finished: Job | None = None) -> None:
+    def _changed(self, job_id: int, value: Job | None = None) -> None:
         events = self._events.get(job_id)
         if not events:
             return
-        if finished is not None:
-            self._finished[job_id] = finished
+        if value is None:
+            self._latest.pop(job_id, None)
+        elif value.state.terminal:
+            self._finished[job_id] = value
+        else:
+            self._latest[job_id] = value
         for event in events:
             event.set()
 
@@ -45,9 +53,11 @@ class JobWatch:
             while True:
                 event.clear()
                 # A job that finished in this process comes with its final
-                # value; anything else is read (changes of other instances,
-                # merges, polls).
-                job = self._finished.get(job_id)
+                # value, a claim here with the started job's; anything else
+                # is read (changes of other instances, merges, polls). A
+                # value overtaken by a change committed on another thread in
+                # the same instant is set right by the next poll.
+                job = self._finished.get(job_id) or self._latest.pop(job_id, None)
                 if job is None:
                     job = await asyncio.to_thread(self.queue.get_job, job_id)
                 yield job
@@ -65,6 +75,7 @@ class JobWatch:
                 if not waiters:
                     del self._events[job_id]
                     self._finished.pop(job_id, None)
+                    self._latest.pop(job_id, None)
 
     async def wait_terminal(self, job_id: int, timeout: float | None) -> Job:
         """The job once terminal, or as it is when the timeout passes. A small

@@ -113,7 +113,7 @@ class Tx:
         "changed_jobs",
         "committed",
         "deleted_realms",
-        "finished_jobs",
+        "job_values",
         "new_work",
         "revoked",
         "session",
@@ -123,8 +123,8 @@ class Tx:
     def __init__(self, session: Session, db: Database) -> None:
         self.session = session
         self.changed_jobs: list[int] = []
-        # Jobs that ended in this transaction, as they now are (final values).
-        self.finished_jobs: dict[int, Job] = {}
+        # Changed jobs whose values this transaction knows, as it left them.
+        self.job_values: dict[int, Job] = {}
         self.new_work = False
         # Called once the transaction has committed (log lines that must not
         # report a change that rolled back).
@@ -167,8 +167,14 @@ class Tx:
         """These jobs reached a terminal state: changed, and their values are
         final (nothing changes a finished job), so listeners get them with
         the change and need not read them again."""
+        self.job_values_known(jobs)
+
+    def job_values_known(self, jobs: Iterable[Job]) -> None:
+        """These jobs changed, and this transaction knows their values as it
+        leaves them (a claim's started jobs, finished ones): listeners get
+        them with the change."""
         for job in jobs:
-            self.finished_jobs[job.job_id] = job
+            self.job_values[job.job_id] = job
             self.changed_jobs.append(job.job_id)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
@@ -371,10 +377,10 @@ class Database:
         for callback in tx.committed:
             callback()
         if tx.changed_jobs:
-            finished = tx.finished_jobs
+            values = tx.job_values
             for job_change in list(self._job_change_listeners):
                 for job_id in tx.changed_jobs:
-                    job_change(job_id, finished.get(job_id))
+                    job_change(job_id, values.get(job_id))
         if tx.new_work:
             self.new_work_committed()
         for lease_id, reason in tx.revoked:
@@ -445,7 +451,9 @@ class Database:
 
     def on_job_change(self, callback: Callable[[int, Job | None], None]) -> None:
         """Call back with a job id when this process changed that job, and
-        the job itself when the change finished it (else None)."""
+        the job as the change left it when the change knew it (a claim, an
+        ending; else None). Callbacks run on the committing thread, in commit
+        order per thread only: a value may be overtaken by a later change's."""
         self._job_change_listeners.append(callback)
 
     def set_others_alive(self, alive: bool, *, heard_before: int | None = None) -> None:

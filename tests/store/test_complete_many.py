@@ -162,3 +162,20 @@ def test_a_completion_announces_work_only_when_its_realm_has_a_queued_job(
     assert heard == []
     assert queue.complete(leases["busy"].lease_id, entries_uploaded=0).state is JobState.SUCCEEDED
     assert heard == ["new work"]
+
+
+def test_a_claim_reaches_listeners_with_the_started_jobs_values(queue: JobQueue) -> None:
+    """A claim knows what it leaves its jobs as: followers get those values
+    with the change (no read), and they must be what a read returns. A change
+    that does not know the value says None (the follower reads)."""
+    seen: dict[int, list[Job | None]] = {}
+    queue.on_job_change(lambda job_id, value: seen.setdefault(job_id, []).append(value))
+    leases = start_jobs(queue, "run")
+    assert len(leases) == 4
+    for lease in leases.values():
+        started = seen[lease.job.job_id][-1]
+        assert started is not None and started.state is JobState.RUNNING
+        assert started == lease.job == queue.get_job(lease.job.job_id)
+        assert started.attempt == queue.get_job(lease.job.job_id).attempt >= 1
+    patch = leases["run-patch"].job
+    assert patch.kind is INC and [c.path for c in patch.path_changes] == ["a.json", "b.json"]
