@@ -470,12 +470,6 @@ class JobQueue:
                 [(h.realm_id, h.attempt_id or 0, h.job.kind is scratch) for _, h in accepted],
                 now=now,
             )
-            leases_sql.end_attempts(
-                tx,
-                [h.attempt_id for _, h in accepted if h.attempt_id is not None],
-                AttemptOutcome.COMPLETED,
-                now,
-            )
             succeeded = leases_sql.succeed(
                 tx,
                 [h for _, h in accepted],

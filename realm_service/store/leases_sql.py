@@ -49,12 +49,16 @@ _SUCCEED_COLUMNS = (("job_id", int), ("done", int))
 def _succeed(backend: str) -> Update:
     """Held jobs succeeded in one statement, with their final progress; each
     row returned says whether the job's realm has a queued job (held back
-    while this one ran, it may run now)."""
+    while this one ran, it may run now). On PostgreSQL the same statement
+    ends their attempts as completed (a data-modifying CTE: one round trip
+    less); on SQLite that is a statement of its own."""
     final = rows_source(backend, "f", _SUCCEED_COLUMNS)
     queued = _JOBS.alias("queued")
+    statement = update(_JOBS)
+    if backend == "postgresql":
+        statement = statement.add_cte(_END_ATTEMPTS.cte("ended_attempts"))
     return (
-        update(_JOBS)
-        .where(_JOBS.c.id == final.c.job_id)
+        statement.where(_JOBS.c.id == final.c.job_id)
         .values(
             state=SUCCEEDED,
             finish_time=bindparam("now"),
@@ -221,30 +225,31 @@ def end_attempt(
     )
 
 
-def end_attempts(
-    tx: Tx, attempt_ids: Sequence[int], outcome: AttemptOutcome, now: datetime
-) -> None:
-    """end_attempt for several attempts with one outcome and no message."""
-    if attempt_ids:
-        tx.session.execute(
-            _END_ATTEMPTS, {"ids": list(attempt_ids), "outcome": outcome.value, "now": now}
-        )
-
-
 def succeed(
     tx: Tx, held: Sequence[HeldJob], now: datetime, *, files_done: Mapping[int, int] | None = None
 ) -> list[Job]:
-    """Mark held jobs succeeded, in one statement; the jobs as they now are.
-    A job that succeeded did all its work: its progress is done = total, the
-    final count its worker reported (`files_done`, by job id) or else the
-    total it had. Their realms' next jobs may run now: that is new work."""
+    """Mark held jobs succeeded and their attempts completed; the jobs as they
+    now are. A job that succeeded did all its work: its progress is done =
+    total, the final count its worker reported (`files_done`, by job id) or
+    else the total it had. Their realms' next jobs may run now: that is new
+    work."""
     if not held:
         return []
     final = files_done or {}
     done = {h.job_id: final.get(h.job_id, h.job.progress_total) for h in held}
+    attempts = {
+        "ids": [h.attempt_id for h in held if h.attempt_id is not None],
+        "outcome": AttemptOutcome.COMPLETED.value,
+    }
+    if tx.backend != "postgresql":
+        tx.session.execute(_END_ATTEMPTS, {**attempts, "now": now})
     queued_after = tx.session.scalars(
         _succeed(tx.backend),
-        {**rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items())), "now": now},
+        {
+            **rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items())),
+            **attempts,
+            "now": now,
+        },
     ).all()
     # A realm's next job, held back while this one ran, may run now: new work,
     # if there is one (otherwise the wake-up would only cost a claim for nothing).
