@@ -150,7 +150,12 @@ def _included_files(message: pb.JobAssignment) -> tuple[tuple[FileInfo, bytes], 
 
 
 def ack_from_proto(message: pb.LeaseAck) -> LeaseAck:
-    return LeaseAck(lease_id=message.lease_id, accepted=message.accepted, reason=message.reason)
+    return LeaseAck(
+        lease_id=message.lease_id,
+        accepted=message.accepted,
+        reason=message.reason,
+        requeued=not message.accepted and message.job_state == res.Job.STATE_QUEUED,
+    )
 
 
 def drain_from_proto(message: pb.Drain) -> DrainNotice:

@@ -77,6 +77,9 @@ class LeaseAck:
     lease_id: str
     accepted: bool
     reason: str = ""
+    # A refusal whose job went back to the queue (the server preempted it
+    # for a user's job), rather than one whose job ended or moved on.
+    requeued: bool = False
 
 
 @dataclass(frozen=True)

@@ -179,9 +179,12 @@ class Session:
             held = self._held.get(ack.lease_id)
             if ack.accepted or held is None:
                 continue
-            logger.warning(
-                "job lease lost", extra={**self._fields(held.assignment), "reason": ack.reason}
-            )
+            fields = {**self._fields(held.assignment), "reason": ack.reason}
+            if ack.requeued:
+                # Preempted: the server queued the job again, for later.
+                logger.info("job handed back", extra=fields)
+            else:
+                logger.warning("job lease lost", extra=fields)
             self._drop(held)
 
     def on_drain(self, notice: DrainNotice) -> None:

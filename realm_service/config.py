@@ -45,6 +45,7 @@ class Settings:
     ping_seconds: float = 10.0
     max_attempts: int = 3
     reserved_slots: int = 1
+    max_preemptions: int = 3
     drain_grace_seconds: float = 10.0
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     max_message_bytes: int = 64 * 1024 * 1024
@@ -120,6 +121,8 @@ OPTIONS = Options(
                "failed or expired attempts before a job fails"),
         Option("reserved_slots", int_in(0), Settings.reserved_slots,
                "worker slots kept free of SYSTEM-priority work"),
+        Option("max_preemptions", int_in(0), Settings.max_preemptions,
+               "times a SYSTEM job may be handed back for a waiting user job (0: never)"),
         Option("drain_grace_seconds", non_negative_float, Settings.drain_grace_seconds,
                "on shutdown, time workers get to send results"),
         Option("max_file_size", int_in(1), Settings.max_file_size, "largest file accepted, bytes"),
@@ -189,6 +192,7 @@ def settings_from_args(
         ping_seconds=max(1.0, v["heartbeat_seconds"] * 2),
         max_attempts=v["max_attempts"],
         reserved_slots=v["reserved_slots"],
+        max_preemptions=v["max_preemptions"],
         drain_grace_seconds=v["drain_grace_seconds"],
         max_file_size=v["max_file_size"],
         log_level=v["log_level"],

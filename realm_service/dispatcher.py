@@ -11,6 +11,13 @@ Reserved slots: across the streams that accept SYSTEM-level work, at most
 slot immediately during a storm. When all such streams together have no more
 slots than are reserved, one SYSTEM job may still run, so the backlog never
 starves.
+
+Preemption: when a job of USER priority or above waits, no stream that would
+take it has a free slot, and SYSTEM jobs hold slots of such streams, the
+SYSTEM job with the least progress is handed back (JobQueue.preempt) and its
+worker told to stop; the freed slot takes the waiting job. A preempted job
+goes to the head of the SYSTEM line and is preempted at most
+`max_preemptions` times.
 """
 
 from __future__ import annotations
@@ -25,13 +32,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from realm_service.domain import SYSTEM, JobKind, Lease, WorkerInfo
+from realm_service.domain import (
+    SYSTEM,
+    USER,
+    Job,
+    JobKind,
+    Lease,
+    WorkerInfo,
+    preemption_reason,
+)
 from realm_service.errors import RealmError
 from realm_service.queue import JobQueue, job_fields
 
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+# How often at most the dispatcher looks for a waiting job to preempt for
+# (one read of the queue's head above SYSTEM), and how long a waiting job a
+# preemption was made for is left to take the freed slot before another.
+PREEMPT_CHECK_SECONDS = 0.05
+PREEMPT_PENDING_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -50,8 +70,11 @@ class WorkerStream:
     credits: int = 0
     outstanding: dict[str, Lease] = field(default_factory=dict)
     draining: bool = False
-    # Tells the worker a lease it holds was revoked: (lease id, reason).
-    revoked: Callable[[str, str], None] = lambda lease_id, reason: None
+    # Tells the worker a lease it holds was revoked: (lease id, reason, and
+    # whether the job went back to the queue rather than being cancelled).
+    revoked: Callable[[str, str, bool], None] = lambda lease_id, reason, requeued: None
+    # Share of its work each held job reported done (heartbeats), by lease.
+    progress: dict[str, float] = field(default_factory=dict)
     connect_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Wall-clock time of the worker's last message (time.time()).
     last_message: float = field(default_factory=time.time)
@@ -70,13 +93,25 @@ class WorkerStream:
     def drop(self, lease_id: str) -> None:
         """Forget a lease that ended (result, release, refusal, reap)."""
         self.outstanding.pop(lease_id, None)
+        self.progress.pop(lease_id, None)
 
-    def revoke(self, lease_id: str, reason: str) -> bool:
-        """A held lease was revoked: forget it and tell the worker to stop."""
+    def revoke(self, lease_id: str, reason: str, *, requeued: bool = False) -> bool:
+        """A held lease was revoked (its job cancelled, deleted, or handed
+        back: `requeued`): forget it and tell the worker to stop."""
         if self.outstanding.pop(lease_id, None) is None:
             return False
-        self.revoked(lease_id, reason)
+        self.progress.pop(lease_id, None)
+        self.revoked(lease_id, reason, requeued)
         return True
+
+    def progressed(self, lease_id: str, done: int, total: int) -> None:
+        """A held job's progress, as its worker reported it."""
+        if lease_id in self.outstanding:
+            self.progress[lease_id] = done / total if total > 0 else 0.0
+
+    def accepts(self, job: Job) -> bool:
+        """Whether this stream's filter (kinds, minimum priority) takes the job."""
+        return job.priority >= self.min_priority and (not self.kinds or job.kind in self.kinds)
 
     def info(self, instance_id: str) -> WorkerInfo:
         return WorkerInfo(
@@ -96,6 +131,7 @@ class WorkerStream:
         """Forget every lease (the stream is closing); returns them."""
         held = list(self.outstanding)
         self.outstanding.clear()
+        self.progress.clear()
         return held
 
     @property
@@ -145,6 +181,12 @@ class Dispatcher:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_assigned: Callable[[list[Lease]], None] = lambda leases: None
+        # Preemption: when the queue's head above SYSTEM was last read, a
+        # wake-up set for the end of that pause, and the waiting jobs that
+        # preemptions were made for (job id -> time.monotonic()).
+        self._preempt_checked = 0.0
+        self._preempt_later: asyncio.TimerHandle | None = None
+        self._preempted_for: dict[int, float] = {}
 
     # -- registration -------------------------------------------------------
 
@@ -199,6 +241,7 @@ class Dispatcher:
             try:
                 while await self._round():
                     pass
+                await self._preempt()
                 failing = False
             except asyncio.CancelledError:
                 raise
@@ -246,6 +289,69 @@ class Dispatcher:
                 self._distribute(members, leases, plan)
                 more = more or len(leases) >= len(plan)
         return more
+
+    async def _preempt(self) -> None:
+        """Hand back SYSTEM jobs for waiting jobs of users that no free slot
+        would take (see the module's docstring). One read of the queue per
+        stream filter holding SYSTEM jobs, at most every
+        PREEMPT_CHECK_SECONDS; a wake-up in between is answered once that
+        pause ends."""
+        cap = self.queue.settings.max_preemptions
+        if cap <= 0:
+            return
+        victims = [
+            (s, lease)
+            for s in self.streams.values()
+            if not s.draining
+            for lease in s.outstanding.values()
+            if lease.job.priority <= SYSTEM and lease.preemptions < cap
+        ]
+        if not victims:
+            return
+        now = time.monotonic()
+        pause = self._preempt_checked + PREEMPT_CHECK_SECONDS - now
+        if pause > 0:
+            if self._preempt_later is None and self._loop is not None:
+                self._preempt_later = self._loop.call_later(pause, self._wake_after_pause)
+            return
+        self._preempt_checked = now
+        self._preempted_for = {
+            job_id: at
+            for job_id, at in self._preempted_for.items()
+            if now - at < PREEMPT_PENDING_SECONDS
+        }
+        for kinds, min_priority in {(s.kinds, s.min_priority) for s, _ in victims}:
+            waiting = await asyncio.to_thread(
+                self.queue.first_waiting,
+                min_priority=max(USER, min_priority),
+                kinds=list(kinds) or None,
+            )
+            if waiting is None or waiting.job_id in self._preempted_for:
+                continue
+            if any(
+                s.credits > 0 and not s.draining and s.accepts(waiting)
+                for s in self.streams.values()
+            ):
+                continue  # a free slot takes it in the next round
+            held = [
+                (s.progress.get(lease.lease_id, 0.0), -order, s, lease)
+                for order, (s, lease) in enumerate(victims)
+                if s.accepts(waiting) and s.holds(lease.lease_id)
+            ]
+            if not held:
+                continue
+            # The least progress; of equals, the job assigned last.
+            _, _, stream, lease = min(held, key=lambda h: (h[0], h[1]))
+            reason = preemption_reason(waiting.job_id, waiting.priority)
+            if await asyncio.to_thread(self.queue.preempt, lease.lease_id, reason) is None:
+                continue  # it ended meanwhile
+            self._preempted_for[waiting.job_id] = now
+            stream.revoke(lease.lease_id, reason, requeued=True)
+            victims = [(s, v) for s, v in victims if v.lease_id != lease.lease_id]
+
+    def _wake_after_pause(self) -> None:
+        self._preempt_later = None
+        self.wake()
 
     def system_budget(self) -> int:
         """SYSTEM jobs this instance's streams may take now (reserved slots)."""

@@ -129,6 +129,16 @@ class Job:
     worker: str = ""
 
 
+# How a preempted attempt's message begins (its attempt ends interrupted with
+# it, and refusals of the stopped worker's late messages quote it).
+PREEMPTED_FOR = "preempted for job"
+
+
+def preemption_reason(job_id: int, priority: int) -> str:
+    """Why a SYSTEM job was handed back: for which waiting job."""
+    return f"{PREEMPTED_FOR} {job_id} (priority {priority})"
+
+
 @dataclass(frozen=True)
 class HeldJob:
     """A running job as the transitions of its lease need it: the job, and
@@ -138,6 +148,7 @@ class HeldJob:
     lease_id: str
     attempt_id: int | None
     counted_failures: int
+    preemptions: int = 0
 
     @property
     def job_id(self) -> int:
@@ -165,6 +176,8 @@ class Lease:
     # path of its list, and .gitignore), sent with the assignment; None when
     # the worker reads what it needs itself.
     files: tuple[tuple[RealmFile, bytes], ...] | None = None
+    # Times the job was preempted before this attempt.
+    preemptions: int = 0
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,12 @@ ATTEMPTS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+PREEMPTIONS = Counter(
+    "realm_jobs_preempted_total",
+    "SYSTEM jobs handed back (uncounted) for a waiting job of a user",
+    ["kind"],
+    registry=REGISTRY,
+)
 ASSIGNED = Counter("realm_jobs_assigned_total", "Jobs leased to workers", registry=REGISTRY)
 LEASES_EXPIRED = Counter("realm_leases_expired_total", "Leases reaped", registry=REGISTRY)
 STREAMS = Gauge("realm_streams_connected", "Open ClaimJobs streams", registry=REGISTRY)

@@ -74,6 +74,8 @@ class QueueSettings:
     # A server instance that has not refreshed its row for this long is
     # taken for dead: leases its streams held are interruptions, not failures.
     instance_timeout: timedelta = timedelta(seconds=10)
+    # Times a SYSTEM job may be preempted for a user's job; 0: never.
+    max_preemptions: int = 3
 
 
 class JobQueue:
@@ -535,6 +537,41 @@ class JobQueue:
             if log.isEnabledFor(logging.INFO):
                 log.info("job requeued", extra={**job_fields(job), "reason": reason})
         return jobs
+
+    def preempt(self, lease_id: str, reason: str) -> Job | None:
+        """Hand a running SYSTEM job back for a waiting job of a user: its
+        attempt ends interrupted (not counted) with `reason`, and it is
+        queued again at the head of its priority's line, one preemption
+        more (aging: it runs next once SYSTEM work may). None, with nothing
+        changed, if the lease is not current, the job is above SYSTEM, or it
+        was preempted `max_preemptions` times already (it then runs to the
+        end). The caller tells the stream holding the lease."""
+        now = self.clock()
+
+        def work(tx: Tx) -> Job | None:
+            try:
+                held = leases_sql.current(tx, lease_id)
+            except StaleLease:
+                return None
+            if held.job.priority > SYSTEM or held.preemptions >= self.settings.max_preemptions:
+                return None
+            leases_sql.end_attempt(tx, held.attempt_id, AttemptOutcome.INTERRUPTED, now, reason)
+            return leases_sql.requeue(tx, held, counted=False, preempted=True)
+
+        job = self.db.retrying(work)
+        if job is not None:
+            metrics.ATTEMPTS.labels(job.kind.value, "interrupted").inc()
+            metrics.PREEMPTIONS.labels(job.kind.value).inc()
+            log.info("job preempted", extra={**job_fields(job), "reason": reason})
+        return job
+
+    def first_waiting(
+        self, *, min_priority: int, kinds: Sequence[JobKind] | None = None
+    ) -> Job | None:
+        """The queued job a claim at `min_priority` and above (of `kinds`)
+        would take first now, read without locking; None if there is none."""
+        with self.db.read_transaction() as tx:
+            return claim_sql.first_waiting(tx, min_priority=min_priority, kinds=kinds)
 
     def defer_release(self, lease_ids: Sequence[str], reason: str) -> None:
         """Remember leases whose release could not be recorded (the store was

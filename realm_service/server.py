@@ -253,6 +253,7 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
         settings=QueueSettings(
             lease_duration=timedelta(seconds=settings.lease_seconds),
             max_attempts=settings.max_attempts,
+            max_preemptions=settings.max_preemptions,
         ),
     )
     realms = Realms(db, queue, max_file_size=settings.max_file_size)

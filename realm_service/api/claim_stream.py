@@ -30,7 +30,15 @@ from realm_service.api.convert import (
 )
 from realm_service.api.status import status_of
 from realm_service.dispatcher import Dispatcher, WorkerStream
-from realm_service.domain import IndexEntry, Job, JobKind, JobState, Lease, validate_path
+from realm_service.domain import (
+    PREEMPTED_FOR,
+    IndexEntry,
+    Job,
+    JobKind,
+    JobState,
+    Lease,
+    validate_path,
+)
 from realm_service.errors import (
     Conflict,
     InvalidArgument,
@@ -226,9 +234,10 @@ class ClaimSession:
             )
         )
 
-    def _revoked(self, lease_id: str, reason: str) -> None:
+    def _revoked(self, lease_id: str, reason: str, requeued: bool) -> None:
         """Tell the worker to stop a job whose lease was revoked (CancelJob,
-        DeleteRealm): the refusal it already handles for a lost lease."""
+        DeleteRealm, a preemption): the refusal it already handles for a lost
+        lease, with the job's state (QUEUED when it was handed back)."""
         self.outbox.put_nowait(
             spb.ClaimJobsResponse(
                 acks=spb.LeaseAcks(
@@ -237,7 +246,7 @@ class ClaimSession:
                             lease_id=lease_id,
                             accepted=False,
                             reason=f"lease revoked: {reason}",
-                            job_state=pb.Job.STATE_CANCELLED,
+                            job_state=pb.Job.STATE_QUEUED if requeued else pb.Job.STATE_CANCELLED,
                         )
                     ]
                 )
@@ -310,7 +319,16 @@ class ClaimSession:
             raise ProtocolError("empty message: set one of the message fields")
 
     def _refusal(self, lease_id: str, reason: str) -> spb.LeaseAck:
-        return spb.LeaseAck(lease_id=lease_id[:64], accepted=False, reason=reason)
+        # A lease ended by a preemption (its job queued again) says so in the
+        # job state too, as the revocation does: the worker handed it back,
+        # it did not lose it. The refusal may overtake the revocation.
+        preempted = f"is not current: {PREEMPTED_FOR} " in reason
+        return spb.LeaseAck(
+            lease_id=lease_id[:64],
+            accepted=False,
+            reason=reason,
+            job_state=pb.Job.STATE_QUEUED if preempted else pb.Job.STATE_UNSPECIFIED,
+        )
 
     def _held(self, lease_id: str) -> bool:
         assert self.stream is not None
@@ -322,6 +340,8 @@ class ClaimSession:
         for lp in hb.leases[:MAX_CREDITS]:
             if self._held(lp.lease_id):
                 progress[lp.lease_id] = (lp.progress.done, lp.progress.total)
+                assert self.stream is not None
+                self.stream.progressed(lp.lease_id, lp.progress.done, lp.progress.total)
             else:
                 acks.append(self._refusal(lp.lease_id, "lease is not held by this stream"))
         if progress:

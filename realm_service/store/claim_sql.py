@@ -24,7 +24,7 @@ from sqlalchemy import (
     update,
 )
 
-from realm_service.domain import SYSTEM, AttemptOutcome, JobKind, JobState, Lease
+from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease
 from realm_service.store.db import Tx
 from realm_service.store.rows import QUEUED, RUNNING, decode_paths, make_job
 from realm_service.store.sets import in_values, rows_params, rows_source
@@ -46,6 +46,7 @@ _CLAIM_COLUMNS = (
     _JOBS.c.error_message,
     _JOBS.c.paths,
     _JOBS.c.trace_parent,
+    _JOBS.c.preemptions,
 )
 _claim_statements: dict[bool, Select[*tuple[Any, ...]]] = {}
 # The candidates are always bounded above, by `max_priority` or else by the
@@ -333,8 +334,49 @@ def _started(
                 trace_parent=row.trace_parent,
                 worker=holder[row.id],
             ),
+            preemptions=row.preemptions,
         )
         for row in chosen
     ]
     tx.job_values_known(lease.job for lease in started)
     return started
+
+
+def first_waiting(tx: Tx, *, min_priority: int, kinds: Sequence[JobKind] | None) -> Job | None:
+    """The queued job a claim at `min_priority` and above would take first
+    (its realm has no running job), read without locking: what waits for a
+    slot. Reads the claim index from its head within the bounds."""
+    running = _JOBS.alias("running")
+    q = (
+        select(*_CLAIM_COLUMNS, _JOBS.c.state)
+        .where(
+            _JOBS.c.state == QUEUED,
+            _JOBS.c.priority >= min_priority,
+            _JOBS.c.priority <= _ANY_PRIORITY,
+            ~exists().where(running.c.realm_id == _JOBS.c.realm_id, running.c.state == RUNNING),
+        )
+        .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
+        .limit(1)
+    )
+    if kinds:
+        q = q.where(_JOBS.c.kind.in_([k.value for k in kinds]))
+    row = tx.session.execute(q).first()
+    if row is None:
+        return None
+    return make_job(
+        job_id=row.id,
+        realm_id=row.realm_id,
+        kind=JobKind(row.kind),
+        priority=row.priority,
+        state=JobState.QUEUED,
+        attempt=row.attempt,
+        create_time=row.create_time,
+        start_time=None,
+        finish_time=row.finish_time,
+        error_message=row.error_message,
+        progress_done=0,
+        progress_total=0,
+        path_changes=decode_paths(row.paths),
+        trace_parent=row.trace_parent,
+        worker="",
+    )

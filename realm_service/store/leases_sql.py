@@ -11,9 +11,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, exists, select, text, update
+from sqlalchemy import Table, Update, bindparam, exists, func, select, text, update
 
-from realm_service.domain import AttemptOutcome, HeldJob, Job, JobState, merge_paths
+from realm_service.domain import (
+    PREEMPTED_FOR,
+    AttemptOutcome,
+    HeldJob,
+    Job,
+    JobState,
+    merge_paths,
+)
 from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
@@ -149,6 +156,8 @@ def stale_reasons(tx: Tx, lease_ids: Sequence[str]) -> dict[str, str]:
         detail = (row.error_message or "")[:200]
         if row.outcome == AttemptOutcome.CANCELLED.value and detail:
             reasons[lease_id] = f"{head}: {detail}"  # the cancel's own words ("cancelled: …")
+        elif row.outcome == AttemptOutcome.INTERRUPTED.value and detail.startswith(PREEMPTED_FOR):
+            reasons[lease_id] = f"{head}: {detail}"  # "preempted for job …"
         elif row.outcome == AttemptOutcome.FAILED.value and detail:
             reasons[lease_id] = f"{head}: {why}: {detail}"
         else:
@@ -290,11 +299,26 @@ def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) ->
     return job
 
 
-def requeue(tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None) -> Job:
+def requeue(
+    tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None, preempted: bool = False
+) -> Job:
     """Put a running job back in the queue, keeping its place in line. If a job
     of the same realm and kind was queued meanwhile, fold this one into it
-    (the higher priority, the earlier place, the union of the paths)."""
+    (the higher priority, the earlier place, the union of the paths). A
+    `preempted` job is counted as such and goes to the head of its
+    priority's line (aging: the next slot free for that work takes it)."""
     job = held.job
+    head: int | None = None
+    if preempted:
+        own, first = tx.session.execute(
+            select(
+                select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id).scalar_subquery(),
+                select(func.min(_JOBS.c.seq))
+                .where(_JOBS.c.state == QUEUED, _JOBS.c.priority == job.priority)
+                .scalar_subquery(),
+            )
+        ).one()
+        head = own if first is None else min(own, first - 1)
     other = tx.session.execute(
         select(_JOBS)
         .where(
@@ -309,12 +333,19 @@ def requeue(tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None)
         values["counted_failures"] = _JOBS.c.counted_failures + 1
     if message is not None:
         values["error_message"] = message[:2000]
+    if preempted:
+        values["preemptions"] = _JOBS.c.preemptions + 1
+        values["seq"] = head
     if other is None:
         values["state"] = QUEUED
     else:
         values["state"] = MERGED
         values["superseded_by"] = other.id
-        seq = tx.session.scalar(select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id))
+        seq = (
+            head
+            if head is not None
+            else tx.session.scalar(select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id))
+        )
         tx.session.execute(
             update(_JOBS)
             .where(_JOBS.c.id == other.id)
@@ -322,6 +353,7 @@ def requeue(tx: Tx, held: HeldJob, *, counted: bool, message: str | None = None)
                 priority=max(other.priority, job.priority),
                 seq=min(other.seq, seq if seq is not None else other.seq),
                 paths=encode_paths(merge_paths(decode_paths(other.paths), job.path_changes)),
+                preemptions=max(other.preemptions, held.preemptions + preempted),
             )
         )
         tx.job_changed([other.id])

@@ -118,4 +118,5 @@ def to_held(row: Any) -> HeldJob:
         lease_id=row.lease_id or "",
         attempt_id=row.lease_attempt_id,
         counted_failures=row.counted_failures,
+        preemptions=row.preemptions,
     )

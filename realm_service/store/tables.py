@@ -124,6 +124,9 @@ class JobRow(Base):
     superseded_by: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # W3C traceparent of the call that queued the job; "" when it was not traced.
     trace_parent: Mapped[str] = mapped_column(String(64), default="", server_default=text("''"))
+    # Times the job was preempted: handed back, uncounted, for a waiting job
+    # of a user (DESIGN.md section 4); capped by the server's settings.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     __table_args__ = (
         Index(

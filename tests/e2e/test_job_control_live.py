@@ -136,3 +136,38 @@ def test_two_instances_share_presence_and_a_cancel_reaches_the_other_ones_worker
     # no longer current. Either way the worker stops the job.
     poll(lambda: _worker_stopped_job(worker.stderr()), timeout=5, what="A's worker stopping")
     assert worker.alive()
+
+
+def test_a_users_job_preempts_a_real_workers_system_job_which_then_finishes(
+    store_url: str, system: System
+) -> None:
+    """No reserved slot, one worker slot busy with a long SYSTEM job: a
+    user's new realm does not wait for it. The worker is told to hand the
+    job back (logged as such, not as a lost lease), runs the user's job,
+    then the SYSTEM job again, which completes; the interruption is not
+    counted."""
+    server = system.start_server(store_url, "--reserved-slots", "0")
+    stub = server.stub()
+    big = create_realm(stub, "big", bulk_cards(FILES), priority=0).job.job_id
+    worker = system.start_worker(server, "w1", "--concurrency", "1", *PACE)
+    _running_midway(stub, big)
+
+    small = create_realm(stub, "small", bulk_cards(5, prefix="small"), priority=10).job.job_id
+    done = poll(
+        lambda: (j := get_job(stub, small)).state == pb.Job.STATE_SUCCEEDED and j,
+        what="the user's job",
+    )
+    assert done.attempt == 1
+    log = worker.stderr()
+    assert "job handed back" in log and f"preempted for job {small}" in log
+    assert "job lease lost" not in log
+    finished = poll(
+        lambda: (j := get_job(stub, big)).state == pb.Job.STATE_SUCCEEDED and j,
+        timeout=30,
+        what="the preempted job, run again",
+    )
+    assert finished.attempt == 2
+    assert [a.outcome for a in job_attempts(store_url, big)] == ["interrupted", "completed"]
+    realm = stub.GetRealm(spb.GetRealmRequest(realm_id="big")).realm
+    assert realm.stats.entries == FILES + 2
+    assert worker.alive()

@@ -1,7 +1,7 @@
 """A stateful property test: random sequences of enqueues, claims, lease
-operations, clock jumps and reaps, checked step by step against a small model
-of DESIGN.md section 4 and 5 (coalescing, order, serial runs, fencing, the
-attempts cap)."""
+operations, preemptions, clock jumps and reaps, checked step by step against
+a small model of DESIGN.md section 4 and 5 (coalescing, order, serial runs,
+fencing, the attempts cap, aging and the preemption cap)."""
 
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ from realm_service.store.tables import (
 )
 
 REALMS = ("a", "b", "c")
-PRIORITIES = (0, 1, 10, 50, 100)
-# A low cap, so that random runs reach it often.
+PRIORITIES = (0, 0, 1, 10, 50, 100)
+# Low caps, so that random runs reach them often.
 MAX_ATTEMPTS = 2
+MAX_PREEMPTIONS = 1
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
 
@@ -61,6 +62,7 @@ ACTIONS = (
     *["wait"] * 2,
     "reap",
     "heartbeat_and_upload",
+    *["preempt"] * 2,
 )
 Request = tuple[str, JobKind, int, list[PathChange], bool]
 requests = st.tuples(
@@ -86,6 +88,7 @@ class ModelJob:
     lease: str | None = None
     expire: datetime | None = None
     successor: int | None = None
+    preemptions: int = 0
 
 
 def merged_paths(old: dict[str, bool], new: Sequence[PathChange]) -> dict[str, bool]:
@@ -115,7 +118,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.queue = JobQueue(
             self.db,
-            settings=QueueSettings(lease_duration=LEASE, max_attempts=MAX_ATTEMPTS),
+            settings=QueueSettings(
+                lease_duration=LEASE, max_attempts=MAX_ATTEMPTS, max_preemptions=MAX_PREEMPTIONS
+            ),
             clock=self.clock,
         )
         for realm in REALMS:
@@ -156,6 +161,7 @@ class QueueMachine(RuleBasedStateMachine):
             return
         other.priority = max(other.priority, job.priority)
         other.seq = min(other.seq, job.seq)
+        other.preemptions = max(other.preemptions, job.preemptions)
         other.paths = merged_paths(other.paths, [PathChange(p, d) for p, d in job.paths.items()])
         job.state = "merged"
         job.successor = other.job_id
@@ -297,6 +303,7 @@ class QueueMachine(RuleBasedStateMachine):
             job.claims += 1
             assert lease.expire_time == job.expire
             assert lease.job.attempt == job.claims
+            assert lease.preemptions == job.preemptions
         self.seen_leases += [lease.lease_id for lease in got]
 
     def heartbeat_and_upload(self, data: st.DataObject) -> None:
@@ -347,6 +354,32 @@ class QueueMachine(RuleBasedStateMachine):
                 expected.append(job.job_id)
                 self._requeue(job)
         assert [j.job_id for j in self.queue.release(chosen)] == expected
+
+    def preempt(self, data: st.DataObject) -> None:
+        """A running SYSTEM job handed back: uncounted, at the head of its
+        priority's line, at most MAX_PREEMPTIONS times."""
+        system = [
+            j.lease
+            for j in self.jobs.values()
+            if j.state == "running" and j.priority == 0 and j.lease
+        ]
+        if system and data.draw(st.booleans(), label="a SYSTEM job's lease?"):
+            lease = data.draw(st.sampled_from(system), label="lease")
+        else:
+            lease = self._pick_lease(data)
+        job = self._by_lease(lease)
+        got = self.queue.preempt(lease, "for a user")
+        if job is None or job.priority > 0 or job.preemptions >= MAX_PREEMPTIONS:
+            assert got is None
+            return
+        assert got is not None and got.job_id == job.job_id
+        job.preemptions += 1
+        line = [
+            j.seq for j in self.jobs.values() if j.state == "queued" and j.priority == job.priority
+        ]
+        if line:
+            job.seq = min(job.seq, min(line) - 1)
+        self._requeue(job)
 
     def wait(self, data: st.DataObject) -> None:
         # 0 keeps enqueue times equal (ties broken by id); 31 s passes a lease.
