@@ -13,6 +13,9 @@ Items (see bench/README.md, "Service pair"):
   streams     1,000 idle ClaimJobs streams: server RSS per stream, wake-up with them
   storm       a priority-10 realm's job start and CreateRealm(wait_for_index)
               return during a 100,000-job SYSTEM storm, next to an idle system
+  preempt     the same storm with no reserved slot, every slot holding a
+              2 s SYSTEM job: the user's job start with preemption, and with
+              --max-preemptions 0 (it waits for a SYSTEM job to end)
   create      CreateRealm latency next to grpc.health.v1 Check and GetJob
   index       a realm of 5,000 small cards indexed by a real worker: enqueue to
               SUCCEEDED, CreateRealm(wait_for_index), next to the bulk stream
@@ -73,7 +76,17 @@ from realm.v1 import resources_pb2 as pb
 HERE = Path(__file__).resolve().parent
 USER = 10
 SYSTEM = 0
-ITEMS = ("throughput", "wakeup", "storm", "create", "index", "index_rss", "push", "stmt")
+ITEMS = (
+    "throughput",
+    "wakeup",
+    "storm",
+    "preempt",
+    "create",
+    "index",
+    "index_rss",
+    "push",
+    "stmt",
+)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class Config:
     storm_realms: int = 50
     storm_streams: int = 4
     storm_credits: int = 4
+    preempt_job_s: float = 2.0
     create_samples: int = 300
     index_files: int = 5000
     index_realms: int = 3
@@ -654,6 +668,67 @@ async def run_storm(cfg: Config, workdir: Path) -> None:
         )
 
 
+async def run_preempt(cfg: Config, workdir: Path) -> None:
+    """The storm with `--reserved-slots 0`: all 16 slots hold SYSTEM jobs of
+    `preempt_job_s` seconds each (a job handed back starts over when it runs
+    again). With preemption (the default) a user's job starts by preempting
+    one; with `--max-preemptions 0` it waits for a SYSTEM job to end."""
+    for phase, extra in (
+        ("preemption", ("--reserved-slots", "0")),
+        ("no preemption", ("--reserved-slots", "0", "--max-preemptions", "0")),
+    ):
+        label = "preempt" if phase == "preemption" else "nopreempt"
+        with Pair(cfg, workdir, label, extra=extra) as pair:
+            ids = [f"storm-{i:06d}" for i in range(cfg.storm_jobs)]
+            seed_realms(pair.store, ids)
+            pair.start_server()
+            channel = grpc.aio.insecure_channel(pair.server.address)
+            stub = sgrpc.RealmServiceStub(channel)
+            holders = [
+                BenchStream(
+                    channel,
+                    f"holder-{k}",
+                    credits=cfg.storm_credits,
+                    hold=lambda a: a.job.priority <= SYSTEM,
+                    hold_seconds=cfg.preempt_job_s,
+                )
+                for k in range(cfg.storm_streams)
+            ]
+            for h in holders:
+                await h.open()
+            await asyncio.to_thread(seed_jobs, pair.store, ids, priority=SYSTEM)
+            slots = cfg.storm_streams * cfg.storm_credits
+            deadline = time.monotonic() + 60
+            while sum(len(h.held) for h in holders) < slots:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the storm did not fill the slots")
+                await asyncio.sleep(0.05)
+            start, ret, failed = await storm_samples(stub, holders, label, cfg.storm_realms)
+            revoked = sum(h.revoked for h in holders)
+            for h in holders:
+                await h.close()
+            await channel.close()
+        s, r = summary(start), summary(ret)
+        record: dict[str, Any] = {
+            "item": "preempt",
+            "store": cfg.store,
+            "phase": phase,
+            "system_jobs_queued": cfg.storm_jobs,
+            "system_job_s": cfg.preempt_job_s,
+            "slots": slots,
+            "reserved_slots": 0,
+            "preemptions": revoked,
+            "job_start": s,
+            "create_wait_return": r,
+            "failed": failed,
+        }
+        if phase == "preemption":
+            record["target"] = "start p99 <= 250 ms"
+            record["met"] = s["p99_ms"] <= 250
+        emit(record)
+        log(f"{phase}: start p50 {s['p50_ms']} p99 {s['p99_ms']} ms; {revoked} preemptions")
+
+
 # -- 5. CreateRealm latency next to a bare unary RPC ------------------------------------
 
 
@@ -1156,6 +1231,17 @@ def table() -> str:
                 f"storm {r['phase']}: create+wait",
                 f"p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms",
             )
+        elif item == "preempt":
+            s, c = r["job_start"], r["create_wait_return"]
+            row(
+                f"{r['phase']}: job start",
+                f"p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms"
+                f" ({r['preemptions']} preemptions, {r['failed']} failed){met}",
+            )
+            row(
+                f"{r['phase']}: create+wait",
+                f"p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms",
+            )
         elif item == "create_latency":
             for name in ("CreateRealm", "Health.Check", "GetJob"):
                 row(
@@ -1256,6 +1342,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_wakeup(cfg, work.path))
         if "storm" in only:
             asyncio.run(run_storm(cfg, work.path))
+        if "preempt" in only:
+            asyncio.run(run_preempt(cfg, work.path))
         if "create" in only:
             asyncio.run(run_create(cfg, work.path))
         if "index" in only:

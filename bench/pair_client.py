@@ -36,17 +36,25 @@ class BenchStream:
         credits: int,
         hold: Hold = never,
         min_priority: int | None = None,
+        hold_seconds: float | None = None,
     ) -> None:
         self.stub = sgrpc.RealmServiceStub(channel)
         self.worker_id = worker_id
         self.initial_credits = credits
         self.hold = hold
         self.min_priority = min_priority
+        # Held jobs are completed once held this long (None: never); a job
+        # handed back and assigned again starts over.
+        self.hold_seconds = hold_seconds
+        self._held_since: dict[str, float] = {}
         self.held: dict[str, spb.JobAssignment] = {}
         self.arrivals: dict[str, float] = {}
         self.arrivals_wall: dict[str, float] = {}  # time.time(), to compare with server stamps
         self.completed = 0
         self.refused = 0
+        # Held leases the server revoked (a preemption, a cancel); each slot
+        # is given back at once, as a worker does once the job has stopped.
+        self.revoked = 0
         self._arrival_waiters: dict[str, asyncio.Future[float]] = {}
         self._ack_waiters: dict[str, asyncio.Future[float]] = {}
         self._job_of_lease: dict[str, str] = {}
@@ -72,6 +80,8 @@ class BenchStream:
             asyncio.create_task(self._read_loop()),
             asyncio.create_task(self._heartbeat_loop()),
         ]
+        if self.hold_seconds is not None:
+            self._tasks.append(asyncio.create_task(self._finish_loop(self.hold_seconds)))
         if self.initial_credits:
             self.credit(self.initial_credits)
 
@@ -87,6 +97,7 @@ class BenchStream:
         """Report the leases as succeeded and give their slots back as credits."""
         for lease_id in lease_ids:
             self.held.pop(lease_id, None)
+            self._held_since.pop(lease_id, None)
         self.send(
             spb.ClaimJobsRequest(
                 results=spb.JobResults(
@@ -105,6 +116,18 @@ class BenchStream:
             while (message := await self._outbox.get()) is not None:
                 await self.call.write(message)
             await self.call.done_writing()
+
+    async def _finish_loop(self, hold_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.perf_counter()
+            due = [
+                lease
+                for lease in self.held
+                if now - self._held_since.get(lease, now) >= hold_seconds
+            ]
+            if due:
+                self.complete(due)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -145,6 +168,9 @@ class BenchStream:
                             self.completed += ack.job_state == pb.Job.STATE_SUCCEEDED
                         else:
                             self.refused += 1
+                            if self.held.pop(ack.lease_id, None) is not None:
+                                self.revoked += 1
+                                self.credit(1)
                         job_id = self._job_of_lease.pop(ack.lease_id, None)
                         if job_id is not None and ack.job_state != pb.Job.STATE_RUNNING:
                             self._resolve(self._ack_waiters, job_id, now)
@@ -160,6 +186,7 @@ class BenchStream:
             self._resolve(self._arrival_waiters, a.job.job_id, now)
             if self.hold(a):
                 self.held[a.lease_id] = a
+                self._held_since[a.lease_id] = now
             else:
                 self._job_of_lease[a.lease_id] = a.job.job_id
                 done.append(a.lease_id)

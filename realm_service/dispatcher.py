@@ -47,10 +47,13 @@ from realm_service.queue import JobQueue, job_fields
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
-# How often at most the dispatcher looks for a waiting job to preempt for
-# (one read of the queue's head above SYSTEM), and how long a waiting job a
-# preemption was made for is left to take the freed slot before another.
-PREEMPT_CHECK_SECONDS = 0.05
+# The dispatcher looks for a waiting job to preempt for (one read of the
+# queue's head above SYSTEM) when new work was announced, at most every
+# PREEMPT_CHECK_SECONDS, and at least every PREEMPT_RECHECK_SECONDS while
+# SYSTEM jobs hold slots; a waiting job a preemption was made for is left
+# PREEMPT_PENDING_SECONDS to take the freed slot before another is made.
+PREEMPT_CHECK_SECONDS = 0.01
+PREEMPT_RECHECK_SECONDS = 1.0
 PREEMPT_PENDING_SECONDS = 5.0
 
 
@@ -187,6 +190,8 @@ class Dispatcher:
         self._preempt_checked = 0.0
         self._preempt_later: asyncio.TimerHandle | None = None
         self._preempted_for: dict[int, float] = {}
+        # New work was announced since the last look (set from any thread).
+        self._new_work = True
 
     # -- registration -------------------------------------------------------
 
@@ -204,6 +209,10 @@ class Dispatcher:
     def wake_threadsafe(self) -> None:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _new_work_threadsafe(self) -> None:
+        self._new_work = True
+        self.wake_threadsafe()
 
     # -- the loop -------------------------------------------------------------
 
@@ -226,7 +235,7 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.queue.on_lease_revoked(self.revoke_threadsafe)
-        self.queue.on_new_work(self.wake_threadsafe)
+        self.queue.on_new_work(self._new_work_threadsafe)
         failing = False
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
@@ -293,9 +302,10 @@ class Dispatcher:
     async def _preempt(self) -> None:
         """Hand back SYSTEM jobs for waiting jobs of users that no free slot
         would take (see the module's docstring). One read of the queue per
-        stream filter holding SYSTEM jobs, at most every
-        PREEMPT_CHECK_SECONDS; a wake-up in between is answered once that
-        pause ends."""
+        stream filter holding SYSTEM jobs when new work was announced, at
+        most every PREEMPT_CHECK_SECONDS; a wake-up in between is answered
+        once that pause ends. Without new work it looks again after
+        PREEMPT_RECHECK_SECONDS (a job that was waiting for its realm)."""
         cap = self.queue.settings.max_preemptions
         if cap <= 0:
             return
@@ -309,12 +319,15 @@ class Dispatcher:
         if not victims:
             return
         now = time.monotonic()
+        if not self._new_work and now - self._preempt_checked < PREEMPT_RECHECK_SECONDS:
+            return  # nothing new waits; the poll brings the next look
         pause = self._preempt_checked + PREEMPT_CHECK_SECONDS - now
         if pause > 0:
             if self._preempt_later is None and self._loop is not None:
                 self._preempt_later = self._loop.call_later(pause, self._wake_after_pause)
             return
         self._preempt_checked = now
+        self._new_work = False
         self._preempted_for = {
             job_id: at
             for job_id, at in self._preempted_for.items()
