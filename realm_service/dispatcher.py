@@ -362,6 +362,12 @@ class Dispatcher:
             stream.revoke(lease.lease_id, reason, requeued=True)
             victims = [(s, v) for s, v in victims if v.lease_id != lease.lease_id]
 
+    def preempted_for(self, job_id: int) -> bool:
+        """Whether a SYSTEM job was preempted here for this waiting job in
+        the last PREEMPT_PENDING_SECONDS (ExplainJob says so)."""
+        at = self._preempted_for.get(job_id)
+        return at is not None and time.monotonic() - at < PREEMPT_PENDING_SECONDS
+
     def _wake_after_pause(self) -> None:
         self._preempt_later = None
         self.wake()

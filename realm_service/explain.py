@@ -182,11 +182,16 @@ def _worker_reasons(
     free = sum(w.credits for w in matching)
     if free == 0:
         slots = sum(w.jobs_held for w in matching)
+        handed_back = (
+            "; a SYSTEM job was preempted for it: it takes that slot once the worker gives it back"
+            if dispatcher.preempted_for(job.job_id)
+            else ""
+        )
         return [
             WaitReason(
                 WaitCode.ALL_SLOTS_BUSY,
                 f"every slot of the {len(matching)} worker stream(s) that would take it is "
-                f"busy ({slots} job(s) held)",
+                f"busy ({slots} job(s) held){handed_back}",
             )
         ]
     if job.priority <= SYSTEM and dispatcher.system_budget() == 0:

@@ -157,6 +157,14 @@ def test_without_a_free_slot_a_user_job_preempts_the_system_job_with_least_progr
     late = w1.complete(least.lease_id)
     assert not late.accepted, late
 
+    # Until the worker gives the slot back, ExplainJob says what is under way.
+    explained = live.stub.ExplainJob(spb.ExplainJobRequest(job_id=created.job.job_id))
+    assert any(
+        r.code == spb.WaitReason.CODE_ALL_SLOTS_BUSY
+        and "a SYSTEM job was preempted for it" in r.message
+        for r in explained.reasons
+    ), explained
+
     # The worker frees the slot: the user's job takes it.
     w1.credit(1)
     (a,) = w1.assignments(1)
