@@ -47,13 +47,14 @@ from realm_service.queue import JobQueue, job_fields
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+_assignments = itertools.count(1)
 # The dispatcher looks for a waiting job to preempt for (one read of the
 # queue's head above SYSTEM) when new work was announced, at most every
 # PREEMPT_CHECK_SECONDS, and at least every PREEMPT_RECHECK_SECONDS while
 # SYSTEM jobs hold slots; a waiting job a preemption was made for is left
 # PREEMPT_PENDING_SECONDS to take the freed slot before another is made.
 PREEMPT_CHECK_SECONDS = 0.01
-PREEMPT_RECHECK_SECONDS = 1.0
+PREEMPT_RECHECK_SECONDS = 0.9  # under the 1 s poll: each poll looks
 PREEMPT_PENDING_SECONDS = 5.0
 
 
@@ -78,6 +79,8 @@ class WorkerStream:
     revoked: Callable[[str, str, bool], None] = lambda lease_id, reason, requeued: None
     # Share of its work each held job reported done (heartbeats), by lease.
     progress: dict[str, float] = field(default_factory=dict)
+    # When each held lease was assigned, in dispatcher order (by lease).
+    assigned: dict[str, int] = field(default_factory=dict)
     connect_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Wall-clock time of the worker's last message (time.time()).
     last_message: float = field(default_factory=time.time)
@@ -89,6 +92,7 @@ class WorkerStream:
         """Hold a lease handed to this stream; it uses one credit."""
         self.credits -= 1
         self.outstanding[lease.lease_id] = lease
+        self.assigned[lease.lease_id] = next(_assignments)
 
     def holds(self, lease_id: str) -> bool:
         return lease_id in self.outstanding
@@ -97,6 +101,7 @@ class WorkerStream:
         """Forget a lease that ended (result, release, refusal, reap)."""
         self.outstanding.pop(lease_id, None)
         self.progress.pop(lease_id, None)
+        self.assigned.pop(lease_id, None)
 
     def revoke(self, lease_id: str, reason: str, *, requeued: bool = False) -> bool:
         """A held lease was revoked (its job cancelled, deleted, or handed
@@ -104,8 +109,12 @@ class WorkerStream:
         if self.outstanding.pop(lease_id, None) is None:
             return False
         self.progress.pop(lease_id, None)
+        self.assigned.pop(lease_id, None)
         self.revoked(lease_id, reason, requeued)
         return True
+
+    def assigned_order(self, lease_id: str) -> int:
+        return self.assigned.get(lease_id, 0)
 
     def progressed(self, lease_id: str, done: int, total: int) -> None:
         """A held job's progress, as its worker reported it."""
@@ -135,6 +144,7 @@ class WorkerStream:
         held = list(self.outstanding)
         self.outstanding.clear()
         self.progress.clear()
+        self.assigned.clear()
         return held
 
     @property
@@ -347,17 +357,21 @@ class Dispatcher:
             ):
                 continue  # a free slot takes it in the next round
             held = [
-                (s.progress.get(lease.lease_id, 0.0), -order, s, lease)
-                for order, (s, lease) in enumerate(victims)
+                (s.progress.get(lease.lease_id, 0.0), -s.assigned_order(lease.lease_id), s, lease)
+                for s, lease in victims
                 if s.accepts(waiting) and s.holds(lease.lease_id)
             ]
             if not held:
                 continue
-            # The least progress; of equals, the job assigned last.
+            # The least progress (the share of its work done); of equals, the
+            # job assigned last.
             _, _, stream, lease = min(held, key=lambda h: (h[0], h[1]))
             reason = preemption_reason(waiting.job_id, waiting.priority)
-            if await asyncio.to_thread(self.queue.preempt, lease.lease_id, reason) is None:
-                continue  # it ended meanwhile
+            preempted = await asyncio.to_thread(
+                self.queue.preempt, lease.lease_id, reason, for_job=waiting.job_id
+            )
+            if preempted is None:
+                continue  # it ended meanwhile, or a claim took the waiting job
             self._preempted_for[waiting.job_id] = now
             stream.revoke(lease.lease_id, reason, requeued=True)
             victims = [(s, v) for s, v in victims if v.lease_id != lease.lease_id]

@@ -538,17 +538,21 @@ class JobQueue:
                 log.info("job requeued", extra={**job_fields(job), "reason": reason})
         return jobs
 
-    def preempt(self, lease_id: str, reason: str) -> Job | None:
-        """Hand a running SYSTEM job back for a waiting job of a user: its
-        attempt ends interrupted (not counted) with `reason`, and it is
-        queued again at the head of its priority's line, one preemption
-        more (aging: it runs next once SYSTEM work may). None, with nothing
-        changed, if the lease is not current, the job is above SYSTEM, or it
-        was preempted `max_preemptions` times already (it then runs to the
-        end). The caller tells the stream holding the lease."""
+    def preempt(self, lease_id: str, reason: str, *, for_job: int | None = None) -> Job | None:
+        """Hand a running SYSTEM job back for a waiting job of a user
+        (`for_job`): its attempt ends interrupted (not counted) with
+        `reason`, and it is queued again at the head of its priority's line,
+        one preemption more (aging: it runs next once SYSTEM work may).
+        None, with nothing changed, if `for_job` is no longer queued (a
+        claim, maybe of another instance, took it meanwhile), the lease is
+        not current, the job is above SYSTEM, or it was preempted
+        `max_preemptions` times already (it then runs to the end). The
+        caller tells the stream holding the lease."""
         now = self.clock()
 
         def work(tx: Tx) -> Job | None:
+            if for_job is not None and not leases_sql.still_queued(tx, for_job):
+                return None
             try:
                 held = leases_sql.current(tx, lease_id)
             except StaleLease:

@@ -185,6 +185,7 @@ def _held(row: Any) -> HeldJob:
         lease_id=row.lease_id,
         attempt_id=row.lease_attempt_id,
         counted_failures=row.counted_failures,
+        preemptions=row.preemptions,
     )
 
 
@@ -341,9 +342,11 @@ def requeue(
     else:
         values["state"] = MERGED
         values["superseded_by"] = other.id
+        # Aging places a job in its own priority's line: folded into a job
+        # of another priority, it keeps the place it had.
         seq = (
             head
-            if head is not None
+            if head is not None and other.priority == job.priority
             else tx.session.scalar(select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id))
         )
         tx.session.execute(
@@ -435,3 +438,10 @@ def _live_row_for_update(tx: Tx, job_id: int) -> Any:
             return row
         job_id = row.superseded_by
     raise JobNotFound(f"job {job_id} does not exist")
+
+
+def still_queued(tx: Tx, job_id: int) -> bool:
+    """Whether the job is queued, its row locked until commit (a claim that
+    holds it is waited for, and then seen)."""
+    state = tx.session.scalar(select(_JOBS.c.state).where(_JOBS.c.id == job_id).with_for_update())
+    return state == QUEUED

@@ -105,7 +105,8 @@ class JobRow(Base):
     # queued | running | succeeded | failed | merged (folded into superseded_by)
     state: Mapped[str] = mapped_column(String(20))
     # Queue order among equal priorities: enqueue time in microseconds, kept on
-    # requeue; ties are broken by id.
+    # requeue (a preempted job goes ahead of its priority's line); ties are
+    # broken by id.
     seq: Mapped[int] = mapped_column(BigInteger)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     counted_failures: Mapped[int] = mapped_column(Integer, default=0)

@@ -155,7 +155,7 @@ def test_without_a_free_slot_a_user_job_preempts_the_system_job_with_least_progr
     assert counted_failures(live.srv.db, preempted) == 0
     # The stopped job's late result is refused by the fence.
     late = w1.complete(least.lease_id)
-    assert not late.accepted, late
+    assert (late.accepted, late.reason) == (False, "lease is not held by this stream")
 
     # Until the worker gives the slot back, ExplainJob says what is under way.
     explained = live.stub.ExplainJob(spb.ExplainJobRequest(job_id=created.job.job_id))

@@ -155,3 +155,42 @@ def test_first_waiting_is_what_a_claim_would_take_first(queue: JobQueue) -> None
     queue.complete(busy.lease_id)
     top = queue.first_waiting(min_priority=USER)
     assert top is not None and top.priority == 60 and top.realm_id == "busy"
+
+
+def test_folded_into_a_job_of_another_priority_a_preempted_job_keeps_its_place(
+    queue: JobQueue,
+) -> None:
+    """Aging moves a job within its own line: folded into a USER job of its
+    realm queued meanwhile, it does not jump that USER job ahead of an older
+    USER job (the one it may have been preempted for)."""
+    storm(queue, 1)  # the head of the SYSTEM line, older than everything below
+    make_realm(queue, "r")
+    make_realm(queue, "w")
+    waiting = queue.enqueue("w", FS, USER).job
+    running = queue.enqueue("r", INC, SYSTEM, paths=[PathChange("a", False)]).job
+    (lease,) = queue.claim(1, kinds=[INC])
+    assert lease.job.job_id == running.job_id
+    later = queue.enqueue("r", INC, USER, paths=[PathChange("b", False)]).job
+    assert later.job_id != running.job_id
+    assert queue.preempt(lease.lease_id, "for w", for_job=waiting.job_id) is not None
+    got = queue.claim(2)
+    assert [x.job.job_id for x in got] == [waiting.job_id, later.job_id]
+
+
+def test_nothing_is_preempted_for_a_job_that_is_no_longer_queued(queue: JobQueue) -> None:
+    """Between the dispatcher's read and the preemption a claim (maybe of
+    another instance) took the waiting job: the SYSTEM job keeps running."""
+    (system_job,) = storm(queue, 1)
+    (lease,) = queue.claim(1)
+    make_realm(queue, "u")
+    user = queue.enqueue("u", FS, USER).job
+    (taken,) = queue.claim(1, min_priority=USER)
+    assert taken.job.job_id == user.job_id
+    assert queue.preempt(lease.lease_id, "for u", for_job=user.job_id) is None
+    assert queue.get_job(system_job).state is JobState.RUNNING
+    assert outcomes(queue, system_job) == [("running", "")]
+    queue.complete(taken.lease_id)
+    assert queue.preempt(lease.lease_id, "for u", for_job=user.job_id) is None
+    make_realm(queue, "v")
+    other = queue.enqueue("v", FS, USER).job
+    assert queue.preempt(lease.lease_id, "for v", for_job=other.job_id) is not None

@@ -377,7 +377,10 @@ class QueueMachine(RuleBasedStateMachine):
         line = [
             j.seq for j in self.jobs.values() if j.state == "queued" and j.priority == job.priority
         ]
-        if line:
+        other = self._queued(job.realm, job.kind)
+        # Aging within its own priority's line only: folded into a job of
+        # another priority, it keeps its place.
+        if line and (other is None or other.priority == job.priority):
             job.seq = min(job.seq, min(line) - 1)
         self._requeue(job)
 
