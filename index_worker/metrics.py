@@ -35,6 +35,15 @@ CONNECTED = Gauge(
     "index_worker_stream_connected", "1 while the ClaimJobs stream is open", registry=REGISTRY
 )
 SLOTS = Gauge("index_worker_slots", "Job slots: total, and busy now", ["state"], registry=REGISTRY)
+LEASES_TAKEN = Counter(
+    "index_worker_leases_taken_total",
+    "Jobs stopped because the server ended their lease: handed back (preempted, "
+    "queued again) or lost (cancelled, expired, deleted)",
+    ["how"],
+    registry=REGISTRY,
+)
+for _how in ("handed_back", "lost"):
+    LEASES_TAKEN.labels(_how)
 
 for _kind in JobKind:
     for _outcome in Outcome:

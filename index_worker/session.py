@@ -183,8 +183,10 @@ class Session:
             if ack.requeued:
                 # Preempted: the server queued the job again, for later.
                 logger.info("job handed back", extra=fields)
+                metrics.LEASES_TAKEN.labels("handed_back").inc()
             else:
                 logger.warning("job lease lost", extra=fields)
+                metrics.LEASES_TAKEN.labels("lost").inc()
             self._drop(held)
 
     def on_drain(self, notice: DrainNotice) -> None:

@@ -261,8 +261,13 @@ def ping_message(nonce: int, *, reply: bool) -> pb.ClaimJobsResponse:
     return pb.ClaimJobsResponse(ping=pb.Ping(nonce=nonce, reply=reply))
 
 
-def lost(lease_id: str) -> pb.ClaimJobsResponse:
+def lost(lease_id: str, *, handed_back: bool = False) -> pb.ClaimJobsResponse:
+    """A refusal of the lease; `handed_back`: as after a preemption (the job
+    queued again)."""
     ack = pb.LeaseAck(lease_id=lease_id, accepted=False, reason="lease superseded")
+    if handed_back:
+        ack.reason = "lease revoked: preempted for job 7 (priority 10)"
+        ack.job_state = res.Job.STATE_QUEUED
     return pb.ClaimJobsResponse(acks=pb.LeaseAcks(acks=[ack]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from fake_realm_server import (
 )
 from realm.v1 import realm_service_pb2 as pb
 
+from index_worker import metrics
 from index_worker.runner import Worker
 from index_worker.session import Session
 
@@ -161,7 +163,17 @@ def test_heartbeats_report_progress_of_held_leases() -> None:
     run(scenario)
 
 
-def test_refused_lease_cancels_the_job_and_frees_its_slot() -> None:
+@pytest.mark.parametrize("handed_back", [False, True], ids=["lost", "handed-back"])
+def test_refused_lease_cancels_the_job_and_frees_its_slot(
+    handed_back: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease the server ended (lost), or took back to queue the job again
+    (a preemption): the job stops, its slot is granted again; the worker
+    logs a preemption at INFO ("job handed back"), any other loss as a
+    warning, and counts each."""
+    how = "handed_back" if handed_back else "lost"
+    before = metrics.REGISTRY.get_sample_value("index_worker_leases_taken_total", {"how": how})
+
     async def scenario() -> None:
         service = FakeRealmService(heartbeat_interval=0.05, realms={"r": {"a.txt": b"a"}})
         gate = gated(service, "r", "a.txt")
@@ -172,7 +184,7 @@ def test_refused_lease_cancels_the_job_and_frees_its_slot() -> None:
             await stream.assign(job)
             await service.read_started("a.txt")
             await stream.next("heartbeat")
-            await stream.send(lost(job.lease_id))
+            await stream.send(lost(job.lease_id, handed_back=handed_back))
             assert (await stream.next("credit")).credit.credits == 1
             beats_before = len(stream.of_kind("heartbeat"))
             async with asyncio.timeout(WAIT):
@@ -184,7 +196,14 @@ def test_refused_lease_cancels_the_job_and_frees_its_slot() -> None:
             later = stream.of_kind("heartbeat")[beats_before:]
             assert all(job.lease_id not in str(beat) for beat in later)
 
+    caplog.set_level(logging.INFO, logger="index_worker.session")
     run(scenario)
+    after = metrics.REGISTRY.get_sample_value("index_worker_leases_taken_total", {"how": how})
+    assert after == (before or 0) + 1
+    stopped = [r for r in caplog.records if r.getMessage() in ("job handed back", "job lease lost")]
+    assert [(r.getMessage(), r.levelno) for r in stopped] == [
+        ("job handed back", logging.INFO) if handed_back else ("job lease lost", logging.WARNING)
+    ]
 
 
 def test_server_ping_is_answered() -> None:
