@@ -91,6 +91,7 @@ class JobQueue:
         # release; the reaper releases them (as interruptions) once it can.
         self._unreleased: dict[str, str] = {}
         self._unreleased_lock = threading.Lock()
+        self._claims_one_at_a_time = threading.Lock()
 
     # -- subscriptions --------------------------------------------------------
 
@@ -322,6 +323,11 @@ class JobQueue:
         # scanned (and locked) by claims that may take none of it.
         system_lane = system_limit is None or (system_limit > 0 and min_priority <= SYSTEM)
 
+        # Alone on the store (as of the last refresh of the instances), this
+        # process's claims run one at a time and need not guard against each
+        # other (claim_sql.claim, `concurrent`).
+        alone = not self.db.others_alive
+
         def work(tx: Tx) -> list[Lease]:
             leases = claim_sql.claim(
                 tx,
@@ -334,12 +340,16 @@ class JobQueue:
                 lease_until=until,
                 instance_id=self.instance_id,
                 system_cap=system_limit if system_lane else None,
+                concurrent=not alone or self.db.others_alive,
             )
             return _with_files(tx, leases)
 
         # "job running" is logged by the dispatcher, which knows the stream
         # each lease goes to.
-        return self.db.retrying(work)
+        if not alone:
+            return self.db.retrying(work)
+        with self._claims_one_at_a_time:
+            return self.db.retrying(work)
 
     # -- fenced lease operations ----------------------------------------------
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import event, insert, select, text
 
 from realm_service.domain import SYSTEM, USER, Disposition, Job, JobKind, JobState, PathChange
 from realm_service.queue import JobQueue, QueueSettings
@@ -275,6 +275,78 @@ def test_a_claim_blocked_by_a_locked_realm_announces_nothing(pg_url: str) -> Non
             holder.rollback()
         (lease,) = queue.claim(4, worker="a")
         assert lease.job.realm_id == "locked"
+    finally:
+        other.close()
+        db.close()
+
+
+# The claim's statements as PostgreSQL receives them, by their first words.
+CANDIDATES = "SELECT jobs.id, jobs.realm_id, jobs.kind"
+BUSY = "SELECT jobs.realm_id \nFROM jobs \nWHERE jobs.realm_id = ANY"
+
+
+def test_an_instance_alone_skips_the_busy_check_and_the_unique_index_backs_it(
+    pg_url: str,
+) -> None:
+    """Alone on the store, a claim does not read its locked realms again for
+    running jobs (its own claims run one at a time). Should another instance
+    start unseen and commit a running job of a realm between the claim's
+    candidate read and its realm lock, the unique index on running jobs
+    refuses the second job and the claim runs again, then leaving the realm
+    alone: never two running jobs of a realm."""
+    db = open_database(pg_url)
+    other = open_database(pg_url, migrate=False)
+    try:
+        create_realms(db, ["r", "s", "t"])
+        queue = JobQueue(db)
+        theirs = JobQueue(other)
+        inc = queue.enqueue("r", INC, USER, paths=[PathChange("x", False)]).job
+        scratch = queue.enqueue("r", FS, SYSTEM).job
+        s_job = queue.enqueue("s", FS, SYSTEM).job
+        db.set_others_alive(False)
+        statements: list[str] = []
+        raced: list[list[int]] = []
+
+        @event.listens_for(db.engine, "before_cursor_execute")
+        def spy(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement)
+            if "FROM realms" in statement and "FOR UPDATE SKIP LOCKED" in statement and not raced:
+                # After this claim's candidate read, before its realm lock:
+                # the unseen instance claims r's USER job and commits.
+                done: list[list[int]] = []
+                t = threading.Thread(
+                    target=lambda: done.append(
+                        [x.job.job_id for x in theirs.claim(1, min_priority=USER, worker="b")]
+                    )
+                )
+                t.start()
+                t.join(10)
+                raced.append(done[0])
+
+        taken = queue.claim(2, worker="a", kinds=[FS])
+        event.remove(db.engine, "before_cursor_execute", spy)
+        assert raced == [[inc.job_id]]
+        # The first run took r's from-scratch job too and was refused by the
+        # unique index; the second left r (busy) and took s only.
+        assert [x.job.job_id for x in taken] == [s_job.job_id]
+        assert queue.get_job(scratch.job_id).state is JobState.QUEUED
+        assert sum(q.startswith(CANDIDATES) for q in statements) == 2  # run again once
+        assert not any(q.startswith(BUSY) for q in statements)
+        with db.session_for_tests() as session:
+            running = session.execute(
+                select(JobRow.realm_id).where(JobRow.state == "running")
+            ).all()
+        assert sorted(r for (r,) in running) == ["r", "s"]
+
+        # With another instance known, the check is made.
+        db.set_others_alive(True)
+        statements.clear()
+        event.listen(db.engine, "before_cursor_execute", spy)
+        raced.append([])  # no racing this time
+        t_job = queue.enqueue("t", FS, USER).job
+        assert [x.job.job_id for x in queue.claim(2, worker="a")] == [t_job.job_id]
+        event.remove(db.engine, "before_cursor_execute", spy)
+        assert sum(q.startswith(BUSY) for q in statements) == 1
     finally:
         other.close()
         db.close()
