@@ -421,6 +421,7 @@ class JobQueue:
         *,
         files_done: Mapping[str, int] | None = None,
         entries: Mapping[str, tuple[Sequence[IndexEntry], Sequence[str]]] | None = None,
+        whole: Collection[str] = (),
     ) -> dict[str, Job | StaleLease]:
         """`complete` for several (lease, entries uploaded) in one transaction;
         `files_done` is the final progress a worker reported for a lease.
@@ -431,7 +432,10 @@ class JobQueue:
         would publish is not whole. `entries` are a lease's last entries and
         deleted paths, sent with its result: staged first, in the same
         transaction, and counted (InvalidArgument when the store refuses them:
-        nothing of the batch is applied)."""
+        nothing of the batch is applied). `whole` names leases none of whose
+        entries reached the store before (no entry batch was forwarded for
+        them): what they stage is what `entries` holds, counted without a
+        read."""
         now = self.clock()
 
         def work(tx: Tx) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
@@ -462,10 +466,21 @@ class JobQueue:
                 for lease_id, reason in leases_sql.stale_reasons(tx, stale).items():
                     done[lease_id] = StaleLease(reason)
             staged = index_sql.count_staged_many(
-                tx, [(held.realm_id, held.attempt_id or 0) for _, held, _ in counted]
+                tx,
+                [
+                    (held.realm_id, held.attempt_id or 0)
+                    for lease_id, held, _ in counted
+                    if lease_id not in whole
+                ],
             )
             for lease_id, held, uploaded in counted:
-                received = staged.get((held.realm_id, held.attempt_id or 0), 0)
+                if lease_id in whole:
+                    # Staged by path, an entry replacing a tombstone or an
+                    # earlier entry of its path: one row a distinct path.
+                    sent = (entries or {}).get(lease_id, ((), ()))[0]
+                    received = len({e.path for e in sent}) if held.attempt_id is not None else 0
+                else:
+                    received = staged.get((held.realm_id, held.attempt_id or 0), 0)
                 if received != uploaded:
                     message = (
                         f"lease {lease_id}: {uploaded} entries reported, "

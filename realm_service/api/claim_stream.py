@@ -103,6 +103,9 @@ class ClaimSession:
         self.stream: WorkerStream | None = None
         self.error: RealmError | None = None
         self.last_heard = time.monotonic()
+        # Held leases this stream forwarded an entry batch for: the store may
+        # hold entries of their attempts beyond those a result carries.
+        self._batched: set[str] = set()
 
     # -- entry point ------------------------------------------------------------
 
@@ -412,6 +415,7 @@ class ClaimSession:
                     entries={
                         r.lease_id: inline[r.lease_id] for _, r in chunk if r.lease_id in inline
                     },
+                    whole={r.lease_id for _, r in chunk if r.lease_id not in self._batched},
                 )
             )
             return done
@@ -438,6 +442,7 @@ class ClaimSession:
         if not self._held(batch.lease_id):
             self._ack([self._refusal(batch.lease_id, "lease is not held by this stream")])
             return
+        self._batched.add(batch.lease_id)
         try:
             entries, deleted = self._entries_of(batch.entries, batch.deleted_paths, "")
         except InvalidArgument as e:
@@ -549,6 +554,7 @@ class ClaimSession:
         self._ack(acks)
 
     def _drop(self, lease_id: str) -> None:
+        self._batched.discard(lease_id)
         if self.stream is not None:
             self.stream.drop(lease_id)
 

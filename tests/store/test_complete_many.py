@@ -179,3 +179,36 @@ def test_a_claim_reaches_listeners_with_the_started_jobs_values(queue: JobQueue)
         assert started.attempt == queue.get_job(lease.job.job_id).attempt >= 1
     patch = leases["run-patch"].job
     assert patch.kind is INC and [c.path for c in patch.path_changes] == ["a.json", "b.json"]
+
+
+def test_results_whose_entries_all_come_with_them_are_counted_without_a_read(
+    queue: JobQueue,
+) -> None:
+    """`whole` leases staged nothing before their result: the count is that
+    of the distinct paths sent with it (a path sent twice is one entry, as
+    the store keeps it), and a wrong count fails the attempt as before."""
+    for name in ("exact", "twice", "short", "none"):
+        make_realm(queue, name, FILES)
+        queue.enqueue(name, FS, USER)
+    leases = {lease.job.realm_id: lease.lease_id for lease in queue.claim(4)}
+    sent = {
+        "exact": ([entry("a.json"), entry("b.json")], ["gone.json"]),
+        "twice": ([entry("a.json", title="old"), entry("a.json", title="new")], []),
+        "short": ([entry("a.json")], []),
+        "none": ([], ["gone.json"]),
+    }
+    uploaded = {"exact": 2, "twice": 1, "short": 3, "none": 0}
+    done = queue.complete_many(
+        [(leases[n], uploaded[n]) for n in sent],
+        entries={leases[n]: sent[n] for n in sent},
+        whole=set(leases.values()),
+    )
+    for name in ("exact", "twice", "none"):
+        assert isinstance(done[leases[name]], Job), name
+    assert [e.path for e in index_of(queue, "exact")] == ["a.json", "b.json"]
+    assert [(e.path, e.title) for e in index_of(queue, "twice")] == [("a.json", "new")]
+    assert index_of(queue, "none") == []
+    refused = done[leases["short"]]
+    assert isinstance(refused, StaleLease)
+    assert "3 entries reported, 1 received" in refused.message
+    assert index_of(queue, "short") == []
