@@ -340,7 +340,7 @@ class JobQueue:
                 lease_until=until,
                 instance_id=self.instance_id,
                 system_cap=system_limit if system_lane else None,
-                concurrent=not alone or self.db.others_alive,
+                concurrent=self.db.others_alive,  # as of this run of `work`
             )
             return _with_files(tx, leases)
 

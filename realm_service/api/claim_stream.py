@@ -241,6 +241,7 @@ class ClaimSession:
         """Tell the worker to stop a job whose lease was revoked (CancelJob,
         DeleteRealm, a preemption): the refusal it already handles for a lost
         lease, with the job's state (QUEUED when it was handed back)."""
+        self._batched.discard(lease_id)
         self.outbox.put_nowait(
             spb.ClaimJobsResponse(
                 acks=spb.LeaseAcks(
