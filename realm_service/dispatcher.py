@@ -47,7 +47,6 @@ from realm_service.queue import JobQueue, job_fields
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
-_assignments = itertools.count(1)
 # The dispatcher looks for a waiting job to preempt for (one read of the
 # queue's head above SYSTEM) when new work was announced, at most every
 # PREEMPT_CHECK_SECONDS, and at least every PREEMPT_RECHECK_SECONDS while
@@ -56,6 +55,7 @@ _assignments = itertools.count(1)
 PREEMPT_CHECK_SECONDS = 0.01
 PREEMPT_RECHECK_SECONDS = 0.9  # under the 1 s poll: each poll looks
 PREEMPT_PENDING_SECONDS = 5.0
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 @dataclass(eq=False)
@@ -79,8 +79,6 @@ class WorkerStream:
     revoked: Callable[[str, str, bool], None] = lambda lease_id, reason, requeued: None
     # Share of its work each held job reported done (heartbeats), by lease.
     progress: dict[str, float] = field(default_factory=dict)
-    # When each held lease was assigned, in dispatcher order (by lease).
-    assigned: dict[str, int] = field(default_factory=dict)
     connect_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Wall-clock time of the worker's last message (time.time()).
     last_message: float = field(default_factory=time.time)
@@ -92,7 +90,6 @@ class WorkerStream:
         """Hold a lease handed to this stream; it uses one credit."""
         self.credits -= 1
         self.outstanding[lease.lease_id] = lease
-        self.assigned[lease.lease_id] = next(_assignments)
 
     def holds(self, lease_id: str) -> bool:
         return lease_id in self.outstanding
@@ -101,7 +98,6 @@ class WorkerStream:
         """Forget a lease that ended (result, release, refusal, reap)."""
         self.outstanding.pop(lease_id, None)
         self.progress.pop(lease_id, None)
-        self.assigned.pop(lease_id, None)
 
     def revoke(self, lease_id: str, reason: str, *, requeued: bool = False) -> bool:
         """A held lease was revoked (its job cancelled, deleted, or handed
@@ -109,12 +105,8 @@ class WorkerStream:
         if self.outstanding.pop(lease_id, None) is None:
             return False
         self.progress.pop(lease_id, None)
-        self.assigned.pop(lease_id, None)
         self.revoked(lease_id, reason, requeued)
         return True
-
-    def assigned_order(self, lease_id: str) -> int:
-        return self.assigned.get(lease_id, 0)
 
     def progressed(self, lease_id: str, done: int, total: int) -> None:
         """A held job's progress, as its worker reported it."""
@@ -144,7 +136,6 @@ class WorkerStream:
         held = list(self.outstanding)
         self.outstanding.clear()
         self.progress.clear()
-        self.assigned.clear()
         return held
 
     @property
@@ -357,15 +348,19 @@ class Dispatcher:
             ):
                 continue  # a free slot takes it in the next round
             held = [
-                (s.progress.get(lease.lease_id, 0.0), -s.assigned_order(lease.lease_id), s, lease)
-                for s, lease in victims
-                if s.accepts(waiting) and s.holds(lease.lease_id)
+                (s, lease) for s, lease in victims if s.accepts(waiting) and s.holds(lease.lease_id)
             ]
             if not held:
                 continue
             # The least progress (the share of its work done); of equals, the
-            # job assigned last.
-            _, _, stream, lease = min(held, key=lambda h: (h[0], h[1]))
+            # job that started last (its claim's time).
+            stream, lease = min(
+                held,
+                key=lambda h: (
+                    h[0].progress.get(h[1].lease_id, 0.0),
+                    -(h[1].job.start_time or _EPOCH).timestamp(),
+                ),
+            )
             reason = preemption_reason(waiting.job_id, waiting.priority)
             preempted = await asyncio.to_thread(
                 self.queue.preempt, lease.lease_id, reason, for_job=waiting.job_id

@@ -26,7 +26,7 @@ from sqlalchemy import (
 
 from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease
 from realm_service.store.db import Tx
-from realm_service.store.rows import QUEUED, RUNNING, decode_paths, make_job
+from realm_service.store.rows import QUEUED, RUNNING, decode_paths, make_job, to_job
 from realm_service.store.sets import in_values, rows_params, rows_source
 from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow, UTCDateTime
 
@@ -48,7 +48,6 @@ _CLAIM_COLUMNS = (
     _JOBS.c.trace_parent,
     _JOBS.c.preemptions,
 )
-_claim_statements: dict[bool, Select[*tuple[Any, ...]]] = {}
 # The candidates are always bounded above, by `max_priority` or else by the
 # largest value the column holds: with a lower bound alone PostgreSQL starts
 # its walk of the claim index at the first leaf and steps over the entries
@@ -60,32 +59,42 @@ _claim_statements: dict[bool, Select[*tuple[Any, ...]]] = {}
 _ANY_PRIORITY = 2**31 - 1
 
 
+def _line(kinds: bool, *columns: Any) -> Select[*tuple[Any, ...]]:
+    """Queued jobs in claim order (priority, then enqueue order) within the
+    bound priorities (and kinds), leaving out those of a realm that already
+    has a running job (the partial unique index on running jobs serves that
+    test)."""
+    running = _JOBS.alias("running")
+    q = (
+        select(*columns)
+        .where(
+            _JOBS.c.state == QUEUED,
+            _JOBS.c.priority >= bindparam("min_priority"),
+            _JOBS.c.priority <= bindparam("max_priority"),
+            ~exists().where(running.c.realm_id == _JOBS.c.realm_id, running.c.state == RUNNING),
+        )
+        .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
+    )
+    if kinds:
+        q = q.where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)))
+    return q
+
+
+@functools.cache
 def _candidates(kinds: bool) -> Select[*tuple[Any, ...]]:
     """The claim's candidate query, built once per shape and reused, so that
     each claim costs its execution and not the building of the statement
-    (the compiled form is cached by SQLAlchemy). Jobs of a realm that already
-    has a running job are left out here; the partial unique index on running
-    jobs serves that test."""
-    key = kinds
-    q = _claim_statements.get(key)
-    if q is None:
-        running = _JOBS.alias("running")
-        q = (
-            select(*_CLAIM_COLUMNS)
-            .where(
-                _JOBS.c.state == QUEUED,
-                _JOBS.c.priority >= bindparam("min_priority"),
-                _JOBS.c.priority <= bindparam("max_priority"),
-                ~exists().where(running.c.realm_id == _JOBS.c.realm_id, running.c.state == RUNNING),
-            )
-            .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
-            .limit(bindparam("scan"))
-            .with_for_update(skip_locked=True, of=_JOBS)
-        )
-        if kinds:
-            q = q.where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)))
-        _claim_statements[key] = q
-    return q
+    (the compiled form is cached by SQLAlchemy)."""
+    return (
+        _line(kinds, *_CLAIM_COLUMNS)
+        .limit(bindparam("scan"))
+        .with_for_update(skip_locked=True, of=_JOBS)
+    )
+
+
+@functools.cache
+def _first_in_line(kinds: bool) -> Select[*tuple[Any, ...]]:
+    return _line(kinds, _JOBS).limit(1)
 
 
 _LOCK_REALMS = (
@@ -353,37 +362,8 @@ def first_waiting(tx: Tx, *, min_priority: int, kinds: Sequence[JobKind] | None)
     """The queued job a claim at `min_priority` and above would take first
     (its realm has no running job), read without locking: what waits for a
     slot. Reads the claim index from its head within the bounds."""
-    running = _JOBS.alias("running")
-    q = (
-        select(*_CLAIM_COLUMNS, _JOBS.c.state)
-        .where(
-            _JOBS.c.state == QUEUED,
-            _JOBS.c.priority >= min_priority,
-            _JOBS.c.priority <= _ANY_PRIORITY,
-            ~exists().where(running.c.realm_id == _JOBS.c.realm_id, running.c.state == RUNNING),
-        )
-        .order_by(_JOBS.c.priority.desc(), _JOBS.c.seq, _JOBS.c.id)
-        .limit(1)
-    )
+    params: dict[str, Any] = {"min_priority": min_priority, "max_priority": _ANY_PRIORITY}
     if kinds:
-        q = q.where(_JOBS.c.kind.in_([k.value for k in kinds]))
-    row = tx.session.execute(q).first()
-    if row is None:
-        return None
-    return make_job(
-        job_id=row.id,
-        realm_id=row.realm_id,
-        kind=JobKind(row.kind),
-        priority=row.priority,
-        state=JobState.QUEUED,
-        attempt=row.attempt,
-        create_time=row.create_time,
-        start_time=None,
-        finish_time=row.finish_time,
-        error_message=row.error_message,
-        progress_done=0,
-        progress_total=0,
-        path_changes=decode_paths(row.paths),
-        trace_parent=row.trace_parent,
-        worker="",
-    )
+        params["kinds"] = [k.value for k in kinds]
+    row = tx.session.execute(_first_in_line(bool(kinds)), params).first()
+    return None if row is None else to_job(row)
