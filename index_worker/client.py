@@ -154,13 +154,17 @@ class ClaimStream:
         incarnation_id: str,
         kinds: Sequence[JobKind],
         min_priority: int | None,
+        resume: tuple[str, Sequence[str]] | None = None,
     ) -> StreamSettings:
-        """Start the call, say hello and wait for the stream's settings."""
+        """Start the call, say hello (asking to re-attach the leases of
+        `resume`: an earlier stream's token and the leases still held) and
+        wait for the stream's settings."""
         call = self._stub.ClaimJobs(metadata=self._metadata)
         self._call = call
+        hello = convert.hello(worker_id, incarnation_id, kinds, min_priority, resume)
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                await call.write(convert.hello(worker_id, incarnation_id, kinds, min_priority))
+                await call.write(hello)
                 first = await call.read()
         except grpc.aio.AioRpcError as exc:
             raise stream_error(exc) from None
@@ -217,14 +221,33 @@ class ClaimStream:
         self._send(convert.release(lease_ids))
 
     async def upload(
-        self, lease_id: str, entries: Sequence[IndexEntry], deleted_paths: Sequence[str]
+        self,
+        lease_id: str,
+        entries: Sequence[IndexEntry],
+        deleted_paths: Sequence[str],
+        sequence: int = 0,
     ) -> None:
         """Send one entry batch and wait until it is written: the job's backpressure."""
         if self._closing:
             raise StreamClosedError("the ClaimJobs stream is closed")
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.put_nowait((convert.entries(lease_id, entries, deleted_paths), written))
+        message = convert.entries(lease_id, entries, deleted_paths, sequence)
+        self._outbox.put_nowait((message, written))
         await written
+
+    def send_entries(
+        self,
+        lease_id: str,
+        entries: Sequence[IndexEntry],
+        deleted_paths: Sequence[str],
+        sequence: int,
+    ) -> None:
+        """Send an entry batch again (after a re-attach), without waiting."""
+        self._send(convert.entries(lease_id, entries, deleted_paths, sequence))
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def close(self) -> None:
         """Half-close after everything queued so far; the server then ends the call."""

@@ -41,13 +41,20 @@ _OUTCOME_TO_PROTO = {
 
 
 def hello(
-    worker_id: str, incarnation_id: str, kinds: Sequence[JobKind], min_priority: int | None
+    worker_id: str,
+    incarnation_id: str,
+    kinds: Sequence[JobKind],
+    min_priority: int | None,
+    resume: tuple[str, Sequence[str]] | None = None,
 ) -> pb.ClaimJobsRequest:
     message = pb.WorkerHello(
         worker_id=worker_id,
         incarnation_id=incarnation_id,
         kinds=[_KIND_TO_PROTO[kind] for kind in kinds],
     )
+    if resume is not None:
+        message.resume_token = resume[0]
+        message.resume_lease_ids.extend(resume[1])
     if min_priority is not None:
         message.min_priority = min_priority
     return pb.ClaimJobsRequest(hello=message)
@@ -72,13 +79,14 @@ def heartbeat(leases: Iterable[tuple[str, Progress]]) -> pb.ClaimJobsRequest:
 
 
 def entries(
-    lease_id: str, batch: Sequence[IndexEntry], deleted_paths: Sequence[str]
+    lease_id: str, batch: Sequence[IndexEntry], deleted_paths: Sequence[str], sequence: int = 0
 ) -> pb.ClaimJobsRequest:
     return pb.ClaimJobsRequest(
         entries=pb.IndexEntryBatch(
             lease_id=lease_id,
             entries=[entry_to_proto(entry) for entry in batch],
             deleted_paths=list(deleted_paths),
+            sequence=sequence,
         )
     )
 
@@ -120,6 +128,9 @@ def settings_from_proto(message: pb.StreamSettings) -> StreamSettings:
         heartbeat_interval=_seconds(message.heartbeat_interval),
         stream_id=message.stream_id,
         result_entries=message.result_entries,
+        resume_token=message.resume_token,
+        resume_grace=_seconds(message.resume_grace),
+        resumed=tuple(ack_from_proto(a) for a in message.resumed),
     )
 
 
@@ -155,6 +166,9 @@ def ack_from_proto(message: pb.LeaseAck) -> LeaseAck:
         accepted=message.accepted,
         reason=message.reason,
         requeued=not message.accepted and message.job_state == res.Job.STATE_QUEUED,
+        entries_sequence=message.entries_sequence,
+        succeeded=not message.accepted and message.job_state == res.Job.STATE_SUCCEEDED,
+        running=message.job_state == res.Job.STATE_RUNNING,
     )
 
 

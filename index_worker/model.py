@@ -68,6 +68,13 @@ class StreamSettings:
     stream_id: str
     # The server takes a job's last entries with its result.
     result_entries: bool = False
+    # Resumable sessions: the secret to quote when reconnecting after this
+    # stream breaks ("" when the server releases a broken stream's leases at
+    # once), how long the server keeps them, and its answer about the leases
+    # this stream's hello asked to re-attach.
+    resume_token: str = ""
+    resume_grace: float = 0.0
+    resumed: tuple[LeaseAck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,12 @@ class LeaseAck:
     # A refusal whose job went back to the queue (the server preempted it
     # for a user's job), rather than one whose job ended or moved on.
     requeued: bool = False
+    # An acknowledged entry batch (its number), 0 for other acks.
+    entries_sequence: int = 0
+    # A refusal whose job succeeded (a result sent before a break applied).
+    succeeded: bool = False
+    # The job still runs under the lease (a heartbeat's or entry batch's ack).
+    running: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """The worker process's life: connect, run a session, reconnect, stop on request.
 
-A broken stream costs the jobs it held (the server requeues them when it sees
-the stream end), so the worker simply reconnects with jittered exponential
-backoff. Only a refusal that retrying cannot cure (bad token, wrong role,
-protocol error) ends the process with an error.
+A broken stream does not cost the jobs it held when the server keeps its
+leases for a resume grace (its settings carry a resume token): the session
+and its connection are carried over, the worker reconnects at once and
+re-attaches them (DESIGN.md section 5); once the grace is over they are
+given up. Otherwise the worker reconnects with jittered exponential backoff.
+Only a refusal that retrying cannot cure (bad token, wrong role, protocol
+error) ends the process with an error.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class Worker:
         self._stop_requests = 0
         self._stop_event = asyncio.Event()
         self._session: Session | None = None
+        # A session whose stream broke, carried over to the next stream until
+        # the loop time given (its resume grace), with its connection.
+        self._carry: tuple[Session, Connection, float] | None = None
         self._streams_opened = 0
         metrics.SLOTS.labels("total").set(config.concurrency)
         metrics.SLOTS.labels("busy").set_function(self._busy_slots)
@@ -86,6 +92,10 @@ class Worker:
             if self.stopping:
                 break
             delay = backoff.next_delay()
+            if self._carry is not None:
+                # Re-attach soon: the server keeps the leases for so long.
+                left = self._carry[2] - asyncio.get_running_loop().time()
+                delay = min(delay, max(0.0, left / 4))
             if error:
                 extra = {**fields, "delay_s": round(delay, 3), "error": error}
                 logger.warning("stream broken; reconnecting", extra=extra)
@@ -94,16 +104,32 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop_event.wait()
+        await self._give_up_carry()
         logger.info("worker stopped", extra=fields)
         return EXIT_OK
 
+    async def _give_up_carry(self) -> None:
+        if self._carry is not None:
+            session, connection, _ = self._carry
+            self._carry = None
+            logger.info("session given up", extra={"worker": self.config.worker_id})
+            await session.abandon()
+            await connection.close()
+
     async def _run_stream(self, backoff: Backoff) -> None:
         config = self.config
-        connection = Connection(config, self._rng)
+        loop = asyncio.get_running_loop()
+        if self._carry is not None and self._carry[2] <= loop.time():
+            await self._give_up_carry()  # the server has released its leases
+        carry, self._carry = self._carry, None
+        # A carried session's jobs read files over its connection: it stays.
+        connection = carry[1] if carry is not None else Connection(config, self._rng)
+        keep: tuple[Session, Connection, float] | None = None
         try:
             stream = connection.claim_stream()
             hello = (config.worker_id, self.incarnation_id, config.kinds, config.min_priority)
-            opening = asyncio.create_task(stream.open(*hello))
+            resume = carry[0].resume_request() if carry is not None else None
+            opening = asyncio.create_task(stream.open(*hello, resume))
             stopped = asyncio.create_task(self._stop_event.wait())
             try:
                 await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -113,8 +139,13 @@ class Worker:
                     opening.cancel()
                     await asyncio.gather(opening, return_exceptions=True)
             if opening.cancelled():
+                keep = carry
                 return
-            settings = opening.result()
+            try:
+                settings = opening.result()
+            except StreamBrokenError:
+                keep = carry  # try again while the grace lasts
+                raise
             backoff.reset()
             self._streams_opened += 1
             if self._streams_opened > 1:
@@ -129,18 +160,39 @@ class Worker:
                     "heartbeat_s": settings.heartbeat_interval,
                 },
             )
-            session = Session(stream, connection.realm_files(), config, settings)
+            if carry is not None:
+                session = carry[0]
+                session.attach(stream, settings)
+                carry = None
+            else:
+                session = Session(stream, connection.realm_files(), config, settings)
             self._session = session
             if self.stopping:
                 session.request_drain(config.drain_timeout, reason="stop")
             try:
                 await session.run()
+            except StreamBrokenError:
+                if session.detached:
+                    grace = settings.resume_grace
+                    keep = (session, connection, loop.time() + grace)
+                    logger.info(
+                        "stream broken; jobs carried over",
+                        extra={"worker": config.worker_id, "jobs": session.busy_slots,
+                               "grace_s": grace},
+                    )  # fmt: skip
+                raise
             finally:
                 self._session = None
                 metrics.CONNECTED.set(0)
             logger.info("stream closed", extra={"worker": config.worker_id})
         finally:
-            await connection.close()
+            if keep is not None:
+                self._carry = keep
+            elif carry is not None:
+                self._carry = carry
+                await self._give_up_carry()  # closes the connection too
+            else:
+                await connection.close()
 
 
 async def run_until_signalled(worker: Worker) -> int:

@@ -1,10 +1,20 @@
-"""One connected ClaimJobs stream: slots, credits, jobs, heartbeats and drain.
+"""A worker's jobs over a ClaimJobs stream: slots, credits, jobs, heartbeats
+and drain, and carrying on over a new stream after a break.
 
 Credit accounting keeps one invariant: jobs held + jobs unwinding + credits
 granted but not yet used <= concurrency. A credit is consumed by each job the
 server assigns and given back only once the job's slot is free again (its
 result sent, or its work cancelled after the lease was lost), because acks do
 not return credit.
+
+Resumable sessions (DESIGN.md section 5): when the server gives a resume
+token, a stream that breaks does not cost the jobs. They keep running (an
+upload waits for the next stream), the runner reconnects and quotes the token
+with the leases still held, and `attach` carries on over the new stream with
+those the server re-attached: entry batches it did not acknowledge and
+results it did not answer are sent again (storing them twice is harmless:
+entries are stored by path, results are fenced). Jobs whose leases were not
+re-attached stop.
 """
 
 from __future__ import annotations
@@ -82,11 +92,106 @@ class Session:
         # one record (one line per job: realm_common.logs).
         self._pending_finished: list[dict[str, object]] = []
         self._flush_scheduled = False
+        # Resumable sessions: whether the stream broke with jobs to carry
+        # over; set (and replaced) when a new stream is attached; entry
+        # batches not acknowledged yet, by lease and number; the last number
+        # per lease; results sent but not answered.
+        self._detached = False
+        self._stream_changed = asyncio.Event()
+        self._batches: dict[str, dict[int, tuple[Sequence[IndexEntry], Sequence[str]]]] = {}
+        self._sequence: dict[str, int] = {}
+        self._unanswered: dict[str, JobOutcome] = {}
 
     @property
     def busy_slots(self) -> int:
         """Slots with a job running or still unwinding."""
         return len(self._held) + self._unwinding
+
+    @property
+    def detached(self) -> bool:
+        """The stream broke and the jobs wait for `attach` (or `abandon`)."""
+        return self._detached
+
+    def resume_request(self) -> tuple[str, list[str]]:
+        """The broken stream's resume token and the leases to re-attach."""
+        return self._settings.resume_token, [*self._held, *self._unanswered]
+
+    def attach(self, stream: ClaimStream, settings: StreamSettings) -> None:
+        """Carry on over a new stream whose hello asked to re-attach this
+        session's leases: jobs whose leases came back go on, the others stop;
+        what the server may have missed is sent again."""
+        self._stream = stream
+        self._settings = settings
+        self._outstanding_credits = 0  # credits belong to a stream
+        self._detached = False
+        answers = {ack.lease_id: ack for ack in settings.resumed}
+        for lease_id in list(self._unanswered):
+            ack = answers.get(lease_id)
+            if ack is not None and ack.accepted:
+                continue  # sent again below
+            # Answered by the server's record: applied before the break
+            # (SUCCEEDED), or the lease ended; either way it is settled.
+            self._forget(lease_id)
+            logger.info(
+                "result settled across the break",
+                extra={"lease": lease_id, "applied": bool(ack and ack.succeeded)},
+            )
+        for lease_id, held in list(self._held.items()):
+            ack = answers.get(lease_id)
+            if ack is None or not ack.accepted:
+                reason = ack.reason if ack is not None else "not re-attached"
+                logger.warning("job lease lost", extra={**self._fields(held.assignment),
+                                                        "reason": reason})  # fmt: skip
+                metrics.LEASES_TAKEN.labels("lost").inc()
+                self._drop(held)
+        for lease_id, batches in self._batches.items():
+            for number in sorted(batches):
+                entries, deleted = batches[number]
+                stream.send_entries(lease_id, entries, deleted, number)
+        if self._unanswered:
+            stream.send_results(list(self._unanswered.values()))
+        changed, self._stream_changed = self._stream_changed, asyncio.Event()
+        changed.set()
+        logger.info(
+            "session resumed",
+            extra={**self._worker(), "jobs": len(self._held), "results": len(self._unanswered)},
+        )
+
+    async def abandon(self) -> None:
+        """Give up on a detached session: its jobs stop (the server releases
+        their leases once the resume grace is over)."""
+        self._detached = False
+        jobs = list(self._held.values())
+        for held in jobs:
+            logger.info("job abandoned with the stream", extra=self._fields(held.assignment))
+            self._drop(held)
+        await asyncio.gather(*(h.task for h in jobs if h.task is not None), return_exceptions=True)
+        self._unanswered.clear()
+        self._batches.clear()
+
+    def _forget(self, lease_id: str) -> None:
+        self._unanswered.pop(lease_id, None)
+        self._batches.pop(lease_id, None)
+        self._sequence.pop(lease_id, None)
+
+    async def _upload(
+        self, lease_id: str, entries: Sequence[IndexEntry], deleted: Sequence[str]
+    ) -> None:
+        """Send an entry batch. With a resume token it is numbered and kept
+        until acknowledged; on a broken stream it waits for the next one
+        (`attach` sends it again)."""
+        if not self._settings.resume_token:
+            await self._stream.upload(lease_id, entries, deleted)
+            return
+        number = self._sequence.get(lease_id, 0) + 1
+        self._sequence[lease_id] = number
+        self._batches.setdefault(lease_id, {})[number] = (tuple(entries), tuple(deleted))
+        stream = self._stream
+        try:
+            await stream.upload(lease_id, entries, deleted, number)
+        except StreamClosedError:
+            while self._stream is stream:
+                await self._stream_changed.wait()
 
     @property
     def free_slots(self) -> int:
@@ -127,8 +232,13 @@ class Session:
             finally:
                 drain_requested.cancel()
             if serve in done or beat in done:
-                _raise_if_failed(serve, beat)
+                try:
+                    _raise_if_failed(serve, beat)
+                except StreamBrokenError:
+                    self._detached = self._resumable()
+                    raise
                 if not self._draining:
+                    self._detached = self._resumable()
                     raise StreamBrokenError("the server ended the stream without a drain")
                 logger.info("stream ended during drain", extra=self._worker())
                 return
@@ -176,6 +286,14 @@ class Session:
 
     def on_acks(self, acks: list[LeaseAck]) -> None:
         for ack in acks:
+            if ack.entries_sequence:
+                batches = self._batches.get(ack.lease_id)
+                if batches:
+                    for number in [n for n in batches if n <= ack.entries_sequence]:
+                        del batches[number]
+                continue
+            if not ack.running and ack.lease_id in self._unanswered:
+                self._forget(ack.lease_id)  # its result was answered
             held = self._held.get(ack.lease_id)
             if ack.accepted or held is None:
                 continue
@@ -206,7 +324,7 @@ class Session:
         lease_id = assignment.lease_id
 
         async def upload(entries: Sequence[IndexEntry], deleted: Sequence[str]) -> None:
-            await self._stream.upload(lease_id, entries, deleted)
+            await self._upload(lease_id, entries, deleted)
 
         if self._config.noop_for_benchmarks:
             outcome = JobOutcome(lease_id, Outcome.SUCCEEDED)
@@ -237,6 +355,7 @@ class Session:
             # Not the job's fault: give the lease back uncounted, so the job
             # runs again once the server can serve its files.
             self._stream.send_release([lease_id])
+            self._forget(lease_id)
         else:
             self._pending_results.append(outcome)
         self._schedule_flush()
@@ -252,6 +371,7 @@ class Session:
     def _drop(self, held: _HeldJob) -> None:
         """Forget a job without a result; its slot frees once its work has stopped."""
         del self._held[held.assignment.lease_id]
+        self._forget(held.assignment.lease_id)
         task = held.task
         if task is None or task.done():
             self._schedule_flush()
@@ -300,7 +420,19 @@ class Session:
             self._stream.send_release([h.assignment.lease_id for h in leftovers])
         return True
 
+    def _resumable(self) -> bool:
+        """Whether a break is worth carrying over: the server keeps a broken
+        stream's leases for its worker, and there are some."""
+        return bool(self._settings.resume_token) and bool(self._held or self._unanswered)
+
     async def _teardown(self, serve: asyncio.Task[None], beat: asyncio.Task[None]) -> None:
+        if self._detached:
+            # The jobs carry on; only this stream's tasks end.
+            for task in (serve, beat):
+                task.cancel()
+            await asyncio.gather(serve, beat, return_exceptions=True)
+            self._stream.cancel()
+            return
         jobs = list(self._held.values())
         for held in jobs:
             logger.info("job abandoned with the stream", extra=self._fields(held.assignment))
@@ -332,6 +464,9 @@ class Session:
         self._flush_scheduled = False
         if self._pending_results:
             results, self._pending_results = self._pending_results, []
+            if self._settings.resume_token:
+                for result in results:
+                    self._unanswered[result.lease_id] = result
             # Entries sent with results are at most RESULT_ENTRIES_BYTES a
             # job: a message carries so many of them as fit MAX_BATCH_BYTES.
             per_message = MAX_BATCH_BYTES // RESULT_ENTRIES_BYTES

@@ -46,6 +46,7 @@ class Settings:
     max_attempts: int = 3
     reserved_slots: int = 1
     max_preemptions: int = 3
+    resume_grace_seconds: float = 5.0
     drain_grace_seconds: float = 10.0
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     max_message_bytes: int = 64 * 1024 * 1024
@@ -123,6 +124,9 @@ OPTIONS = Options(
                "worker slots kept free of SYSTEM-priority work"),
         Option("max_preemptions", int_in(0), Settings.max_preemptions,
                "times a SYSTEM job may be handed back for a waiting user job (0: never)"),
+        Option("resume_grace_seconds", non_negative_float, Settings.resume_grace_seconds,
+               "how long a broken ClaimJobs stream's leases wait for their worker to "
+               "re-attach them (0: released at once)"),
         Option("drain_grace_seconds", non_negative_float, Settings.drain_grace_seconds,
                "on shutdown, time workers get to send results"),
         Option("max_file_size", int_in(1), Settings.max_file_size, "largest file accepted, bytes"),
@@ -193,6 +197,7 @@ def settings_from_args(
         max_attempts=v["max_attempts"],
         reserved_slots=v["reserved_slots"],
         max_preemptions=v["max_preemptions"],
+        resume_grace_seconds=v["resume_grace_seconds"],
         drain_grace_seconds=v["drain_grace_seconds"],
         max_file_size=v["max_file_size"],
         log_level=v["log_level"],

@@ -28,7 +28,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -82,6 +82,12 @@ class WorkerStream:
     connect_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Wall-clock time of the worker's last message (time.time()).
     last_message: float = field(default_factory=time.time)
+    # The secret its worker quotes to re-attach this stream's leases should
+    # it break ("" when leases of broken streams are released at once), and
+    # how to end it as broken when its worker reconnects before this server
+    # noticed the break (its leases are then detached, ready to re-attach).
+    resume_token: str = ""
+    supersede: Callable[[], Awaitable[None]] | None = None
 
     def grant(self, n: int) -> None:
         self.credits += n
@@ -89,6 +95,11 @@ class WorkerStream:
     def assign(self, lease: Lease) -> None:
         """Hold a lease handed to this stream; it uses one credit."""
         self.credits -= 1
+        self.outstanding[lease.lease_id] = lease
+
+    def adopt(self, lease: Lease) -> None:
+        """Hold a lease re-attached from a stream of this worker that broke:
+        it was granted a credit there, so it uses none here."""
         self.outstanding[lease.lease_id] = lease
 
     def holds(self, lease_id: str) -> bool:
@@ -227,6 +238,13 @@ class Dispatcher:
                 log.info("lease revoked", extra={"stream": stream.label, "reason": reason})
                 self.wake()  # its slot is free
                 return
+
+    def stream_with_token(self, worker_id: str, token: str) -> WorkerStream | None:
+        """This instance's stream of `worker_id` whose resume token is `token`."""
+        for stream in self.streams.values():
+            if token and stream.resume_token == token and stream.worker_id == worker_id:
+                return stream
+        return None
 
     def workers(self) -> list[WorkerInfo]:
         """This instance's connected streams."""

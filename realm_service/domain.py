@@ -149,6 +149,16 @@ class HeldJob:
     attempt_id: int | None
     counted_failures: int
     preemptions: int = 0
+    # A from-scratch job's checkpoint (an earlier attempt's generation, which
+    # this attempt stages into too) and the entries of it kept for this
+    # attempt (None until its file stream opened).
+    checkpoint: int | None = None
+    kept: int | None = None
+
+    @property
+    def generation(self) -> int | None:
+        """The generation this attempt stages into."""
+        return self.checkpoint if self.checkpoint is not None else self.attempt_id
 
     @property
     def job_id(self) -> int:

@@ -76,6 +76,20 @@ class QueueSettings:
     instance_timeout: timedelta = timedelta(seconds=10)
     # Times a SYSTEM job may be preempted for a user's job; 0: never.
     max_preemptions: int = 3
+    # How long the leases of a ClaimJobs stream that broke wait for their
+    # worker to re-attach them (at most the lease duration); 0: released at
+    # once.
+    resume_grace: timedelta = timedelta(seconds=5)
+
+
+def _opened(tx: Tx, held: HeldJob) -> HeldJob:
+    """The attempt's checkpoint as it stages or completes: one its worker
+    never opened (by reading the realm's listing) is discarded, and the
+    attempt starts afresh."""
+    if held.checkpoint is None or held.kept is not None:
+        return held
+    index_sql.discard_checkpoint(tx, held.job_id, held.realm_id, held.checkpoint)
+    return dataclasses.replace(held, kept=0)
 
 
 class JobQueue:
@@ -398,12 +412,12 @@ class JobQueue:
     ) -> None:
         # Shared lock: a cancel (or anything ending the lease) waits for this
         # batch to commit, so it sees and drops what the batch staged.
-        held = leases_sql.current(tx, lease_id, share=True)
-        assert held.attempt_id is not None
+        held = _opened(tx, leases_sql.current(tx, lease_id, share=True))
+        assert held.generation is not None
         index_sql.stage_entries(
             tx,
             realm_id=held.realm_id,
-            generation=held.attempt_id,
+            generation=held.generation,
             entries=entries,
             deleted_paths=deleted_paths,
         )
@@ -440,14 +454,19 @@ class JobQueue:
 
         def work(tx: Tx) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
             done: dict[str, Job | StaleLease] = {}
-            rows = leases_sql.held_many(tx, [lease_id for lease_id, _ in results])
+            rows = {
+                lease_id: _opened(tx, held)
+                for lease_id, held in leases_sql.held_many(
+                    tx, [lease_id for lease_id, _ in results]
+                ).items()
+            }
             for lease_id, (staged_entries, deleted_paths) in (entries or {}).items():
                 held = rows.get(lease_id)
-                if held is not None and held.attempt_id is not None:
+                if held is not None and held.generation is not None:
                     index_sql.stage_entries(
                         tx,
                         realm_id=held.realm_id,
-                        generation=held.attempt_id,
+                        generation=held.generation,
                         entries=staged_entries,
                         deleted_paths=deleted_paths,
                     )
@@ -468,19 +487,22 @@ class JobQueue:
             staged = index_sql.count_staged_many(
                 tx,
                 [
-                    (held.realm_id, held.attempt_id or 0)
+                    (held.realm_id, held.generation or 0)
                     for lease_id, held, _ in counted
-                    if lease_id not in whole
+                    if lease_id not in whole or held.kept
                 ],
             )
             for lease_id, held, uploaded in counted:
-                if lease_id in whole:
+                if lease_id in whole and not held.kept:
                     # Staged by path, an entry replacing a tombstone or an
                     # earlier entry of its path: one row a distinct path.
                     sent = (entries or {}).get(lease_id, ((), ()))[0]
-                    received = len({e.path for e in sent}) if held.attempt_id is not None else 0
+                    received = len({e.path for e in sent}) if held.generation is not None else 0
                 else:
-                    received = staged.get((held.realm_id, held.attempt_id or 0), 0)
+                    # Entries kept from a checkpoint count with those sent.
+                    received = staged.get((held.realm_id, held.generation or 0), 0) - (
+                        held.kept or 0
+                    )
                 if received != uploaded:
                     message = (
                         f"lease {lease_id}: {uploaded} entries reported, "
@@ -494,7 +516,7 @@ class JobQueue:
             scratch = JobKind.FROM_SCRATCH
             index_sql.switch_generations(
                 tx,
-                [(h.realm_id, h.attempt_id or 0, h.job.kind is scratch) for _, h in accepted],
+                [(h.realm_id, h.generation or 0, h.job.kind is scratch) for _, h in accepted],
                 now=now,
             )
             succeeded = leases_sql.succeed(
@@ -562,6 +584,46 @@ class JobQueue:
             if log.isEnabledFor(logging.INFO):
                 log.info("job requeued", extra={**job_fields(job), "reason": reason})
         return jobs
+
+    def detach(self, lease_ids: Sequence[str], token: str) -> list[str]:
+        """The stream holding these leases broke (DESIGN.md section 5,
+        resumable sessions): each current one is kept for the resume grace
+        (its expiry shortened to it), for its worker to re-attach with
+        `token`; the reaper releases it as interrupted once the grace is
+        over. Returns the leases kept."""
+        until = self.clock() + min(self.settings.resume_grace, self.settings.lease_duration)
+        kept = self.db.retrying(
+            functools.partial(leases_sql.detach, lease_ids=lease_ids, token=token, until=until)
+        )
+        if kept:
+            log.info("leases detached", extra={"leases": len(kept), "until": until.isoformat()})
+        return kept
+
+    def reattach(
+        self, lease_ids: Sequence[str], *, worker: str, token: str
+    ) -> dict[str, Lease | tuple[str, JobState | None]]:
+        """Re-attach leases a worker's earlier stream left detached (`token`
+        is that stream's resume token): each current one whose grace has not
+        run out gets a full lease and this instance as its holder. The others
+        map to why not and their job's state (SUCCEEDED: a result sent
+        before the break was applied)."""
+        now = self.clock()
+        until = now + self.settings.lease_duration
+        out = self.db.retrying(
+            functools.partial(
+                leases_sql.reattach,
+                lease_ids=lease_ids,
+                worker=worker,
+                token=token,
+                now=now,
+                until=until,
+                instance_id=self.instance_id,
+            )
+        )
+        attached = [lease for lease in out.values() if isinstance(lease, Lease)]
+        for lease in attached:
+            log.info("job re-attached", extra=job_fields(lease.job))
+        return out
 
     def preempt(self, lease_id: str, reason: str, *, for_job: int | None = None) -> Job | None:
         """Hand a running SYSTEM job back for a waiting job of a user
@@ -794,8 +856,8 @@ class JobQueue:
 
         def work(tx: Tx) -> Job:
             job, held = leases_sql.cancel(tx, job_id, f"cancelled: {reason}", now)
-            if held is not None and held.attempt_id is not None:
-                index_sql.drop_generation(tx, held.realm_id, held.attempt_id)
+            if held is not None and held.generation is not None:
+                index_sql.drop_generation(tx, held.realm_id, held.generation)
             # A realm without an index whose from-scratch work is now all
             # gone says so (another queued or running one would still index it).
             if job.kind is JobKind.FROM_SCRATCH:

@@ -407,18 +407,26 @@ class Realms:
         `first` page also checks that the realm exists and counts the files
         the stream will send at most (`total`)."""
         total: int | None = None
+        if first and lease_id and paths is None:
+            self._open_checkpoint(realm_id, lease_id[:64])
         with self.db.read_transaction() as s:
+            skip: int | None = None
+            kept = 0
+            if lease_id:
+                held = leases_sql.running_lease(s, lease_id[:64], realm_id)
+                if held is None:
+                    raise StaleLease(
+                        f"lease {lease_id[:64]!r} is no longer the current lease of a running "
+                        f"job of realm {realm_id!r}: it was released, expired or revoked"
+                    )
+                if paths is None and held.checkpoint is not None and held.kept is not None:
+                    skip, kept = held.checkpoint, held.kept  # their files are indexed
             if first:
                 realm = realms_sql.get_realm(s, realm_id)
                 if paths is None:
-                    total = realm.files
+                    total = max(0, realm.files - kept)
                 else:
                     total = len(paths) - (bisect_right(paths, after) if after is not None else 0)
-            if lease_id and not leases_sql.lease_runs_realm(s, lease_id[:64], realm_id):
-                raise StaleLease(
-                    f"lease {lease_id[:64]!r} is no longer the current lease of a running job "
-                    f"of realm {realm_id!r}: it was released, expired or revoked"
-                )
             if paths is not None:
                 at = bisect_right(paths, after) if after is not None else 0
                 candidates = paths[at : at + STREAM_PAGE_FILES]
@@ -435,7 +443,12 @@ class Realms:
                 more_after = candidates[-1] if more else None
             else:
                 listed = realms_sql.file_page(
-                    s, realm_id, after=after, paths=None, limit=STREAM_PAGE_FILES
+                    s,
+                    realm_id,
+                    after=after,
+                    paths=None,
+                    limit=STREAM_PAGE_FILES,
+                    skip_generation=skip,
                 )
                 more_after = listed[-1].path if len(listed) == STREAM_PAGE_FILES else None
             taken: list[str] = []
@@ -448,6 +461,31 @@ class Realms:
                 size += info.size
             files = realms_sql.files_with_content(s, realm_id, taken, contiguous=paths is None)
         return FilePage(files, more_after, total)
+
+    def _open_checkpoint(self, realm_id: str, lease_id: str) -> None:
+        """A from-scratch job's attempt that continues from a checkpoint opens
+        it when its worker starts reading the realm (DESIGN.md section 6):
+        what changed since goes, the rest is kept and not read again."""
+        with self.db.read_transaction() as s:
+            held = leases_sql.running_lease(s, lease_id, realm_id)
+        if held is None or held.checkpoint is None or held.kept is not None:
+            return
+
+        def work(tx: Tx) -> None:
+            try:
+                held = leases_sql.current(tx, lease_id)
+            except StaleLease:
+                return  # refused by the read that follows
+            if held.checkpoint is None or held.kept is not None:
+                return
+            gitignore = leases_sql.checkpoint_gitignore(tx, held.job_id) or ""
+            kept = index_sql.open_checkpoint(tx, held.job_id, realm_id, held.checkpoint, gitignore)
+            log.info(
+                "checkpoint opened",
+                extra={"job": held.job_id, "realm": realm_id, "kept": kept},
+            )
+
+        self.db.retrying(work)
 
     def search(
         self, realm_id: str, *, card_type: str, text: str, after_path: str | None, limit: int

@@ -98,7 +98,10 @@ class RealmServer:
             log.warning("boot mount failed", extra={"error": str(e)})
 
     async def _reaper(self) -> None:
-        interval = max(0.05, min(5.0, self.settings.lease_seconds / 4))
+        # Often enough that a broken stream's leases go back soon after their
+        # resume grace.
+        grace = self.settings.resume_grace_seconds or 5.0
+        interval = max(0.05, min(5.0, self.settings.lease_seconds / 4, grace / 2))
         while True:
             await asyncio.sleep(interval)
             try:
@@ -254,6 +257,7 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
             lease_duration=timedelta(seconds=settings.lease_seconds),
             max_attempts=settings.max_attempts,
             max_preemptions=settings.max_preemptions,
+            resume_grace=timedelta(seconds=settings.resume_grace_seconds),
         ),
     )
     realms = Realms(db, queue, max_file_size=settings.max_file_size)

@@ -1,8 +1,12 @@
 """The ClaimJobs stream: protocol checks, credits, leases, fenced results.
 
 Reading happens in a task; writing happens in the handler's generator, fed by
-an outbox queue. When the stream ends for any reason, the leases it still
-holds are released at once as interrupted (they do not count as failures).
+an outbox queue. When the stream ends, the leases it still holds are
+released as interrupted (they do not count as failures): at once when it
+ended cleanly (the worker closed it, the server ended it), after the resume
+grace when it broke (the call was cancelled, the connection lost, the worker
+went silent), unless the worker reconnects meanwhile and re-attaches them
+with the stream's resume token (DESIGN.md section 5).
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -55,6 +61,13 @@ MAX_ENTRIES_PER_BATCH = 1_000  # the contract's bound on IndexEntryBatch.entries
 MAX_DELETED_PER_BATCH = 10_000
 COMPLETE_BATCH = 500  # successful results completed per transaction
 MAX_ID = 200
+MAX_TOKEN = 64
+# How long a stream that re-attaches leases waits for the stream they were
+# held by (on this instance, not yet seen broken) to end.
+SUPERSEDE_TIMEOUT = 5.0
+# How long the end of a stream's requests waits to learn whether the call was
+# cancelled (see ClaimSession._read).
+CANCEL_SETTLE_SECONDS = 0.2
 
 
 def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[object]) -> None:
@@ -68,6 +81,13 @@ def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[ob
     queue.defer_release(held, "stream closed")
     if not isinstance(error, (Unavailable, Conflict)):
         log.error("release failed; kept for the reaper", exc_info=error)
+
+
+def _cancelled(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    try:
+        return bool(context.cancelled())
+    except Exception:  # a context that cannot say (never the case with grpc.aio)
+        return False
 
 
 def _duration(seconds: float) -> Duration:
@@ -106,6 +126,16 @@ class ClaimSession:
         # Held leases this stream forwarded an entry batch for: the store may
         # hold entries of their attempts beyond those a result carries.
         self._batched: set[str] = set()
+        # Resumable sessions: this stream's secret (none when leases of
+        # broken streams are released at once), whether it broke (rather
+        # than being closed by either side), and when it has ended.
+        grace = queue.settings.resume_grace.total_seconds()
+        self.resume_token = secrets.token_urlsafe(24) if grace > 0 else ""
+        self.broken = False
+        self.ended = asyncio.Event()
+        self._resumed: list[spb.LeaseAck] = []
+        self._task: asyncio.Task[object] | None = None
+        self._context: grpc.aio.ServicerContext[Any, Any] | None = None
 
     # -- entry point ------------------------------------------------------------
 
@@ -119,6 +149,8 @@ class ClaimSession:
         cancel lands in this coroutine wherever it waits, and its holds are
         released at once (an abandoned async generator would release them
         only when the garbage collector finalized it)."""
+        self._task = asyncio.current_task()
+        self._context = context
         try:
             async with asyncio.timeout(30):
                 first = await anext(requests)
@@ -131,6 +163,12 @@ class ClaimSession:
             )
         assert stream is not None
         self.stream = stream
+        hello = first.hello
+        if hello.resume_token and hello.resume_lease_ids:
+            try:
+                await self._reattach(stream, hello.resume_token, list(hello.resume_lease_ids))
+            except RealmError as e:
+                await context.abort(status_of(e), e.message)
         self.dispatcher.add(stream)
         log.info(
             "stream opened",
@@ -148,6 +186,13 @@ class ClaimSession:
                         heartbeat_interval=_duration(self.heartbeat_seconds),
                         stream_id=stream.stream_id,
                         result_entries=True,
+                        resume_token=self.resume_token,
+                        resume_grace=_duration(
+                            self.queue.settings.resume_grace.total_seconds()
+                            if self.resume_token
+                            else 0
+                        ),
+                        resumed=self._resumed,
                     )
                 )
             )
@@ -158,12 +203,22 @@ class ClaimSession:
                 await context.write(message)
             if self.error is not None:
                 await context.abort(status_of(self.error), self.error.message)
+        except asyncio.CancelledError:
+            self.broken = True  # the call was cancelled: the worker went away
+            raise
         finally:
             reader.cancel()
             pinger.cancel()
             self.dispatcher.remove(stream)
             held = stream.drop_all()
-            if held:
+            if not self.broken and _cancelled(context):
+                # Cancelled by the client or cut: its requests may have ended
+                # before the cancel reached this coroutine.
+                self.broken = True
+            detached = False
+            if held and self.broken and self.resume_token and self.error is None:
+                detached = await self._detach(held)
+            if held and not detached:
                 # Shielded: the call being torn down may cancel this task
                 # again while the release waits for a thread, and a release
                 # cancelled before it started would leave the jobs running
@@ -183,7 +238,110 @@ class ClaimSession:
                         extra={"stream": stream.label, "leases": len(held), "error": str(e)},
                     )
                 self.dispatcher.wake()
-            log.info("stream closed", extra={"stream": stream.label, "released": len(held)})
+            log.info(
+                "stream broken" if self.broken else "stream closed",
+                extra={
+                    "stream": stream.label,
+                    "detached" if detached else "released": len(held),
+                },
+            )
+            self.ended.set()
+
+    async def _detach(self, held: list[str]) -> bool:
+        """Keep a broken stream's leases for its worker to re-attach; False
+        when the store could not record it (they are released instead)."""
+        detach = asyncio.ensure_future(
+            asyncio.to_thread(self.queue.detach, held, self.resume_token)
+        )
+        try:
+            await asyncio.shield(detach)
+        except RealmError as e:
+            log.warning("detach failed; releasing", extra={"error": str(e)})
+            return False
+        return True
+
+    async def _reattach(self, stream: WorkerStream, token: str, lease_ids: list[str]) -> None:
+        """Re-attach the leases a broken stream of this worker held (its
+        resume token quoted in the hello): those the store gives back are
+        held by this stream; StreamSettings.resumed answers for each."""
+        if len(token) > MAX_TOKEN:
+            raise ProtocolError(f"hello.resume_token is longer than {MAX_TOKEN} characters")
+        if len(lease_ids) > MAX_CREDITS:
+            raise ProtocolError(f"hello.resume_lease_ids: more than {MAX_CREDITS}")
+        old = self.dispatcher.stream_with_token(stream.worker_id, token)
+        if old is not None and old.supersede is not None:
+            # The worker saw the break before this server did: end that
+            # stream as broken, which detaches its leases.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUPERSEDE_TIMEOUT):
+                    await old.supersede()
+        wanted = list(dict.fromkeys(lease[:64] for lease in lease_ids if lease))
+        found = await asyncio.to_thread(
+            self.queue.reattach, wanted, worker=stream.worker_id, token=token
+        )
+        # Leases still held by a stream of another instance that has not
+        # seen the break yet: asked for again while it notices.
+        deadline = time.monotonic() + SUPERSEDE_TIMEOUT
+        while time.monotonic() < deadline:
+            held = [
+                lease_id
+                for lease_id, got in found.items()
+                if not isinstance(got, Lease) and got[1] is JobState.RUNNING
+            ]
+            if not held:
+                break
+            await asyncio.sleep(0.1)
+            found.update(
+                await asyncio.to_thread(
+                    self.queue.reattach, held, worker=stream.worker_id, token=token
+                )
+            )
+        for lease_id in wanted:
+            got = found[lease_id]
+            if isinstance(got, Lease):
+                stream.adopt(got)
+                self._resumed.append(
+                    spb.LeaseAck(
+                        lease_id=lease_id,
+                        accepted=True,
+                        lease_expire_time=ts(got.expire_time),
+                        job_state=pb.Job.STATE_RUNNING,
+                    )
+                )
+            else:
+                reason, state = got
+                self._resumed.append(
+                    spb.LeaseAck(
+                        lease_id=lease_id,
+                        accepted=False,
+                        reason=reason,
+                        job_state=JOB_STATE_TO_PB[state] if state else pb.Job.STATE_UNSPECIFIED,
+                    )
+                )
+        log.info(
+            "stream resumed",
+            extra={
+                "stream": stream.label,
+                "reattached": sum(a.accepted for a in self._resumed),
+                "refused": sum(not a.accepted for a in self._resumed),
+            },
+        )
+
+    async def _supersede(self) -> None:
+        """End this stream as broken (its worker reconnected) and wait until
+        its leases are detached. If it is still running after a second (a
+        write to a dead connection may wait long), its call is cancelled."""
+        self.broken = True
+        self.outbox.put_nowait(None)
+        try:
+            async with asyncio.timeout(1.0):
+                await self.ended.wait()
+                return
+        except TimeoutError:
+            pass
+        if self._task is not None:
+            self._task.cancel()
+        await self.ended.wait()
 
     def _hello(self, message: spb.ClaimJobsRequest) -> WorkerStream | None:
         if message.WhichOneof("message") != "hello":
@@ -213,6 +371,8 @@ class ClaimSession:
             min_priority=min_priority,
             deliver=self._deliver,
             revoked=self._revoked,
+            resume_token=self.resume_token,
+            supersede=self._supersede,
         )
 
     def _deliver(self, leases: list[Lease]) -> None:
@@ -282,12 +442,24 @@ class ClaimSession:
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except grpc.RpcError:
-            pass  # the call itself ended (the worker went away)
+            self.broken = True  # the call itself ended (the worker went away)
         except Exception:
             log.exception("stream reader failed", extra={"stream": self._label()})
             self._fail(InternalError())
             return
-        self.outbox.put_nowait(None)  # the worker closed its side
+        # The requests ended: the worker closed its side, or the call was
+        # cancelled (cut, the worker gone), which the context may say only
+        # a moment later. A stream still holding leases waits for that
+        # moment (at most CANCEL_SETTLE_SECONDS): broken, its leases are kept
+        # for the worker to re-attach; closed, they are released at once.
+        if self.stream is not None and self.stream.held_leases and self._context is not None:
+            deadline = time.monotonic() + CANCEL_SETTLE_SECONDS
+            while time.monotonic() < deadline:
+                if _cancelled(self._context):
+                    self.broken = True
+                    break
+                await asyncio.sleep(0.01)
+        self.outbox.put_nowait(None)
 
     def _label(self) -> str:
         return self.stream.label if self.stream is not None else "-"
@@ -451,6 +623,17 @@ class ClaimSession:
             return
         try:
             await asyncio.to_thread(self.queue.add_entries, batch.lease_id, entries, deleted)
+            if batch.sequence:
+                self._ack(
+                    [
+                        spb.LeaseAck(
+                            lease_id=batch.lease_id,
+                            accepted=True,
+                            job_state=pb.Job.STATE_RUNNING,
+                            entries_sequence=batch.sequence,
+                        )
+                    ]
+                )
         except (StaleLease, InvalidArgument) as e:
             # Stale, or refused by the store (the queue has ended the attempt).
             self._drop(batch.lease_id)
@@ -575,6 +758,7 @@ class ClaimSession:
                     "stream silent; closing",
                     extra={"stream": self._label(), "silent_s": round(silent, 1)},
                 )
+                self.broken = True
                 self.outbox.put_nowait(None)
                 return
             if silent >= self.ping_seconds:

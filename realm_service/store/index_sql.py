@@ -17,6 +17,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     or_,
     select,
@@ -34,7 +35,7 @@ from realm_service.store.sets import (
     rows_params,
     rows_source,
 )
-from realm_service.store.tables import IndexEntryRow, RealmFileRow, RealmRow, UTCDateTime
+from realm_service.store.tables import IndexEntryRow, JobRow, RealmFileRow, RealmRow, UTCDateTime
 
 
 def to_entry(row: IndexEntryRow) -> IndexEntry:
@@ -259,10 +260,17 @@ _PROMOTE = (
 # a stale lease stages nothing). One range of the primary key; below it, on
 # PostgreSQL, lie the replaced generation's dead index entries until vacuum,
 # which a wider sweep scanned on every merge (2-3 ms after a big rebuild).
+# A from-scratch job's checkpoint (a generation kept across its attempts
+# while it waits to run again) lies there too and is spared.
+_JOBS = cast(Table, JobRow.__table__)
+_CHECKPOINTS = select(_JOBS.c.checkpoint).where(
+    _JOBS.c.realm_id == bindparam("realm"), _JOBS.c.checkpoint.is_not(None)
+)
 _DROP_ORPHANS = delete(_ENTRIES).where(
     _ENTRIES.c.realm_id == bindparam("realm"),
     _ENTRIES.c.generation > bindparam("lo"),
     _ENTRIES.c.generation < bindparam("hi"),
+    _ENTRIES.c.generation.not_in(_CHECKPOINTS),
 )
 
 
@@ -373,6 +381,9 @@ WITH staged AS MATERIALIZED (
     DELETE FROM index_entries WHERE realm_id = :realm AND generation = :staged AND deleted
 ), orphans AS (
     DELETE FROM index_entries WHERE realm_id = :realm AND generation > :lo AND generation < :hi
+        AND generation NOT IN (
+            SELECT checkpoint FROM jobs WHERE realm_id = :realm AND checkpoint IS NOT NULL
+        )
 ), promoted AS (
     UPDATE index_entries SET generation = :current
     WHERE realm_id = :realm AND generation = :staged AND NOT deleted
@@ -453,3 +464,62 @@ def drop_generation(tx: Tx, realm_id: str, generation: int) -> None:
     tx.session.execute(
         delete(_ENTRIES).where(_ENTRIES.c.realm_id == realm_id, _ENTRIES.c.generation == generation)
     )
+
+
+GITIGNORE = ".gitignore"
+
+
+def gitignore_sha(realm_id: str) -> Any:
+    """The realm's .gitignore's sha256 ("" for none), as a scalar subquery."""
+    return func.coalesce(
+        select(_FILES.c.sha256)
+        .where(_FILES.c.realm_id == realm_id, _FILES.c.path == GITIGNORE)
+        .scalar_subquery(),
+        "",
+    )
+
+
+# A checkpoint's entries whose file is gone or changed (another sha256).
+_DROP_CHANGED = delete(_ENTRIES).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("generation"),
+    ~exists().where(
+        _FILES.c.realm_id == _ENTRIES.c.realm_id,
+        _FILES.c.path == _ENTRIES.c.path,
+        _FILES.c.sha256 == _ENTRIES.c.sha256,
+        _ENTRIES.c.deleted.is_(False),
+    ),
+)
+_DROP_ALL = delete(_ENTRIES).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("generation"),
+)
+_COUNT_KEPT = select(func.count()).where(
+    _ENTRIES.c.realm_id == bindparam("realm"),
+    _ENTRIES.c.generation == bindparam("generation"),
+)
+
+
+def discard_checkpoint(tx: Tx, job_id: int, realm_id: str, generation: int) -> None:
+    """An attempt that stages entries without having opened its job's
+    checkpoint (its worker did not read the realm's listing) starts afresh:
+    the checkpoint's entries go."""
+    tx.session.execute(_DROP_ALL, {"realm": realm_id, "generation": generation})
+    tx.session.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(checkpoint_kept=0))
+
+
+def open_checkpoint(tx: Tx, job_id: int, realm_id: str, generation: int, gitignore: str) -> int:
+    """Open a from-scratch job's checkpoint for its new attempt: entries whose
+    file was deleted or changed since go (all of them when the .gitignore,
+    whose sha256 was `gitignore` then, changed: it decides every file), and
+    the number kept is recorded on the job (its completion counts them with
+    the entries sent). Returns that number."""
+    keys = {"realm": realm_id, "generation": generation}
+    now_sha = tx.session.scalar(select(gitignore_sha(realm_id)))
+    if now_sha != gitignore:
+        tx.session.execute(_DROP_ALL, keys)
+    else:
+        tx.session.execute(_DROP_CHANGED, keys)
+    kept = int(tx.session.scalar(_COUNT_KEPT, keys) or 0)
+    tx.session.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(checkpoint_kept=kept))
+    return kept

@@ -11,17 +11,20 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, exists, func, select, text, update
+from sqlalchemy import Table, Update, bindparam, case, exists, func, select, text, update
 
 from realm_service.domain import (
     PREEMPTED_FOR,
     AttemptOutcome,
     HeldJob,
     Job,
+    JobKind,
     JobState,
+    Lease,
     merge_paths,
 )
 from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
+from realm_service.store import index_sql
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
     CANCELLED,
@@ -176,16 +179,23 @@ def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
     wanted = [lease for lease in dict.fromkeys(lease_ids) if lease]
     if not wanted:
         return {}
-    return {row.lease_id: _held(row) for row in tx.session.execute(_HELD, {"leases": wanted})}
+    return {row.lease_id: to_held(row) for row in tx.session.execute(_HELD, {"leases": wanted})}
 
 
-def _held(row: Any) -> HeldJob:
-    return HeldJob(
-        job=to_job(row),
-        lease_id=row.lease_id,
-        attempt_id=row.lease_attempt_id,
-        counted_failures=row.counted_failures,
-        preemptions=row.preemptions,
+def running_lease(tx: Tx, lease_id: str, realm_id: str) -> HeldJob | None:
+    """The running job of the realm whose current lease is `lease_id`, if any."""
+    row = tx.session.execute(
+        select(_JOBS).where(
+            _JOBS.c.lease_id == lease_id, _JOBS.c.state == RUNNING, _JOBS.c.realm_id == realm_id
+        )
+    ).first()
+    return None if row is None else to_held(row)
+
+
+def checkpoint_gitignore(tx: Tx, job_id: int) -> str | None:
+    return cast(
+        "str | None",
+        tx.session.scalar(select(_JOBS.c.checkpoint_gitignore).where(_JOBS.c.id == job_id)),
     )
 
 
@@ -291,6 +301,9 @@ def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) ->
     }
     if counted:
         values["counted_failures"] = _JOBS.c.counted_failures + 1
+    if held.checkpoint is not None:
+        values["checkpoint"] = None
+        index_sql.drop_generation(tx, held.realm_id, held.checkpoint)
     tx.session.execute(update(_JOBS).where(_JOBS.c.id == held.job_id).values(**values))
     tx.announce_new_work()  # the realm's next job may run now
     job = dataclasses.replace(
@@ -307,7 +320,11 @@ def requeue(
     of the same realm and kind was queued meanwhile, fold this one into it
     (the higher priority, the earlier place, the union of the paths). A
     `preempted` job is counted as such and goes to the head of its
-    priority's line (aging: the next slot free for that work takes it)."""
+    priority's line (aging: the next slot free for that work takes it).
+    A from-scratch job keeps what its attempts staged as its checkpoint
+    (DESIGN.md section 6): the next attempt stages into the same generation
+    and reads only the files whose entries are not kept; folded into a job
+    without one, the checkpoint goes with it."""
     job = held.job
     head: int | None = None
     if preempted:
@@ -337,9 +354,24 @@ def requeue(
     if preempted:
         values["preemptions"] = _JOBS.c.preemptions + 1
         values["seq"] = head
+    checkpoint = held.generation if job.kind is JobKind.FROM_SCRATCH else None
+    values["checkpoint_kept"] = None  # counted again when the next attempt opens it
     if other is None:
         values["state"] = QUEUED
+        values["checkpoint"] = checkpoint
+        if checkpoint is not None:
+            values["checkpoint_gitignore"] = index_sql.gitignore_sha(job.realm_id)
     else:
+        values["checkpoint"] = None
+        moved: dict[str, Any] = {}
+        if checkpoint is not None and other.checkpoint is None:
+            moved = {
+                "checkpoint": checkpoint,
+                "checkpoint_kept": None,
+                "checkpoint_gitignore": index_sql.gitignore_sha(job.realm_id),
+            }
+        elif checkpoint is not None and checkpoint != other.checkpoint:
+            index_sql.drop_generation(tx, job.realm_id, checkpoint)
         values["state"] = MERGED
         values["superseded_by"] = other.id
         # Aging places a job in its own priority's line: folded into a job
@@ -357,6 +389,7 @@ def requeue(
                 seq=min(other.seq, seq if seq is not None else other.seq),
                 paths=encode_paths(merge_paths(decode_paths(other.paths), job.path_changes)),
                 preemptions=max(other.preemptions, held.preemptions + preempted),
+                **moved,
             )
         )
         tx.job_changed([other.id])
@@ -398,7 +431,11 @@ def cancel(tx: Tx, job_id: int, reason: str, now: datetime) -> tuple[Job, HeldJo
         raise FailedPrecondition(
             f"job {row.id} already {row.state}; only queued or running jobs can be cancelled"
         )
-    held = _held(row) if row.state == RUNNING else None
+    held = to_held(row) if row.state == RUNNING else None
+    if held is None and row.checkpoint is not None:
+        # A queued job's checkpoint goes with it (a running one's generation
+        # is dropped by the caller with the attempt's).
+        index_sql.drop_generation(tx, row.realm_id, row.checkpoint)
     tx.session.execute(
         update(_JOBS)
         .where(_JOBS.c.id == row.id)
@@ -408,6 +445,7 @@ def cancel(tx: Tx, job_id: int, reason: str, now: datetime) -> tuple[Job, HeldJo
             error_message=reason[:2000],
             lease_id=None,
             lease_expire_time=None,
+            checkpoint=None,
         )
     )
     if held is not None and held.attempt_id is not None:
@@ -445,3 +483,108 @@ def still_queued(tx: Tx, job_id: int) -> bool:
     holds it is waited for, and then seen)."""
     state = tx.session.scalar(select(_JOBS.c.state).where(_JOBS.c.id == job_id).with_for_update())
     return state == QUEUED
+
+
+# Resumable sessions (DESIGN.md section 5): the leases of a stream that broke
+# are kept for a grace, named by a secret its worker quotes to re-attach them.
+_DETACH = (
+    update(_JOBS)
+    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING)
+    .values(
+        lease_expire_time=case(
+            (_JOBS.c.lease_expire_time > bindparam("b_until"), bindparam("b_until")),
+            else_=_JOBS.c.lease_expire_time,
+        )
+    )
+    .returning(_JOBS.c.lease_attempt_id)
+)
+_MARK_DETACHED = (
+    update(_ATTEMPTS)
+    .where(_ATTEMPTS.c.id == bindparam("b_attempt"))
+    .values(resume_token=bindparam("b_token"))
+)
+
+
+def detach(tx: Tx, lease_ids: Sequence[str], token: str, until: datetime) -> list[str]:
+    """Keep the current ones of these leases until `until` at the latest
+    (their expiry is shortened to it), re-attachable with `token`. Returns
+    the leases kept."""
+    kept: list[str] = []
+    for lease_id in lease_ids:
+        attempt = tx.session.execute(_DETACH, {"b_lease": lease_id, "b_until": until}).scalar()
+        if attempt is not None:
+            tx.session.execute(_MARK_DETACHED, {"b_attempt": attempt, "b_token": token})
+            kept.append(lease_id)
+    return kept
+
+
+_DETACHED = (
+    select(_JOBS, _ATTEMPTS.c.resume_token, _ATTEMPTS.c.worker.label("attempt_worker"))
+    .join(_ATTEMPTS, _ATTEMPTS.c.id == _JOBS.c.lease_attempt_id)
+    .where(_JOBS.c.lease_id == bindparam("lease_id"), _JOBS.c.state == RUNNING)
+    .with_for_update(of=_JOBS)
+)
+# How a lease that could not be re-attached ended, as the job's state a
+# worker is told (a result of it applied before the break: SUCCEEDED).
+_STATE_AFTER = {
+    AttemptOutcome.COMPLETED.value: JobState.SUCCEEDED,
+    AttemptOutcome.INTERRUPTED.value: JobState.QUEUED,
+    AttemptOutcome.CANCELLED.value: JobState.CANCELLED,
+}
+
+
+def reattach(
+    tx: Tx,
+    lease_ids: Sequence[str],
+    *,
+    worker: str,
+    token: str,
+    now: datetime,
+    until: datetime,
+    instance_id: str,
+) -> dict[str, Lease | tuple[str, JobState | None]]:
+    """Re-attach leases detached with `token` from a stream of `worker` whose
+    grace has not run out: each gets `until` as its expiry and this instance
+    as its holder. The others map to why not and their job's state, if it
+    says something (SUCCEEDED: the attempt's result was applied)."""
+    out: dict[str, Lease | tuple[str, JobState | None]] = {}
+    stale: list[str] = []
+    for lease_id in lease_ids:
+        row = tx.session.execute(_DETACHED, {"lease_id": lease_id}).first()
+        if row is None:
+            stale.append(lease_id)
+            continue
+        head = f"lease {lease_id[:40]!r} was not re-attached"
+        if row.attempt_worker != worker or (
+            row.resume_token is not None and row.resume_token != token
+        ):
+            out[lease_id] = (f"{head}: it was not held by that stream", None)
+            continue
+        if row.resume_token is None:
+            # Its stream has not been seen broken yet (RUNNING: worth asking
+            # again in a moment).
+            out[lease_id] = (f"{head}: it is still held by a stream", JobState.RUNNING)
+            continue
+        if row.lease_expire_time is None or row.lease_expire_time <= now:
+            out[lease_id] = (f"{head}: its resume grace ran out", None)
+            continue
+        tx.session.execute(
+            update(_JOBS).where(_JOBS.c.id == row.id).values(lease_expire_time=until)
+        )
+        tx.session.execute(
+            update(_ATTEMPTS)
+            .where(_ATTEMPTS.c.id == row.lease_attempt_id)
+            .values(resume_token=None, instance_id=instance_id)
+        )
+        out[lease_id] = Lease(
+            lease_id=lease_id, job=to_job(row), expire_time=until, preemptions=row.preemptions
+        )
+    if stale:
+        reasons = stale_reasons(tx, stale)
+        outcomes = {
+            r.lease_id: r.outcome
+            for r in tx.session.execute(_ENDED_ATTEMPTS, {"leases": [x for x in stale if x]})
+        }
+        for lease_id in stale:
+            out[lease_id] = (reasons[lease_id], _STATE_AFTER.get(outcomes.get(lease_id, "")))
+    return out

@@ -219,10 +219,17 @@ def read_file(tx: Tx, *, realm_id: str, path: str) -> tuple[RealmFile, bytes]:
 
 
 def file_page(
-    tx: Tx, realm_id: str, *, after: str | None, paths: Sequence[str] | None, limit: int
+    tx: Tx,
+    realm_id: str,
+    *,
+    after: str | None,
+    paths: Sequence[str] | None,
+    limit: int,
+    skip_generation: int | None = None,
 ) -> list[RealmFile]:
     """Metadata of up to `limit` files in path order after `after`: every
-    file of the realm, or only those named in `paths` (which exist)."""
+    file of the realm, or only those named in `paths` (which exist). With
+    `skip_generation` (a checkpoint), files with an entry in it are left out."""
     if paths is not None:
         rows = tx.session.execute(_NAMED_META, {"realm_id": realm_id, "paths": list(paths)})
         listed = sorted(rows)
@@ -232,6 +239,14 @@ def file_page(
     q = select(*_META).where(_F.realm_id == realm_id).order_by(_F.path).limit(limit)
     if after is not None:
         q = q.where(_F.path > after)
+    if skip_generation is not None:
+        q = q.where(
+            ~exists().where(
+                _E.c.realm_id == _F.realm_id,
+                _E.c.generation == skip_generation,
+                _E.c.path == _F.path,
+            )
+        )
     return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.session.execute(q)]
 
 
@@ -270,6 +285,7 @@ def files_with_content(
 _FILES_TABLE = cast(Table, RealmFileRow.__table__)
 _INSERT_FILES = insert(_FILES_TABLE)
 _F = _FILES_TABLE.c
+_E = cast(Table, IndexEntryRow.__table__)
 _META = (_F.path, _F.mtime, _F.size, _F.sha256)
 _NAMED_META = select(*_META).where(
     _F.realm_id == bindparam("realm_id"), in_values(_F.path, "paths")

@@ -119,4 +119,6 @@ def to_held(row: Any) -> HeldJob:
         attempt_id=row.lease_attempt_id,
         counted_failures=row.counted_failures,
         preemptions=row.preemptions,
+        checkpoint=row.checkpoint,
+        kept=row.checkpoint_kept,
     )

@@ -128,6 +128,14 @@ class JobRow(Base):
     # Times the job was preempted: handed back, uncounted, for a waiting job
     # of a user (DESIGN.md section 4); capped by the server's settings.
     preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # A from-scratch job's checkpoint (DESIGN.md section 6): the generation its
+    # first attempt staged into, kept across attempts, which stage into it
+    # too; the entries of it kept for the current attempt (NULL until its
+    # file stream opened); the .gitignore's sha256 when they were kept ("" for
+    # none): a changed .gitignore drops them all.
+    checkpoint: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    checkpoint_kept: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    checkpoint_gitignore: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index(
@@ -182,6 +190,10 @@ class JobAttemptRow(Base):
     # running | completed | failed | interrupted | expired
     outcome: Mapped[str] = mapped_column(String(20))
     error_message: Mapped[str] = mapped_column(Text, default="")
+    # Set when the stream holding the attempt's lease ended uncleanly: the
+    # secret a reconnecting worker quotes to re-attach the lease (DESIGN.md
+    # section 5, resumable sessions).
+    resume_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (Index("ix_job_attempts_job", "job_id"), {"sqlite_autoincrement": True})
 

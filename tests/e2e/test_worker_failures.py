@@ -1,8 +1,9 @@
 """Workers that die or are stopped in the middle of a from-scratch job.
 
-A SIGKILLed worker's connection closes, so the server releases its lease at
-once as interrupted (the lease is far longer than the test waits); another
-worker then runs the job to completion, once. A SIGTERMed worker drains:
+A SIGKILLed worker's connection closes, so the server releases its lease
+as interrupted once the resume grace has passed (the lease is far longer
+than the test waits); another worker then runs the job to completion, once,
+going on from the checkpoint the killed one left. A SIGTERMed worker drains:
 it finishes its job or releases it, takes nothing new, and exits 0.
 """
 
@@ -91,8 +92,13 @@ def test_sigkilled_worker_job_completes_once_on_another(store_url: str, system: 
     ]
     assert counted_failures(store_url, job_id) == 0
 
-    # One job for the realm, succeeded once; the index is whole, and what the
-    # killed attempt had uploaded (in batches of 50) is gone from the store.
+    # The second attempt went on from the killed one's checkpoint: the files
+    # whose entries the server had kept (uploaded in batches of 50) were not
+    # read again; the rest were.
+    assert 0 < done.progress.total <= len(files) + 2 - (mid.progress.done - 50), done.progress
+    assert done.progress.done == done.progress.total
+    # One job for the realm, succeeded once; the index is whole, and holds
+    # each file once.
     jobs = realm_jobs(stub, "big")
     assert [(j.job_id, j.state) for j in jobs] == [(job_id, pb.Job.STATE_SUCCEEDED)]
     assert_index_whole(stub, "big", [*files, "realm.json", "index.json"])

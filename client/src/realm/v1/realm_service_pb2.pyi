@@ -1728,15 +1728,30 @@ class WorkerHello(_message.Message):
     INCARNATION_ID_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
     MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    RESUME_LEASE_IDS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable name of the worker (e.g. pod name)."""
     incarnation_id: _builtins.str
     """Fresh per process start; lets the server tell restarts apart."""
     min_priority: _builtins.int
     """Only jobs of at least this priority are assigned (dedicated lanes)."""
+    resume_token: _builtins.str
+    """Resuming after a stream that broke: the `resume_token` of that stream's
+    StreamSettings. The leases named in `resume_lease_ids` are re-attached
+    to this stream if they are still current, were held by that stream (of
+    this worker id), and its resume grace has not run out (on any server
+    instance sharing the store). StreamSettings.resumed answers for each.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.JobKind.ValueType]:
         """Job kinds the worker runs; empty means all."""
+
+    @_builtins.property
+    def resume_lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The leases the worker still holds (jobs running, or results it sent
+        that were not acknowledged). At most 10000.
+        """
 
     def __init__(
         self,
@@ -1745,10 +1760,12 @@ class WorkerHello(_message.Message):
         incarnation_id: _builtins.str = ...,
         kinds: _abc.Iterable[_resources_pb2.JobKind.ValueType] | None = ...,
         min_priority: _builtins.int | None = ...,
+        resume_token: _builtins.str = ...,
+        resume_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_priority", b"_min_priority", "min_priority", b"min_priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_priority", b"_min_priority", "incarnation_id", b"incarnation_id", "kinds", b"kinds", "min_priority", b"min_priority", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_priority", b"_min_priority", "incarnation_id", b"incarnation_id", "kinds", b"kinds", "min_priority", b"min_priority", "resume_lease_ids", b"resume_lease_ids", "resume_token", b"resume_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_priority: _TypeAlias = _typing.Literal["min_priority"]  # noqa: Y015
     _WhichOneofArgType__min_priority: _TypeAlias = _typing.Literal["_min_priority", b"_min_priority"]  # noqa: Y015
@@ -1841,8 +1858,16 @@ class IndexEntryBatch(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     DELETED_PATHS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease the entries are written under."""
+    sequence: _builtins.int
+    """Optional number of the batch among its lease's (from 1, increasing).
+    When set, the server acknowledges the batch once stored (a LeaseAck with
+    `entries_sequence`), so a worker that re-attaches the lease after a
+    broken stream sends again only what was not acknowledged. Storing a
+    batch twice is harmless: entries are stored by path.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.IndexEntry]:
         """The entries (at most 1000 per batch)."""
@@ -1859,10 +1884,11 @@ class IndexEntryBatch(_message.Message):
         lease_id: _builtins.str = ...,
         entries: _abc.Iterable[_resources_pb2.IndexEntry] | None = ...,
         deleted_paths: _abc.Iterable[_builtins.str] | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_paths", b"deleted_paths", "entries", b"entries", "lease_id", b"lease_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_paths", b"deleted_paths", "entries", b"entries", "lease_id", b"lease_id", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2089,10 +2115,19 @@ class StreamSettings(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     STREAM_ID_FIELD_NUMBER: _builtins.int
     RESULT_ENTRIES_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    RESUME_GRACE_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """Identifier of this stream in server logs."""
     result_entries: _builtins.bool
     """The server takes a job's last entries with its result (JobResult.entries)."""
+    resume_token: _builtins.str
+    """Secret naming this stream's leases should it break: a worker that
+    reconnects within `resume_grace` quotes it in WorkerHello.resume_token
+    to re-attach them. Empty when the server does not keep leases of broken
+    streams (they are then released at once).
+    """
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
         """How long a lease lives without a heartbeat."""
@@ -2101,6 +2136,20 @@ class StreamSettings(_message.Message):
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often the worker should heartbeat."""
 
+    @_builtins.property
+    def resume_grace(self) -> _duration_pb2.Duration:
+        """How long the leases of this stream are kept after it breaks (it ends
+        without the worker closing it) before they are released as interrupted.
+        """
+
+    @_builtins.property
+    def resumed(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseAck]:
+        """Answer to WorkerHello.resume_lease_ids, one per lease: accepted, with
+        the new expiry, for each lease re-attached to this stream; refused, with
+        the reason and the job's state, for the others (e.g. a result sent
+        before the break was applied: SUCCEEDED).
+        """
+
     def __init__(
         self,
         *,
@@ -2108,10 +2157,13 @@ class StreamSettings(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         stream_id: _builtins.str = ...,
         result_entries: _builtins.bool = ...,
+        resume_token: _builtins.str = ...,
+        resume_grace: _duration_pb2.Duration | None = ...,
+        resumed: _abc.Iterable[Global___LeaseAck] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "resume_grace", b"resume_grace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "result_entries", b"result_entries", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "result_entries", b"result_entries", "resume_grace", b"resume_grace", "resume_token", b"resume_token", "resumed", b"resumed", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2233,6 +2285,7 @@ class LeaseAck(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     JOB_STATE_FIELD_NUMBER: _builtins.int
+    ENTRIES_SEQUENCE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease quoted."""
     accepted: _builtins.bool
@@ -2241,6 +2294,8 @@ class LeaseAck(_message.Message):
     """Why it was refused."""
     job_state: _resources_pb2.Job.State.ValueType
     """The job's state after the message (e.g. SUCCEEDED after a result)."""
+    entries_sequence: _builtins.int
+    """After an entry batch with a sequence: that batch is stored."""
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """After a heartbeat: the lease's new expiry."""
@@ -2253,10 +2308,11 @@ class LeaseAck(_message.Message):
         reason: _builtins.str = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         job_state: _resources_pb2.Job.State.ValueType = ...,
+        entries_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "job_state", b"job_state", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "entries_sequence", b"entries_sequence", "job_state", b"job_state", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

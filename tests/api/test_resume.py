@@ -1,0 +1,211 @@
+"""Resumable ClaimJobs sessions (DESIGN.md section 5), seen from the wire: a
+stream that breaks keeps its leases for the resume grace; the worker that
+reconnects with the stream's resume token re-attaches them and carries on
+under the same leases (one attempt); what it sends again is applied once; a
+lease not re-attached in time is released as interrupted (uncounted); a
+stream the worker closes releases at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import grpc
+from realm.v1 import realm_service_pb2 as spb
+from realm.v1 import resources_pb2 as pb
+
+from tests.api.conftest import BASE, LiveServer, start_live_server
+from tests.api.helpers import (
+    attempt_outcomes,
+    counted_failures,
+    create_realm,
+    entry_for,
+    get_job,
+    hello,
+    poll,
+)
+from tests.api.worker_stream import StreamClient
+
+GRACE = 30.0  # far longer than the tests wait, unless they say otherwise
+
+
+def connect(
+    live: LiveServer, worker: str, *, token: str = "", leases: Sequence[str] = ()
+) -> tuple[StreamClient, spb.StreamSettings]:
+    h = hello(worker)
+    h.resume_token = token
+    h.resume_lease_ids.extend(leases)
+    stream = StreamClient(live.stub, hello=h, answer_pings=True)
+    return stream, stream.settings()
+
+
+def entries_of(live: LiveServer, realm_id: str) -> list[pb.IndexEntry]:
+    files = live.stub.ListRealmFiles(spb.ListRealmFilesRequest(realm_id=realm_id)).files
+    return [entry_for(f) for f in files]
+
+
+def send_batch(
+    stream: StreamClient, lease_id: str, entries: Sequence[pb.IndexEntry], number: int
+) -> spb.LeaseAck:
+    stream.send(
+        spb.ClaimJobsRequest(
+            entries=spb.IndexEntryBatch(lease_id=lease_id, entries=list(entries), sequence=number)
+        )
+    )
+    (ack,) = stream.acks()
+    return ack
+
+
+def test_a_broken_stream_is_resumed_under_the_same_lease(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    live = live_with(resume_grace_seconds=GRACE)
+    job = create_realm(live.stub, "r").job
+    first, settings = connect(live, "w")
+    assert settings.resume_token and settings.resume_grace.seconds == int(GRACE)
+    first.credit(1)
+    (a,) = first.assignments(1)
+    entries = entries_of(live, "r")
+    ack = send_batch(first, a.lease_id, entries[:1], 1)
+    assert (ack.accepted, ack.entries_sequence) == (True, 1)
+
+    first.cancel()  # the connection breaks
+    assert isinstance(first.wait_closed(), grpc.RpcError)
+    time.sleep(0.3)
+    still = get_job(live.stub, job.job_id)
+    assert still.state == pb.Job.STATE_RUNNING and still.attempt == 1
+
+    second, resumed = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    assert [(r.lease_id, r.accepted) for r in resumed.resumed] == [(a.lease_id, True)]
+    assert resumed.resumed[0].job_state == pb.Job.STATE_RUNNING
+    assert resumed.resume_token and resumed.resume_token != settings.resume_token
+    # A batch sent again (its acknowledgement was lost with the stream) is
+    # stored once; the result lands on the new stream.
+    assert send_batch(second, a.lease_id, entries[:1], 1).accepted
+    assert send_batch(second, a.lease_id, entries[1:], 2).accepted
+    second.send_result(a.lease_id, entries_uploaded=len(entries))
+    (done,) = second.acks()
+    assert done.accepted and done.job_state == pb.Job.STATE_SUCCEEDED, done
+    assert attempt_outcomes(live.srv.db, int(job.job_id)) == ["completed"]
+    assert counted_failures(live.srv.db, int(job.job_id)) == 0
+
+
+def test_a_lease_not_reattached_within_the_grace_is_released_uncounted(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    live = live_with(resume_grace_seconds=0.5)
+    job = create_realm(live.stub, "r").job
+    first, settings = connect(live, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    first.cancel()
+    queued = poll(
+        lambda: (j := get_job(live.stub, job.job_id)).state == pb.Job.STATE_QUEUED and j,
+        what="the job released after the grace",
+    )
+    assert queued.attempt == 1
+    assert attempt_outcomes(live.srv.db, int(job.job_id)) == ["interrupted"]
+    assert counted_failures(live.srv.db, int(job.job_id)) == 0
+    late, answer = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    (refused,) = answer.resumed
+    assert not refused.accepted and refused.job_state == pb.Job.STATE_QUEUED
+    assert "released as interrupted" in refused.reason, refused.reason
+    late.close()
+
+
+def test_a_result_applied_before_the_break_is_answered_succeeded(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    live = live_with(resume_grace_seconds=GRACE)
+    create_realm(live.stub, "r")
+    first, settings = connect(live, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    assert first.complete(a.lease_id).accepted
+    first.cancel()
+    again, answer = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    (settled,) = answer.resumed
+    assert not settled.accepted and settled.job_state == pb.Job.STATE_SUCCEEDED
+    assert "its job completed" in settled.reason
+    again.close()
+
+
+def test_a_wrong_token_or_another_worker_reattaches_nothing(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    live = live_with(resume_grace_seconds=GRACE)
+    job = create_realm(live.stub, "r").job
+    first, settings = connect(live, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    first.cancel()
+    assert isinstance(first.wait_closed(), grpc.RpcError)
+    for worker, token in (("w", "not-the-token"), ("intruder", settings.resume_token)):
+        other, answer = connect(live, worker, token=token, leases=[a.lease_id])
+        (refused,) = answer.resumed
+        assert not refused.accepted and "not re-attached" in refused.reason, refused.reason
+        other.close()
+    # The lease is still there for its own worker.
+    mine, answer = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    assert [r.accepted for r in answer.resumed] == [True]
+    assert mine.complete(a.lease_id).job_state == pb.Job.STATE_SUCCEEDED
+    assert get_job(live.stub, job.job_id).attempt == 1
+
+
+def test_a_worker_that_saw_the_break_first_takes_its_leases_over(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    """The worker reconnects while this server still holds the old stream
+    (it has not noticed the break): that stream is ended, its leases move."""
+    live = live_with(resume_grace_seconds=GRACE)
+    create_realm(live.stub, "r")
+    first, settings = connect(live, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    second, answer = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    assert [r.accepted for r in answer.resumed] == [True]
+    first.wait_closed()  # ended by the server (raises if it is not)
+    assert second.complete(a.lease_id).job_state == pb.Job.STATE_SUCCEEDED
+
+
+def test_a_stream_the_worker_closes_releases_its_leases_at_once(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    live = live_with(resume_grace_seconds=GRACE)
+    job = create_realm(live.stub, "r").job
+    first, _ = connect(live, "w")
+    first.credit(1)
+    first.assignments(1)
+    first.close()
+    poll(
+        lambda: get_job(live.stub, job.job_id).state == pb.Job.STATE_QUEUED,
+        timeout=GRACE / 3,
+        what="the job released at once",
+    )
+
+
+def test_leases_reattach_through_another_instance(pg_url: str) -> None:
+    """On PostgreSQL a worker may come back through another instance."""
+    settings = replace(BASE, store_url=pg_url, resume_grace_seconds=GRACE)
+    a_server, stop_a = start_live_server(settings)
+    b_server, stop_b = start_live_server(settings)
+    try:
+        _reattach_elsewhere(a_server, b_server)
+    finally:
+        stop_b()
+        stop_a()
+
+
+def _reattach_elsewhere(a_server: LiveServer, b_server: LiveServer) -> None:
+    job = create_realm(a_server.stub, "r").job
+    first, settings = connect(a_server, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    first.cancel()
+    assert isinstance(first.wait_closed(), grpc.RpcError)
+    second, answer = connect(b_server, "w", token=settings.resume_token, leases=[a.lease_id])
+    assert [r.accepted for r in answer.resumed] == [True], answer.resumed
+    # Held by B now: A's reaper leaves it alone, B completes it.
+    assert second.complete(a.lease_id).job_state == pb.Job.STATE_SUCCEEDED
+    assert get_job(b_server.stub, job.job_id).attempt == 1
