@@ -40,8 +40,10 @@ from index_worker.model import (
 
 logger = logging.getLogger(__name__)
 
-# How often a broken file stream is resumed before the job gives up its lease.
+# How often a broken file stream is resumed before the job gives up its lease,
+# and the pause before the first resumption (doubled for each next one).
 STREAM_RETRIES = 3
+RESUME_PAUSE = 0.1
 
 # Retrying cannot cure these: the server said the worker itself is wrong.
 FATAL_CODES = frozenset(
@@ -267,6 +269,7 @@ class ClaimStream:
 
     async def _write_loop(self) -> None:
         call = self._require_call()
+        written: asyncio.Future[None] | None = None
         try:
             while True:
                 item = await self._outbox.get()
@@ -278,10 +281,15 @@ class ClaimStream:
                 await call.write(message)
                 if written is not None and not written.done():
                     written.set_result(None)
+                written = None
         except grpc.aio.AioRpcError as exc:
             raise stream_error(exc) from None
         except asyncio.InvalidStateError:
             raise StreamBrokenError("the ClaimJobs call has already finished") from None
+        finally:
+            # An upload whose write the broken call never finished.
+            if written is not None and not written.done():
+                written.set_exception(StreamClosedError("the ClaimJobs stream is closed"))
 
     async def _read_loop(self, handler: StreamHandler) -> None:
         call = self._require_call()
@@ -428,6 +436,10 @@ class GrpcRealmFiles:
         first = True
         retries = 0
         while True:
+            if retries:
+                # A resumed call waits for the channel to reconnect (a cut
+                # connection) rather than failing at once, after a pause.
+                await asyncio.sleep(RESUME_PAUSE * 2 ** (retries - 1))
             call = self._stub.StreamRealmFiles(
                 pb.StreamRealmFilesRequest(
                     realm_id=realm_id,
@@ -436,6 +448,7 @@ class GrpcRealmFiles:
                     after_path=after,
                 ),
                 metadata=self._metadata,
+                wait_for_ready=retries > 0,
             )
             parts: list[bytes] = []
             try:
