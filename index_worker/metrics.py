@@ -44,6 +44,15 @@ LEASES_TAKEN = Counter(
 )
 for _how in ("handed_back", "lost"):
     LEASES_TAKEN.labels(_how)
+SESSIONS = Counter(
+    "index_worker_sessions_total",
+    "Streams that broke with jobs running: resumed on a new stream, or given up "
+    "(the resume grace ran out)",
+    ["how"],
+    registry=REGISTRY,
+)
+for _how in ("resumed", "given_up"):
+    SESSIONS.labels(_how)
 
 for _kind in JobKind:
     for _outcome in Outcome:

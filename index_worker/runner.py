@@ -113,6 +113,7 @@ class Worker:
             session, connection, _ = self._carry
             self._carry = None
             logger.info("session given up", extra={"worker": self.config.worker_id})
+            metrics.SESSIONS.labels("given_up").inc()
             await session.abandon()
             await connection.close()
 
@@ -163,6 +164,7 @@ class Worker:
             if carry is not None:
                 session = carry[0]
                 session.attach(stream, settings)
+                metrics.SESSIONS.labels("resumed").inc()
                 carry = None
             else:
                 session = Session(stream, connection.realm_files(), config, settings)

@@ -92,6 +92,20 @@ PREEMPTIONS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+LEASES_RESUMED = Counter(
+    "realm_leases_resumed_total",
+    "Leases of broken ClaimJobs streams: detached (kept for the resume grace), "
+    "re-attached by their worker, or refused when a worker asked",
+    ["how"],
+    registry=REGISTRY,
+)
+for _how in ("detached", "reattached", "refused"):
+    LEASES_RESUMED.labels(_how)
+CHECKPOINT_ENTRIES = Counter(
+    "realm_checkpoint_entries_kept_total",
+    "Index entries of earlier attempts that from-scratch attempts went on from",
+    registry=REGISTRY,
+)
 ASSIGNED = Counter("realm_jobs_assigned_total", "Jobs leased to workers", registry=REGISTRY)
 LEASES_EXPIRED = Counter("realm_leases_expired_total", "Leases reaped", registry=REGISTRY)
 STREAMS = Gauge("realm_streams_connected", "Open ClaimJobs streams", registry=REGISTRY)

@@ -596,6 +596,7 @@ class JobQueue:
             functools.partial(leases_sql.detach, lease_ids=lease_ids, token=token, until=until)
         )
         if kept:
+            metrics.LEASES_RESUMED.labels("detached").inc(len(kept))
             log.info("leases detached", extra={"leases": len(kept), "until": until.isoformat()})
         return kept
 
@@ -621,6 +622,7 @@ class JobQueue:
             )
         )
         attached = [lease for lease in out.values() if isinstance(lease, Lease)]
+        metrics.LEASES_RESUMED.labels("reattached").inc(len(attached))
         for lease in attached:
             log.info("job re-attached", extra=job_fields(lease.job))
         return out

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from realm_service import metrics
 from realm_service.clock import Clock, utcnow
 from realm_service.domain import (
     INDEX_JSON,
@@ -480,6 +481,7 @@ class Realms:
                 return
             gitignore = leases_sql.checkpoint_gitignore(tx, held.job_id) or ""
             kept = index_sql.open_checkpoint(tx, held.job_id, realm_id, held.checkpoint, gitignore)
+            metrics.CHECKPOINT_ENTRIES.inc(kept)
             log.info(
                 "checkpoint opened",
                 extra={"job": held.job_id, "realm": realm_id, "kept": kept},

@@ -26,6 +26,7 @@ from google.protobuf.duration_pb2 import Duration
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
+from realm_service import metrics
 from realm_service.api.convert import (
     JOB_STATE_TO_PB,
     KIND_FROM_PB,
@@ -318,6 +319,9 @@ class ClaimSession:
                         job_state=JOB_STATE_TO_PB[state] if state else pb.Job.STATE_UNSPECIFIED,
                     )
                 )
+        refused = sum(not a.accepted for a in self._resumed)
+        if refused:
+            metrics.LEASES_RESUMED.labels("refused").inc(refused)
         log.info(
             "stream resumed",
             extra={

@@ -15,6 +15,7 @@ import grpc
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
+from realm_service import metrics
 from tests.api.conftest import BASE, LiveServer, start_live_server
 from tests.api.helpers import (
     attempt_outcomes,
@@ -61,6 +62,7 @@ def test_a_broken_stream_is_resumed_under_the_same_lease(
     live_with: Callable[..., LiveServer],
 ) -> None:
     live = live_with(resume_grace_seconds=GRACE)
+    before = {how: resumed(how) for how in ("detached", "reattached")}
     job = create_realm(live.stub, "r").job
     first, settings = connect(live, "w")
     assert settings.resume_token and settings.resume_grace.seconds == int(GRACE)
@@ -76,10 +78,10 @@ def test_a_broken_stream_is_resumed_under_the_same_lease(
     still = get_job(live.stub, job.job_id)
     assert still.state == pb.Job.STATE_RUNNING and still.attempt == 1
 
-    second, resumed = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
-    assert [(r.lease_id, r.accepted) for r in resumed.resumed] == [(a.lease_id, True)]
-    assert resumed.resumed[0].job_state == pb.Job.STATE_RUNNING
-    assert resumed.resume_token and resumed.resume_token != settings.resume_token
+    second, again = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    assert [(r.lease_id, r.accepted) for r in again.resumed] == [(a.lease_id, True)]
+    assert again.resumed[0].job_state == pb.Job.STATE_RUNNING
+    assert again.resume_token and again.resume_token != settings.resume_token
     # A batch sent again (its acknowledgement was lost with the stream) is
     # stored once; the result lands on the new stream.
     assert send_batch(second, a.lease_id, entries[:1], 1).accepted
@@ -89,6 +91,16 @@ def test_a_broken_stream_is_resumed_under_the_same_lease(
     assert done.accepted and done.job_state == pb.Job.STATE_SUCCEEDED, done
     assert attempt_outcomes(live.srv.db, int(job.job_id)) == ["completed"]
     assert counted_failures(live.srv.db, int(job.job_id)) == 0
+    assert {how: resumed(how) - n for how, n in before.items()} == {
+        "detached": 1,
+        "reattached": 1,
+    }
+
+
+def resumed(how: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("realm_leases_resumed_total", {"how": how})
+    assert value is not None
+    return value
 
 
 def test_a_lease_not_reattached_within_the_grace_is_released_uncounted(
