@@ -93,6 +93,10 @@ class FakeRealmService(pb_grpc.RealmServiceServicer):
     file_metadata: list[dict[str, str]] = field(default_factory=list)
     cancelled_reads: list[str] = field(default_factory=list)
     streams: list[FakeStream] = field(default_factory=list)
+    # Resumable sessions: the token each stream's settings carry ("" for
+    # none), and which leases a hello may re-attach (None: all it names).
+    resume_token: str = ""
+    reattach: set[str] | None = None
     _stream_added: asyncio.Condition = field(default_factory=asyncio.Condition)
     _read_started: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -133,7 +137,22 @@ class FakeRealmService(pb_grpc.RealmServiceServicer):
                 lease_duration=_duration(30.0),
                 heartbeat_interval=_duration(self.heartbeat_interval),
                 stream_id=f"s{len(self.streams)}",
+                resume_token=self.resume_token,
+                resume_grace=_duration(5.0 if self.resume_token else 0.0),
             )
+            hello = first.hello
+            for lease_id in hello.resume_lease_ids:
+                ok = hello.resume_token == self.resume_token and (
+                    self.reattach is None or lease_id in self.reattach
+                )
+                settings.resumed.append(
+                    pb.LeaseAck(
+                        lease_id=lease_id,
+                        accepted=ok,
+                        reason="" if ok else "not re-attached by the fake",
+                        job_state=res.Job.STATE_RUNNING if ok else res.Job.STATE_QUEUED,
+                    )
+                )
             await context.write(pb.ClaimJobsResponse(settings=settings))
             reader = asyncio.create_task(self._pump(stream, context))
             try:
