@@ -388,6 +388,9 @@ class RunningInfo:
     worker: str
     instance_id: str
     lease_expire_time: datetime | None
+    # Its stream broke: the lease waits (until its expiry) for the worker to
+    # re-attach it.
+    detached: bool = False
 
 
 @dataclass(frozen=True)

@@ -107,10 +107,16 @@ async def explain(
             if job.progress_total
             else "no progress reported yet"
         )
+        broke = ""
+        if lease is not None and lease.detached and expire is not None:
+            broke = (
+                f"; its stream broke, and the worker has until {expire.isoformat()} to "
+                "re-attach it before it is queued again"
+            )
         return Explanation(
             job,
             f"Job {job.job_id} is running on worker {running.worker} "
-            f"(attempt {job.attempt}, {progress}).",
+            f"(attempt {job.attempt}, {progress}){broke}.",
             running=running,
             attempts=tuple(attempts),
         )

@@ -127,11 +127,16 @@ def running_info(tx: Tx, job_id: int) -> RunningInfo | None:
     ).first()
     if row is None or row.lease_id is None:
         return None
-    instance = tx.session.scalar(
-        select(JobAttemptRow.instance_id).where(JobAttemptRow.lease_id == row.lease_id)
-    )
+    attempt = tx.session.execute(
+        select(JobAttemptRow.instance_id, JobAttemptRow.resume_token).where(
+            JobAttemptRow.lease_id == row.lease_id
+        )
+    ).first()
     return RunningInfo(
-        worker=row.worker, instance_id=instance or "", lease_expire_time=row.lease_expire_time
+        worker=row.worker,
+        instance_id=attempt.instance_id if attempt is not None else "",
+        lease_expire_time=row.lease_expire_time,
+        detached=attempt is not None and attempt.resume_token is not None,
     )
 
 

@@ -77,6 +77,8 @@ def test_a_broken_stream_is_resumed_under_the_same_lease(
     time.sleep(0.3)
     still = get_job(live.stub, job.job_id)
     assert still.state == pb.Job.STATE_RUNNING and still.attempt == 1
+    explained = live.stub.ExplainJob(spb.ExplainJobRequest(job_id=job.job_id))
+    assert "its stream broke" in explained.summary, explained.summary
 
     second, again = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
     assert [(r.lease_id, r.accepted) for r in again.resumed] == [(a.lease_id, True)]
