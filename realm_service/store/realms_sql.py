@@ -9,7 +9,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Insert,
+    Table,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from realm_service.domain import JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
@@ -236,18 +248,36 @@ def file_page(
         if after is not None:
             listed = [r for r in listed if r[0] > after]
         return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in listed[:limit]]
+    if skip_generation is not None:
+        return _page_skipping(tx, realm_id, after, limit, skip_generation)
     q = select(*_META).where(_F.realm_id == realm_id).order_by(_F.path).limit(limit)
     if after is not None:
         q = q.where(_F.path > after)
-    if skip_generation is not None:
-        q = q.where(
-            ~exists().where(
-                _E.c.realm_id == _F.realm_id,
-                _E.c.generation == skip_generation,
-                _E.c.path == _F.path,
-            )
-        )
     return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.session.execute(q)]
+
+
+def _page_skipping(
+    tx: Tx, realm_id: str, after: str | None, limit: int, generation: int
+) -> list[RealmFile]:
+    """The next `limit` files after `after` that have no entry in the
+    generation (a checkpoint), a chunk of SKIP_CHUNK files at a time; only
+    the paths that are left come back from the store."""
+    wanted: list[str] = []
+    cursor = after or ""
+    while len(wanted) < limit:
+        keys = {"realm_id": realm_id, "generation": generation, "after": cursor}
+        last = tx.session.scalar(_NTH_AFTER, {**keys, "skip": SKIP_CHUNK - 1})
+        if last is not None:
+            keys["last"] = last
+        wanted += list(tx.session.scalars(_UNKEPT[last is not None], keys))[: limit - len(wanted)]
+        if last is None:
+            break
+        cursor = last
+    if not wanted:
+        return []
+    # In the store's order of paths (the listing's), not Python's.
+    found = {f.path: f for f in file_page(tx, realm_id, after=None, paths=wanted, limit=limit)}
+    return [found[p] for p in wanted if p in found]
 
 
 def files_with_content(
@@ -287,6 +317,42 @@ _INSERT_FILES = insert(_FILES_TABLE)
 _F = _FILES_TABLE.c
 _E = cast(Table, IndexEntryRow.__table__)
 _META = (_F.path, _F.mtime, _F.size, _F.sha256)
+# A checkpoint's files are skipped by reading the listing and the entries'
+# paths side by side, a range of each primary key at a time, and comparing
+# here: an anti-join leaves the plan to the statistics, which right after a
+# bulk load may be far off (PostgreSQL then took minutes for one page).
+SKIP_CHUNK = 10_000
+_NTH_AFTER = (
+    select(_F.path)
+    .where(_F.realm_id == bindparam("realm_id"), _F.path > bindparam("after"))
+    .order_by(_F.path)
+    .offset(bindparam("skip"))
+    .limit(1)
+)
+
+
+def _in_range(column: Any, bounded: bool) -> list[Any]:
+    where = [column > bindparam("after")]
+    if bounded:
+        where.append(column <= bindparam("last"))
+    return where
+
+
+# The files of a range of paths without an entry in the generation: a set
+# difference of two ranges of primary keys, whatever the statistics say.
+_UNKEPT = {
+    bounded: select(_F.path)
+    .where(_F.realm_id == bindparam("realm_id"), *_in_range(_F.path, bounded))
+    .except_(
+        select(_E.c.path).where(
+            _E.c.realm_id == bindparam("realm_id"),
+            _E.c.generation == bindparam("generation"),
+            *_in_range(_E.c.path, bounded),
+        )
+    )
+    .order_by(text("path"))
+    for bounded in (False, True)
+}
 _NAMED_META = select(*_META).where(
     _F.realm_id == bindparam("realm_id"), in_values(_F.path, "paths")
 )

@@ -17,7 +17,7 @@ from store_helpers import FakeClock, index_of, make_realm
 from realm_service.domain import SYSTEM, USER, IndexEntry, JobKind, JobState, PathChange
 from realm_service.queue import JobQueue
 from realm_service.realms import Realms
-from realm_service.store import index_sql
+from realm_service.store import index_sql, realms_sql
 from realm_service.store.tables import JobAttemptRow
 
 FS = JobKind.FROM_SCRATCH
@@ -245,3 +245,43 @@ def _generation(queue: JobQueue, lease_id: str) -> int:
         )
     assert found is not None
     return int(found)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 10_000])
+def test_kept_files_are_skipped_across_chunks_of_the_listing(
+    queue: JobQueue, realms: Realms, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """The listing compares files and kept entries a chunk of paths at a
+    time; gaps anywhere (first, last, across chunk bounds) come out in order."""
+    monkeypatch.setattr(realms_sql, "SKIP_CHUNK", chunk)
+    make_realm(queue, "r", FILES)
+    queue.enqueue("r", FS, USER)
+    [first] = queue.claim(1)
+    read_all(realms, "r", first.lease_id)
+    kept = ["f01.txt", "f02.txt", "f03.txt", "f05.txt", "f08.txt", "f09.txt"]
+    queue.add_entries(first.lease_id, [entry_of(p, FILES[p]) for p in kept])
+    queue.release([first.lease_id])
+    [second] = queue.claim(1)
+    paths, total = read_all(realms, "r", second.lease_id)
+    assert paths == ["f00.txt", "f04.txt", "f06.txt", "f07.txt"]
+    assert total == 4
+    with queue.db.read_transaction() as tx:
+        # A page of two, then the rest after the last one handed out.
+        page = realms_sql.file_page(
+            tx,
+            "r",
+            after=None,
+            paths=None,
+            limit=2,
+            skip_generation=_generation(queue, first.lease_id),
+        )
+        rest = realms_sql.file_page(
+            tx,
+            "r",
+            after=page[-1].path,
+            paths=None,
+            limit=10,
+            skip_generation=_generation(queue, first.lease_id),
+        )
+    assert [f.path for f in page] == ["f00.txt", "f04.txt"]
+    assert [f.path for f in rest] == ["f06.txt", "f07.txt"]
