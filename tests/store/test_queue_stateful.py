@@ -1,14 +1,17 @@
 """A stateful property test: random sequences of enqueues, claims, lease
-operations, preemptions, clock jumps and reaps, checked step by step against
-a small model of DESIGN.md section 4 and 5 (coalescing, order, serial runs,
-fencing, the attempts cap, aging and the preemption cap)."""
+operations, preemptions (yields), detaches and re-attaches of broken streams'
+leases, checkpoint openings, clock jumps and reaps, checked step by step
+against a small model of DESIGN.md sections 4-6 (coalescing, order, serial
+runs, fencing, the attempts cap, aging and the preemption cap, resumable
+sessions, checkpoints)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,11 +24,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from sqlalchemy import delete, func, select
-from store_helpers import LEASE, FakeClock, entry, make_realm
+from store_helpers import LEASE, FakeClock, entry, index_of, make_realm
 
-from realm_service.domain import Disposition, JobKind, JobState, PathChange
+from realm_service.domain import Disposition, IndexEntry, JobKind, JobState, Lease, PathChange
 from realm_service.errors import StaleLease
 from realm_service.queue import JobQueue, QueueSettings
+from realm_service.realms import Realms
 from realm_service.store.db import Database, open_database
 from realm_service.store.tables import (
     IdempotencyKeyRow,
@@ -43,6 +47,11 @@ MAX_ATTEMPTS = 2
 MAX_PREEMPTIONS = 1
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
+GRACE = timedelta(seconds=5)
+# Every realm's files; entries are uploaded with their real sha256 (kept by
+# a checkpoint) or, as "stale", with another (dropped when it is opened).
+FILES = {"x": b"x-content", "y": b"y-content", "z": b"z-content"}
+TOKENS = ("t1", "t2")
 
 path_changes = st.lists(
     st.builds(PathChange, st.sampled_from(["x", "y", "z"]), st.booleans()), min_size=1, max_size=4
@@ -63,6 +72,9 @@ ACTIONS = (
     "reap",
     "heartbeat_and_upload",
     *["preempt"] * 2,
+    *["detach"] * 2,
+    *["reattach"] * 2,
+    *["open_checkpoint"] * 2,
 )
 Request = tuple[str, JobKind, int, list[PathChange], bool]
 requests = st.tuples(
@@ -72,6 +84,17 @@ requests = st.tuples(
     path_changes,
     st.booleans(),
 )
+
+
+def entry_of(path: str) -> IndexEntry:
+    """An entry of the file as it is (its real sha256)."""
+    return IndexEntry(
+        path=path,
+        mtime=datetime(2026, 11, 1, tzinfo=UTC),
+        size=len(FILES[path]),
+        sha256=hashlib.sha256(FILES[path]).hexdigest(),
+        media_type="text/plain",
+    )
 
 
 @dataclass
@@ -89,6 +112,17 @@ class ModelJob:
     expire: datetime | None = None
     successor: int | None = None
     preemptions: int = 0
+    # The resume token its lease was detached with (its stream broke).
+    detached: str | None = None
+    # Paths with an entry in the generation the attempt stages into, and
+    # whether that generation is a checkpoint of earlier attempts (from
+    # scratch); the entries the attempt's opening kept (None: not opened).
+    # (path -> whether its entry matches the file's content).
+    staged: dict[str, bool] = field(default_factory=dict)
+    checkpoint: bool = False
+    kept: int | None = None
+    # Distinct paths this attempt uploaded.
+    sent: set[str] = field(default_factory=set)
 
 
 def merged_paths(old: dict[str, bool], new: Sequence[PathChange]) -> dict[str, bool]:
@@ -124,7 +158,8 @@ class QueueMachine(RuleBasedStateMachine):
             clock=self.clock,
         )
         for realm in REALMS:
-            make_realm(self.queue, realm)
+            make_realm(self.queue, realm, FILES)
+        self.realms = Realms(self.db, self.queue, max_file_size=1 << 20, clock=self.clock)
         self.jobs: dict[int, ModelJob] = {}
         self.seen_leases: list[str] = []
 
@@ -155,10 +190,20 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _requeue(self, job: ModelJob) -> None:
         job.lease = None
+        job.detached = None
+        job.kept = None
+        job.sent = set()
+        keep = job.kind is FS  # what it staged becomes (or stays) its checkpoint
         other = self._queued(job.realm, job.kind)
         if other is None:
             job.state = "queued"
+            job.checkpoint = keep
+            if not keep:
+                job.staged = {}
             return
+        if keep and not other.checkpoint:
+            other.checkpoint, other.staged = True, job.staged
+        job.checkpoint, job.staged = False, {}
         other.priority = max(other.priority, job.priority)
         other.seq = min(other.seq, job.seq)
         other.preemptions = max(other.preemptions, job.preemptions)
@@ -171,6 +216,8 @@ class QueueMachine(RuleBasedStateMachine):
         if permanent or job.failures >= MAX_ATTEMPTS:
             job.state = "failed"
             job.lease = None
+            job.detached = None
+            job.checkpoint, job.staged = False, {}
         else:
             self._requeue(job)
 
@@ -301,6 +348,9 @@ class QueueMachine(RuleBasedStateMachine):
             job.lease = lease.lease_id
             job.expire = self.clock() + LEASE
             job.claims += 1
+            job.kept, job.sent = None, set()
+            if not job.checkpoint:
+                job.staged = {}  # a new generation: the attempt's own
             assert lease.expire_time == job.expire
             assert lease.job.attempt == job.claims
             assert lease.preemptions == job.preemptions
@@ -309,27 +359,118 @@ class QueueMachine(RuleBasedStateMachine):
     def heartbeat_and_upload(self, data: st.DataObject) -> None:
         lease = self._pick_lease(data)
         job = self._by_lease(lease)
+        path = data.draw(st.sampled_from(sorted(FILES)), label="path")
+        stale = data.draw(st.sampled_from((False, False, True)), label="stale entry?")
+        upload = entry(path) if stale else entry_of(path)
         got = self.queue.heartbeat({lease: (1, 2)})
         if job is None:
             assert got == {lease: None}
             with pytest.raises(StaleLease):
-                self.queue.add_entries(lease, [entry("x")])
+                self.queue.add_entries(lease, [upload])
         else:
             job.expire = self.clock() + LEASE
             assert got == {lease: job.expire}
-            self.queue.add_entries(lease, [entry("x")])
+            self.queue.add_entries(lease, [upload])
+            if job.checkpoint and job.kept is None:
+                # Staged without opening the checkpoint: it starts afresh.
+                job.staged, job.kept = {}, 0
+            job.staged[path] = not stale
+            job.sent.add(path)
+
+    def open_checkpoint(self, data: st.DataObject) -> None:
+        """The first page of a from-scratch attempt's file stream: it opens
+        the job's checkpoint (entries whose file changed go, the rest are
+        kept) and lists only the files without an entry."""
+        running = [j for j in self.jobs.values() if j.state == "running" and j.kind is FS]
+        if not running:
+            return
+        job = data.draw(st.sampled_from(running), label="job")
+        assert job.lease is not None
+        page = self.realms.read_file_page(
+            job.realm, lease_id=job.lease, after=None, paths=None, max_bytes=1 << 20, first=True
+        )
+        if job.checkpoint and job.kept is None:
+            # Entries of another content than their file's go.
+            job.staged = {p: True for p, fresh in job.staged.items() if fresh}
+            job.kept = len(job.staged)
+        listed = [info.path for info, _ in page.files]
+        skip = set(job.staged) if job.kept is not None and job.checkpoint else set()
+        assert listed == sorted(set(FILES) - skip), (listed, job)
+
+    def detach(self, data: st.DataObject) -> None:
+        """The stream holding some leases broke: each current one is kept
+        for the grace, re-attachable with the stream's token."""
+        held = [j.lease for j in self.jobs.values() if j.state == "running" and j.lease]
+        chosen = data.draw(
+            st.lists(st.sampled_from([*held, "stale"]), max_size=3, unique=True), label="detach"
+        )
+        token = data.draw(st.sampled_from(TOKENS), label="token")
+        expected = []
+        for lease in chosen:
+            job = self._by_lease(lease)
+            if job is not None:
+                expected.append(lease)
+                assert job.expire is not None
+                job.expire = min(job.expire, self.clock() + GRACE)
+                job.detached = token
+        assert self.queue.detach(chosen, token) == expected
+        if expected and data.draw(st.booleans(), label="its worker comes back at once?"):
+            self.reattach(data)
+
+    def reattach(self, data: st.DataObject) -> None:
+        """A worker quotes a token and leases: only those detached with that
+        token, of its worker, within their grace come back, as the same
+        attempt with a full lease."""
+        detached = [j.lease for j in self.jobs.values() if j.detached and j.lease]
+        if detached and data.draw(st.integers(0, 3), label="a detached lease?") > 0:
+            lease = data.draw(st.sampled_from(detached), label="lease")
+        else:
+            lease = self._pick_lease(data)
+        token = data.draw(st.sampled_from(TOKENS), label="token")
+        worker = data.draw(st.sampled_from(("w", "w", "intruder")), label="worker")
+        job = self._by_lease(lease)
+        got = self.queue.reattach([lease], worker=worker, token=token)[lease]
+        ok = (
+            job is not None
+            and job.detached == token
+            and worker == "w"
+            and job.expire is not None
+            and job.expire > self.clock()
+        )
+        if not ok:
+            assert not isinstance(got, Lease), (got, job)
+            return
+        assert job is not None and isinstance(got, Lease)
+        job.expire = self.clock() + LEASE
+        job.detached = None
+        assert (got.lease_id, got.job.job_id, got.job.attempt) == (lease, job.job_id, job.claims)
+        assert got.expire_time == job.expire
 
     def complete(self, data: st.DataObject) -> None:
         lease = self._pick_lease(data)
         job = self._by_lease(lease)
+        # Mostly the count the attempt sent; sometimes one more (entries lost).
+        extra = data.draw(st.sampled_from((0, 0, 0, 1)), label="entries lost")
+        uploaded = len(job.sent) + extra if job is not None else 0
         if job is None:
             with pytest.raises(StaleLease):
-                self.queue.complete(lease)
+                self.queue.complete(lease, entries_uploaded=uploaded)
             return
-        done = self.queue.complete(lease)
+        if job.checkpoint and job.kept is None:
+            job.staged, job.kept = {}, 0  # completed without opening it
+        received = len(job.staged) - (job.kept or 0)
+        if uploaded and received != uploaded:
+            with pytest.raises(StaleLease):
+                self.queue.complete(lease, entries_uploaded=uploaded)
+            self._count_failure(job)
+            return
+        done = self.queue.complete(lease, entries_uploaded=uploaded)
         assert (done.job_id, done.state) == (job.job_id, JobState.SUCCEEDED)
+        if job.kind is FS:
+            assert [e.path for e in index_of(self.queue, job.realm)] == sorted(job.staged)
         job.state = "succeeded"
         job.lease = None
+        job.detached = None
 
     def fail(self, data: st.DataObject) -> None:
         lease = self._pick_lease(data)
@@ -397,11 +538,17 @@ class QueueMachine(RuleBasedStateMachine):
         ]
 
     def reap(self, data: st.DataObject) -> None:
+        """Leases held by a stream that expire are failures (the worker went
+        silent); detached ones, their grace over, interruptions."""
         due = self._expired()
-        got = self.queue.reap_expired()
+        held = {j.lease for j in self.jobs.values() if j.lease and not j.detached}
+        got = self.queue.reap_expired(held=held)
         assert sorted(j.job_id for j in got) == sorted(j.job_id for j in due)
         for job in due:
-            self._count_failure(job)
+            if job.detached:
+                self._requeue(job)
+            else:
+                self._count_failure(job)
 
     # -- invariants --------------------------------------------------------
 
@@ -416,6 +563,31 @@ class QueueMachine(RuleBasedStateMachine):
             assert job.state.value == live.state, job_id
             assert job.priority == max(model.priority, live.priority)
             assert [(c.path, c.deleted) for c in job.path_changes] == sorted(live.paths.items())
+
+    @invariant()
+    def checkpoints_match_the_model(self) -> None:
+        """A queued from-scratch job's checkpoint holds what its attempts
+        staged, and only queued or running jobs have one."""
+        with self.db.session_for_tests() as s:
+            rows = s.execute(
+                select(JobRow.id, JobRow.state, JobRow.checkpoint).where(
+                    JobRow.checkpoint.is_not(None)
+                )
+            ).all()
+            checkpoints = {job_id: (state, gen) for job_id, state, gen in rows}
+            staged = {
+                job_id: set(
+                    s.scalars(select(IndexEntryRow.path).where(IndexEntryRow.generation == gen))
+                )
+                for job_id, (_, gen) in checkpoints.items()
+            }
+        for job_id, model in self.jobs.items():
+            if model.state == "queued":
+                assert (job_id in checkpoints) == model.checkpoint, (job_id, model)
+                if model.checkpoint:
+                    assert staged[job_id] == set(model.staged), (job_id, model)
+            if model.state in ("failed", "merged"):
+                assert job_id not in checkpoints or checkpoints[job_id][0] == "succeeded"
 
     @invariant()
     def one_running_job_per_realm(self) -> None:
@@ -441,6 +613,9 @@ class QueueMachine(RuleBasedStateMachine):
             assert seen["completed"] == (1 if model.state == "succeeded" else 0)
             assert seen["running"] == (1 if model.state == "running" else 0)
             assert sum(seen.values()) == model.claims
+            # A detach or a re-attach never starts an attempt; a detached
+            # lease whose grace ran out ends as an interruption.
+            assert seen["interrupted"] + bad + seen["completed"] + seen["running"] == model.claims
             if model.failures == MAX_ATTEMPTS:
                 assert model.state == "failed"
 
