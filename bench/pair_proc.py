@@ -291,6 +291,7 @@ def start_worker(
     concurrency: int,
     noop: bool,
     log_level: str,
+    extra: tuple[str, ...] = (),
 ) -> Proc:
     log_path = logdir / f"worker-{label}.log"
     cmd = [
@@ -306,6 +307,7 @@ def start_worker(
     ]
     if noop:
         cmd.append("--noop-for-benchmarks")
+    cmd += extra
     with open(log_path, "w") as err:
         popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
     return Proc(popen, log_path)
