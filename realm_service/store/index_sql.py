@@ -488,9 +488,7 @@ _CHANGED = (
         _ENTRIES.c.realm_id == bindparam("realm"),
         _ENTRIES.c.generation == bindparam("generation"),
     )
-    .except_(
-        select(_FILES.c.path, _FILES.c.sha256).where(_FILES.c.realm_id == bindparam("realm"))
-    )
+    .except_(select(_FILES.c.path, _FILES.c.sha256).where(_FILES.c.realm_id == bindparam("realm")))
 )
 _TOMBSTONES = select(_ENTRIES.c.path).where(
     _ENTRIES.c.realm_id == bindparam("realm"),
