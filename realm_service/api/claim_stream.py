@@ -84,6 +84,20 @@ def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[ob
         log.error("release failed; kept for the reaper", exc_info=error)
 
 
+def _detach_failed(queue: JobQueue, held: list[str], detach: asyncio.Future[object]) -> None:
+    """A detach that failed (the store is unreachable or full) leaves the
+    leases to the reaper, which releases them as interruptions; only a
+    failure that is not the store's is logged as an error."""
+    if detach.cancelled():
+        return
+    error = detach.exception()
+    if error is None:
+        return
+    queue.defer_release(held, "stream closed")
+    if not isinstance(error, RealmError):
+        log.error("detach failed; kept for the reaper", exc_info=error)
+
+
 def _cancelled(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     try:
         return bool(context.cancelled())
@@ -254,6 +268,9 @@ class ClaimSession:
         detach = asyncio.ensure_future(
             asyncio.to_thread(self.queue.detach, held, self.resume_token)
         )
+        # Its failure is seen even when this task is cancelled meanwhile: the
+        # leases are then kept for the reaper, as a release that failed.
+        detach.add_done_callback(functools.partial(_detach_failed, self.queue, held))
         try:
             await asyncio.shield(detach)
         except RealmError as e:
