@@ -27,6 +27,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -242,7 +243,11 @@ class Dispatcher:
     def stream_with_token(self, worker_id: str, token: str) -> WorkerStream | None:
         """This instance's stream of `worker_id` whose resume token is `token`."""
         for stream in self.streams.values():
-            if token and stream.resume_token == token and stream.worker_id == worker_id:
+            if (
+                token
+                and stream.worker_id == worker_id
+                and secrets.compare_digest(stream.resume_token.encode(), token.encode())
+            ):
                 return stream
         return None
 

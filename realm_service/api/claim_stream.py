@@ -149,6 +149,8 @@ class ClaimSession:
         self.broken = False
         self.ended = asyncio.Event()
         self._resumed: list[spb.LeaseAck] = []
+        self._detach_token = self.resume_token  # see run()
+        self._closing = False  # its call is giving up what it holds
         self._task: asyncio.Task[object] | None = None
         self._context: grpc.aio.ServicerContext[Any, Any] | None = None
 
@@ -179,19 +181,31 @@ class ClaimSession:
         assert stream is not None
         self.stream = stream
         hello = first.hello
-        if hello.resume_token and hello.resume_lease_ids:
-            try:
-                await self._reattach(stream, hello.resume_token, list(hello.resume_lease_ids))
-            except RealmError as e:
-                await context.abort(status_of(e), e.message)
-        self.dispatcher.add(stream)
-        log.info(
-            "stream opened",
-            extra={"stream": stream.label, "worker": stream.worker_id, "lane": stream.min_priority},
-        )
-        reader = asyncio.create_task(self._read(requests))
-        pinger = asyncio.create_task(self._ping())
+        # Until the settings reach the worker, leases it re-attaches are kept
+        # under the token it quoted: if this stream breaks before then, its
+        # worker can still resume them with the token it has.
+        self._detach_token = self.resume_token
+        reader: asyncio.Task[None] | None = None
+        pinger: asyncio.Task[None] | None = None
         try:
+            if hello.resume_token and hello.resume_lease_ids:
+                self._detach_token = hello.resume_token
+                try:
+                    await self._reattach(stream, hello.resume_token, list(hello.resume_lease_ids))
+                except RealmError as e:
+                    self.error = e
+                    await context.abort(status_of(e), e.message)
+            self.dispatcher.add(stream)
+            log.info(
+                "stream opened",
+                extra={
+                    "stream": stream.label,
+                    "worker": stream.worker_id,
+                    "lane": stream.min_priority,
+                },
+            )
+            reader = asyncio.create_task(self._read(requests))
+            pinger = asyncio.create_task(self._ping())
             await context.write(
                 spb.ClaimJobsResponse(
                     settings=spb.StreamSettings(
@@ -211,6 +225,7 @@ class ClaimSession:
                     )
                 )
             )
+            self._detach_token = self.resume_token
             while True:
                 message = await self.outbox.get()
                 if message is None:
@@ -222,52 +237,66 @@ class ClaimSession:
             self.broken = True  # the call was cancelled: the worker went away
             raise
         finally:
-            reader.cancel()
-            pinger.cancel()
-            self.dispatcher.remove(stream)
-            held = stream.drop_all()
-            if not self.broken and _cancelled(context):
-                # Cancelled by the client or cut: its requests may have ended
-                # before the cancel reached this coroutine.
-                self.broken = True
-            detached = False
-            if held and self.broken and self.resume_token and self.error is None:
-                detached = await self._detach(held)
-            if held and not detached:
-                # Shielded: the call being torn down may cancel this task
-                # again while the release waits for a thread, and a release
-                # cancelled before it started would leave the jobs running
-                # until their leases expire.
-                release = asyncio.ensure_future(
-                    asyncio.to_thread(self.queue.release, held, "stream closed")
-                )
-                release.add_done_callback(functools.partial(_release_failed, self.queue, held))
-                try:
-                    await asyncio.shield(release)
-                except (Unavailable, Conflict) as e:
-                    # Recorded later by the reaper, still as interruptions:
-                    # an outage must not turn into failed attempts (the
-                    # callback above kept them).
-                    log.warning(
-                        "release deferred",
-                        extra={"stream": stream.label, "leases": len(held), "error": str(e)},
-                    )
-                self.dispatcher.wake()
-            log.info(
-                "stream broken" if self.broken else "stream closed",
-                extra={
-                    "stream": stream.label,
-                    "detached" if detached else "released": len(held),
-                },
-            )
-            self.ended.set()
+            self._closing = True
+            try:
+                await self._close(stream, context, reader, pinger)
+            finally:
+                self.ended.set()
 
-    async def _detach(self, held: list[str]) -> bool:
-        """Keep a broken stream's leases for its worker to re-attach; False
-        when the store could not record it (they are released instead)."""
-        detach = asyncio.ensure_future(
-            asyncio.to_thread(self.queue.detach, held, self.resume_token)
+    async def _close(
+        self,
+        stream: WorkerStream,
+        context: grpc.aio.ServicerContext[Any, Any],
+        reader: asyncio.Task[None] | None,
+        pinger: asyncio.Task[None] | None,
+    ) -> None:
+        """Give up what the stream holds: detached for its worker to resume
+        when the stream broke, released otherwise."""
+        for task in (reader, pinger):
+            if task is not None:
+                task.cancel()
+        self.dispatcher.remove(stream)
+        held = stream.drop_all()
+        if not self.broken and _cancelled(context):
+            # Cancelled by the client or cut: its requests may have ended
+            # before the cancel reached this coroutine.
+            self.broken = True
+        detached = False
+        if held and self.broken and self._detach_token and self.error is None:
+            detached = await self._detach(held, self._detach_token)
+        if held and not detached:
+            # Shielded: the call being torn down may cancel this task
+            # again while the release waits for a thread, and a release
+            # cancelled before it started would leave the jobs running
+            # until their leases expire.
+            release = asyncio.ensure_future(
+                asyncio.to_thread(self.queue.release, held, "stream closed")
+            )
+            release.add_done_callback(functools.partial(_release_failed, self.queue, held))
+            try:
+                await asyncio.shield(release)
+            except (Unavailable, Conflict) as e:
+                # Recorded later by the reaper, still as interruptions:
+                # an outage must not turn into failed attempts (the
+                # callback above kept them).
+                log.warning(
+                    "release deferred",
+                    extra={"stream": stream.label, "leases": len(held), "error": str(e)},
+                )
+            self.dispatcher.wake()
+        log.info(
+            "stream broken" if self.broken else "stream closed",
+            extra={
+                "stream": stream.label,
+                "detached" if detached else "released": len(held),
+            },
         )
+
+    async def _detach(self, held: list[str], token: str) -> bool:
+        """Keep a broken stream's leases for its worker to re-attach with
+        `token`; False when the store could not record it (they are released
+        instead)."""
+        detach = asyncio.ensure_future(asyncio.to_thread(self.queue.detach, held, token))
         # Its failure is seen even when this task is cancelled meanwhile: the
         # leases are then kept for the reaper, as a release that failed.
         detach.add_done_callback(functools.partial(_detach_failed, self.queue, held))
@@ -281,11 +310,14 @@ class ClaimSession:
     async def _reattach(self, stream: WorkerStream, token: str, lease_ids: list[str]) -> None:
         """Re-attach the leases a broken stream of this worker held (its
         resume token quoted in the hello): those the store gives back are
-        held by this stream; StreamSettings.resumed answers for each."""
+        held by this stream at once (so that a break during the handshake
+        detaches them again); StreamSettings.resumed answers for each."""
         if len(token) > MAX_TOKEN:
             raise ProtocolError(f"hello.resume_token is longer than {MAX_TOKEN} characters")
         if len(lease_ids) > MAX_CREDITS:
             raise ProtocolError(f"hello.resume_lease_ids: more than {MAX_CREDITS}")
+        # One deadline for the whole handshake, well inside the worker's.
+        deadline = time.monotonic() + SUPERSEDE_TIMEOUT
         old = self.dispatcher.stream_with_token(stream.worker_id, token)
         if old is not None and old.supersede is not None:
             # The worker saw the break before this server did: end that
@@ -294,30 +326,23 @@ class ClaimSession:
                 async with asyncio.timeout(SUPERSEDE_TIMEOUT):
                     await old.supersede()
         wanted = list(dict.fromkeys(lease[:64] for lease in lease_ids if lease))
-        found = await asyncio.to_thread(
-            self.queue.reattach, wanted, worker=stream.worker_id, token=token
-        )
-        # Leases still held by a stream of another instance that has not
-        # seen the break yet: asked for again while it notices.
-        deadline = time.monotonic() + SUPERSEDE_TIMEOUT
-        while time.monotonic() < deadline:
-            held = [
+        found: dict[str, Lease | tuple[str, JobState | None]] = {}
+        asking = wanted
+        while True:
+            found.update(await self._reattach_some(stream, asking, token))
+            # Leases still held by a stream of another instance that has not
+            # seen the break yet: asked for again while it notices.
+            asking = [
                 lease_id
                 for lease_id, got in found.items()
                 if not isinstance(got, Lease) and got[1] is JobState.RUNNING
             ]
-            if not held:
+            if not asking or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.1)
-            found.update(
-                await asyncio.to_thread(
-                    self.queue.reattach, held, worker=stream.worker_id, token=token
-                )
-            )
         for lease_id in wanted:
             got = found[lease_id]
             if isinstance(got, Lease):
-                stream.adopt(got)
                 self._resumed.append(
                     spb.LeaseAck(
                         lease_id=lease_id,
@@ -348,6 +373,33 @@ class ClaimSession:
             },
         )
 
+    async def _reattach_some(
+        self, stream: WorkerStream, lease_ids: list[str], token: str
+    ) -> dict[str, Lease | tuple[str, JobState | None]]:
+        """One round of re-attaching; the leases given back are held by this
+        stream even if its call is cancelled while the store answers."""
+        ask = asyncio.ensure_future(
+            asyncio.to_thread(self.queue.reattach, lease_ids, worker=stream.worker_id, token=token)
+        )
+        try:
+            found = await asyncio.shield(ask)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                self._adopt(stream, await asyncio.shield(ask))
+            raise
+        self._adopt(stream, found)
+        return found
+
+    def _adopt(
+        self, stream: WorkerStream, found: dict[str, Lease | tuple[str, JobState | None]]
+    ) -> None:
+        for got in found.values():
+            if isinstance(got, Lease):
+                stream.adopt(got)
+                # Its earlier stream may have forwarded entry batches: its
+                # result need not carry all of them.
+                self._batched.add(got.lease_id)
+
     async def _supersede(self) -> None:
         """End this stream as broken (its worker reconnected) and wait until
         its leases are detached. If it is still running after a second (a
@@ -360,7 +412,9 @@ class ClaimSession:
                 return
         except TimeoutError:
             pass
-        if self._task is not None:
+        if self._task is not None and not self._closing:
+            # A task already giving up its leases is not cancelled: that
+            # would cut its detach short.
             self._task.cancel()
         await self.ended.wait()
 

@@ -478,7 +478,6 @@ def gitignore_sha(realm_id: str) -> Any:
     )
 
 
-# A checkpoint's entries whose file is gone or changed (another sha256).
 # A checkpoint's entries whose file is gone or changed (another sha256), and
 # its tombstones: a set difference, whatever the statistics say (an anti-join
 # planned on stale ones, right after a bulk load, may take minutes).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -77,6 +78,8 @@ def _succeed(backend: str) -> Update:
             progress_total=final.c.done,
             lease_id=None,
             lease_expire_time=None,
+            # Its generation is now the realm's: no longer a checkpoint.
+            checkpoint=None,
         )
         .returning(
             # Spelled out: SQLite's compiler drops table names inside a
@@ -94,9 +97,14 @@ _END_ATTEMPTS = (
     .where(in_values(_ATTEMPTS.c.id, "ids", int))
     .values(outcome=bindparam("outcome"), end_time=bindparam("now"), error_message="")
 )
+# A detached lease is not extended: a heartbeat its broken stream had in
+# flight must not undo the shortened expiry of its resume grace.
+_ATTACHED = ~exists().where(
+    _ATTEMPTS.c.id == _JOBS.c.lease_attempt_id, _ATTEMPTS.c.resume_token.is_not(None)
+)
 _EXTEND = (
     update(_JOBS)
-    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING)
+    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING, _ATTACHED)
     .values(
         lease_expire_time=bindparam("b_until"),
         progress_done=bindparam("b_done"),
@@ -106,7 +114,7 @@ _EXTEND = (
 )
 _EXTEND_ONLY = (
     update(_JOBS)
-    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING)
+    .where(_JOBS.c.lease_id == bindparam("b_lease"), _JOBS.c.state == RUNNING, _ATTACHED)
     .values(lease_expire_time=bindparam("b_until"))
     .returning(_JOBS.c.id)
 )
@@ -556,7 +564,8 @@ def reattach(
             continue
         head = f"lease {lease_id[:40]!r} was not re-attached"
         if row.attempt_worker != worker or (
-            row.resume_token is not None and row.resume_token != token
+            row.resume_token is not None
+            and not secrets.compare_digest(row.resume_token.encode(), token.encode())
         ):
             out[lease_id] = (f"{head}: it was not held by that stream", None)
             continue

@@ -168,6 +168,13 @@ class JobRow(Base):
             sqlite_where=text("state = 'running'"),
         ),
         Index("ix_jobs_realm", "realm_id", "id"),
+        # The few jobs holding a checkpoint (sweeps of generations spare them).
+        Index(
+            "ix_jobs_checkpoint",
+            "realm_id",
+            postgresql_where=text("checkpoint IS NOT NULL"),
+            sqlite_where=text("checkpoint IS NOT NULL"),
+        ),
         # Ids are never reused (DeleteRealm deletes jobs; migration 0005).
         {"sqlite_autoincrement": True},
     )

@@ -167,6 +167,32 @@ def test_a_wrong_token_or_another_worker_reattaches_nothing(
     assert get_job(live.stub, job.job_id).attempt == 1
 
 
+def test_a_result_after_the_break_counts_the_batches_sent_before_it(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    """Every entry went up in batches on the stream that broke; the result,
+    sent on the new stream alone, reports them all and is accepted."""
+    live = live_with(resume_grace_seconds=GRACE)
+    job = create_realm(live.stub, "r").job
+    first, settings = connect(live, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    entries = entries_of(live, "r")
+    assert entries
+    assert send_batch(first, a.lease_id, entries, 1).accepted
+    first.cancel()
+    first.wait_closed()
+    time.sleep(0.3)
+    second, again = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    assert [r.accepted for r in again.resumed] == [True]
+    second.send_result(a.lease_id, entries_uploaded=len(entries))
+    (done,) = second.acks()
+    assert done.accepted and done.job_state == pb.Job.STATE_SUCCEEDED, done
+    assert attempt_outcomes(live.srv.db, int(job.job_id)) == ["completed"]
+    realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id="r")).realm
+    assert realm.stats.entries == len(entries)
+
+
 def test_a_worker_that_saw_the_break_first_takes_its_leases_over(
     live_with: Callable[..., LiveServer],
 ) -> None:

@@ -185,7 +185,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def fill(path: Path) -> Path:
     filler = path / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    # Unbuffered, and the error suppressed around the close too: a buffered
+    # file's close would flush what the failed write left and raise again.
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
         while True:
             f.write(b"\0" * 65536)
             f.flush()

@@ -18,7 +18,7 @@ from realm_service.domain import SYSTEM, USER, IndexEntry, JobKind, JobState, Pa
 from realm_service.queue import JobQueue
 from realm_service.realms import Realms
 from realm_service.store import index_sql, realms_sql
-from realm_service.store.tables import JobAttemptRow
+from realm_service.store.tables import JobAttemptRow, JobRow
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -113,6 +113,10 @@ def test_a_retry_reads_only_the_files_not_indexed_yet(
     done = queue.complete(second.lease_id, entries_uploaded=len(paths))
     assert done.state is JobState.SUCCEEDED
     assert [e.path for e in index_of(queue, "r")] == sorted(FILES)
+    # Its generation is the realm's now, no checkpoint: sweeps of the
+    # realm's generations do not look at it again.
+    with queue.db.read_transaction() as tx:
+        assert tx.session.scalar(select(JobRow.checkpoint).where(JobRow.id == job.job_id)) is None
 
 
 def test_changed_and_deleted_files_lose_their_kept_entries(
