@@ -81,14 +81,17 @@ def _line(kinds: bool, *columns: Any) -> Select[*tuple[Any, ...]]:
 
 
 @functools.cache
-def _candidates(kinds: bool) -> Select[*tuple[Any, ...]]:
+def _candidates(kinds: bool, pg: bool) -> Select[*tuple[Any, ...]]:
     """The claim's candidate query, built once per shape and reused, so that
     each claim costs its execution and not the building of the statement
-    (the compiled form is cached by SQLAlchemy)."""
-    return (
-        _line(kinds, *_CLAIM_COLUMNS)
-        .limit(bindparam("scan"))
-        .with_for_update(skip_locked=True, of=_JOBS)
+    (the compiled form is cached by SQLAlchemy). On PostgreSQL it locks each
+    candidate's realm with the job (SKIP LOCKED both): a job whose realm
+    another claim (or a delete) holds is skipped, in the same round trip."""
+    line = _line(kinds, *_CLAIM_COLUMNS).limit(bindparam("scan"))
+    if not pg:
+        return line.with_for_update(skip_locked=True, of=_JOBS)
+    return line.join(_REALMS, _REALMS.c.realm_id == _JOBS.c.realm_id).with_for_update(
+        skip_locked=True, of=(_JOBS, _REALMS)
     )
 
 
@@ -97,11 +100,6 @@ def _first_in_line(kinds: bool) -> Select[*tuple[Any, ...]]:
     return _line(kinds, _JOBS).limit(1)
 
 
-_LOCK_REALMS = (
-    select(_REALMS.c.realm_id)
-    .where(in_values(_REALMS.c.realm_id, "realm_ids"))
-    .with_for_update(skip_locked=True)
-)
 _BUSY_REALMS = select(_JOBS.c.realm_id).where(
     in_values(_JOBS.c.realm_id, "realm_ids"), _JOBS.c.state == RUNNING
 )
@@ -224,8 +222,8 @@ def claim(
 
     On SQLite the transaction holds the write lock (BEGIN IMMEDIATE), so the
     candidate query's own test for running jobs is final: a claim is three
-    statements. On PostgreSQL candidate jobs and then their realms are locked
-    with SKIP LOCKED, and the realms are checked again for running jobs once
+    statements. On PostgreSQL candidate jobs are locked with their realms
+    (SKIP LOCKED), and the realms are checked again for running jobs once
     locked (a concurrent claim may have committed one meanwhile), so
     concurrent claimers never take the same job, nor two jobs of one realm.
     With `concurrent` False the caller vouches that no other claim runs
@@ -237,7 +235,7 @@ def claim(
     if limit <= 0:
         return []
     pg = tx.backend == "postgresql"
-    query = _candidates(bool(kinds))
+    query = _candidates(bool(kinds), pg)
     params: dict[str, Any] = {
         "min_priority": min_priority,
         "max_priority": _ANY_PRIORITY if max_priority is None else max_priority,
@@ -253,13 +251,9 @@ def claim(
         first_per_realm: dict[str, Row[*tuple[Any, ...]]] = {}
         for row in candidates:
             first_per_realm.setdefault(row.realm_id, row)
-        if pg and first_per_realm:
-            ids = {"realm_ids": list(first_per_realm)}
-            locked = set(tx.session.scalars(_LOCK_REALMS, ids))
-            if concurrent and locked:
-                locked -= set(tx.session.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
-        else:
-            locked = set(first_per_realm)
+        locked = set(first_per_realm)
+        if pg and concurrent and locked:
+            locked -= set(tx.session.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
         eligible = [row for realm_id, row in first_per_realm.items() if realm_id in locked]
         chosen, lanes_full = _take(eligible, limit, system_cap)
         if lanes_full or len(candidates) < scan or scan >= 100_000:
