@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import secrets
@@ -69,6 +70,8 @@ SUPERSEDE_TIMEOUT = 5.0
 # How long the end of a stream's requests waits to learn whether the call was
 # cancelled (see ClaimSession._read).
 CANCEL_SETTLE_SECONDS = 0.2
+# How long a broken stream's detach waits for its heartbeats in flight.
+HEARTBEAT_SETTLE_SECONDS = 2.0
 
 
 def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[object]) -> None:
@@ -149,8 +152,11 @@ class ClaimSession:
         self.broken = False
         self.ended = asyncio.Event()
         self._resumed: list[spb.LeaseAck] = []
-        self._detach_token = self.resume_token  # see run()
         self._closing = False  # its call is giving up what it holds
+        self._released = False  # what it held was given up (detached or released)
+        # Heartbeats on their way to the store: a break waits for them before
+        # it detaches, or one landing after would undo the grace's expiry.
+        self._heartbeats: set[asyncio.Future[Any]] = set()
         self._task: asyncio.Task[object] | None = None
         self._context: grpc.aio.ServicerContext[Any, Any] | None = None
 
@@ -181,19 +187,19 @@ class ClaimSession:
         assert stream is not None
         self.stream = stream
         hello = first.hello
-        # Until the settings reach the worker, leases it re-attaches are kept
-        # under the token it quoted: if this stream breaks before then, its
-        # worker can still resume them with the token it has.
-        self._detach_token = self.resume_token
         reader: asyncio.Task[None] | None = None
         pinger: asyncio.Task[None] | None = None
         try:
             if hello.resume_token and hello.resume_lease_ids:
-                self._detach_token = hello.resume_token
                 try:
                     await self._reattach(stream, hello.resume_token, list(hello.resume_lease_ids))
-                except RealmError as e:
+                except ProtocolError as e:
                     self.error = e
+                    await context.abort(status_of(e), e.message)
+                except RealmError as e:
+                    # The store failed mid-way: what was re-attached is kept
+                    # again for the worker, which retries with the same token.
+                    self.broken = True
                     await context.abort(status_of(e), e.message)
             self.dispatcher.add(stream)
             log.info(
@@ -225,7 +231,6 @@ class ClaimSession:
                     )
                 )
             )
-            self._detach_token = self.resume_token
             while True:
                 message = await self.outbox.get()
                 if message is None:
@@ -257,13 +262,17 @@ class ClaimSession:
                 task.cancel()
         self.dispatcher.remove(stream)
         held = stream.drop_all()
+        self._released = True
         if not self.broken and _cancelled(context):
             # Cancelled by the client or cut: its requests may have ended
             # before the cancel reached this coroutine.
             self.broken = True
         detached = False
-        if held and self.broken and self._detach_token and self.error is None:
-            detached = await self._detach(held, self._detach_token)
+        if held and self.broken and self.resume_token and self.error is None:
+            if self._heartbeats:
+                # Shielded futures of store threads: waiting cannot cancel them.
+                await asyncio.wait(set(self._heartbeats), timeout=HEARTBEAT_SETTLE_SECONDS)
+            detached = await self._detach(held, self.resume_token)
         if held and not detached:
             # Shielded: the call being torn down may cancel this task
             # again while the release waits for a thread, and a release
@@ -376,29 +385,50 @@ class ClaimSession:
     async def _reattach_some(
         self, stream: WorkerStream, lease_ids: list[str], token: str
     ) -> dict[str, Lease | tuple[str, JobState | None]]:
-        """One round of re-attaching; the leases given back are held by this
-        stream even if its call is cancelled while the store answers."""
-        ask = asyncio.ensure_future(
-            asyncio.to_thread(self.queue.reattach, lease_ids, worker=stream.worker_id, token=token)
+        """One round of re-attaching. The leases the store gives back are
+        taken by this stream when the store answers, even if its call was
+        cancelled meanwhile (or kept again for the worker if it has ended)."""
+        ask = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                contextvars.copy_context().run,
+                functools.partial(
+                    self.queue.reattach, lease_ids, worker=stream.worker_id, token=token
+                ),
+            ),
         )
-        try:
-            found = await asyncio.shield(ask)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                self._adopt(stream, await asyncio.shield(ask))
-            raise
-        self._adopt(stream, found)
-        return found
+        ask.add_done_callback(functools.partial(self._reattached, stream, token))
+        return await asyncio.shield(ask)
 
-    def _adopt(
-        self, stream: WorkerStream, found: dict[str, Lease | tuple[str, JobState | None]]
+    def _reattached(
+        self,
+        stream: WorkerStream,
+        token: str,
+        ask: asyncio.Future[dict[str, Lease | tuple[str, JobState | None]]],
     ) -> None:
-        for got in found.values():
-            if isinstance(got, Lease):
-                stream.adopt(got)
-                # Its earlier stream may have forwarded entry batches: its
-                # result need not carry all of them.
-                self._batched.add(got.lease_id)
+        if ask.cancelled() or ask.exception() is not None:
+            return
+        leases = [got for got in ask.result().values() if isinstance(got, Lease)]
+        if not leases:
+            return
+        if self._released:
+            # The stream ended while the store answered: the worker may
+            # still resume them with the token it quoted.
+            ids = [lease.lease_id for lease in leases]
+            detach = asyncio.ensure_future(asyncio.to_thread(self.queue.detach, ids, token))
+            detach.add_done_callback(functools.partial(_detach_failed, self.queue, ids))
+            return
+        # The token is proven: it stays this stream's, so that a break at any
+        # point of the handshake keeps the leases under the token the worker
+        # holds (the settings repeat it).
+        if self.resume_token:
+            self.resume_token = token
+            stream.resume_token = token
+        for lease in leases:
+            stream.adopt(lease)
+            # Its earlier stream may have forwarded entry batches: its result
+            # need not carry all of them.
+            self._batched.add(lease.lease_id)
 
     async def _supersede(self) -> None:
         """End this stream as broken (its worker reconnected) and wait until
@@ -596,7 +626,13 @@ class ClaimSession:
             else:
                 acks.append(self._refusal(lp.lease_id, "lease is not held by this stream"))
         if progress:
-            result = await asyncio.to_thread(self.queue.heartbeat, progress)
+            beat = asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(contextvars.copy_context().run, self.queue.heartbeat, progress),
+            )
+            self._heartbeats.add(beat)
+            beat.add_done_callback(self._heartbeats.discard)
+            result = await asyncio.shield(beat)
             lost = [lease_id for lease_id, until in result.items() if until is None]
             reasons: dict[str, str] = {}
             if lost:
