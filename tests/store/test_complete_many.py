@@ -3,17 +3,12 @@ with the same outcome as completing them one by one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
-from sqlalchemy import event
 from store_helpers import entry, get_realm, index_of, make_realm
 
 from realm_service.domain import USER, IndexEntry, Job, JobKind, JobState, Lease, PathChange
 from realm_service.errors import StaleLease
 from realm_service.queue import JobQueue
-from realm_service.store.db import open_database
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -217,39 +212,3 @@ def test_results_whose_entries_all_come_with_them_are_counted_without_a_read(
     assert isinstance(refused, StaleLease)
     assert "3 entries reported, 1 received" in refused.message
     assert index_of(queue, "short") == []
-
-
-def test_a_batch_on_sqlite_searches_the_jobs_it_touches_and_scans_none(tmp_path: Path) -> None:
-    """Every statement of a completion batch reads `jobs` through an index:
-    its cost must not grow with the queue (SQLite ignores indexes for a
-    correlated subquery in RETURNING; one scanned every queued job for each
-    completed job)."""
-    queue = JobQueue(open_database(f"sqlite:///{tmp_path / 'plans.db'}"))
-    leases = start_jobs(queue, "p")
-    for n in range(3):  # queued work beside the batch
-        make_realm(queue, f"waiting{n}", FILES)
-        queue.enqueue(f"waiting{n}", FS, USER)
-    statements: list[tuple[str, Any]] = []
-
-    def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "INSERT", "DELETE", "WITH")):
-            statements.append((statement, params))
-
-    event.listen(queue.db.engine, "before_cursor_execute", record)
-    try:
-        done = queue.complete_many([(lease.lease_id, 0) for lease in leases.values()])
-    finally:
-        event.remove(queue.db.engine, "before_cursor_execute", record)
-    assert len(done) == 4 and statements
-    raw = queue.db.engine.raw_connection()
-    try:
-        for statement, params in statements:
-            plan = raw.execute("EXPLAIN QUERY PLAN " + statement, params).fetchall()
-            scans = [row[-1] for row in plan if str(row[-1]).startswith("SCAN")]
-            tables = [s for s in scans if "json_each" not in s and "VIRTUAL TABLE" not in s]
-            assert not [s for s in tables if s.split()[1] in ("jobs", "queued")], (
-                statement,
-                plan,
-            )
-    finally:
-        raw.close()
