@@ -190,6 +190,11 @@ class ClaimSession:
         reader: asyncio.Task[None] | None = None
         pinger: asyncio.Task[None] | None = None
         try:
+            # Registered before it re-attaches anything: a lease revoked (its
+            # job cancelled, preempted) while the handshake runs is found
+            # here, and its word follows the settings. The stream has no
+            # credits yet, so nothing is claimed for it meanwhile.
+            self.dispatcher.add(stream)
             if hello.resume_token and hello.resume_lease_ids:
                 try:
                     await self._reattach(stream, hello.resume_token, list(hello.resume_lease_ids))
@@ -201,7 +206,6 @@ class ClaimSession:
                     # again for the worker, which retries with the same token.
                     self.broken = True
                     await context.abort(status_of(e), e.message)
-            self.dispatcher.add(stream)
             log.info(
                 "stream opened",
                 extra={
@@ -349,6 +353,7 @@ class ClaimSession:
             if not asking or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.1)
+        await self._recheck(stream, found)
         for lease_id in wanted:
             got = found[lease_id]
             if isinstance(got, Lease):
@@ -381,6 +386,26 @@ class ClaimSession:
                 "refused": sum(not a.accepted for a in self._resumed),
             },
         )
+
+    async def _recheck(
+        self, stream: WorkerStream, found: dict[str, Lease | tuple[str, JobState | None]]
+    ) -> None:
+        """A lease revoked (its job cancelled, preempted) after the store gave
+        it back and before this stream held it found no holder for the word:
+        such leases are answered as not resumed."""
+        adopted = {lease_id: got for lease_id, got in found.items() if isinstance(got, Lease)}
+        if not adopted:
+            return
+        beat = await asyncio.to_thread(self.queue.heartbeat, list(adopted))
+        lost = [lease_id for lease_id, until in beat.items() if until is None]
+        if not lost:
+            return
+        reasons = await asyncio.to_thread(self.queue.stale_reasons, lost)
+        for lease_id in lost:
+            stream.drop(lease_id)
+            self._batched.discard(lease_id)
+            job = await asyncio.to_thread(self.queue.get_job, adopted[lease_id].job.job_id)
+            found[lease_id] = (reasons[lease_id], job.state)
 
     async def _reattach_some(
         self, stream: WorkerStream, lease_ids: list[str], token: str

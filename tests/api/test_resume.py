@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import grpc
 from realm.v1 import realm_service_pb2 as spb
@@ -193,6 +194,44 @@ def test_a_result_after_the_break_counts_the_batches_sent_before_it(
     assert attempt_outcomes(live.srv.db, int(job.job_id)) == ["completed"]
     realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id="r")).realm
     assert realm.stats.entries == len(entries)
+
+
+def test_a_lease_revoked_during_the_handshake_is_answered_not_resumed(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    """The job is cancelled right after the store re-attached its lease, while
+    the new stream's handshake is still running: the settings answer the
+    lease as not resumed, with the job cancelled."""
+    live = live_with(resume_grace_seconds=GRACE)
+    job = create_realm(live.stub, "r").job
+    first, settings = connect(live, "w")
+    first.credit(1)
+    (a,) = first.assignments(1)
+    first.cancel()
+    first.wait_closed()
+    time.sleep(0.3)
+    queue = live.srv.queue
+    reattach = queue.reattach
+
+    def reattach_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        found = reattach(*args, **kwargs)
+        queue.cancel(int(job.job_id), "cancelled by a test")
+        return found
+
+    queue.reattach = reattach_then_cancel  # type: ignore[method-assign]
+    try:
+        second, again = connect(live, "w", token=settings.resume_token, leases=[a.lease_id])
+    finally:
+        queue.reattach = reattach  # type: ignore[method-assign]
+    (answer,) = again.resumed
+    assert answer.lease_id == a.lease_id and not answer.accepted, answer
+    assert answer.job_state == pb.Job.STATE_CANCELLED, answer
+    assert "cancel" in answer.reason, answer.reason
+    assert get_job(live.stub, job.job_id).state == pb.Job.STATE_CANCELLED
+    # The stream holds nothing: a result for the lease is refused.
+    second.send_result(a.lease_id, entries_uploaded=0)
+    (refused,) = second.acks()
+    assert not refused.accepted
 
 
 def test_a_worker_that_saw_the_break_first_takes_its_leases_over(
