@@ -100,8 +100,11 @@ class WorkerStream:
 
     def adopt(self, lease: Lease) -> None:
         """Hold a lease re-attached from a stream of this worker that broke:
-        it was granted a credit there, so it uses none here."""
+        it was granted a credit there, so it uses none here. Its progress
+        is the one last recorded (preemption spares the jobs furthest on)."""
         self.outstanding[lease.lease_id] = lease
+        done, total = lease.job.progress_done, lease.job.progress_total
+        self.progress[lease.lease_id] = done / total if total > 0 else 0.0
 
     def holds(self, lease_id: str) -> bool:
         return lease_id in self.outstanding

@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -50,6 +50,7 @@ from realm_service.domain import (
 from realm_service.errors import (
     Conflict,
     InvalidArgument,
+    JobNotFound,
     RealmError,
     StaleLease,
     Unavailable,
@@ -396,7 +397,7 @@ class ClaimSession:
         adopted = {lease_id: got for lease_id, got in found.items() if isinstance(got, Lease)}
         if not adopted:
             return
-        beat = await asyncio.to_thread(self.queue.heartbeat, list(adopted))
+        beat = await self._extend(list(adopted))
         lost = [lease_id for lease_id, until in beat.items() if until is None]
         if not lost:
             return
@@ -404,8 +405,25 @@ class ClaimSession:
         for lease_id in lost:
             stream.drop(lease_id)
             self._batched.discard(lease_id)
-            job = await asyncio.to_thread(self.queue.get_job, adopted[lease_id].job.job_id)
-            found[lease_id] = (reasons[lease_id], job.state)
+            try:
+                job = await asyncio.to_thread(self.queue.get_job, adopted[lease_id].job.job_id)
+            except JobNotFound:  # its realm was deleted meanwhile
+                found[lease_id] = (reasons[lease_id], None)
+            else:
+                found[lease_id] = (reasons[lease_id], job.state)
+
+    async def _extend(
+        self, progress: dict[str, tuple[int, int]] | list[str]
+    ) -> dict[str, datetime | None]:
+        """queue.heartbeat in a store thread that a break waits for before it
+        detaches (see `_heartbeats`); cancelling the caller leaves it running."""
+        beat = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(contextvars.copy_context().run, self.queue.heartbeat, progress),
+        )
+        self._heartbeats.add(beat)
+        beat.add_done_callback(self._heartbeats.discard)
+        return await asyncio.shield(beat)
 
     async def _reattach_some(
         self, stream: WorkerStream, lease_ids: list[str], token: str
@@ -651,13 +669,7 @@ class ClaimSession:
             else:
                 acks.append(self._refusal(lp.lease_id, "lease is not held by this stream"))
         if progress:
-            beat = asyncio.get_running_loop().run_in_executor(
-                None,
-                functools.partial(contextvars.copy_context().run, self.queue.heartbeat, progress),
-            )
-            self._heartbeats.add(beat)
-            beat.add_done_callback(self._heartbeats.discard)
-            result = await asyncio.shield(beat)
+            result = await self._extend(progress)
             lost = [lease_id for lease_id, until in result.items() if until is None]
             reasons: dict[str, str] = {}
             if lost:

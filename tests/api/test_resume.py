@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
+import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
@@ -196,12 +197,13 @@ def test_a_result_after_the_break_counts_the_batches_sent_before_it(
     assert realm.stats.entries == len(entries)
 
 
+@pytest.mark.parametrize("how", ["cancel", "delete the realm"])
 def test_a_lease_revoked_during_the_handshake_is_answered_not_resumed(
-    live_with: Callable[..., LiveServer],
+    live_with: Callable[..., LiveServer], how: str
 ) -> None:
-    """The job is cancelled right after the store re-attached its lease, while
-    the new stream's handshake is still running: the settings answer the
-    lease as not resumed, with the job cancelled."""
+    """The job is cancelled (or its realm deleted) right after the store
+    re-attached its lease, while the new stream's handshake is still running:
+    the settings answer the lease as not resumed, and the stream carries on."""
     live = live_with(resume_grace_seconds=GRACE)
     job = create_realm(live.stub, "r").job
     first, settings = connect(live, "w")
@@ -215,7 +217,10 @@ def test_a_lease_revoked_during_the_handshake_is_answered_not_resumed(
 
     def reattach_then_cancel(*args: Any, **kwargs: Any) -> Any:
         found = reattach(*args, **kwargs)
-        queue.cancel(int(job.job_id), "cancelled by a test")
+        if how == "cancel":
+            queue.cancel(int(job.job_id), "cancelled by a test")
+        else:
+            live.srv.realms.delete("r", "a-test-request")
         return found
 
     queue.reattach = reattach_then_cancel  # type: ignore[method-assign]
@@ -225,9 +230,12 @@ def test_a_lease_revoked_during_the_handshake_is_answered_not_resumed(
         queue.reattach = reattach  # type: ignore[method-assign]
     (answer,) = again.resumed
     assert answer.lease_id == a.lease_id and not answer.accepted, answer
-    assert answer.job_state == pb.Job.STATE_CANCELLED, answer
-    assert "cancel" in answer.reason, answer.reason
-    assert get_job(live.stub, job.job_id).state == pb.Job.STATE_CANCELLED
+    if how == "cancel":
+        assert answer.job_state == pb.Job.STATE_CANCELLED, answer
+        assert "cancel" in answer.reason, answer.reason
+        assert get_job(live.stub, job.job_id).state == pb.Job.STATE_CANCELLED
+    else:
+        assert answer.job_state == pb.Job.STATE_UNSPECIFIED, answer
     # The stream holds nothing: a result for the lease is refused.
     second.send_result(a.lease_id, entries_uploaded=0)
     (refused,) = second.acks()

@@ -1,0 +1,42 @@
+"""The lease ledger of a stream (dispatcher.WorkerStream): what it holds,
+how far its jobs are, and credits."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from realm_service.dispatcher import WorkerStream
+from realm_service.domain import SYSTEM, Job, JobKind, JobState, Lease
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def lease(lease_id: str, done: int, total: int) -> Lease:
+    job = Job(
+        job_id=1,
+        realm_id="r",
+        kind=JobKind.FROM_SCRATCH,
+        priority=SYSTEM,
+        state=JobState.RUNNING,
+        attempt=1,
+        create_time=NOW,
+        progress_done=done,
+        progress_total=total,
+    )
+    return Lease(lease_id=lease_id, job=job, expire_time=NOW)
+
+
+def test_an_adopted_lease_keeps_its_recorded_progress_and_uses_no_credit() -> None:
+    """A lease re-attached from a broken stream is as far on as its job was
+    recorded: preemption, which spares the jobs furthest on, sees that, not
+    a job just started."""
+    stream = WorkerStream(
+        worker_id="w", incarnation_id="i", kinds=(), min_priority=0, deliver=lambda leases: None
+    )
+    stream.adopt(lease("far", 9, 10))
+    stream.adopt(lease("new", 0, 0))
+    assert stream.holds("far") and stream.holds("new")
+    assert stream.progress == {"far": 0.9, "new": 0.0}
+    assert stream.credits == 0
+    stream.drop("far")
+    assert stream.progress == {"new": 0.0}
