@@ -137,9 +137,14 @@ class JobQueue:
         content_changed: bool = False,
     ) -> EnqueueResult:
         def work(tx: Tx) -> EnqueueResult:
-            realms_sql.get_realm(tx, realm_id)
             return self.enqueue_in(
-                tx, realm_id, kind, priority, paths=paths, content_changed=content_changed
+                tx,
+                realm_id,
+                kind,
+                priority,
+                paths=paths,
+                content_changed=content_changed,
+                check_realm=True,
             )
 
         return self.db.retrying(work)
@@ -153,10 +158,13 @@ class JobQueue:
         *,
         paths: Sequence[PathChange] = (),
         content_changed: bool = False,
+        check_realm: bool = False,
     ) -> EnqueueResult:
         """Coalesce per DESIGN.md section 4. The partial unique index on queued
         jobs makes a concurrent duplicate insert fail; we then merge into the
-        winner's row inside a savepoint so the caller's transaction survives."""
+        winner's row inside a savepoint so the caller's transaction survives.
+        With `check_realm`, a realm that does not exist is RealmNotFound (a
+        queued job of it, found first, proves it exists)."""
         now = self.clock()
         # One change per path, a delete winning, as merges already do: a job
         # must never list a path twice, or as both updated and deleted.
@@ -176,12 +184,12 @@ class JobQueue:
                     return EnqueueResult(merged, Disposition.MERGED)
             target = queued.get(kind)
             if kind is JobKind.INCREMENTAL and _too_many_paths(target, paths):
-                return self._escalate(tx, realm_id, priority, target)
+                return self._escalate(tx, realm_id, priority, target, check_realm=check_realm)
             if target is not None:
                 return EnqueueResult(
                     enqueue_sql.merge(tx, target, priority, paths), Disposition.MERGED
                 )
-            running = enqueue_sql.running_job(tx, realm_id)
+            running = enqueue_sql.running_job(tx, realm_id, check_realm=check_realm)
             if running is not None and running.kind is kind:
                 if kind is JobKind.FROM_SCRATCH and not content_changed:
                     return EnqueueResult(running, Disposition.ATTACHED)
@@ -215,7 +223,13 @@ class JobQueue:
         raise Conflict("could not enqueue: concurrent changes kept winning; retry")
 
     def _escalate(
-        self, tx: Tx, realm_id: str, priority: int, queued_incremental: Job | None
+        self,
+        tx: Tx,
+        realm_id: str,
+        priority: int,
+        queued_incremental: Job | None,
+        *,
+        check_realm: bool = False,
     ) -> EnqueueResult:
         """More changed paths than an incremental job may list: index the
         realm from scratch instead, folding its queued incremental job (if
@@ -223,7 +237,14 @@ class JobQueue:
         come."""
         if queued_incremental is not None:
             priority = max(priority, queued_incremental.priority)
-        result = self.enqueue_in(tx, realm_id, JobKind.FROM_SCRATCH, priority, content_changed=True)
+        result = self.enqueue_in(
+            tx,
+            realm_id,
+            JobKind.FROM_SCRATCH,
+            priority,
+            content_changed=True,
+            check_realm=check_realm and queued_incremental is None,
+        )
         if queued_incremental is not None:
             enqueue_sql.supersede(tx, queued_incremental, result.job)
         return result

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, exc, func, insert, select, text, update
+from sqlalchemy import Table, and_, bindparam, exc, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
+from realm_service.errors import RealmNotFound
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
     MERGED,
@@ -25,9 +26,10 @@ from realm_service.store.rows import (
     to_job,
 )
 from realm_service.store.sets import in_values
-from realm_service.store.tables import JobRow
+from realm_service.store.tables import JobRow, RealmRow
 
 _JOBS = cast(Table, JobRow.__table__)
+_REALMS = cast(Table, RealmRow.__table__)
 _INSERT = insert(_JOBS).returning(*_JOBS.c, sort_by_parameter_order=True)
 _MERGE = (
     update(_JOBS)
@@ -52,9 +54,17 @@ def queued_jobs(tx: Tx, realm_id: str, kinds: Sequence[JobKind]) -> dict[JobKind
     }
 
 
-def running_job(tx: Tx, realm_id: str) -> Job | None:
-    row = tx.session.execute(_RUNNING_OF_REALM, {"realm_id": realm_id}).first()
-    return None if row is None else to_job(row)
+def running_job(tx: Tx, realm_id: str, *, check_realm: bool = False) -> Job | None:
+    """The realm's running job, if any. With `check_realm`, the same read
+    says whether the realm exists (RealmNotFound if not): an enqueue needs no
+    read of its own for that, a round trip less."""
+    if not check_realm:
+        row = tx.session.execute(_RUNNING_OF_REALM, {"realm_id": realm_id}).first()
+        return None if row is None else to_job(row)
+    row = tx.session.execute(_REALM_AND_RUNNING, {"realm_id": realm_id}).first()
+    if row is None:
+        raise RealmNotFound(f"realm {realm_id!r} does not exist")
+    return None if row.id is None else to_job(row)
 
 
 # Every enqueue reads these two: prebuilt, and the kinds bound as one list.
@@ -69,6 +79,17 @@ _QUEUED_OF_KINDS = (
 )
 _RUNNING_OF_REALM = select(_JOBS).where(
     _JOBS.c.realm_id == bindparam("realm_id"), _JOBS.c.state == RUNNING
+)
+# The realm's row joined with its running job, if any (one row if the realm
+# exists; the job's columns are NULL when nothing runs).
+_REALM_AND_RUNNING = (
+    select(_REALMS.c.realm_id.label("realm_row"), *_JOBS.c)
+    .select_from(
+        _REALMS.outerjoin(
+            _JOBS, and_(_JOBS.c.realm_id == _REALMS.c.realm_id, _JOBS.c.state == RUNNING)
+        )
+    )
+    .where(_REALMS.c.realm_id == bindparam("realm_id"))
 )
 
 

@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from store_helpers import make_realm
 
-from realm_service.domain import SYSTEM, USER, Disposition, JobKind, JobState, PathChange
+from realm_service.domain import (
+    MAX_JOB_PATHS,
+    SYSTEM,
+    USER,
+    Disposition,
+    JobKind,
+    JobState,
+    PathChange,
+)
 from realm_service.errors import RealmNotFound
 from realm_service.queue import JobQueue
 from realm_service.store import enqueue_sql
@@ -48,6 +56,12 @@ def test_first_enqueue_inserts(queue: JobQueue) -> None:
 def test_enqueue_for_unknown_realm_is_refused(queue: JobQueue) -> None:
     with pytest.raises(RealmNotFound):
         queue.enqueue("nope", FS, USER)
+    with pytest.raises(RealmNotFound):
+        queue.enqueue("nope", INC, USER, paths=[PathChange("a.json", False)])
+    # More paths than a job may list: escalated to from-scratch, still refused.
+    many = [PathChange(f"f{i}.json", False) for i in range(MAX_JOB_PATHS + 1)]
+    with pytest.raises(RealmNotFound):
+        queue.enqueue("nope", INC, USER, paths=many)
     assert queue.list_jobs() == []
 
 
