@@ -8,6 +8,7 @@ sessions, checkpoints)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -632,7 +633,9 @@ def test_queue_against_the_model(store_url: str) -> None:
         run_state_machine_as_test(
             machine,
             settings=settings(
-                max_examples=30 if db.backend == "sqlite" else 20,
+                # REALM_MACHINE_EXAMPLES=400 runs a longer search by hand.
+                max_examples=int(os.environ.get("REALM_MACHINE_EXAMPLES", 0))
+                or (30 if db.backend == "sqlite" else 20),
                 stateful_step_count=30,
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow],
