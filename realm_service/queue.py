@@ -243,7 +243,7 @@ class JobQueue:
             JobKind.FROM_SCRATCH,
             priority,
             content_changed=True,
-            check_realm=check_realm and queued_incremental is None,
+            check_realm=check_realm,
         )
         if queued_incremental is not None:
             enqueue_sql.supersede(tx, queued_incremental, result.job)

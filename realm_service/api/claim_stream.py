@@ -18,9 +18,9 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -73,6 +73,17 @@ SUPERSEDE_TIMEOUT = 5.0
 CANCEL_SETTLE_SECONDS = 0.2
 # How long a broken stream's detach waits for its heartbeats in flight.
 HEARTBEAT_SETTLE_SECONDS = 2.0
+
+T = TypeVar("T")
+
+
+def _in_store_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """`fn` in a store thread, as asyncio.to_thread runs it, but as the
+    executor's future itself: it runs to its end whatever happens to its
+    awaiters (who shield it), and it can be waited for again."""
+    return asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(contextvars.copy_context().run, fn)
+    )
 
 
 def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[object]) -> None:
@@ -153,8 +164,9 @@ class ClaimSession:
         self.broken = False
         self.ended = asyncio.Event()
         self._resumed: list[spb.LeaseAck] = []
-        self._closing = False  # its call is giving up what it holds
-        self._released = False  # what it held was given up (detached or released)
+        # Its call is giving up what it holds (from then on a lease the store
+        # gives back is not taken, and a takeover does not cancel it).
+        self._closing = False
         # Heartbeats on their way to the store: a break waits for them before
         # it detaches, or one landing after would undo the grace's expiry.
         self._heartbeats: set[asyncio.Future[Any]] = set()
@@ -267,7 +279,6 @@ class ClaimSession:
                 task.cancel()
         self.dispatcher.remove(stream)
         held = stream.drop_all()
-        self._released = True
         if not self.broken and _cancelled(context):
             # Cancelled by the client or cut: its requests may have ended
             # before the cancel reached this coroutine.
@@ -417,10 +428,7 @@ class ClaimSession:
     ) -> dict[str, datetime | None]:
         """queue.heartbeat in a store thread that a break waits for before it
         detaches (see `_heartbeats`); cancelling the caller leaves it running."""
-        beat = asyncio.get_running_loop().run_in_executor(
-            None,
-            functools.partial(contextvars.copy_context().run, self.queue.heartbeat, progress),
-        )
+        beat = _in_store_thread(functools.partial(self.queue.heartbeat, progress))
         self._heartbeats.add(beat)
         beat.add_done_callback(self._heartbeats.discard)
         return await asyncio.shield(beat)
@@ -431,14 +439,8 @@ class ClaimSession:
         """One round of re-attaching. The leases the store gives back are
         taken by this stream when the store answers, even if its call was
         cancelled meanwhile (or kept again for the worker if it has ended)."""
-        ask = asyncio.get_running_loop().run_in_executor(
-            None,
-            functools.partial(
-                contextvars.copy_context().run,
-                functools.partial(
-                    self.queue.reattach, lease_ids, worker=stream.worker_id, token=token
-                ),
-            ),
+        ask = _in_store_thread(
+            functools.partial(self.queue.reattach, lease_ids, worker=stream.worker_id, token=token)
         )
         ask.add_done_callback(functools.partial(self._reattached, stream, token))
         return await asyncio.shield(ask)
@@ -454,7 +456,7 @@ class ClaimSession:
         leases = [got for got in ask.result().values() if isinstance(got, Lease)]
         if not leases:
             return
-        if self._released:
+        if self._closing:
             # The stream ended while the store answered: the worker may
             # still resume them with the token it quoted.
             ids = [lease.lease_id for lease in leases]

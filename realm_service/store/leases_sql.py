@@ -67,37 +67,29 @@ def _succeed(backend: str) -> Update:
     row returned scanned every queued job: 57 ms for 16 jobs with 100,000
     queued), a SELECT does."""
     final = rows_source(backend, "f", _SUCCEED_COLUMNS)
-    queued = _JOBS.alias("queued")
-    statement = update(_JOBS)
-    if backend != "postgresql":
-        return statement.where(_JOBS.c.id == final.c.job_id).values(_succeeded_values(final))
-    statement = statement.add_cte(_END_ATTEMPTS.cte("ended_attempts"))
-    return (
-        statement.where(_JOBS.c.id == final.c.job_id)
-        .values(_succeeded_values(final))
-        .returning(
-            # Spelled out: SQLite's compiler drops table names inside a
-            # RETURNING clause, which made `queued.realm_id = jobs.realm_id`
-            # read `realm_id = realm_id` (any realm's queued job counted).
-            exists()
-            .select_from(queued)
-            .where(text(f"queued.realm_id = jobs.realm_id AND queued.state = '{QUEUED}'"))
+    statement = (
+        update(_JOBS)
+        .where(_JOBS.c.id == final.c.job_id)
+        .values(
+            state=SUCCEEDED,
+            finish_time=bindparam("now"),
+            error_message="",
+            progress_done=final.c.done,
+            progress_total=final.c.done,
+            lease_id=None,
+            lease_expire_time=None,
+            # Its generation is now the realm's: no longer a checkpoint.
+            checkpoint=None,
         )
     )
-
-
-def _succeeded_values(final: Any) -> dict[str, Any]:
-    return {
-        "state": SUCCEEDED,
-        "finish_time": bindparam("now"),
-        "error_message": "",
-        "progress_done": final.c.done,
-        "progress_total": final.c.done,
-        "lease_id": None,
-        "lease_expire_time": None,
-        # Its generation is now the realm's: no longer a checkpoint.
-        "checkpoint": None,
-    }
+    if backend != "postgresql":
+        return statement
+    queued = _JOBS.alias("queued")
+    return statement.add_cte(_END_ATTEMPTS.cte("ended_attempts")).returning(
+        exists()
+        .select_from(queued)
+        .where(text(f"queued.realm_id = jobs.realm_id AND queued.state = '{QUEUED}'"))
+    )
 
 
 # Whether any of these realms has a queued job (SQLite; see `_succeed`).
@@ -289,16 +281,13 @@ def succeed(
         "ids": [h.attempt_id for h in held if h.attempt_id is not None],
         "outcome": AttemptOutcome.COMPLETED.value,
     }
-    succeeded = {
-        **rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items())),
-        **attempts,
-        "now": now,
-    }
+    rows = rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items()))
     if tx.backend == "postgresql":
-        queued_after = any(tx.session.scalars(_succeed(tx.backend), succeeded).all())
+        statement = _succeed(tx.backend)
+        queued_after = any(tx.session.scalars(statement, {**rows, **attempts, "now": now}).all())
     else:
         tx.session.execute(_END_ATTEMPTS, {**attempts, "now": now})
-        tx.session.execute(_succeed(tx.backend), succeeded)
+        tx.session.execute(_succeed(tx.backend), {**rows, "now": now})
         realm_ids = list({h.realm_id for h in held})
         queued_after = tx.session.scalar(_ANY_QUEUED, {"realm_ids": realm_ids}) is not None
     # A realm's next job, held back while this one ran, may run now: new work,
