@@ -168,12 +168,19 @@ _LOCK_GENERATIONS = (
     .order_by(_REALMS.c.realm_id)
     .with_for_update()
 )
+# A queued from-scratch job's checkpoint (entries it staged, kept across its
+# attempts) outlives the switch: a realm's first index may come from another
+# job (an incremental one) while it waits to run again.
+_SPARED_CHECKPOINTS = select(JobRow.checkpoint).where(
+    JobRow.realm_id == _ENTRIES.c.realm_id, JobRow.checkpoint.is_not(None)
+)
 _DROP_REPLACED = delete(_ENTRIES).where(
     in_values(_ENTRIES.c.realm_id, "realm_ids"),
     or_(
         not_in_values(_ENTRIES.c.generation, "generations", int),
         _ENTRIES.c.deleted.is_(True),
     ),
+    _ENTRIES.c.generation.not_in(_SPARED_CHECKPOINTS),
 )
 _IS_ERROR = case((_ENTRIES.c.error_message != "", 1), else_=0)
 _IS_CARD = case((and_(_ENTRIES.c.card_type != "", _ENTRIES.c.error_message == ""), 1), else_=0)

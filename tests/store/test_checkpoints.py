@@ -216,6 +216,39 @@ def test_an_incremental_merge_in_between_spares_the_checkpoint(
     assert [e.path for e in index_of(queue, "r")] == sorted(FILES)
 
 
+def test_a_first_index_by_another_job_spares_the_checkpoint(
+    queue: JobQueue, realms: Realms
+) -> None:
+    """A realm never indexed: an incremental job completing while the first
+    from-scratch job waits to run again becomes the realm's first generation,
+    a switch that replaces everything of the realm but that job's own
+    checkpoint."""
+    make_realm(queue, "r", FILES)
+    first_job = queue.enqueue("r", FS, SYSTEM).job
+    [first] = queue.claim(1)
+    read_all(realms, "r", first.lease_id)
+    queue.add_entries(first.lease_id, [entry_of(p, FILES[p]) for p in sorted(FILES)[:6]])
+    queue.enqueue("r", INC, USER, paths=[PathChange("f09.txt", False)])
+    queue.fail(first.lease_id, "worker crashed")
+    [inc] = queue.claim(1)
+    assert inc.job.kind is INC
+    queue.add_entries(inc.lease_id, [entry_of("f09.txt", FILES["f09.txt"])])
+    queue.complete(inc.lease_id, entries_uploaded=1)
+    assert [e.path for e in index_of(queue, "r")] == ["f09.txt"]
+    with queue.db.read_transaction() as tx:
+        kept = tx.session.scalar(select(JobRow.checkpoint).where(JobRow.id == first_job.job_id))
+    assert kept is not None
+    assert staged(queue, "r", kept) == set(sorted(FILES)[:6])
+
+    [second] = queue.claim(1)
+    assert second.job.job_id == first_job.job_id
+    paths, _ = read_all(realms, "r", second.lease_id)
+    assert paths == sorted(FILES)[6:]
+    queue.add_entries(second.lease_id, [entry_of(p, FILES[p]) for p in paths])
+    queue.complete(second.lease_id, entries_uploaded=len(paths))
+    assert [e.path for e in index_of(queue, "r")] == sorted(FILES)
+
+
 def test_cancelling_a_job_drops_its_checkpoint(queue: JobQueue, realms: Realms) -> None:
     make_realm(queue, "r", FILES)
     job = queue.enqueue("r", FS, USER).job
