@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -42,7 +43,7 @@ from realm_service.domain import (
     WorkerInfo,
     preemption_reason,
 )
-from realm_service.errors import RealmError
+from realm_service.errors import Conflict, RealmError, Unavailable
 from realm_service.queue import JobQueue, job_fields
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,24 @@ PREEMPT_CHECK_SECONDS = 0.01
 PREEMPT_RECHECK_SECONDS = 0.9  # under the 1 s poll: each poll looks
 PREEMPT_PENDING_SECONDS = 5.0
 _EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def release_failed(
+    queue: JobQueue, held: list[str], reason: str, release: asyncio.Future[object]
+) -> None:
+    """Done-callback of a release run in the background: one that failed with
+    an outage (a full disk included) is kept for the reaper, which releases
+    the leases as interruptions once the store takes writes; any other
+    failure is logged, and the leases kept too, so their jobs do not wait for
+    their leases to expire."""
+    if release.cancelled():
+        return
+    error = release.exception()
+    if error is None:
+        return
+    queue.defer_release(held, reason)
+    if not isinstance(error, (Unavailable, Conflict)):
+        log.error("release failed; kept for the reaper", exc_info=error)
 
 
 @dataclass(eq=False)
@@ -440,8 +459,12 @@ class Dispatcher:
             target.assign(lease)
             batches[target.stream_id].append(lease)
         if pending:  # every stream went away meanwhile: give the jobs back at once
-            asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self.queue.release, [p.lease_id for p in pending], "no stream")
+            held = [p.lease_id for p in pending]
+            release = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.queue.release, held, "no stream")
+            )
+            release.add_done_callback(
+                functools.partial(release_failed, self.queue, held, "no stream")
             )
         for s in live:
             batch = batches[s.stream_id]

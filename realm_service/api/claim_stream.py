@@ -37,7 +37,7 @@ from realm_service.api.convert import (
     ts,
 )
 from realm_service.api.status import status_of
-from realm_service.dispatcher import Dispatcher, WorkerStream
+from realm_service.dispatcher import Dispatcher, WorkerStream, release_failed
 from realm_service.domain import (
     PREEMPTED_FOR,
     IndexEntry,
@@ -84,19 +84,6 @@ def _in_store_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     return asyncio.get_running_loop().run_in_executor(
         None, functools.partial(contextvars.copy_context().run, fn)
     )
-
-
-def _release_failed(queue: JobQueue, held: list[str], release: asyncio.Future[object]) -> None:
-    """A release that failed with an outage is kept for the reaper; any other
-    failure is logged (and kept too, so the jobs do not wait for expiry)."""
-    if release.cancelled():
-        return
-    error = release.exception()
-    if error is None:
-        return
-    queue.defer_release(held, "stream closed")
-    if not isinstance(error, (Unavailable, Conflict)):
-        log.error("release failed; kept for the reaper", exc_info=error)
 
 
 def _detach_failed(queue: JobQueue, held: list[str], detach: asyncio.Future[object]) -> None:
@@ -297,7 +284,9 @@ class ClaimSession:
             release = asyncio.ensure_future(
                 asyncio.to_thread(self.queue.release, held, "stream closed")
             )
-            release.add_done_callback(functools.partial(_release_failed, self.queue, held))
+            release.add_done_callback(
+                functools.partial(release_failed, self.queue, held, "stream closed")
+            )
             try:
                 await asyncio.shield(release)
             except (Unavailable, Conflict) as e:
