@@ -283,16 +283,6 @@ class Database:
             )
             _ping_when_idle(self.engine)
 
-            @event.listens_for(self.engine, "connect")
-            def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
-                # psycopg prepares a statement run five times, and PostgreSQL
-                # may then switch to a generic plan that ignores the bound
-                # values. The claim's is a bad one during a storm (it walks the
-                # SYSTEM backlog looking for a USER job): plan with the values.
-                with dbapi_conn.cursor() as cur:
-                    cur.execute("SET plan_cache_mode = force_custom_plan")
-                dbapi_conn.commit()
-
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.channel = "realm_new_work"
         # Names this process's new-work NOTIFYs: its own come back to its

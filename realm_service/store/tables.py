@@ -11,6 +11,7 @@ Invariants the schema itself enforces (not only application code):
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -28,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.expression import literal_column
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -58,6 +61,46 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StateText(TypeDecorator[str]):
+    """A state column. Compared with a constant (`==`, `!=`, `in_`), the
+    constant is written into the statement's text (`state = 'queued'`), not
+    bound: PostgreSQL plans a prepared statement, from its sixth execution on,
+    without its parameters (a generic plan), and such a plan can read a
+    partial index (`WHERE state = 'queued'`) only when the state is in the
+    text. The states are the store's own constants, checked to be plain
+    words."""
+
+    impl = String(20)
+    cache_ok = True
+
+    class comparator_factory(TypeDecorator.Comparator[str]):
+        def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+            if op in (operators.eq, operators.ne) and _constant(other):
+                return op(self.expr, _written(other[0]))
+            if op in (operators.in_op, operators.not_in_op) and _constants(other):
+                return op(self.expr, [_written(value) for value in other[0]])
+            return super().operate(op, *other, **kwargs)
+
+
+def _constant(other: tuple[Any, ...]) -> bool:
+    return len(other) == 1 and isinstance(other[0], str)
+
+
+def _constants(other: tuple[Any, ...]) -> bool:
+    return (
+        len(other) == 1
+        and isinstance(other[0], (list, tuple))
+        and bool(other[0])
+        and all(isinstance(value, str) for value in other[0])
+    )
+
+
+def _written(value: str) -> Any:
+    if not value.isalpha() or not value.islower():
+        raise ValueError(f"not a state: {value!r}")
+    return literal_column(f"'{value}'", String(20))
 
 
 class Base(DeclarativeBase):
@@ -103,7 +146,7 @@ class JobRow(Base):
     kind: Mapped[str] = mapped_column(String(20))
     priority: Mapped[int] = mapped_column(Integer)
     # queued | running | succeeded | failed | merged (folded into superseded_by)
-    state: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(StateText())
     # Queue order among equal priorities: enqueue time in microseconds, kept on
     # requeue (a preempted job goes ahead of its priority's line); ties are
     # broken by id.
