@@ -172,10 +172,11 @@ class JobQueue:
         for _ in range(3):
             # An incremental change may merge into a queued from-scratch job;
             # a from-scratch one needs (and locks) only its own kind.
-            queued = enqueue_sql.queued_jobs(
+            queued, running = enqueue_sql.realm_jobs(
                 tx,
                 realm_id,
                 [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind],
+                check_realm=check_realm,
             )
             if kind is JobKind.INCREMENTAL and kind not in queued:
                 scratch = queued.get(JobKind.FROM_SCRATCH)
@@ -189,7 +190,6 @@ class JobQueue:
                 return EnqueueResult(
                     enqueue_sql.merge(tx, target, priority, paths), Disposition.MERGED
                 )
-            running = enqueue_sql.running_job(tx, realm_id, check_realm=check_realm)
             if running is not None and running.kind is kind:
                 if kind is JobKind.FROM_SCRATCH and not content_changed:
                     return EnqueueResult(running, Disposition.ATTACHED)

@@ -11,11 +11,23 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, exc, func, insert, select, text, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    exc,
+    func,
+    insert,
+    null,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
-from realm_service.errors import RealmNotFound
+from realm_service.errors import Conflict, RealmNotFound
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
     MERGED,
@@ -54,20 +66,39 @@ def queued_jobs(tx: Tx, realm_id: str, kinds: Sequence[JobKind]) -> dict[JobKind
     }
 
 
-def running_job(tx: Tx, realm_id: str, *, check_realm: bool = False) -> Job | None:
-    """The realm's running job, if any. With `check_realm`, the same read
-    says whether the realm exists (RealmNotFound if not): an enqueue needs no
-    read of its own for that, a round trip less."""
-    if not check_realm:
-        row = tx.session.execute(_RUNNING_OF_REALM, {"realm_id": realm_id}).first()
-        return None if row is None else to_job(row)
-    row = tx.session.execute(_REALM_AND_RUNNING, {"realm_id": realm_id}).first()
-    if row is None:
-        raise RealmNotFound(f"realm {realm_id!r} does not exist")
-    return None if row.id is None else to_job(row)
+def realm_jobs(
+    tx: Tx, realm_id: str, kinds: Sequence[JobKind], *, check_realm: bool = False
+) -> tuple[dict[JobKind, Job], Job | None]:
+    """What an enqueue coalesces with, in one read: the realm's queued jobs of
+    these kinds (at most one each, locked until the transaction ends) and its
+    running job, if any. With `check_realm`, the same read says whether the
+    realm exists (RealmNotFound if not); a queued job of it proves it does."""
+    params = {"realm_id": realm_id, "kinds": [k.value for k in kinds]}
+    for _ in range(5):
+        queued: dict[JobKind, Job] = {}
+        running: Job | None = None
+        realm_seen = settled = False
+        for row in tx.session.execute(_REALM_JOBS, params):
+            if row.realm_row is None:
+                queued[JobKind(row.kind)] = to_job(row)
+                continue
+            realm_seen = True
+            # On PostgreSQL the locked read waits for a claim (or merge) of
+            # its rows to commit and then leaves out those no longer queued,
+            # but the rest of the statement sees what was there before it: a
+            # job just started would be found neither queued nor running.
+            # The count of the statement's own view tells; read again.
+            settled = row.queued_seen == len(queued)
+            if row.id is not None:
+                running = to_job(row)
+        if settled or not realm_seen:
+            if check_realm and not realm_seen and not queued:
+                raise RealmNotFound(f"realm {realm_id!r} does not exist")
+            return queued, running
+    raise Conflict("could not read the realm's jobs: they kept changing; retry")
 
 
-# Every enqueue reads these two: prebuilt, and the kinds bound as one list.
+# The statements every enqueue reads with: prebuilt, the kinds bound as one list.
 _QUEUED_OF_KINDS = (
     select(_JOBS)
     .where(
@@ -77,19 +108,36 @@ _QUEUED_OF_KINDS = (
     )
     .with_for_update()
 )
-_RUNNING_OF_REALM = select(_JOBS).where(
-    _JOBS.c.realm_id == bindparam("realm_id"), _JOBS.c.state == RUNNING
-)
 # The realm's row joined with its running job, if any (one row if the realm
-# exists; the job's columns are NULL when nothing runs).
+# exists; the job's columns are NULL when nothing runs), and how many queued
+# jobs of the kinds the statement sees without waiting for locks.
+_SEEN = _JOBS.alias("seen")
+_QUEUED_SEEN = (
+    select(func.count())
+    .select_from(_SEEN)
+    .where(
+        _SEEN.c.realm_id == _REALMS.c.realm_id,
+        _SEEN.c.state == QUEUED,
+        in_values(_SEEN.c.kind, "kinds"),
+    )
+    .correlate(_REALMS)
+    .scalar_subquery()
+)
 _REALM_AND_RUNNING = (
-    select(_REALMS.c.realm_id.label("realm_row"), *_JOBS.c)
+    select(_REALMS.c.realm_id.label("realm_row"), _QUEUED_SEEN.label("queued_seen"), *_JOBS.c)
     .select_from(
         _REALMS.outerjoin(
             _JOBS, and_(_JOBS.c.realm_id == _REALMS.c.realm_id, _JOBS.c.state == RUNNING)
         )
     )
     .where(_REALMS.c.realm_id == bindparam("realm_id"))
+)
+# Both in one statement: the queued jobs, locked (in a CTE: PostgreSQL locks
+# no rows of a UNION's branches), with a NULL realm_row, then the row above.
+_QUEUED_CTE = _QUEUED_OF_KINDS.cte("queued")
+_REALM_JOBS = union_all(
+    select(null().label("realm_row"), null().label("queued_seen"), *_QUEUED_CTE.c),
+    _REALM_AND_RUNNING,
 )
 
 

@@ -170,8 +170,9 @@ def test_an_enqueue_waiting_on_a_claim_of_the_queued_job_attaches_to_it(pg_url: 
     """A reindex arrives while a claim holds the realm's queued from-scratch
     job: the enqueue's locked read of queued jobs waits, and once the claim
     commits the job is running. The enqueue must see it running (attach),
-    not find nothing and queue a second from-scratch job: its read of the
-    running job comes after the wait, in a statement of its own."""
+    not find nothing and queue a second from-scratch job. Its one read sees
+    the running job as of before the wait, so it counts the queued jobs it
+    saw against those it locked, and reads again when one went missing."""
     db = open_database(pg_url)
     queue = JobQueue(db)
     try:
