@@ -17,6 +17,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     or_,
     select,
@@ -140,6 +141,7 @@ def count_staged_many(tx: Tx, generations: Sequence[tuple[str, int]]) -> dict[tu
 
 _REALMS = cast(Table, RealmRow.__table__)
 _ENTRIES = cast(Table, IndexEntryRow.__table__)
+_JOBS = cast(Table, JobRow.__table__)
 _FILES = cast(Table, RealmFileRow.__table__)
 # Entries staged (not deletions) by (realm, generation), of the lists bound;
 # built once with one SQL text for any list (an ORM select with expanding
@@ -168,11 +170,16 @@ _LOCK_GENERATIONS = (
     .order_by(_REALMS.c.realm_id)
     .with_for_update()
 )
-# A queued from-scratch job's checkpoint (entries it staged, kept across its
-# attempts) outlives the switch: a realm's first index may come from another
-# job (an incremental one) while it waits to run again.
-_SPARED_CHECKPOINTS = select(JobRow.checkpoint).where(
-    JobRow.realm_id == _ENTRIES.c.realm_id, JobRow.checkpoint.is_not(None)
+# Another job's checkpoint (a queued from-scratch job's entries, kept across
+# its attempts) outlives the switch: a realm's first index may come from
+# another job (an incremental one) while it waits to run again. The
+# generations switched in are not spared as checkpoints (a resumed job's own
+# is one until it succeeds): their tombstones go. NOT EXISTS, not NOT IN: an
+# anti-join on PostgreSQL rather than a subquery per deleted entry.
+_OTHER_CHECKPOINT = exists().where(
+    _JOBS.c.realm_id == _ENTRIES.c.realm_id,
+    _JOBS.c.checkpoint == _ENTRIES.c.generation,
+    not_in_values(_JOBS.c.checkpoint, "generations", int),
 )
 _DROP_REPLACED = delete(_ENTRIES).where(
     in_values(_ENTRIES.c.realm_id, "realm_ids"),
@@ -180,7 +187,7 @@ _DROP_REPLACED = delete(_ENTRIES).where(
         not_in_values(_ENTRIES.c.generation, "generations", int),
         _ENTRIES.c.deleted.is_(True),
     ),
-    _ENTRIES.c.generation.not_in(_SPARED_CHECKPOINTS),
+    ~_OTHER_CHECKPOINT,
 )
 _IS_ERROR = case((_ENTRIES.c.error_message != "", 1), else_=0)
 _IS_CARD = case((and_(_ENTRIES.c.card_type != "", _ENTRIES.c.error_message == ""), 1), else_=0)
@@ -268,7 +275,6 @@ _PROMOTE = (
 # which a wider sweep scanned on every merge (2-3 ms after a big rebuild).
 # A from-scratch job's checkpoint (a generation kept across its attempts
 # while it waits to run again) lies there too and is spared.
-_JOBS = cast(Table, JobRow.__table__)
 _CHECKPOINTS = select(_JOBS.c.checkpoint).where(
     _JOBS.c.realm_id == bindparam("realm"), _JOBS.c.checkpoint.is_not(None)
 )

@@ -322,3 +322,27 @@ def test_kept_files_are_skipped_across_chunks_of_the_listing(
         )
     assert [f.path for f in page] == ["f00.txt", "f04.txt"]
     assert [f.path for f in rest] == ["f06.txt", "f07.txt"]
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_deleted_paths_sent_by_a_from_scratch_job_are_not_indexed(
+    queue: JobQueue, realms: Realms, resumed: bool
+) -> None:
+    """A path a from-scratch attempt reports deleted leaves no entry in the
+    index it switches in, also when that attempt resumed a checkpoint (its
+    generation is the job's checkpoint until it succeeds, and the sweep
+    spares only other jobs' checkpoints)."""
+    make_realm(queue, "r", FILES)
+    queue.enqueue("r", FS, USER)
+    [lease] = queue.claim(1)
+    read_all(realms, "r", lease.lease_id)
+    if resumed:
+        queue.add_entries(lease.lease_id, [entry_of(p, FILES[p]) for p in sorted(FILES)[:6]])
+        queue.release([lease.lease_id])
+        [lease] = queue.claim(1)
+    paths, _ = read_all(realms, "r", lease.lease_id)
+    queue.add_entries(lease.lease_id, [entry_of(p, FILES[p]) for p in paths], ["ghost.txt"])
+    queue.complete(lease.lease_id, entries_uploaded=len(paths))
+    assert [e.path for e in index_of(queue, "r")] == sorted(FILES)
+    with queue.db.read_transaction() as tx:
+        assert realms_sql.get_realm(tx, "r").entries == len(FILES)
