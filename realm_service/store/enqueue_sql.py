@@ -77,22 +77,21 @@ def realm_jobs(
     for _ in range(5):
         queued: dict[JobKind, Job] = {}
         running: Job | None = None
-        realm_seen = settled = False
+        seen: int | None = None  # None: no realm row
         for row in tx.session.execute(_REALM_JOBS, params):
             if row.realm_row is None:
                 queued[JobKind(row.kind)] = to_job(row)
                 continue
-            realm_seen = True
-            # On PostgreSQL the locked read waits for a claim (or merge) of
-            # its rows to commit and then leaves out those no longer queued,
-            # but the rest of the statement sees what was there before it: a
-            # job just started would be found neither queued nor running.
-            # The count of the statement's own view tells; read again.
-            settled = row.queued_seen == len(queued)
+            seen = row.queued_seen
             if row.id is not None:
                 running = to_job(row)
-        if settled or not realm_seen:
-            if check_realm and not realm_seen and not queued:
+        # On PostgreSQL the locked read waits for a claim (or merge) of its
+        # rows to commit and then leaves out those no longer queued, but the
+        # rest of the statement sees what was there before it: a job just
+        # started would be found neither queued nor running. The count of
+        # the statement's own view tells; read again.
+        if seen is None or seen == len(queued):
+            if check_realm and seen is None and not queued:
                 raise RealmNotFound(f"realm {realm_id!r} does not exist")
             return queued, running
     raise Conflict("could not read the realm's jobs: they kept changing; retry")

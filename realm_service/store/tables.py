@@ -80,7 +80,7 @@ class StateText(TypeDecorator[str]):
             if op in (operators.eq, operators.ne) and _constant(other):
                 return op(self.expr, _written(other[0]))
             if op in (operators.in_op, operators.not_in_op) and _constants(other):
-                return op(self.expr, [_written(value) for value in other[0]])
+                return op(self.expr, [_written(value) for value in sorted(other[0])])
             return super().operate(op, *other, **kwargs)
 
 
@@ -91,7 +91,7 @@ def _constant(other: tuple[Any, ...]) -> bool:
 def _constants(other: tuple[Any, ...]) -> bool:
     return (
         len(other) == 1
-        and isinstance(other[0], (list, tuple))
+        and isinstance(other[0], (list, tuple, set, frozenset))
         and bool(other[0])
         and all(isinstance(value, str) for value in other[0])
     )
