@@ -109,6 +109,11 @@ class RealmServer:
                 # that their leases, if expired meanwhile, are not reaped.
                 if await asyncio.to_thread(self.queue.release_deferred):
                     self.dispatcher.wake()
+            except Exception as e:
+                # Never in the way of the reap: a lease whose release keeps
+                # failing is reaped as an interruption once it expires.
+                log.warning("deferred releases failed", extra={"error": str(e)})
+            try:
                 # Leases held before the reap: a reaped job's lease among them
                 # is the one that expired (later leases are not in the snapshot).
                 held = [

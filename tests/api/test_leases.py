@@ -303,3 +303,27 @@ def test_too_many_entries_with_a_result_end_the_stream(live: LiveServer) -> None
     ended = stream.wait_closed()
     assert ended is not None and ended.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "results.results[0].entries: more than 1000" in (ended.details() or "")
+
+
+def test_deferred_releases_that_keep_failing_do_not_stop_the_reaper(
+    live_with: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper first records releases an outage kept back; when that keeps
+    failing, leases past their expiry are still reaped."""
+    live = live_with(lease_seconds=1.0, ping_seconds=60)
+
+    def still_failing() -> list[object]:
+        raise RuntimeError("the deferred release failed again")
+
+    monkeypatch.setattr(live.srv.queue, "release_deferred", still_failing)
+    created = create_realm(live.stub, "silent")
+    job_id = created.job.job_id
+    stream = open_stream(live.stub, "w1", credits=1)
+    stream.assignments(1)  # then silent: no heartbeat
+    poll(
+        lambda: get_job(live.stub, job_id).state == pb.Job.STATE_QUEUED,
+        timeout=20,
+        what="the expired lease reaped",
+    )
+    assert attempt_outcomes(live.srv.db, int(job_id)) == ["expired"]
+    stream.cancel()
