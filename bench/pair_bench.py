@@ -486,7 +486,11 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
         timer = BenchStream(channel, "bench-timer", credits=2)
         await timer.open()
         await wake_samples(stub, timer, realms, 10)  # warm-up
+        spy = profile(cfg, pair.server.pid, "wakeup-server")
         wakes, rpcs, inner = await wake_samples(stub, timer, realms, cfg.wake_samples)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         idle = summary(wakes)
         emit(
             {
