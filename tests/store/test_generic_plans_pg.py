@@ -23,6 +23,7 @@ from store_helpers import entry, make_realm
 
 from realm_service.domain import SYSTEM, USER, JobKind, PathChange
 from realm_service.queue import JobQueue
+from realm_service.store import index_sql
 from realm_service.store.db import open_database
 
 FS = JobKind.FROM_SCRATCH
@@ -152,3 +153,55 @@ def test_hot_path_statements_read_the_job_tables_by_index_with_generic_plans(
     assert generic_scans(queue, lambda: queue.complete_many([(lease_r, 1)])) == []
     # Both lanes: the SYSTEM backlog's head.
     assert generic_scans(queue, lambda: taken.extend(queue.claim(4, min_priority=SYSTEM))) == []
+
+
+def test_a_search_by_a_rare_card_type_reads_its_own_index_whatever_ran_before(
+    queue: JobQueue,
+) -> None:
+    """A search by card type keeps a plan made with its values: under a plan
+    made once for all (what PostgreSQL may switch a prepared statement to),
+    a rare type was searched by walking the realm's whole index in path
+    order. The connection is put on generic plans first, as if PostgreSQL
+    had switched; the search's own setting wins."""
+    make_realm(queue, "cards")
+    queue.enqueue("cards", FS, USER)
+    [lease] = queue.claim(1, min_priority=USER)
+    entries = [entry(f"c{n:05d}.json", card_type="abc"[n % 3]) for n in range(6_000)]
+    entries += [entry(f"r{n}.json", card_type="rare") for n in range(3)]
+    for start in range(0, len(entries), 500):
+        queue.add_entries(lease.lease_id, entries[start : start + 500])
+    queue.complete(lease.lease_id, entries_uploaded=len(entries))
+    with queue.db.engine.begin() as conn:
+        conn.execute(text("ANALYZE index_entries"))
+    with queue.db.read_transaction() as tx:
+        generation = tx.session.scalar(
+            text("SELECT current_generation FROM realms WHERE realm_id = 'cards'")
+        )
+        tx.session.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+
+        def rows_read() -> int:
+            return int(
+                tx.session.scalar(
+                    text(
+                        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                        " FROM pg_stat_xact_user_tables"
+                        " WHERE relname = 'index_entries' AND schemaname = current_schema()"
+                    )
+                )
+                or 0
+            )
+
+        for _ in range(7):  # prepared from the sixth run on
+            before = rows_read()
+            found = index_sql.search(
+                tx,
+                realm_id="cards",
+                generation=generation,
+                card_type="rare",
+                text="",
+                after_path=None,
+                limit=50,
+            )
+            read = rows_read() - before
+        assert [e.path for e in found] == ["r0.json", "r1.json", "r2.json"]
+        assert read < 100, read
