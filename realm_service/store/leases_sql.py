@@ -84,11 +84,22 @@ def _succeed(backend: str) -> Update:
     )
     if backend != "postgresql":
         return statement
+    # The jobs by their primary key whatever the statistics say (a backlog
+    # just queued is not in them yet; the join alone was then planned as a
+    # scan of every job), and per row a probe of the realm's queued job: a
+    # scalar subquery with LIMIT, which PostgreSQL never turns into a hash of
+    # the whole queue built for each batch (what it did for EXISTS when its
+    # statistics counted few queued jobs).
     queued = _JOBS.alias("queued")
-    return statement.add_cte(_END_ATTEMPTS.cte("ended_attempts")).returning(
-        exists()
-        .select_from(queued)
-        .where(text(f"queued.realm_id = jobs.realm_id AND queued.state = '{QUEUED}'"))
+    return (
+        statement.where(in_values(_JOBS.c.id, "f_job_id", int))
+        .add_cte(_END_ATTEMPTS.cte("ended_attempts"))
+        .returning(
+            select(queued.c.id)
+            .where(text(f"queued.realm_id = jobs.realm_id AND queued.state = '{QUEUED}'"))
+            .limit(1)
+            .scalar_subquery()
+        )
     )
 
 
@@ -284,7 +295,8 @@ def succeed(
     rows = rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items()))
     if tx.backend == "postgresql":
         statement = _succeed(tx.backend)
-        queued_after = any(tx.session.scalars(statement, {**rows, **attempts, "now": now}).all())
+        found = tx.session.scalars(statement, {**rows, **attempts, "now": now}).all()
+        queued_after = any(job_id is not None for job_id in found)
     else:
         tx.session.execute(_END_ATTEMPTS, {**attempts, "now": now})
         tx.session.execute(_succeed(tx.backend), {**rows, "now": now})

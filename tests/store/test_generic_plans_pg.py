@@ -205,3 +205,77 @@ def test_a_search_by_a_rare_card_type_reads_its_own_index_whatever_ran_before(
             read = rows_read() - before
         assert [e.path for e in found] == ["r0.json", "r1.json", "r2.json"]
         assert read < 100, read
+
+
+def rows_read_by(queue: JobQueue, step: Callable[[], object], alias: str) -> list[tuple[str, int]]:
+    """Each statement `step` runs, with the rows its plan read through the
+    table alias `alias` (EXPLAIN ANALYZE in a savepoint rolled back just
+    before the statement itself runs, so it sees what the statement will
+    see)."""
+    found: list[tuple[str, int]] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if not statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "WITH")):
+            return
+        raw = conn.connection.driver_connection
+        raw.execute("SAVEPOINT explained")
+        [(doc,)] = raw.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", params).fetchall()
+        raw.execute("ROLLBACK TO SAVEPOINT explained")
+        plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
+        read = sum(
+            int(node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0))
+            * int(node.get("Actual Loops", 1))
+            for node in plan_nodes(plan)
+            if node.get("Alias") == alias and "Scan" in node["Node Type"]
+        )
+        found.append((statement.split("\n")[0][:80], read))
+
+    event.listen(queue.db.engine, "before_cursor_execute", explain)
+    try:
+        step()
+    finally:
+        event.remove(queue.db.engine, "before_cursor_execute", explain)
+    return found
+
+
+def test_a_completion_probes_the_queue_per_job_with_stale_statistics(pg_url: str) -> None:
+    """A backlog queued after PostgreSQL last gathered statistics (a reindex
+    storm, minutes before autovacuum looks): the completion of a batch probes
+    the queue once per job for its realm's next job. That test was planned as
+    a hash of every queued job, built for each batch, when the statistics
+    counted few of them (PostgreSQL's profile of a 20,000-job drain: 56% of
+    its execution time)."""
+    db = open_database(pg_url)
+    try:
+        queue = JobQueue(db)
+        with db.engine.begin() as conn:
+            conn.execute(text("ANALYZE"))  # statistics of an empty store
+            conn.execute(
+                text(
+                    "INSERT INTO realms (realm_id, display_name, state, created_priority,"
+                    " create_time, files, cards, errors, entries)"
+                    " SELECT 'bulk' || x, 'bulk', 'ready', 0, now(), 0, 0, 0, 0"
+                    " FROM generate_series(1, :n) AS x"
+                ),
+                {"n": BACKLOG},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (realm_id, kind, priority, state, seq, attempt,"
+                    " counted_failures, create_time, error_message, paths, trace_parent,"
+                    " progress_done, progress_total, preemptions, worker)"
+                    " SELECT realm_id, 'from-scratch', 0, 'queued', 1000000 + x, 0, 0,"
+                    " now(), '', '[]', '', 0, 0, 0, ''"
+                    " FROM (SELECT realm_id, row_number() OVER () AS x FROM realms) AS r"
+                )
+            )
+        taken = queue.claim(16, min_priority=SYSTEM)
+        assert len(taken) == 16
+        reads = rows_read_by(
+            queue, lambda: queue.complete_many([(t.lease_id, 0) for t in taken]), "queued"
+        )
+        assert reads, "the completion ran no statement"
+        # One probe of a realm's queued job per job completed, at most.
+        assert sum(read for _, read in reads) <= len(taken), reads
+    finally:
+        db.close()
