@@ -124,6 +124,7 @@ class Config:
     keep: bool = False
     py_spy: str = ""
     py_spy_gil: bool = False
+    pg_statements: bool = False
 
     @classmethod
     def quick_config(cls, **kw: Any) -> Config:
@@ -319,6 +320,7 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
         log(f"throughput: seeded {cfg.jobs} jobs in {time.perf_counter() - t:.1f}s")
         pair.start_server()
         conn = pair.store.connect()
+        statements = cfg.pg_statements and cfg.store == "postgresql" and pg_statements_reset(conn)
         cpu0 = {"server": cpu_seconds(pair.server.pid), "pg": postgres_cpu_seconds()}
         spy = profile(cfg, pair.server.pid, f"{label}-server")
         t_spawn = time.perf_counter()
@@ -345,6 +347,7 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
         server_cpu = cpu_seconds(pair.server.pid) - cpu0["server"]
         pg_cpu = postgres_cpu_seconds() - cpu0["pg"] if cfg.store == "postgresql" else 0.0
         states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        profile_pg = pg_statements_summary(conn) if statements else None
         conn.close()
     # Start the clock at the first job done, so worker start-up is not counted.
     started = [s for s in samples if s[1] < cfg.jobs]
@@ -364,7 +367,58 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
             "workers": round(worker_cpu, 2),
             "postgres": round(pg_cpu, 2),
         },
+        **({"pg_statements": profile_pg} if profile_pg is not None else {}),
     }
+
+
+def pg_statements_reset(conn: Any) -> bool:
+    """Empty pg_stat_statements before a drain; False (said once on stderr)
+    when the cluster does not preload it."""
+    preload = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()[0]
+    if "pg_stat_statements" not in preload:
+        log("--pg-statements: the cluster does not preload pg_stat_statements; no profile")
+        return False
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")
+        conn.execute("SELECT public.pg_stat_statements_reset()")
+    except Exception as e:  # not in shared_preload_libraries, or not installed
+        log(f"--pg-statements: pg_stat_statements is not available ({str(e).strip()})")
+        return False
+    return True
+
+
+def pg_statements_summary(conn: Any, top: int = 6) -> dict[str, Any]:
+    """This database's statements since the reset: plans made, planning and
+    execution time, and the statements that took most."""
+    mine = (
+        "FROM public.pg_stat_statements"
+        " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    plans, plan_ms, exec_ms, calls = conn.execute(
+        f"SELECT sum(plans), sum(total_plan_time), sum(total_exec_time), sum(calls) {mine}"
+    ).fetchone()
+    rows = conn.execute(
+        "SELECT calls, plans, total_plan_time, total_exec_time,"
+        f" left(regexp_replace(query, '\\s+', ' ', 'g'), 90) {mine}"
+        f" ORDER BY total_plan_time + total_exec_time DESC LIMIT {top}"
+    ).fetchall()
+    summary = {
+        "plans": int(plans or 0),
+        "plan_ms": round(float(plan_ms or 0), 1),
+        "exec_ms": round(float(exec_ms or 0), 1),
+        "calls": int(calls or 0),
+        "top": [
+            {"calls": c, "plans": p, "plan_ms": round(pt, 1), "exec_ms": round(et, 1), "query": q}
+            for c, p, pt, et, q in rows
+        ],
+    }
+    log(
+        f"pg_stat_statements: {summary['calls']} calls, {summary['plans']} plans,"
+        f" planning {summary['plan_ms']} ms, execution {summary['exec_ms']} ms"
+    )
+    for row in summary["top"]:
+        log(f"  {row['exec_ms']:9.1f} + {row['plan_ms']:7.1f} ms x{row['calls']}: {row['query']}")
+    return summary
 
 
 def bare_loop(store: BenchStore, batch: int, max_jobs: int, max_s: float) -> dict[str, Any]:
@@ -1397,6 +1451,12 @@ def parse_args(argv: list[str] | None) -> Config:
         "--py-spy-gil", action="store_true", help="with --py-spy: sample the GIL holder only"
     )
     p.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="PostgreSQL's own profile of each drain (pg_stat_statements, which the "
+        "cluster must preload): plans, planning and execution time, top statements",
+    )
+    p.add_argument(
         "--py-spy",
         default="",
         help="profile the server and the first worker of each drain into this dir",
@@ -1416,6 +1476,7 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg.keep = args.keep
     cfg.py_spy = args.py_spy
     cfg.py_spy_gil = args.py_spy_gil
+    cfg.pg_statements = args.pg_statements
     unknown = set(cfg.only) - set(ITEMS)
     if unknown:
         p.error(f"unknown items {sorted(unknown)}")
