@@ -287,6 +287,14 @@ def profile(cfg: Config, pid: int, name: str) -> subprocess.Popen[bytes] | None:
     )
 
 
+def stop_profiles(*spies: subprocess.Popen[bytes] | None) -> None:
+    """End the py-spy recordings `profile` started (None: none was)."""
+    for spy in spies:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+
+
 # -- 1. throughput ------------------------------------------------------------------
 
 
@@ -340,10 +348,7 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
                 break
             time.sleep(0.1)
         worker_cpu = sum(cpu_seconds(w.pid) for w in workers)
-        for one in (spy, worker_spy):
-            if one is not None:
-                one.send_signal(signal.SIGINT)
-                one.wait(30)
+        stop_profiles(spy, worker_spy)
         server_cpu = cpu_seconds(pair.server.pid) - cpu0["server"]
         pg_cpu = postgres_cpu_seconds() - cpu0["pg"] if cfg.store == "postgresql" else 0.0
         states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
@@ -542,9 +547,7 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
         await wake_samples(stub, timer, realms, 10)  # warm-up
         spy = profile(cfg, pair.server.pid, "wakeup-server")
         wakes, rpcs, inner = await wake_samples(stub, timer, realms, cfg.wake_samples)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+        stop_profiles(spy)
         idle = summary(wakes)
         emit(
             {
@@ -915,9 +918,7 @@ async def run_index(cfg: Config, workdir: Path) -> None:
                 }
             )
             log(f"index {realm_id}: {runs[-1]}")
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+        stop_profiles(*spies)
 
         # What a person waits for: CreateRealm with the cards and wait_for_index.
         waits = []

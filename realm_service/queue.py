@@ -269,7 +269,7 @@ class JobQueue:
         """The mount pipeline's rule: never add a from-scratch job for a realm
         that has one queued, running or completed; raise (never lower) a queued
         one's priority to what the realm's creation asked for."""
-        queued = enqueue_sql.queued_jobs(tx, realm_id, [JobKind.FROM_SCRATCH])
+        queued, _ = enqueue_sql.realm_jobs(tx, realm_id, [JobKind.FROM_SCRATCH])
         if JobKind.FROM_SCRATCH in queued:
             enqueue_sql.raise_priority(tx, [queued[JobKind.FROM_SCRATCH].job_id], priority)
             return None

@@ -65,17 +65,6 @@ _RAISE = (
 )
 
 
-def queued_jobs(tx: Tx, realm_id: str, kinds: Sequence[JobKind]) -> dict[JobKind, Job]:
-    """The realm's queued jobs of these kinds (at most one each), locked until
-    the transaction ends, in one read."""
-    return {
-        JobKind(row.kind): to_job(row)
-        for row in tx.session.execute(
-            _QUEUED_OF_KINDS, {"realm_id": realm_id, "kinds": [k.value for k in kinds]}
-        )
-    }
-
-
 def realm_jobs(
     tx: Tx, realm_id: str, kinds: Sequence[JobKind], *, check_realm: bool = False
 ) -> tuple[dict[JobKind, Job], Job | None]:
@@ -164,7 +153,7 @@ def has_from_scratch(tx: Tx, realm_id: str, states: Sequence[JobState]) -> bool:
 
 
 def merge(tx: Tx, job: Job, priority: int, paths: Sequence[PathChange] = ()) -> Job:
-    """Fold a request into a queued job (locked by `queued_jobs`): the higher
+    """Fold a request into a queued job (locked by `realm_jobs`): the higher
     priority, the union of the paths (a delete wins)."""
     merged = merge_paths(job.path_changes, paths) if paths else job.path_changes
     top = max(job.priority, priority)
@@ -302,7 +291,7 @@ def try_insert_from_scratch_jobs(
 
 
 def supersede(tx: Tx, job: Job, by: Job) -> None:
-    """A queued job (locked by `queued_jobs`) folds into `by`, a queued or
+    """A queued job (locked by `realm_jobs`) folds into `by`, a queued or
     running job of the realm that does its work: it leaves the queue, reads
     of it follow `by`, and a queued `by` keeps the earlier place in line."""
     seq = tx.session.scalar(

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, case, exists, func, select, text, update
+from sqlalchemy import Table, Update, bindparam, case, exists, func, select, update
 
 from realm_service.domain import (
     PREEMPTED_FOR,
@@ -96,7 +96,7 @@ def _succeed(backend: str) -> Update:
         .add_cte(_END_ATTEMPTS.cte("ended_attempts"))
         .returning(
             select(queued.c.id)
-            .where(text(f"queued.realm_id = jobs.realm_id AND queued.state = '{QUEUED}'"))
+            .where(queued.c.realm_id == _JOBS.c.realm_id, queued.c.state == QUEUED)
             .limit(1)
             .scalar_subquery()
         )

@@ -33,6 +33,29 @@ BACKLOG = 3_000
 _NAMES = itertools.count()
 
 
+def queue_backlog(conn: Any) -> None:
+    """BACKLOG realms with a queued SYSTEM job each, written in bulk."""
+    conn.execute(
+        text(
+            "INSERT INTO realms (realm_id, display_name, state, created_priority,"
+            " create_time, files, cards, errors, entries)"
+            " SELECT 'bulk' || x, 'bulk', 'ready', 0, now(), 0, 0, 0, 0"
+            " FROM generate_series(1, :n) AS x"
+        ),
+        {"n": BACKLOG},
+    )
+    conn.execute(
+        text(
+            "INSERT INTO jobs (realm_id, kind, priority, state, seq, attempt,"
+            " counted_failures, create_time, error_message, paths, trace_parent,"
+            " progress_done, progress_total, preemptions, worker)"
+            " SELECT realm_id, 'from-scratch', 0, 'queued', 1000000 + x, 0, 0,"
+            " now(), '', '[]', '', 0, 0, 0, ''"
+            " FROM (SELECT realm_id, row_number() OVER () AS x FROM realms) AS r"
+        )
+    )
+
+
 @pytest.fixture
 def queue(pg_url: str) -> Iterator[JobQueue]:
     """A queue with 3,000 SYSTEM jobs waiting and as many ended attempts, and
@@ -40,25 +63,7 @@ def queue(pg_url: str) -> Iterator[JobQueue]:
     db = open_database(pg_url)
     try:
         with db.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO realms (realm_id, display_name, state, created_priority,"
-                    " create_time, files, cards, errors, entries)"
-                    " SELECT 'bulk' || x, 'bulk', 'ready', 0, now(), 0, 0, 0, 0"
-                    " FROM generate_series(1, :n) AS x"
-                ),
-                {"n": BACKLOG},
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO jobs (realm_id, kind, priority, state, seq, attempt,"
-                    " counted_failures, create_time, error_message, paths, trace_parent,"
-                    " progress_done, progress_total, preemptions, worker)"
-                    " SELECT realm_id, 'from-scratch', 0, 'queued', 1000000 + x, 0, 0,"
-                    " now(), '', '[]', '', 0, 0, 0, ''"
-                    " FROM (SELECT realm_id, row_number() OVER () AS x FROM realms) AS r"
-                )
-            )
+            queue_backlog(conn)
             conn.execute(
                 text(
                     "INSERT INTO job_attempts (job_id, lease_id, worker, instance_id,"
@@ -250,25 +255,7 @@ def test_a_completion_probes_the_queue_per_job_with_stale_statistics(pg_url: str
         queue = JobQueue(db)
         with db.engine.begin() as conn:
             conn.execute(text("ANALYZE"))  # statistics of an empty store
-            conn.execute(
-                text(
-                    "INSERT INTO realms (realm_id, display_name, state, created_priority,"
-                    " create_time, files, cards, errors, entries)"
-                    " SELECT 'bulk' || x, 'bulk', 'ready', 0, now(), 0, 0, 0, 0"
-                    " FROM generate_series(1, :n) AS x"
-                ),
-                {"n": BACKLOG},
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO jobs (realm_id, kind, priority, state, seq, attempt,"
-                    " counted_failures, create_time, error_message, paths, trace_parent,"
-                    " progress_done, progress_total, preemptions, worker)"
-                    " SELECT realm_id, 'from-scratch', 0, 'queued', 1000000 + x, 0, 0,"
-                    " now(), '', '[]', '', 0, 0, 0, ''"
-                    " FROM (SELECT realm_id, row_number() OVER () AS x FROM realms) AS r"
-                )
-            )
+            queue_backlog(conn)
         taken = queue.claim(16, min_priority=SYSTEM)
         assert len(taken) == 16
         reads = rows_read_by(
