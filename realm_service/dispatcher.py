@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from realm_service.domain import (
     SYSTEM,
     USER,
+    EnqueueResult,
+    HandOff,
     Job,
     JobKind,
     Lease,
@@ -111,6 +113,11 @@ class WorkerStream:
 
     def grant(self, n: int) -> None:
         self.credits += n
+
+    def set_aside(self) -> None:
+        """Set one credit aside for a job an enqueue may claim for this
+        stream (a HandOff); `assign` or `grant(1)` settles it."""
+        self.credits -= 1
 
     def assign(self, lease: Lease) -> None:
         """Hold a lease handed to this stream; it uses one credit."""
@@ -227,6 +234,8 @@ class Dispatcher:
         self._preempted_for: dict[int, float] = {}
         # New work was announced since the last look (set from any thread).
         self._new_work = True
+        # Claim rounds begun (a hand-off's settling asks whether one ran).
+        self._rounds = 0
 
     # -- registration -------------------------------------------------------
 
@@ -240,6 +249,76 @@ class Dispatcher:
     def wake(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    # -- hand-offs --------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        priority: int,
+        kind: JobKind,
+        enqueue: Callable[..., EnqueueResult],
+    ) -> EnqueueResult:
+        """Run `enqueue` (a transaction, in a worker thread) with the offer of
+        an idle stream's credit when one would take a job of this priority
+        and kind: its transaction then claims a job for that stream, which
+        gets it right after the commit, without a claim transaction of its
+        own. The offer is settled however the call ends: a caller that goes
+        away meanwhile does not strand the lease."""
+        hand_off = self._offer(priority, kind)
+        call = asyncio.ensure_future(asyncio.to_thread(enqueue, hand_off=hand_off))
+        if hand_off is not None:
+            call.add_done_callback(functools.partial(self._settle, hand_off, self._rounds))
+        return await asyncio.shield(call)
+
+    def _offer(self, priority: int, kind: JobKind) -> HandOff | None:
+        """A credit of the stream a round would serve first among those that
+        take such a job: a dedicated lane (higher minimum priority) before
+        shared streams, then the most credits."""
+        if self.paused:
+            return None
+        takers = [
+            s
+            for s in self.streams.values()
+            if s.credits > 0
+            and not s.draining
+            and priority >= s.min_priority
+            and (not s.kinds or kind in s.kinds)
+        ]
+        if not takers:
+            return None
+        stream = max(takers, key=lambda s: (s.min_priority, s.credits))
+        budget = self._system_budget() if stream.min_priority <= SYSTEM else None
+        stream.set_aside()
+        return HandOff(
+            stream_id=stream.stream_id,
+            worker=stream.worker_id,
+            min_priority=stream.min_priority,
+            kinds=stream.kinds,
+            system_limit=budget,
+        )
+
+    def _settle(self, hand_off: HandOff, rounds: int, call: asyncio.Future[EnqueueResult]) -> None:
+        """The enqueue offered `hand_off` ended: its lease (if it claimed one)
+        goes to the stream, or back to the queue when the stream went away
+        meanwhile. An unused credit is the stream's again; if a round ran
+        while it was set aside (`rounds` counts them), another looks for the
+        work that round may have left for want of it."""
+        lease = None
+        if not call.cancelled() and call.exception() is None:
+            lease = call.result().lease
+        stream = self.streams.get(hand_off.stream_id)
+        if stream is not None:
+            stream.grant(1)
+        if lease is None:
+            if rounds != self._rounds:
+                self.wake()
+            return
+        if stream is None or stream.draining:
+            self._give_back([lease.lease_id])
+            return
+        stream.assign(lease)
+        self._deliver(stream, [lease])
+        self.on_assigned([lease])
 
     def wake_threadsafe(self) -> None:
         if self._loop is not None and self._wake is not None:
@@ -321,6 +400,7 @@ class Dispatcher:
         write merging into it, a cancel) is announced by nobody: the next
         poll (`poll_seconds`) takes it, as a round right after would mostly
         not have (that transaction is still open)."""
+        self._rounds += 1
         ready = [s for s in self.streams.values() if s.credits > 0 and not s.draining]
         if not ready:
             return False
@@ -447,7 +527,6 @@ class Dispatcher:
         live = [s for s in members if s.stream_id in self.streams]
         pending = list(leases)
         planned = list(plan)
-        logging_on = log.isEnabledFor(logging.INFO)
         while pending and live:
             target = planned.pop(0) if planned else live[0]
             if target.stream_id not in self.streams or target.credits <= 0:
@@ -459,22 +538,27 @@ class Dispatcher:
             target.assign(lease)
             batches[target.stream_id].append(lease)
         if pending:  # every stream went away meanwhile: give the jobs back at once
-            held = [p.lease_id for p in pending]
-            release = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self.queue.release, held, "no stream")
-            )
-            release.add_done_callback(
-                functools.partial(release_failed, self.queue, held, "no stream")
-            )
+            self._give_back([p.lease_id for p in pending])
         for s in live:
             batch = batches[s.stream_id]
             if batch:
-                s.deliver(batch)
-                if logging_on:
-                    # One record, one line per job (realm_common.logs).
-                    log.info(
-                        "job running",
-                        extra={"each": [lease_fields(lease) for lease in batch],
-                               "worker": s.worker_id, "stream": s.label},
-                    )  # fmt: skip
+                self._deliver(s, batch)
         self.on_assigned(leases)
+
+    def _give_back(self, held: list[str]) -> None:
+        """Release leases claimed for streams that went away, in the background."""
+        release = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.queue.release, held, "no stream")
+        )
+        release.add_done_callback(functools.partial(release_failed, self.queue, held, "no stream"))
+
+    @staticmethod
+    def _deliver(stream: WorkerStream, batch: list[Lease]) -> None:
+        stream.deliver(batch)
+        if log.isEnabledFor(logging.INFO):
+            # One record, one line per job (realm_common.logs).
+            log.info(
+                "job running",
+                extra={"each": [lease_fields(lease) for lease in batch],
+                       "worker": stream.worker_id, "stream": stream.label},
+            )  # fmt: skip

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from realm_common import tracing
 from realm_service import metrics
@@ -30,6 +31,7 @@ from realm_service.domain import (
     AttemptOutcome,
     Disposition,
     EnqueueResult,
+    HandOff,
     HeldJob,
     IndexEntry,
     Job,
@@ -55,6 +57,8 @@ from realm_service.store import (
     realms_sql,
 )
 from realm_service.store.db import Database, Tx
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +139,14 @@ class JobQueue:
         *,
         paths: Sequence[PathChange] = (),
         content_changed: bool = False,
+        hand_off: HandOff | None = None,
     ) -> EnqueueResult:
+        """Enqueue (see `enqueue_in`). With `hand_off` (an idle stream's
+        credit), the same transaction claims one job for that stream when the
+        enqueue left its job queued; the result carries the lease."""
+
         def work(tx: Tx) -> EnqueueResult:
-            return self.enqueue_in(
+            result = self.enqueue_in(
                 tx,
                 realm_id,
                 kind,
@@ -146,8 +155,39 @@ class JobQueue:
                 content_changed=content_changed,
                 check_realm=True,
             )
+            if hand_off is None or result.job.state is not JobState.QUEUED:
+                return result
+            return self._hand_off_in(tx, result, hand_off)
 
-        return self.db.retrying(work)
+        if hand_off is None:
+            return self.db.retrying(work)
+        return self._claiming(work)
+
+    def _hand_off_in(self, tx: Tx, result: EnqueueResult, hand_off: HandOff) -> EnqueueResult:
+        """Claim one job for the offered stream in the enqueue's transaction.
+        The claim's order picks it: the enqueued job, or one ahead of it
+        that the stream's filter takes. When it took the enqueued job, the
+        work the enqueue announced is taken already: this process's
+        dispatcher is not woken for it (other instances are told, and look
+        for nothing)."""
+        now = self.clock()
+        leases = self._claim_in(
+            tx,
+            1,
+            worker=hand_off.worker,
+            min_priority=hand_off.min_priority,
+            kinds=hand_off.kinds or None,
+            system_limit=hand_off.system_limit,
+            now=now,
+            until=now + self.settings.lease_duration,
+        )
+        if not leases:
+            return result
+        lease = leases[0]
+        if lease.job.job_id != result.job.job_id:
+            return dataclasses.replace(result, lease=lease)
+        tx.new_work_taken()
+        return dataclasses.replace(result, job=lease.job, lease=lease)
 
     def enqueue_in(
         self,
@@ -352,39 +392,63 @@ class JobQueue:
         now = self.clock()
         until = now + self.settings.lease_duration
 
+        def work(tx: Tx) -> list[Lease]:
+            return self._claim_in(
+                tx,
+                limit,
+                worker=worker,
+                min_priority=min_priority,
+                kinds=kinds,
+                system_limit=system_limit,
+                now=now,
+                until=until,
+            )
+
+        # "job running" is logged by the dispatcher, which knows the stream
+        # each lease goes to.
+        return self._claiming(work)
+
+    def _claiming(self, work: Callable[[Tx], T]) -> T:
+        """`work`, a transaction that claims, run as claims must be. Alone on
+        the store (as of the last refresh of the instances), this process's
+        claims run one at a time and need not guard against each other
+        (claim_sql.claim, `concurrent`)."""
+        if self.db.others_alive:
+            return self.db.retrying(work)
+        with self._claims_one_at_a_time:
+            return self.db.retrying(work)
+
+    def _claim_in(
+        self,
+        tx: Tx,
+        limit: int,
+        *,
+        worker: str | Sequence[str],
+        min_priority: int,
+        kinds: Sequence[JobKind] | None,
+        system_limit: int | None,
+        now: datetime,
+        until: datetime,
+    ) -> list[Lease]:
         # With a SYSTEM budget, one statement serves both lanes (the jobs
         # above SYSTEM come first in its order); without any, only the jobs
         # above SYSTEM are looked at, so that a backlog of SYSTEM work is not
         # scanned (and locked) by claims that may take none of it.
         system_lane = system_limit is None or (system_limit > 0 and min_priority <= SYSTEM)
-
-        # Alone on the store (as of the last refresh of the instances), this
-        # process's claims run one at a time and need not guard against each
-        # other (claim_sql.claim, `concurrent`).
-        alone = not self.db.others_alive
-
-        def work(tx: Tx) -> list[Lease]:
-            leases = claim_sql.claim(
-                tx,
-                limit=limit,
-                min_priority=min_priority if system_lane else max(min_priority, SYSTEM + 1),
-                max_priority=None,
-                kinds=kinds,
-                worker=worker,
-                now=now,
-                lease_until=until,
-                instance_id=self.instance_id,
-                system_cap=system_limit if system_lane else None,
-                concurrent=self.db.others_alive,  # as of this run of `work`
-            )
-            return _with_files(tx, leases)
-
-        # "job running" is logged by the dispatcher, which knows the stream
-        # each lease goes to.
-        if not alone:
-            return self.db.retrying(work)
-        with self._claims_one_at_a_time:
-            return self.db.retrying(work)
+        leases = claim_sql.claim(
+            tx,
+            limit=limit,
+            min_priority=min_priority if system_lane else max(min_priority, SYSTEM + 1),
+            max_priority=None,
+            kinds=kinds,
+            worker=worker,
+            now=now,
+            lease_until=until,
+            instance_id=self.instance_id,
+            system_cap=system_limit if system_lane else None,
+            concurrent=self.db.others_alive,  # as of this run of `work`
+        )
+        return _with_files(tx, leases)
 
     # -- fenced lease operations ----------------------------------------------
 

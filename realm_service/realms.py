@@ -29,6 +29,7 @@ from realm_service.domain import (
     REALM_JSON,
     USER,
     EnqueueResult,
+    HandOff,
     IndexEntry,
     Job,
     JobKind,
@@ -657,9 +658,19 @@ class Realms:
             )
         return deletion
 
-    def reindex(self, realm_id: str, priority: int | None, content_changed: bool) -> EnqueueResult:
+    def reindex(
+        self,
+        realm_id: str,
+        priority: int | None,
+        content_changed: bool,
+        hand_off: HandOff | None = None,
+    ) -> EnqueueResult:
         validate_realm_id(realm_id)
         prio = validate_priority(priority, USER)
         return self.queue.enqueue(
-            realm_id, JobKind.FROM_SCRATCH, prio, content_changed=content_changed
+            realm_id,
+            JobKind.FROM_SCRATCH,
+            prio,
+            content_changed=content_changed,
+            hand_off=hand_off,
         )

@@ -24,7 +24,7 @@ from realm_service.api.auth import AuthInterceptor
 from realm_service.api.claim_stream import ClaimSession
 from realm_service.api.status import status_of
 from realm_service.dispatcher import Dispatcher
-from realm_service.domain import SYSTEM, Job, validate_priority
+from realm_service.domain import SYSTEM, USER, Job, JobKind, validate_priority
 from realm_service.errors import InvalidArgument, RealmError, Unavailable
 from realm_service.explain import explain
 from realm_service.queue import JobQueue
@@ -136,11 +136,15 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         self, request: spb.ReindexRealmRequest, context: Ctx
     ) -> spb.ReindexRealmResponse:
         self._check_serving()
-        result = await call(
-            self.realms.reindex,
-            request.realm_id,
-            request.priority if request.HasField("priority") else None,
-            request.content_changed,
+        priority = request.priority if request.HasField("priority") else None
+        # A worker waiting for work gets the job from the enqueue's own
+        # transaction (Dispatcher.enqueue).
+        result = await self.dispatcher.enqueue(
+            USER if priority is None else priority,
+            JobKind.FROM_SCRATCH,
+            functools.partial(
+                self.realms.reindex, request.realm_id, priority, request.content_changed
+            ),
         )
         return spb.ReindexRealmResponse(
             job=c.job_pb(result.job), disposition=c.DISPOSITION_TO_PB[result.disposition]

@@ -155,6 +155,12 @@ class Tx:
             self._notified = True
             self.session.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": self._db.origin})
 
+    def new_work_taken(self) -> None:
+        """The work this transaction announced was claimed in it too: this
+        process's dispatcher is not woken for it at commit (other instances
+        were told already, and find nothing)."""
+        self.new_work = False
+
     def introduce(self) -> None:
         """At commit, other instances learn that this one is alive (they
         send it their words from then on) and look for work once."""

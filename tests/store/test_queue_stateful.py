@@ -27,7 +27,15 @@ from hypothesis.stateful import (
 from sqlalchemy import delete, func, select
 from store_helpers import LEASE, FakeClock, entry, index_of, make_realm
 
-from realm_service.domain import Disposition, IndexEntry, JobKind, JobState, Lease, PathChange
+from realm_service.domain import (
+    Disposition,
+    HandOff,
+    IndexEntry,
+    JobKind,
+    JobState,
+    Lease,
+    PathChange,
+)
 from realm_service.errors import StaleLease
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.realms import Realms
@@ -277,7 +285,10 @@ class QueueMachine(RuleBasedStateMachine):
 
     def enqueue(self, data: st.DataObject) -> None:
         for request in data.draw(st.lists(requests, min_size=1, max_size=3), label="requests"):
-            self._enqueue(*request)
+            # Sometimes offered a waiting stream's credit (a hand-off): the
+            # enqueue's transaction then claims one job as a claim would.
+            offer = data.draw(st.one_of(st.none(), claims), label="hand-off")
+            self._enqueue(*request, hand_off=offer)
 
     def _enqueue(
         self,
@@ -286,11 +297,16 @@ class QueueMachine(RuleBasedStateMachine):
         priority: int,
         paths: list[PathChange],
         content_changed: bool,
+        hand_off: tuple[int, int, list[JobKind] | None, int | None] | None = None,
     ) -> None:
         if kind is FS:
             paths = []
+        offer = None
+        if hand_off is not None:
+            _, min_priority, kinds, system_limit = hand_off
+            offer = HandOff("s", "w", min_priority, tuple(kinds or ()), system_limit)
         result = self.queue.enqueue(
-            realm, kind, priority, paths=paths, content_changed=content_changed
+            realm, kind, priority, paths=paths, content_changed=content_changed, hand_off=offer
         )
         queued = self._queued(realm, kind)
         running = self._running(realm)
@@ -335,6 +351,15 @@ class QueueMachine(RuleBasedStateMachine):
         job = self.jobs[result.job.job_id]
         assert result.job.priority == job.priority
         assert [(c.path, c.deleted) for c in result.job.path_changes] == sorted(job.paths.items())
+        if offer is None or job.state != "queued":
+            assert result.lease is None
+            return
+        expected_claim = self._expected_claim(
+            1, offer.min_priority, list(offer.kinds) or None, offer.system_limit
+        )
+        got = [result.lease] if result.lease is not None else []
+        self._claimed(got, expected_claim)
+        assert result.job.state.value == job.state
 
     def claim(self, data: st.DataObject) -> None:
         limit, min_priority, kinds, system_limit = data.draw(claims, label="claim")
@@ -342,6 +367,9 @@ class QueueMachine(RuleBasedStateMachine):
         got = self.queue.claim(
             limit, worker="w", min_priority=min_priority, kinds=kinds, system_limit=system_limit
         )
+        self._claimed(got, expected)
+
+    def _claimed(self, got: list[Lease], expected: list[ModelJob]) -> None:
         assert [lease.job.job_id for lease in got] == [j.job_id for j in expected]
         for lease, job in zip(got, expected, strict=True):
             assert lease.lease_id not in {j.lease for j in self.jobs.values()}

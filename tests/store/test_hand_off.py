@@ -1,0 +1,233 @@
+"""Hand-offs: an enqueue made while a stream waits for work claims a job for
+that stream in its own transaction (Dispatcher.enqueue, JobQueue.enqueue's
+`hand_off`). The claim's own order picks the job, the reserved slots and the
+stream's filter hold as in a round, and the credit set aside for it is
+settled however the enqueue ends."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+import pytest
+from store_helpers import FakeClock, make_realm
+
+from realm_service.dispatcher import Dispatcher, WorkerStream
+from realm_service.domain import (
+    SYSTEM,
+    USER,
+    Disposition,
+    HandOff,
+    JobKind,
+    JobState,
+    Lease,
+)
+from realm_service.errors import RealmNotFound
+from realm_service.queue import JobQueue
+
+
+def _stream(credits: int, got: list[Lease], *, min_priority: int = 0) -> WorkerStream:
+    stream = WorkerStream(
+        worker_id="w", incarnation_id="i", kinds=(), min_priority=min_priority, deliver=got.extend
+    )
+    stream.grant(credits)
+    return stream
+
+
+def _offer(system_limit: int | None = None, min_priority: int = 0) -> HandOff:
+    return HandOff(
+        stream_id="s", worker="w", min_priority=min_priority, kinds=(), system_limit=system_limit
+    )
+
+
+def _woken(queue: JobQueue) -> list[int]:
+    """Calls of this process's new-work listeners from now on. On PostgreSQL
+    the first listener starts the LISTEN connection, which wakes everyone
+    once it is connected: that call is awaited and left out."""
+    calls: list[int] = []
+    queue.on_new_work(lambda: calls.append(1))
+    if queue.db.backend == "postgresql":
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls, "the LISTEN connection did not come up"
+        calls.clear()
+    return calls
+
+
+def test_an_enqueue_offered_a_stream_starts_its_own_job(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    woken = _woken(queue)
+    result = queue.enqueue("a", JobKind.FROM_SCRATCH, USER, hand_off=_offer())
+    assert result.disposition is Disposition.INSERTED
+    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
+    assert (result.job.state, result.job.worker, result.job.attempt) == (JobState.RUNNING, "w", 1)
+    stored = queue.get_job(result.job.job_id)
+    assert (stored.state, stored.worker) == (JobState.RUNNING, "w")
+    assert [outcome for _, outcome in queue.attempts(stored.job_id)] == ["running"]
+    # The work it announced was taken in the same transaction: nobody is
+    # woken to look for it.
+    assert woken == []
+    assert queue.claim(5, worker="other") == []
+
+
+def test_the_claims_order_picks_the_job_ahead_of_the_enqueued_one(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    for name in ("first", "later"):
+        make_realm(queue, name)
+    ahead = queue.enqueue("first", JobKind.FROM_SCRATCH, USER + 10).job
+    clock.advance(1)
+    woken = _woken(queue)
+    result = queue.enqueue("later", JobKind.FROM_SCRATCH, USER, hand_off=_offer())
+    assert result.lease is not None and result.lease.job.job_id == ahead.job_id
+    assert result.job.state is JobState.QUEUED  # the enqueued job still waits
+    assert woken == [1]  # and the dispatcher is told of it
+    [lease] = queue.claim(5, worker="other")
+    assert lease.job.job_id == result.job.job_id
+
+
+def test_no_claim_when_the_enqueue_left_no_queued_job(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    queue.enqueue("a", JobKind.FROM_SCRATCH, USER)
+    [running] = queue.claim(1, worker="w")
+    # A reindex that does not say the content changed attaches to the
+    # running job: nothing is queued, nothing is claimed.
+    attached = queue.enqueue("a", JobKind.FROM_SCRATCH, USER, hand_off=_offer())
+    assert (attached.disposition, attached.lease) == (Disposition.ATTACHED, None)
+    # One that does queues a rerun, which waits for the running job.
+    rerun = queue.enqueue("a", JobKind.FROM_SCRATCH, USER, content_changed=True, hand_off=_offer())
+    assert rerun.disposition is Disposition.RERUN_SCHEDULED
+    assert rerun.lease is None and rerun.job.state is JobState.QUEUED
+    assert queue.get_job(running.job.job_id).state is JobState.RUNNING
+
+
+def test_a_hand_off_keeps_the_reserved_slots(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    # No SYSTEM budget left: a SYSTEM job is enqueued, not started.
+    result = queue.enqueue("a", JobKind.FROM_SCRATCH, SYSTEM, hand_off=_offer(system_limit=0))
+    assert result.lease is None and result.job.state is JobState.QUEUED
+    # With a budget, the first SYSTEM job in line starts.
+    make_realm(queue, "b")
+    second = queue.enqueue("b", JobKind.FROM_SCRATCH, SYSTEM, hand_off=_offer(system_limit=1))
+    assert second.lease is not None and second.lease.job.job_id == result.job.job_id
+    assert second.job.state is JobState.QUEUED
+
+
+def test_the_dispatcher_hands_the_lease_to_the_waiting_stream(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    stream = _stream(2, got)
+    dispatcher.add(stream)
+    assigned: list[Lease] = []
+    dispatcher.on_assigned = assigned.extend
+
+    async def reindex() -> None:
+        result = await dispatcher.enqueue(
+            USER,
+            JobKind.FROM_SCRATCH,
+            functools.partial(queue.enqueue, "a", JobKind.FROM_SCRATCH, USER),
+        )
+        assert result.lease is not None
+        assert got == [result.lease] == assigned
+        assert stream.holds(result.lease.lease_id) and stream.credits == 1
+
+    asyncio.run(reindex())
+
+
+def test_no_offer_to_a_stream_whose_filter_refuses_the_job(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    stream = _stream(1, got, min_priority=USER + 1)
+    dispatcher.add(stream)
+
+    async def reindex() -> None:
+        result = await dispatcher.enqueue(
+            USER,
+            JobKind.FROM_SCRATCH,
+            functools.partial(queue.enqueue, "a", JobKind.FROM_SCRATCH, USER),
+        )
+        assert result.lease is None and result.job.state is JobState.QUEUED
+        assert got == [] and stream.credits == 1
+
+    asyncio.run(reindex())
+
+
+def test_a_failed_enqueue_gives_the_credit_back(queue: JobQueue) -> None:
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    stream = _stream(1, got)
+    dispatcher.add(stream)
+
+    async def reindex() -> None:
+        with pytest.raises(RealmNotFound):
+            await dispatcher.enqueue(
+                USER,
+                JobKind.FROM_SCRATCH,
+                functools.partial(queue.enqueue, "missing", JobKind.FROM_SCRATCH, USER),
+            )
+        assert stream.credits == 1 and got == []
+
+    asyncio.run(reindex())
+
+
+def test_a_lease_for_a_stream_gone_meanwhile_goes_back_to_the_queue(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    stream = _stream(1, got)
+    dispatcher.add(stream)
+
+    def enqueue_while_the_stream_closes(**kw: HandOff | None) -> object:
+        dispatcher.remove(stream)  # (from the thread: the test's loop waits)
+        return queue.enqueue("a", JobKind.FROM_SCRATCH, USER, **kw)  # type: ignore[arg-type]
+
+    async def reindex() -> int:
+        result = await dispatcher.enqueue(
+            USER, JobKind.FROM_SCRATCH, enqueue_while_the_stream_closes
+        )
+        assert result.lease is not None
+        for _ in range(200):  # the release runs in the background
+            await asyncio.sleep(0.01)
+            if queue.get_job(result.job.job_id).state is JobState.QUEUED:
+                break
+        return result.job.job_id
+
+    job_id = asyncio.run(reindex())
+    assert got == []
+    job = queue.get_job(job_id)
+    assert job.state is JobState.QUEUED
+    assert [outcome for _, outcome in queue.attempts(job_id)] == ["interrupted"]
+
+
+def test_a_caller_that_goes_away_does_not_strand_the_lease(queue: JobQueue) -> None:
+    make_realm(queue, "a")
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    stream = _stream(1, got)
+    dispatcher.add(stream)
+
+    async def reindex_and_hang_up() -> None:
+        call = asyncio.ensure_future(
+            dispatcher.enqueue(
+                USER,
+                JobKind.FROM_SCRATCH,
+                functools.partial(queue.enqueue, "a", JobKind.FROM_SCRATCH, USER),
+            )
+        )
+        await asyncio.sleep(0)  # the enqueue is under way in its thread
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(reindex_and_hang_up())
+    [lease] = got
+    assert stream.holds(lease.lease_id)
+    assert queue.get_job(lease.job.job_id).state is JobState.RUNNING
