@@ -266,9 +266,12 @@ class Dispatcher:
         away meanwhile does not strand the lease."""
         hand_off = self._offer(priority, kind)
         call = asyncio.ensure_future(asyncio.to_thread(enqueue, hand_off=hand_off))
+        # The caller's callback first, then the settling: the caller resumes
+        # (its reply is under way) before the worker's assignment is sent.
+        result = asyncio.shield(call)
         if hand_off is not None:
             call.add_done_callback(functools.partial(self._settle, hand_off, self._rounds))
-        return await asyncio.shield(call)
+        return await result
 
     def _offer(self, priority: int, kind: JobKind) -> HandOff | None:
         """A credit of the stream a round would serve first among those that
