@@ -85,7 +85,9 @@ class WorkerStream:
     """Server-side state of one ClaimJobs stream, and the ledger of its leases
     and credits. The ledger changes only through the methods below (used by
     the dispatcher, the reaper and the ClaimJobs handler), which keep one
-    rule: a stream never holds more leases than it was granted credits."""
+    rule: a stream never holds more leases than it was granted credits.
+    `credits` are the free ones; `aside` those set aside for hand-offs under
+    way, each settled as a lease or given back."""
 
     worker_id: str
     incarnation_id: str
@@ -94,6 +96,7 @@ class WorkerStream:
     deliver: Callable[[list[Lease]], None]
     stream_id: str = field(default_factory=lambda: f"s{next(_ids)}")
     credits: int = 0
+    aside: int = 0
     outstanding: dict[str, Lease] = field(default_factory=dict)
     draining: bool = False
     # Tells the worker a lease it holds was revoked: (lease id, reason, and
@@ -115,9 +118,19 @@ class WorkerStream:
         self.credits += n
 
     def set_aside(self) -> None:
-        """Set one credit aside for a job an enqueue may claim for this
-        stream (a HandOff); `assign` or `grant(1)` settles it."""
+        """Set one free credit aside for a job an enqueue may claim for this
+        stream (a HandOff); `settle_aside` settles it."""
         self.credits -= 1
+        self.aside += 1
+
+    def settle_aside(self, lease: Lease | None) -> None:
+        """A hand-off ended: its lease takes the credit set aside, or the
+        credit is free again."""
+        self.aside -= 1
+        if lease is None:
+            self.credits += 1
+        else:
+            self.outstanding[lease.lease_id] = lease
 
     def assign(self, lease: Lease) -> None:
         """Hold a lease handed to this stream; it uses one credit."""
@@ -166,7 +179,7 @@ class WorkerStream:
             stream_id=self.stream_id,
             kinds=self.kinds,
             min_priority=self.min_priority,
-            credits=self.credits,
+            credits=self.credits + self.aside,
             jobs_held=self.held_leases,
             connect_time=self.connect_time,
             last_message_time=datetime.fromtimestamp(self.last_message, UTC),
@@ -234,8 +247,10 @@ class Dispatcher:
         self._preempted_for: dict[int, float] = {}
         # New work was announced since the last look (set from any thread).
         self._new_work = True
-        # Claim rounds begun (a hand-off's settling asks whether one ran).
+        # Claim rounds begun (a hand-off's settling asks whether one ran),
+        # and rounds' claims under way (no hand-off is offered meanwhile).
         self._rounds = 0
+        self._claims_in_flight = 0
 
     # -- registration -------------------------------------------------------
 
@@ -277,7 +292,9 @@ class Dispatcher:
         """A credit of the stream a round would serve first among those that
         take such a job: a dedicated lane (higher minimum priority) before
         shared streams, then the most credits."""
-        if self.paused:
+        if self.paused or self._claims_in_flight:
+            # A round's claim under way planned the free credits: an offer
+            # could take one from under it (its job then handed back).
             return None
         takers = [
             s
@@ -291,6 +308,14 @@ class Dispatcher:
             return None
         stream = max(takers, key=lambda s: (s.min_priority, s.credits))
         budget = self._system_budget() if stream.min_priority <= SYSTEM else None
+        # Jobs a dedicated lane with free credits would take are its own: a
+        # round serves it first (this job is below its minimum, or it would
+        # have been offered the credit).
+        lanes = [
+            s.min_priority
+            for s in self.streams.values()
+            if s.credits > 0 and not s.draining and s.min_priority > stream.min_priority
+        ]
         stream.set_aside()
         return HandOff(
             stream_id=stream.stream_id,
@@ -298,6 +323,7 @@ class Dispatcher:
             min_priority=stream.min_priority,
             kinds=stream.kinds,
             system_limit=budget,
+            max_priority=min(lanes) - 1 if lanes else None,
         )
 
     def _settle(self, hand_off: HandOff, rounds: int, call: asyncio.Future[EnqueueResult]) -> None:
@@ -310,16 +336,17 @@ class Dispatcher:
         if not call.cancelled() and call.exception() is None:
             lease = call.result().lease
         stream = self.streams.get(hand_off.stream_id)
-        if stream is not None:
-            stream.grant(1)
+        if stream is None or stream.draining:
+            if stream is not None:
+                stream.settle_aside(None)
+            if lease is not None:
+                self._give_back([lease.lease_id])
+            return
+        stream.settle_aside(lease)
         if lease is None:
             if rounds != self._rounds:
                 self.wake()
             return
-        if stream is None or stream.draining:
-            self._give_back([lease.lease_id])
-            return
-        stream.assign(lease)
         self._deliver(stream, [lease])
         self.on_assigned([lease])
 
@@ -415,14 +442,18 @@ class Dispatcher:
         # nothing else, while shared streams can.
         for (kinds, min_priority), members in sorted(groups.items(), key=lambda g: -g[0][1]):
             plan = _plan(members)
-            leases = await asyncio.to_thread(
-                self.queue.claim,
-                len(plan),
-                worker=[s.worker_id for s in plan],
-                min_priority=min_priority,
-                kinds=list(kinds) or None,
-                system_limit=self._system_budget() if min_priority <= SYSTEM else None,
-            )
+            self._claims_in_flight += 1
+            try:
+                leases = await asyncio.to_thread(
+                    self.queue.claim,
+                    len(plan),
+                    worker=[s.worker_id for s in plan],
+                    min_priority=min_priority,
+                    kinds=list(kinds) or None,
+                    system_limit=self._system_budget() if min_priority <= SYSTEM else None,
+                )
+            finally:
+                self._claims_in_flight -= 1
             if leases:
                 self._distribute(members, leases, plan)
                 more = more or len(leases) >= len(plan)
@@ -471,10 +502,13 @@ class Dispatcher:
             if waiting is None or waiting.job_id in self._preempted_for:
                 continue
             if any(
-                s.credits > 0 and not s.draining and s.accepts(waiting)
+                s.credits + s.aside > 0 and not s.draining and s.accepts(waiting)
                 for s in self.streams.values()
             ):
-                continue  # a free slot takes it in the next round
+                # A free slot takes it in the next round, or a hand-off under
+                # way (its claim takes the best job in line) or the round
+                # after it.
+                continue
             held = [
                 (s, lease) for s, lease in victims if s.accepts(waiting) and s.holds(lease.lease_id)
             ]
@@ -515,8 +549,9 @@ class Dispatcher:
 
     def _system_budget(self) -> int:
         shared = [s for s in self.streams.values() if s.accepts_system and not s.draining]
-        slots = sum(s.credits + s.held_leases for s in shared)
-        busy = sum(s.system_outstanding for s in shared)
+        slots = sum(s.credits + s.aside + s.held_leases for s in shared)
+        # A hand-off under way may take a SYSTEM job: counted as one.
+        busy = sum(s.system_outstanding + s.aside for s in shared)
         allowed = slots - self.reserved_slots if slots > self.reserved_slots else min(slots, 1)
         return max(0, allowed - busy)
 

@@ -192,6 +192,9 @@ class HandOff:
     kinds: tuple[JobKind, ...]
     # SYSTEM-level jobs the claim may take (reserved slots); None: no limit.
     system_limit: int | None
+    # The highest priority it may take: jobs above are a dedicated lane's
+    # (one with free credits, which a claim round serves first).
+    max_priority: int | None = None
 
 
 @dataclass(frozen=True)

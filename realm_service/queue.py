@@ -19,7 +19,6 @@ import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from realm_common import tracing
 from realm_service import metrics
@@ -57,8 +56,6 @@ from realm_service.store import (
     realms_sql,
 )
 from realm_service.store.db import Database, Tx
-
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +156,10 @@ class JobQueue:
                 return result
             return self._hand_off_in(tx, result, hand_off)
 
-        if hand_off is None:
-            return self.db.retrying(work)
-        return self._claiming(work)
+        # Not one of this process's claims run one at a time: the enqueue may
+        # wait on a row lock (a realm's write), and claims must not wait with
+        # it. Its claim guards against concurrent ones itself.
+        return self.db.retrying(work)
 
     def _hand_off_in(self, tx: Tx, result: EnqueueResult, hand_off: HandOff) -> EnqueueResult:
         """Claim one job for the offered stream in the enqueue's transaction.
@@ -176,10 +174,12 @@ class JobQueue:
             1,
             worker=hand_off.worker,
             min_priority=hand_off.min_priority,
+            max_priority=hand_off.max_priority,
             kinds=hand_off.kinds or None,
             system_limit=hand_off.system_limit,
             now=now,
             until=now + self.settings.lease_duration,
+            concurrent=True,
         )
         if not leases:
             return result
@@ -405,14 +405,10 @@ class JobQueue:
             )
 
         # "job running" is logged by the dispatcher, which knows the stream
-        # each lease goes to.
-        return self._claiming(work)
-
-    def _claiming(self, work: Callable[[Tx], T]) -> T:
-        """`work`, a transaction that claims, run as claims must be. Alone on
-        the store (as of the last refresh of the instances), this process's
-        claims run one at a time and need not guard against each other
-        (claim_sql.claim, `concurrent`)."""
+        # each lease goes to. Alone on the store (as of the last refresh of
+        # the instances), this process's claims run one at a time and need not
+        # guard against each other (claim_sql.claim, `concurrent`); a
+        # hand-off's claim guards itself.
         if self.db.others_alive:
             return self.db.retrying(work)
         with self._claims_one_at_a_time:
@@ -429,6 +425,8 @@ class JobQueue:
         system_limit: int | None,
         now: datetime,
         until: datetime,
+        max_priority: int | None = None,
+        concurrent: bool = False,
     ) -> list[Lease]:
         # With a SYSTEM budget, one statement serves both lanes (the jobs
         # above SYSTEM come first in its order); without any, only the jobs
@@ -439,14 +437,14 @@ class JobQueue:
             tx,
             limit=limit,
             min_priority=min_priority if system_lane else max(min_priority, SYSTEM + 1),
-            max_priority=None,
+            max_priority=max_priority,
             kinds=kinds,
             worker=worker,
             now=now,
             lease_until=until,
             instance_id=self.instance_id,
             system_cap=system_limit if system_lane else None,
-            concurrent=self.db.others_alive,  # as of this run of `work`
+            concurrent=concurrent or self.db.others_alive,  # as of this run of `work`
         )
         return _with_files(tx, leases)
 

@@ -166,7 +166,7 @@ class RealmServer:
             for lane in self._lanes | set(lanes):
                 metrics.WORKERS.labels(lane).set(lanes.get(lane, 0))
             self._lanes |= set(lanes)
-            metrics.CREDITS.set(sum(s.credits for s in streams))
+            metrics.CREDITS.set(sum(s.credits + s.aside for s in streams))
             metrics.OUTSTANDING.set(sum(s.held_leases for s in streams))
             await asyncio.sleep(2.0)
 
@@ -215,7 +215,9 @@ class RealmServer:
             session.drain(grace)
         deadline = asyncio.get_running_loop().time() + grace
         while asyncio.get_running_loop().time() < deadline:
-            if not any(s.held_leases for s in self.dispatcher.streams.values()):
+            # Leases held, and hand-offs under way (each settles as a lease
+            # or a credit given back).
+            if not any(s.held_leases or s.aside for s in self.dispatcher.streams.values()):
                 break
             await asyncio.sleep(0.05)
         for session in list(self.servicer.sessions):

@@ -613,7 +613,7 @@ class ClaimSession:
             n = message.credit.credits
             if n <= 0 or n > MAX_CREDITS:
                 raise ProtocolError(f"credit.credits {n} is out of range 1-{MAX_CREDITS}")
-            if stream.credits + stream.held_leases + n > MAX_CREDITS:
+            if stream.credits + stream.aside + stream.held_leases + n > MAX_CREDITS:
                 raise ProtocolError(f"more than {MAX_CREDITS} credits outstanding")
             stream.grant(n)
             self.dispatcher.wake()

@@ -15,7 +15,16 @@ from typing import Any
 
 from sqlalchemy import event, insert, select, text
 
-from realm_service.domain import SYSTEM, USER, Disposition, Job, JobKind, JobState, PathChange
+from realm_service.domain import (
+    SYSTEM,
+    USER,
+    Disposition,
+    HandOff,
+    Job,
+    JobKind,
+    JobState,
+    PathChange,
+)
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store import claim_sql
 from realm_service.store.db import Database, open_database
@@ -473,5 +482,40 @@ def test_racing_claimers_take_each_job_once_and_serialize_realms(pg_url: str) ->
             spans.sort()
             for (_, end, before), (start, _, after) in itertools.pairwise(spans):
                 assert end < start, f"{realm_id}: jobs {before} and {after} ran at once"
+    finally:
+        db.close()
+
+
+def test_a_hand_off_waiting_on_a_realm_does_not_hold_up_the_claims(pg_url: str) -> None:
+    """An instance alone runs its claims one at a time. A reindex offered a
+    stream's credit (a hand-off) may wait on its realm's row (a bulk write
+    holds it): the claims of other realms must go on meanwhile, as they never
+    wait on a row themselves (SKIP LOCKED)."""
+    db = open_database(pg_url)
+    queue = JobQueue(db)
+    try:
+        create_realms(db, ["busy", "free"])
+        free = queue.enqueue("free", JobKind.FROM_SCRATCH, USER).job
+        db.set_others_alive(False)
+        offer = HandOff("s", "w", 0, (), None)
+        reindexed: list[Any] = []
+        claimed: list[Any] = []
+        with db.session_for_tests() as s:
+            s.execute(text("SELECT 1 FROM realms WHERE realm_id = 'busy' FOR UPDATE"))
+            reindex = threading.Thread(
+                target=lambda: reindexed.append(
+                    queue.enqueue("busy", JobKind.FROM_SCRATCH, USER, hand_off=offer)
+                )
+            )
+            reindex.start()
+            wait_for_a_lock_wait(db)
+            claim = threading.Thread(target=lambda: claimed.extend(queue.claim(1, worker="v")))
+            claim.start()
+            claim.join(timeout=30)
+            assert not claim.is_alive(), "a claim waited for a hand-off's row lock"
+            assert [lease.job.job_id for lease in claimed] == [free.job_id]
+        reindex.join(timeout=30)
+        [result] = reindexed
+        assert result.lease is not None and result.job.state is JobState.RUNNING
     finally:
         db.close()

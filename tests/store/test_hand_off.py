@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
+from typing import Any
 
 import pytest
 from store_helpers import FakeClock, make_realm
@@ -18,6 +20,7 @@ from realm_service.domain import (
     SYSTEM,
     USER,
     Disposition,
+    EnqueueResult,
     HandOff,
     JobKind,
     JobState,
@@ -190,7 +193,7 @@ def test_a_lease_for_a_stream_gone_meanwhile_goes_back_to_the_queue(queue: JobQu
             USER, JobKind.FROM_SCRATCH, enqueue_while_the_stream_closes
         )
         assert result.lease is not None
-        for _ in range(200):  # the release runs in the background
+        for _ in range(1000):  # the release runs in the background
             await asyncio.sleep(0.01)
             if queue.get_job(result.job.job_id).state is JobState.QUEUED:
                 break
@@ -222,7 +225,7 @@ def test_a_caller_that_goes_away_does_not_strand_the_lease(queue: JobQueue) -> N
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        for _ in range(200):
+        for _ in range(1000):
             if got:
                 break
             await asyncio.sleep(0.01)
@@ -231,3 +234,104 @@ def test_a_caller_that_goes_away_does_not_strand_the_lease(queue: JobQueue) -> N
     [lease] = got
     assert stream.holds(lease.lease_id)
     assert queue.get_job(lease.job.job_id).state is JobState.RUNNING
+
+
+def test_hand_offs_under_way_keep_the_reserved_slot(queue: JobQueue) -> None:
+    """Two SYSTEM reindexes at once, one stream with two credits and one slot
+    reserved: as in a round, one SYSTEM job starts and the other waits."""
+    for name in ("a", "b"):
+        make_realm(queue, name)
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=1)
+    stream = _stream(2, got)
+    dispatcher.add(stream)
+
+    async def storm() -> list[EnqueueResult]:
+        return list(
+            await asyncio.gather(
+                *(
+                    dispatcher.enqueue(
+                        SYSTEM,
+                        JobKind.FROM_SCRATCH,
+                        functools.partial(queue.enqueue, name, JobKind.FROM_SCRATCH, SYSTEM),
+                    )
+                    for name in ("a", "b")
+                )
+            )
+        )
+
+    results = asyncio.run(storm())
+    assert sorted(r.job.state for r in results) == [JobState.QUEUED, JobState.RUNNING]
+    assert len(got) == 1 and stream.system_outstanding == 1
+    assert (stream.credits, stream.aside) == (1, 0)
+
+
+def test_no_hand_off_while_a_rounds_claim_is_under_way(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round's claim planned the stream's free credits: a hand-off made
+    meanwhile would take one from under it, and the round's older job would
+    go back to the queue while a newer one starts."""
+    for name in ("older", "newer"):
+        make_realm(queue, name)
+    older = queue.enqueue("older", JobKind.FROM_SCRATCH, USER).job
+    got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    stream = _stream(1, got)
+    dispatcher.add(stream)
+    claiming, go_on = threading.Event(), threading.Event()
+    claim = queue.claim
+
+    def slow_claim(*args: Any, **kwargs: Any) -> list[Lease]:
+        claiming.set()
+        assert go_on.wait(10)
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "claim", slow_claim)
+
+    async def round_and_reindex() -> EnqueueResult:
+        round_ = asyncio.ensure_future(dispatcher._round())
+        assert await asyncio.to_thread(claiming.wait, 10)
+        reindex = asyncio.ensure_future(
+            dispatcher.enqueue(
+                USER,
+                JobKind.FROM_SCRATCH,
+                functools.partial(queue.enqueue, "newer", JobKind.FROM_SCRATCH, USER),
+            )
+        )
+        result = await reindex
+        go_on.set()
+        await round_
+        return result
+
+    result = asyncio.run(round_and_reindex())
+    assert result.lease is None and result.job.state is JobState.QUEUED
+    assert [lease.job.job_id for lease in got] == [older.job_id]
+    assert [outcome for _, outcome in queue.attempts(older.job_id)] == ["running"]
+
+
+def test_a_hand_off_leaves_a_dedicated_lanes_jobs_to_it(queue: JobQueue) -> None:
+    """A lane (minimum priority 80) and a shared stream each have a credit; a
+    job at 90 waits for the next round. A SYSTEM reindex is offered the
+    shared stream's credit, and its claim must not take the lane's job."""
+    for name in ("urgent", "routine"):
+        make_realm(queue, name)
+    urgent = queue.enqueue("urgent", JobKind.FROM_SCRATCH, 90).job
+    lane_got: list[Lease] = []
+    shared_got: list[Lease] = []
+    dispatcher = Dispatcher(queue, reserved_slots=0)
+    dispatcher.add(_stream(1, lane_got, min_priority=80))
+    dispatcher.add(_stream(1, shared_got))
+
+    async def reindex() -> EnqueueResult:
+        return await dispatcher.enqueue(
+            SYSTEM,
+            JobKind.FROM_SCRATCH,
+            functools.partial(queue.enqueue, "routine", JobKind.FROM_SCRATCH, SYSTEM),
+        )
+
+    result = asyncio.run(reindex())
+    assert [lease.job.job_id for lease in shared_got] == [result.job.job_id]
+    assert queue.get_job(urgent.job_id).state is JobState.QUEUED
+    asyncio.run(dispatcher._round())
+    assert [lease.job.job_id for lease in lane_got] == [urgent.job_id]

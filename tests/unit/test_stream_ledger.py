@@ -40,3 +40,20 @@ def test_an_adopted_lease_keeps_its_recorded_progress_and_uses_no_credit() -> No
     assert stream.credits == 0
     stream.drop("far")
     assert stream.progress == {"new": 0.0}
+
+
+def test_a_credit_set_aside_is_settled_as_a_lease_or_given_back() -> None:
+    """A hand-off sets a free credit aside; it becomes the lease's, or free
+    again. Either way the stream never holds more than it was granted."""
+    stream = WorkerStream(
+        worker_id="w", incarnation_id="i", kinds=(), min_priority=0, deliver=print
+    )
+    stream.grant(2)
+    stream.set_aside()
+    stream.set_aside()
+    assert (stream.credits, stream.aside, stream.held_leases) == (0, 2, 0)
+    stream.settle_aside(lease("l1", 0, 0))
+    stream.settle_aside(None)
+    assert (stream.credits, stream.aside, stream.held_leases) == (1, 0, 1)
+    assert stream.holds("l1")
+    assert stream.info("instance").credits == 1
