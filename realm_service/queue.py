@@ -158,7 +158,11 @@ class JobQueue:
 
         # Not one of this process's claims run one at a time: the enqueue may
         # wait on a row lock (a realm's write), and claims must not wait with
-        # it. Its claim guards against concurrent ones itself.
+        # it. Its claim does not check for concurrent ones: it locks its
+        # candidates and their realms as any claim does, and in the rare race
+        # that check is for (another claim's job of the same realm committed
+        # after this statement's snapshot), the unique index on running jobs
+        # refuses the second job and the transaction runs again.
         return self.db.retrying(work)
 
     def _hand_off_in(self, tx: Tx, result: EnqueueResult, hand_off: HandOff) -> EnqueueResult:
@@ -179,7 +183,6 @@ class JobQueue:
             system_limit=hand_off.system_limit,
             now=now,
             until=now + self.settings.lease_duration,
-            concurrent=True,
         )
         if not leases:
             return result
@@ -407,8 +410,8 @@ class JobQueue:
         # "job running" is logged by the dispatcher, which knows the stream
         # each lease goes to. Alone on the store (as of the last refresh of
         # the instances), this process's claims run one at a time and need not
-        # guard against each other (claim_sql.claim, `concurrent`); a
-        # hand-off's claim guards itself.
+        # guard against each other (claim_sql.claim, `concurrent`; a
+        # hand-off's claim is not one of them: JobQueue.enqueue).
         if self.db.others_alive:
             return self.db.retrying(work)
         with self._claims_one_at_a_time:
@@ -426,7 +429,6 @@ class JobQueue:
         now: datetime,
         until: datetime,
         max_priority: int | None = None,
-        concurrent: bool = False,
     ) -> list[Lease]:
         # With a SYSTEM budget, one statement serves both lanes (the jobs
         # above SYSTEM come first in its order); without any, only the jobs
@@ -444,7 +446,7 @@ class JobQueue:
             lease_until=until,
             instance_id=self.instance_id,
             system_cap=system_limit if system_lane else None,
-            concurrent=concurrent or self.db.others_alive,  # as of this run of `work`
+            concurrent=self.db.others_alive,  # as of this run of `work`
         )
         return _with_files(tx, leases)
 
