@@ -50,6 +50,7 @@ class BenchStream:
         self.held: dict[str, spb.JobAssignment] = {}
         self.arrivals: dict[str, float] = {}
         self.arrivals_wall: dict[str, float] = {}  # time.time(), to compare with server stamps
+        self.start_times: dict[str, float] = {}  # each job's start_time as assigned (epoch s)
         self.completed = 0
         self.refused = 0
         # Held leases the server revoked (a preemption, a cancel); each slot
@@ -161,6 +162,9 @@ class BenchStream:
                 if kind == "assignments":
                     for a in message.assignments.assignments:
                         self.arrivals_wall[a.job.job_id] = wall
+                        self.start_times[a.job.job_id] = (
+                            a.job.start_time.seconds + a.job.start_time.nanos / 1e9
+                        )
                     self._on_assignments(message.assignments.assignments, now)
                 elif kind == "acks":
                     for ack in message.acks.acks:
