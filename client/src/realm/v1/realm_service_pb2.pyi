@@ -247,7 +247,9 @@ class ReindexRealmResponse(_message.Message):
     """How the request was satisfied."""
     @_builtins.property
     def job(self) -> _resources_pb2.Job:
-        """The job that answers the request."""
+        """The job that answers the request, as the request left it: RUNNING when
+        a worker waiting for work got it in the request's own transaction.
+        """
 
     def __init__(
         self,
