@@ -308,14 +308,23 @@ class Dispatcher:
             return None
         stream = max(takers, key=lambda s: (s.min_priority, s.credits))
         budget = self._system_budget() if stream.min_priority <= SYSTEM else None
+        if priority <= SYSTEM and budget == 0:
+            return None  # its claim could not take this job (reserved slots)
         # Jobs a dedicated lane with free credits would take are its own: a
-        # round serves it first (this job is below its minimum, or it would
-        # have been offered the credit).
-        lanes = [
-            s.min_priority
-            for s in self.streams.values()
-            if s.credits > 0 and not s.draining and s.min_priority > stream.min_priority
-        ]
+        # round serves it first (this job is below its minimum, or the lane
+        # would have been offered the credit). A lane that takes every kind
+        # the stream does caps the claim below its minimum; one that takes
+        # none of them is no matter; one that takes some of them cannot be
+        # kept to by a priority bound, and no offer is made.
+        ceiling: int | None = None
+        for lane in self.streams.values():
+            if lane.credits <= 0 or lane.draining or lane.min_priority <= stream.min_priority:
+                continue
+            if not lane.kinds or (stream.kinds and set(stream.kinds) <= set(lane.kinds)):
+                bound = lane.min_priority - 1
+                ceiling = bound if ceiling is None else min(ceiling, bound)
+            elif not stream.kinds or set(stream.kinds) & set(lane.kinds):
+                return None
         stream.set_aside()
         return HandOff(
             stream_id=stream.stream_id,
@@ -323,7 +332,7 @@ class Dispatcher:
             min_priority=stream.min_priority,
             kinds=stream.kinds,
             system_limit=budget,
-            max_priority=min(lanes) - 1 if lanes else None,
+            max_priority=ceiling,
         )
 
     def _settle(self, hand_off: HandOff, rounds: int, call: asyncio.Future[EnqueueResult]) -> None:

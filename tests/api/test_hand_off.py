@@ -28,8 +28,14 @@ def _reindex(live: LiveServer, realm_id: str, **kw: object) -> spb.ReindexRealmR
 
 
 def _wait_for_credits(live: LiveServer, credits: int) -> None:
+    """The stream has `credits` free, and the claim round its grant started
+    has ended (no hand-off is offered while one claims)."""
+    dispatcher = live.srv.dispatcher
     poll(
-        lambda: [s.credits for s in live.srv.dispatcher.streams.values()] == [credits],
+        lambda: (
+            [s.credits for s in dispatcher.streams.values()] == [credits]
+            and not dispatcher._claims_in_flight
+        ),
         what=f"the stream to have {credits} free credits",
     )
 

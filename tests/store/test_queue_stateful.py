@@ -231,7 +231,13 @@ class QueueMachine(RuleBasedStateMachine):
             self._requeue(job)
 
     def _expected_claim(
-        self, limit: int, min_priority: int, kinds: list[JobKind] | None, system_limit: int | None
+        self,
+        limit: int,
+        min_priority: int,
+        kinds: list[JobKind] | None,
+        system_limit: int | None,
+        *,
+        max_priority: int | None = None,
     ) -> list[ModelJob]:
         busy = {j.realm for j in self.jobs.values() if j.state == "running"}
         line = sorted(
@@ -245,6 +251,8 @@ class QueueMachine(RuleBasedStateMachine):
                 if len(out) >= n:
                     break
                 if job.priority < low or (high is not None and job.priority > high):
+                    continue
+                if max_priority is not None and job.priority > max_priority:
                     continue
                 if (kinds and job.kind not in kinds) or job.realm in busy:
                     continue
@@ -288,7 +296,9 @@ class QueueMachine(RuleBasedStateMachine):
             # Sometimes offered a waiting stream's credit (a hand-off): the
             # enqueue's transaction then claims one job as a claim would.
             offer = data.draw(st.one_of(st.none(), claims), label="hand-off")
-            self._enqueue(*request, hand_off=offer)
+            # Below a dedicated lane's minimum, sometimes.
+            ceiling = data.draw(st.sampled_from([None, None, 0, 10, 49]), label="max priority")
+            self._enqueue(*request, hand_off=offer, max_priority=ceiling)
 
     def _enqueue(
         self,
@@ -298,13 +308,14 @@ class QueueMachine(RuleBasedStateMachine):
         paths: list[PathChange],
         content_changed: bool,
         hand_off: tuple[int, int, list[JobKind] | None, int | None] | None = None,
+        max_priority: int | None = None,
     ) -> None:
         if kind is FS:
             paths = []
         offer = None
         if hand_off is not None:
             _, min_priority, kinds, system_limit = hand_off
-            offer = HandOff("s", "w", min_priority, tuple(kinds or ()), system_limit)
+            offer = HandOff("s", "w", min_priority, tuple(kinds or ()), system_limit, max_priority)
         result = self.queue.enqueue(
             realm, kind, priority, paths=paths, content_changed=content_changed, hand_off=offer
         )
@@ -355,7 +366,11 @@ class QueueMachine(RuleBasedStateMachine):
             assert result.lease is None
             return
         expected_claim = self._expected_claim(
-            1, offer.min_priority, list(offer.kinds) or None, offer.system_limit
+            1,
+            offer.min_priority,
+            list(offer.kinds) or None,
+            offer.system_limit,
+            max_priority=offer.max_priority,
         )
         got = [result.lease] if result.lease is not None else []
         self._claimed(got, expected_claim)
