@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from realm_service.domain import USER, IndexEntry, Realm
+from realm_service.dispatcher import WorkerStream
+from realm_service.domain import USER, IndexEntry, JobKind, Lease, Realm
 from realm_service.queue import JobQueue
 from realm_service.store import index_sql, realms_sql
 
@@ -78,3 +79,24 @@ def entry(path: str, card_type: str = "", title: str = "", error: str = "") -> I
         search_text=title.lower(),
         error_message=error,
     )
+
+
+def waiting_stream(
+    credits: int,
+    got: list[Lease],
+    *,
+    min_priority: int = 0,
+    kinds: tuple[JobKind, ...] = (),
+    worker_id: str = "w",
+) -> WorkerStream:
+    """A ClaimJobs stream's ledger with `credits` free; what it is handed
+    goes to `got`."""
+    stream = WorkerStream(
+        worker_id=worker_id,
+        incarnation_id="i",
+        kinds=kinds,
+        min_priority=min_priority,
+        deliver=got.extend,
+    )
+    stream.grant(credits)
+    return stream

@@ -9,20 +9,12 @@ import asyncio
 import gc
 
 import pytest
-from store_helpers import FakeClock, make_realm
+from store_helpers import FakeClock, make_realm, waiting_stream
 
-from realm_service.dispatcher import Dispatcher, WorkerStream
+from realm_service.dispatcher import Dispatcher
 from realm_service.domain import USER, JobKind, JobState, Lease
 from realm_service.errors import StoreFull
 from realm_service.queue import JobQueue
-
-
-def _stream(credits: int, got: list[Lease]) -> WorkerStream:
-    stream = WorkerStream(
-        worker_id="w", incarnation_id="i", kinds=(), min_priority=0, deliver=got.extend
-    )
-    stream.grant(credits)
-    return stream
 
 
 def test_a_round_given_less_than_it_asked_is_the_last(queue: JobQueue, clock: FakeClock) -> None:
@@ -32,7 +24,7 @@ def test_a_round_given_less_than_it_asked_is_the_last(queue: JobQueue, clock: Fa
         queue.enqueue(name, JobKind.FROM_SCRATCH, USER)
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    dispatcher.add(_stream(3, got))
+    dispatcher.add(waiting_stream(3, got))
     assert asyncio.run(dispatcher._round()) is False
     assert [lease.job.realm_id for lease in got] == ["a", "b"]
     assert all(lease.job.state is JobState.RUNNING for lease in got)
@@ -45,7 +37,7 @@ def test_a_round_given_all_it_asked_may_find_more(queue: JobQueue, clock: FakeCl
         queue.enqueue(name, JobKind.FROM_SCRATCH, USER)
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(2, got)
+    stream = waiting_stream(2, got)
     dispatcher.add(stream)
     assert asyncio.run(dispatcher._round()) is True
     assert [lease.job.realm_id for lease in got] == ["a", "b"]
@@ -65,7 +57,7 @@ def test_jobs_claimed_for_streams_gone_meanwhile_wait_for_the_reaper_if_the_stor
     queue.enqueue("a", JobKind.FROM_SCRATCH, USER)
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(1, got)
+    stream = waiting_stream(1, got)
     dispatcher.add(stream)
     leases = queue.claim(1, worker="w")
     dispatcher.remove(stream)

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 import pytest
-from store_helpers import FakeClock, make_realm
+from store_helpers import FakeClock, make_realm, waiting_stream
 
-from realm_service.dispatcher import Dispatcher, WorkerStream
+from realm_service.dispatcher import Dispatcher
 from realm_service.domain import (
     SYSTEM,
     USER,
@@ -28,14 +28,6 @@ from realm_service.domain import (
 )
 from realm_service.errors import RealmNotFound
 from realm_service.queue import JobQueue
-
-
-def _stream(credits: int, got: list[Lease], *, min_priority: int = 0) -> WorkerStream:
-    stream = WorkerStream(
-        worker_id="w", incarnation_id="i", kinds=(), min_priority=min_priority, deliver=got.extend
-    )
-    stream.grant(credits)
-    return stream
 
 
 def _offer(system_limit: int | None = None, min_priority: int = 0) -> HandOff:
@@ -122,7 +114,7 @@ def test_the_dispatcher_hands_the_lease_to_the_waiting_stream(queue: JobQueue) -
     make_realm(queue, "a")
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(2, got)
+    stream = waiting_stream(2, got)
     dispatcher.add(stream)
     assigned: list[Lease] = []
     dispatcher.on_assigned = assigned.extend
@@ -144,7 +136,7 @@ def test_no_offer_to_a_stream_whose_filter_refuses_the_job(queue: JobQueue) -> N
     make_realm(queue, "a")
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(1, got, min_priority=USER + 1)
+    stream = waiting_stream(1, got, min_priority=USER + 1)
     dispatcher.add(stream)
 
     async def reindex() -> None:
@@ -162,7 +154,7 @@ def test_no_offer_to_a_stream_whose_filter_refuses_the_job(queue: JobQueue) -> N
 def test_a_failed_enqueue_gives_the_credit_back(queue: JobQueue) -> None:
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(1, got)
+    stream = waiting_stream(1, got)
     dispatcher.add(stream)
 
     async def reindex() -> None:
@@ -181,7 +173,7 @@ def test_a_lease_for_a_stream_gone_meanwhile_goes_back_to_the_queue(queue: JobQu
     make_realm(queue, "a")
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(1, got)
+    stream = waiting_stream(1, got)
     dispatcher.add(stream)
 
     def enqueue_while_the_stream_closes(**kw: HandOff | None) -> object:
@@ -210,7 +202,7 @@ def test_a_caller_that_goes_away_does_not_strand_the_lease(queue: JobQueue) -> N
     make_realm(queue, "a")
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(1, got)
+    stream = waiting_stream(1, got)
     dispatcher.add(stream)
 
     async def reindex_and_hang_up() -> None:
@@ -243,7 +235,7 @@ def test_hand_offs_under_way_keep_the_reserved_slot(queue: JobQueue) -> None:
         make_realm(queue, name)
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=1)
-    stream = _stream(2, got)
+    stream = waiting_stream(2, got)
     dispatcher.add(stream)
 
     async def storm() -> list[EnqueueResult]:
@@ -279,7 +271,7 @@ def test_no_hand_off_while_a_rounds_claim_is_under_way(
     older = queue.enqueue("older", JobKind.FROM_SCRATCH, USER).job
     got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    stream = _stream(1, got)
+    stream = waiting_stream(1, got)
     dispatcher.add(stream)
     claiming, go_on = threading.Event(), threading.Event()
     claim = queue.claim
@@ -322,8 +314,8 @@ def test_a_hand_off_leaves_a_dedicated_lanes_jobs_to_it(queue: JobQueue) -> None
     lane_got: list[Lease] = []
     shared_got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    dispatcher.add(_stream(1, lane_got, min_priority=80))
-    dispatcher.add(_stream(1, shared_got))
+    dispatcher.add(waiting_stream(1, lane_got, min_priority=80))
+    dispatcher.add(waiting_stream(1, shared_got))
 
     async def reindex() -> EnqueueResult:
         return await dispatcher.enqueue(
@@ -352,16 +344,10 @@ def test_no_hand_off_past_a_lane_that_takes_some_of_the_streams_kinds(queue: Job
     lane_got: list[Lease] = []
     shared_got: list[Lease] = []
     dispatcher = Dispatcher(queue, reserved_slots=0)
-    lane = WorkerStream(
-        worker_id="lane",
-        incarnation_id="i",
-        kinds=(JobKind.INCREMENTAL,),
-        min_priority=50,
-        deliver=lane_got.extend,
+    dispatcher.add(
+        waiting_stream(1, lane_got, min_priority=50, kinds=(JobKind.INCREMENTAL,), worker_id="lane")
     )
-    lane.grant(1)
-    dispatcher.add(lane)
-    dispatcher.add(_stream(1, shared_got))
+    dispatcher.add(waiting_stream(1, shared_got))
 
     async def reindex() -> EnqueueResult:
         result = await dispatcher.enqueue(
