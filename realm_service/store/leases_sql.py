@@ -30,12 +30,14 @@ from realm_service.store.db import Tx
 from realm_service.store.rows import (
     CANCELLED,
     FAILED,
+    HELD_FIELDS,
     MERGED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
     decode_paths,
     encode_paths,
+    held_reader,
     job_with,
     to_held,
     to_job,
@@ -50,7 +52,9 @@ _ATTEMPTS = cast(Table, JobAttemptRow.__table__)
 # sorts them here instead: with planner statistics (an ANALYZE, a PRAGMA
 # optimize) it walked the whole table in id order rather than sort the few
 # rows the lease index finds.
-_HELD_ROWS = select(_JOBS).where(in_values(_JOBS.c.lease_id, "leases"), _JOBS.c.state == RUNNING)
+_HELD_ROWS = select(*(_JOBS.c[name] for name in HELD_FIELDS)).where(
+    in_values(_JOBS.c.lease_id, "leases"), _JOBS.c.state == RUNNING
+)
 _HELD = _HELD_ROWS.order_by(_JOBS.c.id).with_for_update()
 # The job ids succeeding, each with its final progress (done = total).
 _SUCCEED_COLUMNS = (("job_id", int), ("done", int))
@@ -206,11 +210,14 @@ def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
     wanted = [lease for lease in dict.fromkeys(lease_ids) if lease]
     if not wanted:
         return {}
-    if tx.backend == "postgresql":
-        rows = tx.session.execute(_HELD, {"leases": wanted}).all()
-    else:
-        rows = sorted(tx.session.execute(_HELD_ROWS, {"leases": wanted}), key=lambda r: r.id)
-    return {row.lease_id: to_held(row) for row in rows}
+    pg = tx.backend == "postgresql"
+    read = held_reader(HELD_FIELDS)
+    held = [
+        read(row) for row in tx.session.execute(_HELD if pg else _HELD_ROWS, {"leases": wanted})
+    ]
+    if not pg:
+        held.sort(key=lambda h: h.job.job_id)
+    return {h.lease_id: h for h in held}
 
 
 def running_lease(tx: Tx, lease_id: str, realm_id: str) -> HeldJob | None:
