@@ -33,19 +33,57 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.expression import FromClause
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import TypeDecorator, TypeEngine
+from sqlalchemy.types import TypeDecorator, TypeEngine, UserDefinedType
 
 _SQL_TYPES: dict[type, type[TypeEngine[Any]]] = {int: BigInteger, str: String}
 
 
+class _ArrayText(UserDefinedType[str]):
+    """A PostgreSQL array parameter sent as its text form (`{1,2,3}`) and
+    cast in the statement (`$1::BIGINT[]`). psycopg dumps a Python list
+    element by element in Python (its array dumper has no C version): 80 us
+    for 64 integers, 190 us for 64 strings, against 8-14 us to join them
+    into the array's text here, which PostgreSQL parses in C."""
+
+    cache_ok = True
+    render_bind_cast = True
+
+    def __init__(self, item_sql: str) -> None:
+        self.item_sql = item_sql
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return f"{self.item_sql}[]"
+
+
+_ARRAY_TEXT = {int: _ArrayText("BIGINT"), str: _ArrayText("VARCHAR")}
+
+
+def array_text(items: Sequence[Any], item: type) -> str:
+    """The text form of a PostgreSQL array of `item` (int or str) values;
+    None is NULL. Strings are always quoted, with backslash and quote
+    escaped, so any string comes back as it was."""
+    if item is int:
+        return "{" + ",".join(["NULL" if v is None else str(int(v)) for v in items]) + "}"
+    return (
+        "{"
+        + ",".join(
+            [
+                "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                for v in items
+            ]
+        )
+        + "}"
+    )
+
+
 class ValueList(TypeDecorator[list[Any]]):
-    """A list bound as one parameter: an array on PostgreSQL, JSON on SQLite."""
+    """A list bound as one parameter: an array on PostgreSQL (sent as its
+    text, see `_ArrayText`), JSON on SQLite."""
 
     impl = String
     cache_ok = True
@@ -56,14 +94,14 @@ class ValueList(TypeDecorator[list[Any]]):
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "postgresql":
-            return dialect.type_descriptor(ARRAY(_SQL_TYPES[self.item]()))
+            return _ARRAY_TEXT[self.item]
         return dialect.type_descriptor(String())
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
         if dialect.name == "postgresql":
-            return value if isinstance(value, list) else list(value)
+            return array_text(value, self.item)
         return json.dumps(value if isinstance(value, list) else list(value))
 
 

@@ -52,6 +52,47 @@ def test_in_values_selects_what_an_in_list_would(db: Database, size: int) -> Non
         assert sorted(rest) == [n for n in range(1600) if n % 7]
 
 
+# Strings that an array's text form must quote or escape (PostgreSQL binds
+# lists as that text): quotes, backslashes, separators, braces, blanks, the
+# word NULL, non-ASCII.
+AWKWARD = ['a', '', 'NULL', 'null', 'x"y', 'b\\c', 'c,d', '{e}', ' f ', 'g h', 'ünï', "it's",
+           '\\"', 'tab\there', '"quoted"', '\\']  # fmt: skip
+
+
+def test_awkward_strings_and_large_numbers_bind_as_they_are(db: Database) -> None:
+    now = datetime.now(UTC)
+    with db.session_for_tests() as s:
+        s.execute(
+            REALMS.insert(),
+            [
+                {"realm_id": r, "display_name": r, "state": "ready", "created_priority": 0,
+                 "create_time": now, "files": 0, "cards": 0, "errors": 0, "entries": 2**40 + i}
+                for i, r in enumerate([*AWKWARD, "other"])
+            ],
+        )  # fmt: skip
+    with db.session_for_tests() as s:
+        got = s.scalars(
+            select(REALMS.c.realm_id).where(in_values(REALMS.c.realm_id, "ids")), {"ids": AWKWARD}
+        ).all()
+        assert sorted(got) == sorted(AWKWARD)
+        big = [2**40 + i for i in range(0, len(AWKWARD), 2)]
+        by_entries = s.scalars(
+            select(REALMS.c.realm_id).where(in_values(REALMS.c.entries, "n", int)), {"n": big}
+        ).all()
+        assert sorted(by_entries) == sorted(AWKWARD[::2])
+        columns = (("realm_id", str), ("name", str))
+        source = rows_source(db.backend, "v", columns)
+        rows = [(r, f"{r}!") for r in AWKWARD]
+        s.execute(
+            update(REALMS)
+            .where(REALMS.c.realm_id == source.c.realm_id)
+            .values(display_name=source.c.name),
+            rows_params(db.backend, "v", columns, rows),
+        )
+        names = dict(s.execute(select(REALMS.c.realm_id, REALMS.c.display_name)).all())
+    assert names == {**{r: f"{r}!" for r in AWKWARD}, "other": "other"}
+
+
 def test_rows_source_updates_each_row_with_its_own_values(db: Database) -> None:
     ids = _add_realms(db, 1200)
     columns = (("realm_id", str), ("cards", int))
