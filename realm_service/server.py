@@ -342,7 +342,7 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
 
 def _record_assignments(leases: list[Lease]) -> None:
     now = datetime.now(UTC)
-    children: dict[tuple[JobKind, int], Any] = {}  # one label lookup a kind and class
+    children: dict[tuple[JobKind, int], Any] = {}  # one label lookup a kind and priority
     for lease in leases:
         job = lease.job
         key = (job.kind, job.priority)

@@ -168,7 +168,11 @@ def picker(fields: tuple[str, ...], wanted: tuple[str, ...]) -> Callable[[Any], 
     """Reads the columns `wanted` by position from a row of a result whose
     columns are `fields`: a Row's attribute access runs Python code (about
     0.5-0.7 us a column, most of a job's mapping), its indexing does not."""
-    return operator.itemgetter(*(fields.index(name) for name in wanted))
+    positions = [fields.index(name) for name in wanted]
+    if len(positions) == 1:  # itemgetter of one position returns the bare value
+        (only,) = positions
+        return lambda row: (row[only],)
+    return operator.itemgetter(*positions)
 
 
 def job_reader(fields: Sequence[str]) -> Callable[[Any], Job]:

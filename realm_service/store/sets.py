@@ -66,19 +66,33 @@ _ARRAY_TEXT = {int: _ArrayText("BIGINT"), str: _ArrayText("VARCHAR")}
 def array_text(items: Sequence[Any], item: type) -> str:
     """The text form of a PostgreSQL array of `item` (int or str) values;
     None is NULL. Strings are always quoted, with backslash and quote
-    escaped, so any string comes back as it was."""
+    escaped, so any string comes back as it was. A value of another type is
+    a TypeError (a float or a bool is no id)."""
+    values = items if isinstance(items, (list, tuple)) else list(items)
     if item is int:
-        return "{" + ",".join(["NULL" if v is None else str(int(v)) for v in items]) + "}"
-    return (
-        "{"
-        + ",".join(
-            [
-                "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                for v in items
-            ]
-        )
-        + "}"
-    )
+        if all(type(v) is int for v in values):
+            return "{" + ",".join(map(str, values)) + "}"
+        return "{" + ",".join([_int_element(v) for v in values]) + "}"
+    if all(type(v) is str for v in values):
+        quoted = ['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values]
+        return "{" + ",".join(quoted) + "}"
+    return "{" + ",".join([_str_element(v) for v in values]) + "}"
+
+
+def _int_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if type(value) is not int:
+        raise TypeError(f"an integer list holds {type(value).__name__} {value!r}")
+    return str(value)
+
+
+def _str_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if not isinstance(value, str):
+        raise TypeError(f"a string list holds {type(value).__name__} {value!r}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class ValueList(TypeDecorator[list[Any]]):

@@ -1,18 +1,21 @@
 """PostgreSQL: the pages of job attempts and realms leave room for their
 updates (migration 0009), so that ending a batch of attempts and switching
 their realms' generations writes the new row versions beside the old ones
-and touches none of the tables' indexes (HOT updates)."""
+and touches none of the tables' indexes (HOT updates): the rows keep their
+pages, and PostgreSQL counts the updates as HOT."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from realm_service.queue import JobQueue
 from realm_service.store.db import open_database
+from realm_service.store.tables import Base
 
 JOBS = 200  # several pages of attempts and of realms
 # The realms have been indexed before (a reindex): a realm's first index
@@ -57,7 +60,7 @@ def pages(queue: JobQueue, table: str) -> dict[Any, int]:
         return {k: int(page) for k, page in rows}
 
 
-def test_the_settings_are_in_place(queue: JobQueue) -> None:
+def test_the_settings_are_in_place_as_the_models_declare_them(queue: JobQueue) -> None:
     with queue.db.engine.connect() as conn:
         options = dict(
             conn.execute(
@@ -68,7 +71,12 @@ def test_the_settings_are_in_place(queue: JobQueue) -> None:
                 )
             ).all()
         )
-    assert options == {"job_attempts": "fillfactor=50", "realms": "fillfactor=50"}
+    declared = {
+        name: ",".join(f"{k}={v}" for k, v in table.dialect_options["postgresql"]["with"].items())
+        for name, table in Base.metadata.tables.items()
+        if table.dialect_options["postgresql"]["with"]
+    }
+    assert options == declared == {"job_attempts": "fillfactor=50", "realms": "fillfactor=50"}
 
 
 def test_ending_attempts_and_switching_generations_keep_rows_in_their_pages(
@@ -94,3 +102,33 @@ def test_ending_attempts_and_switching_generations_keep_rows_in_their_pages(
     assert ended == JOBS and switched == JOBS
     assert pages(queue, "job_attempts") == attempts_before
     assert pages(queue, "realms") == realms_before
+    # And PostgreSQL counted each of those updates as HOT (the pool's
+    # connections closed: each backend reports its counts as it exits).
+    queue.db.engine.dispose()
+    assert hot_updates(queue, {"job_attempts": JOBS, "realms": JOBS}) == {
+        "job_attempts": (JOBS, JOBS),
+        "realms": (JOBS, JOBS),
+    }
+
+
+def hot_updates(queue: JobQueue, expected: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(updates, HOT updates) of each table, once the updates expected are
+    counted (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with queue.db.engine.connect() as conn:
+            found = {
+                name: (int(upd), int(hot))
+                for name, upd, hot in conn.execute(
+                    text(
+                        "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                        " WHERE schemaname = current_schema() AND relname IN :names"
+                    ).bindparams(bindparam("names", expanding=True)),
+                    {"names": sorted(expected)},
+                )
+            }
+        queue.db.engine.dispose()
+        counted = all(found.get(name, (0, 0))[0] >= n for name, n in expected.items())
+        if counted or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)

@@ -14,7 +14,13 @@ from sqlalchemy import Table, select, update
 from realm_service.domain import Job, JobKind, JobState, PathChange
 from realm_service.store.db import Database
 from realm_service.store.rows import job_with, make_job
-from realm_service.store.sets import in_values, not_in_values, rows_params, rows_source
+from realm_service.store.sets import (
+    array_text,
+    in_values,
+    not_in_values,
+    rows_params,
+    rows_source,
+)
 from realm_service.store.tables import RealmRow
 
 REALMS = cast(Table, RealmRow.__table__)
@@ -91,6 +97,17 @@ def test_awkward_strings_and_large_numbers_bind_as_they_are(db: Database) -> Non
         )
         names = dict(s.execute(select(REALMS.c.realm_id, REALMS.c.display_name)).all())
     assert names == {**{r: f"{r}!" for r in AWKWARD}, "other": "other"}
+
+
+def test_array_text_refuses_values_of_another_type() -> None:
+    assert array_text([1, None, -3], int) == "{1,NULL,-3}"
+    assert array_text(iter(["a", None]), str) == '{"a",NULL}'
+    assert array_text([], int) == "{}"
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match="integer list"):
+            array_text([1, bad], int)
+    with pytest.raises(TypeError, match="string list"):
+        array_text(["a", 1], str)
 
 
 def test_rows_source_updates_each_row_with_its_own_values(db: Database) -> None:
