@@ -40,14 +40,24 @@ def priority_class(priority: int) -> str:
 
 def run_duration(kind: str, priority: int) -> Any:
     """RUN_DURATION's child for a job (children cached: `labels` is not free)."""
-    key = (kind, priority <= SYSTEM)
-    child = _run_duration.get(key)
+    return _child("run", kind, priority)
+
+
+def dispatch_latency(kind: str, priority: int) -> Any:
+    """DISPATCH_LATENCY's child for a job, cached as `run_duration`'s."""
+    return _child("dispatch", kind, priority)
+
+
+def _child(metric: str, kind: str, priority: int) -> Any:
+    key = (metric, kind, priority <= SYSTEM)
+    child = _children.get(key)
     if child is None:
-        child = _run_duration[key] = RUN_DURATION.labels(kind, priority_class(priority))
+        histogram = RUN_DURATION if metric == "run" else DISPATCH_LATENCY
+        child = _children[key] = histogram.labels(kind, priority_class(priority))
     return child
 
 
-_run_duration: dict[tuple[str, bool], Any] = {}
+_children: dict[tuple[str, str, bool], Any] = {}
 
 
 QUEUE_DEPTH = Gauge(

@@ -11,7 +11,6 @@ import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +26,7 @@ from realm_service.api.rpc_metrics import RpcMetricsInterceptor
 from realm_service.api.servicer import RealmServicer
 from realm_service.config import Settings
 from realm_service.dispatcher import Dispatcher
-from realm_service.domain import JobKind, JobState, Lease
+from realm_service.domain import JobState, Lease
 from realm_service.errors import RealmError
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.realms import Realms
@@ -342,16 +341,11 @@ def build_server(settings: Settings, *, db: Database | None = None) -> RealmServ
 
 def _record_assignments(leases: list[Lease]) -> None:
     now = datetime.now(UTC)
-    children: dict[tuple[JobKind, int], Any] = {}  # one label lookup a kind and priority
     for lease in leases:
         job = lease.job
-        key = (job.kind, job.priority)
-        child = children.get(key)
-        if child is None:
-            child = children[key] = metrics.DISPATCH_LATENCY.labels(
-                job.kind.value, metrics.priority_class(job.priority)
-            )
-        child.observe(max(0.0, (now - job.create_time).total_seconds()))
+        metrics.dispatch_latency(job.kind.value, job.priority).observe(
+            max(0.0, (now - job.create_time).total_seconds())
+        )
         if job.trace_parent:
             tracing.record_span(
                 "job queued",

@@ -32,35 +32,13 @@ from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow, UTCDateT
 _JOBS = cast(Table, JobRow.__table__)
 _ATTEMPTS = cast(Table, JobAttemptRow.__table__)
 _REALMS = cast(Table, RealmRow.__table__)
-# What a claim reads of each candidate: the Job it hands out is built from
-# these and the values the claim sets, with no second read of the rows.
-_CLAIM_COLUMNS = (
-    _JOBS.c.id,
-    _JOBS.c.realm_id,
-    _JOBS.c.kind,
-    _JOBS.c.priority,
-    _JOBS.c.attempt,
-    _JOBS.c.create_time,
-    _JOBS.c.finish_time,
-    _JOBS.c.error_message,
-    _JOBS.c.paths,
-    _JOBS.c.trace_parent,
-    _JOBS.c.preemptions,
-)
-# The candidates are always bounded above, by `max_priority` or else by the
-# largest value the column holds: with a lower bound alone PostgreSQL starts
-# its walk of the claim index at the first leaf and steps over the entries
-# that jobs claimed earlier left there until vacuum (a 20,000-job drain spent
-# 10.1 s of the database's CPU against 7.0 s with the bound). Reading both
-# lanes with one statement still costs PostgreSQL more than the two lanes'
-# statements did (6.9-7.2 s against 6.1-6.5 s in that drain: the lane above
-# SYSTEM stopped at once), for a round trip less per claim.
-_ANY_PRIORITY = 2**31 - 1
 
 
 class _Candidate(NamedTuple):
-    """A candidate row (`_CLAIM_COLUMNS`), as a tuple whose fields read at
-    C speed: a Row's attribute access runs Python code for each column."""
+    """What a claim reads of each candidate, as a tuple whose fields read at
+    C speed (a Row's attribute access runs Python code for each column): the
+    Job it hands out is built from these and the values the claim sets, with
+    no second read of the rows."""
 
     id: int
     realm_id: str
@@ -73,6 +51,18 @@ class _Candidate(NamedTuple):
     paths: str
     trace_parent: str
     preemptions: int
+
+
+_CLAIM_COLUMNS = tuple(_JOBS.c[name] for name in _Candidate._fields)
+# The candidates are always bounded above, by `max_priority` or else by the
+# largest value the column holds: with a lower bound alone PostgreSQL starts
+# its walk of the claim index at the first leaf and steps over the entries
+# that jobs claimed earlier left there until vacuum (a 20,000-job drain spent
+# 10.1 s of the database's CPU against 7.0 s with the bound). Reading both
+# lanes with one statement still costs PostgreSQL more than the two lanes'
+# statements did (6.9-7.2 s against 6.1-6.5 s in that drain: the lane above
+# SYSTEM stopped at once), for a round trip less per claim.
+_ANY_PRIORITY = 2**31 - 1
 
 
 def _line(kinds: bool, *columns: Any) -> Select[*tuple[Any, ...]]:

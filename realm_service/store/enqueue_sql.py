@@ -30,6 +30,7 @@ from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
 from realm_service.errors import Conflict, RealmNotFound
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
+    JOB_FIELDS,
     MERGED,
     QUEUED,
     RUNNING,
@@ -44,14 +45,7 @@ _JOBS = cast(Table, JobRow.__table__)
 _REALMS = cast(Table, RealmRow.__table__)
 # What `to_job` reads, and no more: each column a read returns costs the
 # driver and SQLAlchemy a little per execution.
-_JOB_COLUMNS = tuple(
-    _JOBS.c[name]
-    for name in (
-        "id", "realm_id", "kind", "priority", "state", "attempt", "create_time",
-        "start_time", "finish_time", "error_message", "progress_done",
-        "progress_total", "paths", "trace_parent", "worker",
-    )
-)  # fmt: skip
+_JOB_COLUMNS = tuple(_JOBS.c[name] for name in JOB_FIELDS)
 _INSERT = insert(_JOBS).returning(*_JOB_COLUMNS, sort_by_parameter_order=True)
 _MERGE = (
     update(_JOBS)

@@ -69,30 +69,18 @@ def array_text(items: Sequence[Any], item: type) -> str:
     escaped, so any string comes back as it was. A value of another type is
     a TypeError (a float or a bool is no id)."""
     values = items if isinstance(items, (list, tuple)) else list(items)
+    if not all(type(v) is item for v in values):
+        for v in values:
+            if v is not None and not (type(v) is int if item is int else isinstance(v, str)):
+                kind = "an integer" if item is int else "a string"
+                raise TypeError(f"{kind} list holds {type(v).__name__} {v!r}")
     if item is int:
-        if all(type(v) is int for v in values):
-            return "{" + ",".join(map(str, values)) + "}"
-        return "{" + ",".join([_int_element(v) for v in values]) + "}"
-    if all(type(v) is str for v in values):
-        quoted = ['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values]
-        return "{" + ",".join(quoted) + "}"
-    return "{" + ",".join([_str_element(v) for v in values]) + "}"
-
-
-def _int_element(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if type(value) is not int:
-        raise TypeError(f"an integer list holds {type(value).__name__} {value!r}")
-    return str(value)
-
-
-def _str_element(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if not isinstance(value, str):
-        raise TypeError(f"a string list holds {type(value).__name__} {value!r}")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return "{" + ",".join(["NULL" if v is None else str(v) for v in values]) + "}"
+    quoted = [
+        "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        for v in values
+    ]
+    return "{" + ",".join(quoted) + "}"
 
 
 class ValueList(TypeDecorator[list[Any]]):
