@@ -211,15 +211,20 @@ class WorkerStream:
 
 def _plan(members: list[WorkerStream]) -> list[WorkerStream]:
     """Which stream each claimed job goes to, in claim order: one credit at a
-    time to the stream with the most left, so jobs spread over the group."""
-    heap = [(-s.credits, i) for i, s in enumerate(members) if s.credits > 0]
+    time to the stream with the most left, so jobs spread over the group. Of
+    streams with as many left, the one given more in this plan goes first: a
+    claim that gets less than planned (the SYSTEM budget of reserved slots)
+    then fills streams' batches whole rather than sending one job to a
+    stream that holds a batch already, which would come back as a result
+    and a claim of one job each."""
+    heap = [(-s.credits, 0, i) for i, s in enumerate(members) if s.credits > 0]
     heapq.heapify(heap)
     plan: list[WorkerStream] = []
     while heap:
-        left, i = heapq.heappop(heap)
+        left, given, i = heapq.heappop(heap)
         plan.append(members[i])
         if left < -1:
-            heapq.heappush(heap, (left + 1, i))
+            heapq.heappush(heap, (left + 1, given - 1, i))
     return plan
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from realm_service.dispatcher import WorkerStream
+from realm_service.dispatcher import WorkerStream, _plan
 from realm_service.domain import SYSTEM, Job, JobKind, JobState, Lease
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -57,3 +57,30 @@ def test_a_credit_set_aside_is_settled_as_a_lease_or_given_back() -> None:
     assert (stream.credits, stream.aside, stream.held_leases) == (1, 0, 1)
     assert stream.holds("l1")
     assert stream.info("instance").credits == 1
+
+
+def _stream(name: str, credits: int) -> WorkerStream:
+    stream = WorkerStream(
+        worker_id=name, incarnation_id="i", kinds=(), min_priority=0, deliver=lambda leases: None
+    )
+    stream.grant(credits)
+    return stream
+
+
+def test_a_claim_plan_spreads_jobs_over_streams_with_as_many_credits() -> None:
+    a, b = _stream("a", 3), _stream("b", 3)
+    assert [s.worker_id for s in _plan([a, b])] == ["a", "b", "a", "b", "a", "b"]
+    c = _stream("c", 1)
+    assert [s.worker_id for s in _plan([a, c, b])][:2] == ["a", "b"]
+
+
+def test_a_claim_plan_fills_a_stream_before_handing_a_crumb_to_another() -> None:
+    """A stream holding a batch with its reserved slot free (one credit) is
+    planned after a stream whose whole batch is free, even at the tie: a
+    claim cut short by the SYSTEM budget (64 here) then fills the free
+    stream's batch and sends the other no single job."""
+    holding, free = _stream("holding", 1), _stream("free", 64)
+    plan = _plan([holding, free])
+    assert len(plan) == 65
+    assert {s.worker_id for s in plan[:64]} == {"free"}
+    assert plan[64].worker_id == "holding"
