@@ -4,9 +4,8 @@ and drain, and carrying on over a new stream after a break.
 Credit accounting keeps one invariant: jobs held + jobs unwinding + credits
 granted but not yet used <= concurrency. A credit is consumed by each job the
 server assigns and given back only once the job's slot is free again (its
-job ended, or its work cancelled after the lease was lost), because acks do
-not return credit. The credit goes out just ahead of the result, so the
-server's claim of the next jobs overlaps its recording of the results.
+result sent, or its work cancelled after the lease was lost), because acks do
+not return credit.
 
 Resumable sessions (DESIGN.md section 5): when the server gives a resume
 token, a stream that breaks does not cost the jobs. They keep running (an
@@ -463,9 +462,6 @@ class Session:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        # The credit goes first: the server claims the next jobs while it
-        # completes these (it handles a stream's messages in order).
-        self._grant_free()
         if self._pending_results:
             results, self._pending_results = self._pending_results, []
             if self._settings.resume_token:
@@ -484,6 +480,7 @@ class Session:
                 message.append(result)
                 carrying += heavy
             self._stream.send_results(message)
+        self._grant_free()
         if self._pending_finished:
             finished, self._pending_finished = self._pending_finished, []
             if logger.isEnabledFor(logging.INFO):
