@@ -87,7 +87,10 @@ class WorkerStream:
     the dispatcher, the reaper and the ClaimJobs handler), which keep one
     rule: a stream never holds more leases than it was granted credits.
     `credits` are the free ones; `aside` those set aside for hand-offs under
-    way, each settled as a lease or given back."""
+    way, each settled as a lease or given back. `finishing` are held leases
+    whose results are being recorded: their slots are free at the worker,
+    which may grant them again meanwhile, so they count as neither busy
+    slots nor SYSTEM work (reserved slots, preemption)."""
 
     worker_id: str
     incarnation_id: str
@@ -98,6 +101,7 @@ class WorkerStream:
     credits: int = 0
     aside: int = 0
     outstanding: dict[str, Lease] = field(default_factory=dict)
+    finishing: set[str] = field(default_factory=set)
     draining: bool = False
     # Tells the worker a lease it holds was revoked: (lease id, reason, and
     # whether the job went back to the queue rather than being cancelled).
@@ -148,10 +152,16 @@ class WorkerStream:
     def holds(self, lease_id: str) -> bool:
         return lease_id in self.outstanding
 
+    def finish(self, lease_ids: list[str]) -> None:
+        """Results for these held leases are being recorded: each stays held
+        until its result is answered (`drop`), but its slot is free."""
+        self.finishing.update(lease_id for lease_id in lease_ids if lease_id in self.outstanding)
+
     def drop(self, lease_id: str) -> None:
         """Forget a lease that ended (result, release, refusal, reap)."""
         self.outstanding.pop(lease_id, None)
         self.progress.pop(lease_id, None)
+        self.finishing.discard(lease_id)
 
     def revoke(self, lease_id: str, reason: str, *, requeued: bool = False) -> bool:
         """A held lease was revoked (its job cancelled, deleted, or handed
@@ -159,6 +169,7 @@ class WorkerStream:
         if self.outstanding.pop(lease_id, None) is None:
             return False
         self.progress.pop(lease_id, None)
+        self.finishing.discard(lease_id)
         self.revoked(lease_id, reason, requeued)
         return True
 
@@ -190,6 +201,7 @@ class WorkerStream:
         held = list(self.outstanding)
         self.outstanding.clear()
         self.progress.clear()
+        self.finishing.clear()
         return held
 
     @property
@@ -197,12 +209,22 @@ class WorkerStream:
         return len(self.outstanding)
 
     @property
+    def busy_slots(self) -> int:
+        """Held leases whose jobs still run (not finishing)."""
+        return len(self.outstanding) - len(self.finishing)
+
+    @property
     def accepts_system(self) -> bool:
         return self.min_priority <= SYSTEM
 
     @property
-    def system_outstanding(self) -> int:
-        return sum(1 for lease in self.outstanding.values() if lease.job.priority <= SYSTEM)
+    def system_running(self) -> int:
+        """Held SYSTEM-level jobs that still run (not finishing)."""
+        return sum(
+            1
+            for lease_id, lease in self.outstanding.items()
+            if lease.job.priority <= SYSTEM and lease_id not in self.finishing
+        )
 
     @property
     def label(self) -> str:
@@ -488,7 +510,9 @@ class Dispatcher:
             for s in self.streams.values()
             if not s.draining
             for lease in s.outstanding.values()
-            if lease.job.priority <= SYSTEM and lease.preemptions < cap
+            if lease.job.priority <= SYSTEM
+            and lease.preemptions < cap
+            and lease.lease_id not in s.finishing
         ]
         if not victims:
             return
@@ -563,9 +587,9 @@ class Dispatcher:
 
     def _system_budget(self) -> int:
         shared = [s for s in self.streams.values() if s.accepts_system and not s.draining]
-        slots = sum(s.credits + s.aside + s.held_leases for s in shared)
+        slots = sum(s.credits + s.aside + s.busy_slots for s in shared)
         # A hand-off under way may take a SYSTEM job: counted as one.
-        busy = sum(s.system_outstanding + s.aside for s in shared)
+        busy = sum(s.system_running + s.aside for s in shared)
         allowed = slots - self.reserved_slots if slots > self.reserved_slots else min(slots, 1)
         return max(0, allowed - busy)
 

@@ -159,6 +159,9 @@ class ClaimSession:
         self._heartbeats: set[asyncio.Future[Any]] = set()
         self._task: asyncio.Task[object] | None = None
         self._context: grpc.aio.ServicerContext[Any, Any] | None = None
+        # The recording of the last results message, under way: the messages
+        # after it wait for it, but for credits (see `_read`).
+        self._completing: asyncio.Task[None] | None = None
 
     # -- entry point ------------------------------------------------------------
 
@@ -261,7 +264,7 @@ class ClaimSession:
     ) -> None:
         """Give up what the stream holds: detached for its worker to resume
         when the stream broke, released otherwise."""
-        for task in (reader, pinger):
+        for task in (reader, pinger, self._completing):
             if task is not None:
                 task.cancel()
         self.dispatcher.remove(stream)
@@ -572,7 +575,19 @@ class ClaimSession:
                 self.last_heard = time.monotonic()
                 if self.stream is not None:
                     self.stream.last_message = time.time()
+                # A stream's messages take effect in order, but for credits:
+                # a worker grants the slots of finished jobs right after
+                # their results, and the claim for them runs while the
+                # results are recorded (their leases count as finishing).
+                if (
+                    self._completing is not None
+                    and message.WhichOneof("message") != "credit"
+                    and not await self._completed()
+                ):
+                    return
                 await self._handle(message)
+            if self._completing is not None and not await self._completed():
+                return
         except RealmError as e:
             if not isinstance(e, InvalidArgument):
                 log.warning("stream ended", extra={"error": str(e), "stream": self._label()})
@@ -603,6 +618,29 @@ class ClaimSession:
     def _label(self) -> str:
         return self.stream.label if self.stream is not None else "-"
 
+    async def _completed(self) -> bool:
+        """Wait for the results under way; False if recording them ended
+        the stream."""
+        assert self._completing is not None
+        await self._completing
+        self._completing = None
+        return self.error is None
+
+    async def _record(self, results: spb.JobResults) -> None:
+        """`_results` as a task of its own, ending the stream as `_read`
+        would on its error."""
+        try:
+            await self._results(results)
+        except RealmError as e:
+            if not isinstance(e, InvalidArgument):
+                log.warning("stream ended", extra={"error": str(e), "stream": self._label()})
+            self._fail(e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream reader failed", extra={"stream": self._label()})
+            self._fail(InternalError())
+
     async def _handle(self, message: spb.ClaimJobsRequest) -> None:
         stream = self.stream
         assert stream is not None
@@ -622,7 +660,10 @@ class ClaimSession:
         elif kind == "entries":
             await self._entries(message.entries)
         elif kind == "results":
-            await self._results(message.results)
+            # The slots of the jobs these results end are free at the worker
+            # from now on; recording them runs beside the next credit.
+            stream.finish(self._ending(message.results))
+            self._completing = asyncio.create_task(self._record(message.results))
         elif kind == "release":
             await self._release(message.release)
         elif kind == "ping":
@@ -794,6 +835,17 @@ class ClaimSession:
         if await asyncio.to_thread(self.queue.refuse_entries, lease_id, reason) is not None:
             self.dispatcher.wake()
         self._ack([self._refusal(lease_id, reason)])
+
+    def _ending(self, results: spb.JobResults) -> list[str]:
+        """The held leases these results end, whatever their answer: a
+        success or a failure ends its lease (refused or not); a result
+        without an outcome is refused and leaves it held."""
+        ending = (
+            spb.JobResult.OUTCOME_SUCCEEDED,
+            spb.JobResult.OUTCOME_FAILED,
+            spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
+        )
+        return [r.lease_id for r in results.results[:MAX_CREDITS] if r.outcome in ending]
 
     async def _results(self, results: spb.JobResults) -> None:
         acks: dict[int, spb.LeaseAck] = {}

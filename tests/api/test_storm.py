@@ -5,11 +5,14 @@ the very next job when a slot frees. Order is asserted, never speed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
+from sqlalchemy import text
 
 from tests.api.conftest import LiveServer
 from tests.api.helpers import (
@@ -108,6 +111,43 @@ def test_without_reserved_slots_nor_preemption_the_user_job_is_next_when_a_slot_
     assert queued_count(live.srv.db, priority=SYSTEM) == STORM - 3
     for s in streams:
         s.close()
+
+
+@contextlib.contextmanager
+def _store_held(live: LiveServer, job_id: int) -> Iterator[None]:
+    """Another transaction holds what recording the job's result needs: the
+    job's row on PostgreSQL, the write lock on SQLite."""
+    lock = " FOR UPDATE" if live.srv.db.backend == "postgresql" else ""
+    with live.srv.db.engine.begin() as conn:
+        conn.execute(text(f"SELECT id FROM jobs WHERE id = :id{lock}"), {"id": job_id})
+        yield
+
+
+def test_a_user_jobs_slot_stays_reserved_while_its_result_is_recorded(
+    live_with: Callable[..., LiveServer],
+) -> None:
+    """A worker grants a finished job's slot right after its result, and the
+    server takes the credit while it still records the result (the claim for
+    it runs meanwhile). The slot a USER job leaves is the reserved one: the
+    credit brings no SYSTEM job, then or after."""
+    live = _storm(live_with, reserved_slots=1)
+    stream = open_stream(live.stub, "w1", credits=2)
+    (system,) = stream.assignments(1)  # two slots, one reserved
+    assert system.job.priority == SYSTEM
+    created = create_realm(live.stub, "urgent", priority=USER)
+    (user,) = stream.assignments(1)
+    assert user.job.job_id == created.job.job_id
+    with _store_held(live, int(user.job.job_id)):
+        stream.send_result(user.lease_id)
+        stream.credit(1)
+        time.sleep(0.5)  # the credit is taken while the result waits
+    (ack,) = stream.acks()
+    assert ack.accepted and ack.job_state == pb.Job.STATE_SUCCEEDED, ack
+    late = stream.poll(timeout=1.0)
+    assert late is None, late
+    assert queued_count(live.srv.db, priority=SYSTEM) == STORM - 1
+    assert get_job(live.stub, system.job.job_id).state == pb.Job.STATE_RUNNING
+    stream.close()
 
 
 def _revocations(streams: list[StreamClient]) -> dict[StreamClient, list[spb.LeaseAck]]:

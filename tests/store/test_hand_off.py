@@ -254,7 +254,7 @@ def test_hand_offs_under_way_keep_the_reserved_slot(queue: JobQueue) -> None:
 
     results = asyncio.run(storm())
     # Which of the two starts depends on which transaction commits first.
-    assert len(got) == 1 and stream.system_outstanding == 1
+    assert len(got) == 1 and stream.system_running == 1
     assert (stream.credits, stream.aside) == (1, 0)
     states = [queue.get_job(r.job.job_id).state for r in results]
     assert sorted(states) == [JobState.QUEUED, JobState.RUNNING]

@@ -4,19 +4,21 @@ how far its jobs are, and credits."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
 
-from realm_service.dispatcher import WorkerStream, _plan
-from realm_service.domain import SYSTEM, Job, JobKind, JobState, Lease
+from realm_service.dispatcher import Dispatcher, WorkerStream, _plan
+from realm_service.domain import SYSTEM, USER, Job, JobKind, JobState, Lease
+from realm_service.queue import JobQueue
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def lease(lease_id: str, done: int, total: int) -> Lease:
+def lease(lease_id: str, done: int, total: int, *, priority: int = SYSTEM) -> Lease:
     job = Job(
         job_id=1,
         realm_id="r",
         kind=JobKind.FROM_SCRATCH,
-        priority=SYSTEM,
+        priority=priority,
         state=JobState.RUNNING,
         attempt=1,
         create_time=NOW,
@@ -84,3 +86,52 @@ def test_a_claim_plan_fills_a_stream_before_handing_a_crumb_to_another() -> None
     assert len(plan) == 65
     assert {s.worker_id for s in plan[:64]} == {"free"}
     assert plan[64].worker_id == "holding"
+
+
+def _budget(*streams: WorkerStream, reserved: int = 1) -> int:
+    """SYSTEM jobs a claim may take now (the dispatcher's reserved slots)."""
+    dispatcher = Dispatcher(cast(JobQueue, None), reserved_slots=reserved)
+    for stream in streams:
+        dispatcher.streams[stream.stream_id] = stream
+    return dispatcher.system_budget()
+
+
+def test_a_finishing_user_job_leaves_its_slot_reserved_for_users() -> None:
+    """Two slots, one reserved, during a storm: one SYSTEM job and one USER
+    job run. The USER job ends and its worker grants the slot again while
+    the server still records the result: the slot is the reserved one, so a
+    claim for the credit may take no SYSTEM job."""
+    stream = _stream("w", 2)
+    stream.assign(lease("system", 0, 0))
+    stream.assign(lease("user", 0, 0, priority=USER))
+    assert _budget(stream) == 0
+    stream.finish(["user"])
+    stream.grant(1)
+    assert (stream.busy_slots, stream.system_running, stream.held_leases) == (1, 1, 2)
+    assert _budget(stream) == 0
+    stream.drop("user")
+    assert _budget(stream) == 0
+
+
+def test_a_finishing_system_job_frees_its_slot_for_the_next_one() -> None:
+    """One slot, one reserved (a small fleet runs one SYSTEM job at a time):
+    the credit granted for a finished SYSTEM job may take the next one at
+    once, while the result is still being recorded."""
+    stream = _stream("w", 1)
+    stream.assign(lease("system", 0, 0))
+    stream.finish(["system"])
+    stream.grant(1)
+    assert _budget(stream) == 1
+
+
+def test_a_finishing_lease_is_held_until_dropped() -> None:
+    stream = _stream("w", 2)
+    stream.assign(lease("a", 0, 0))
+    stream.finish(["a", "not-held"])
+    assert stream.finishing == {"a"}
+    assert stream.holds("a") and stream.held_leases == 1 and stream.busy_slots == 0
+    assert stream.revoke("a", "cancelled")
+    assert stream.finishing == set()
+    stream.assign(lease("b", 0, 0))
+    stream.finish(["b"])
+    assert stream.drop_all() == ["b"] and stream.finishing == set()
