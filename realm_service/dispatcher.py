@@ -7,7 +7,7 @@ one claim for their summed credits, so a thousand idle streams cost one query
 per wake-up, not a thousand.
 
 Reserved slots: across the streams that accept SYSTEM-level work, at most
-`slots - reserved` of them hold SYSTEM jobs at once, so a USER job finds a free
+`slots - reserved` of them run SYSTEM jobs at once, so a USER job finds a free
 slot immediately during a storm. When all such streams together have no more
 slots than are reserved, one SYSTEM job may still run, so the backlog never
 starves.
@@ -540,15 +540,20 @@ class Dispatcher:
             if waiting is None or waiting.job_id in self._preempted_for:
                 continue
             if any(
-                s.credits + s.aside > 0 and not s.draining and s.accepts(waiting)
+                s.credits + s.aside + len(s.finishing) > 0 and not s.draining and s.accepts(waiting)
                 for s in self.streams.values()
             ):
                 # A free slot takes it in the next round, or a hand-off under
                 # way (its claim takes the best job in line) or the round
-                # after it.
+                # after it; so does a slot whose job's result is being
+                # recorded (its worker grants it again right after).
                 continue
             held = [
-                (s, lease) for s, lease in victims if s.accepts(waiting) and s.holds(lease.lease_id)
+                (s, lease)
+                for s, lease in victims
+                if s.accepts(waiting)
+                and s.holds(lease.lease_id)
+                and lease.lease_id not in s.finishing
             ]
             if not held:
                 continue

@@ -560,7 +560,10 @@ class ClaimSession:
         )
 
     def _fail(self, error: RealmError) -> None:
-        self.error = error
+        """End the stream with `error`; the first error is the one reported
+        (the reader and a recording of results may both fail)."""
+        if self.error is None:
+            self.error = error
         self.outbox.put_nowait(None)
 
     # -- reading --------------------------------------------------------------------
@@ -579,15 +582,11 @@ class ClaimSession:
                 # a worker grants the slots of finished jobs right after
                 # their results, and the claim for them runs while the
                 # results are recorded (their leases count as finishing).
-                if (
-                    self._completing is not None
-                    and message.WhichOneof("message") != "credit"
-                    and not await self._completed()
-                ):
-                    return
+                if self._completing is not None and message.WhichOneof("message") != "credit":
+                    await self._completed()
+                if self.error is not None:
+                    return  # recording the results ended the stream
                 await self._handle(message)
-            if self._completing is not None and not await self._completed():
-                return
         except RealmError as e:
             if not isinstance(e, InvalidArgument):
                 log.warning("stream ended", extra={"error": str(e), "stream": self._label()})
@@ -600,6 +599,11 @@ class ClaimSession:
         except Exception:
             log.exception("stream reader failed", extra={"stream": self._label()})
             self._fail(InternalError())
+            return
+        # Results read before the requests ended are recorded first.
+        if self._completing is not None:
+            await self._completed()
+        if self.error is not None:
             return
         # The requests ended: the worker closed its side, or the call was
         # cancelled (cut, the worker gone), which the context may say only
@@ -618,13 +622,12 @@ class ClaimSession:
     def _label(self) -> str:
         return self.stream.label if self.stream is not None else "-"
 
-    async def _completed(self) -> bool:
-        """Wait for the results under way; False if recording them ended
-        the stream."""
+    async def _completed(self) -> None:
+        """Wait for the results under way (recording them may have ended
+        the stream: `error`)."""
         assert self._completing is not None
         await self._completing
         self._completing = None
-        return self.error is None
 
     async def _record(self, results: spb.JobResults) -> None:
         """`_results` as a task of its own, ending the stream as `_read`
@@ -651,7 +654,9 @@ class ClaimSession:
             n = message.credit.credits
             if n <= 0 or n > MAX_CREDITS:
                 raise ProtocolError(f"credit.credits {n} is out of range 1-{MAX_CREDITS}")
-            if stream.credits + stream.aside + stream.held_leases + n > MAX_CREDITS:
+            # Finishing leases are not counted: their slots are the ones the
+            # worker grants again right after their results.
+            if stream.credits + stream.aside + stream.busy_slots + n > MAX_CREDITS:
                 raise ProtocolError(f"more than {MAX_CREDITS} credits outstanding")
             stream.grant(n)
             self.dispatcher.wake()
@@ -836,16 +841,21 @@ class ClaimSession:
             self.dispatcher.wake()
         self._ack([self._refusal(lease_id, reason)])
 
-    def _ending(self, results: spb.JobResults) -> list[str]:
-        """The held leases these results end, whatever their answer: a
-        success or a failure ends its lease (refused or not); a result
-        without an outcome is refused and leaves it held."""
+    @staticmethod
+    def _ending(results: spb.JobResults) -> list[str]:
+        """The leases these results end, whatever their answer: a success or
+        a failure ends its lease (refused or not); a result without an
+        outcome is refused and leaves it held. Only a lease's first result
+        in the message counts, as in `_results`."""
         ending = (
             spb.JobResult.OUTCOME_SUCCEEDED,
             spb.JobResult.OUTCOME_FAILED,
             spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
         )
-        return [r.lease_id for r in results.results[:MAX_CREDITS] if r.outcome in ending]
+        first: dict[str, bool] = {}
+        for r in results.results[:MAX_CREDITS]:
+            first.setdefault(r.lease_id, r.outcome in ending)
+        return [lease_id for lease_id, ends in first.items() if ends]
 
     async def _results(self, results: spb.JobResults) -> None:
         acks: dict[int, spb.LeaseAck] = {}

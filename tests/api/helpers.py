@@ -3,10 +3,11 @@ and a small threaded worker that completes whatever its stream is given."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ import grpc
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import realm_service_pb2_grpc as sgrpc
 from realm.v1 import resources_pb2 as pb
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from realm_service.domain import SYSTEM, JobKind
 from realm_service.store.db import Database
@@ -345,3 +346,13 @@ class CompletingWorker:
         self.stream.close()
         if self.errors:
             raise self.errors[0]
+
+
+@contextlib.contextmanager
+def store_held(db: Database, job_id: int) -> Iterator[None]:
+    """Another transaction holds what recording the job's result needs: the
+    job's row on PostgreSQL, the write lock on SQLite."""
+    lock = " FOR UPDATE" if db.backend == "postgresql" else ""
+    with db.engine.begin() as conn:
+        conn.execute(text(f"SELECT id FROM jobs WHERE id = :id{lock}"), {"id": job_id})
+        yield

@@ -5,14 +5,12 @@ the very next job when a slot frees. Order is asserted, never speed."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
-from sqlalchemy import text
 
 from tests.api.conftest import LiveServer
 from tests.api.helpers import (
@@ -28,6 +26,7 @@ from tests.api.helpers import (
     poll,
     queued_count,
     realm_jobs,
+    store_held,
     stored_jobs,
 )
 from tests.api.worker_stream import StreamClient
@@ -113,16 +112,6 @@ def test_without_reserved_slots_nor_preemption_the_user_job_is_next_when_a_slot_
         s.close()
 
 
-@contextlib.contextmanager
-def _store_held(live: LiveServer, job_id: int) -> Iterator[None]:
-    """Another transaction holds what recording the job's result needs: the
-    job's row on PostgreSQL, the write lock on SQLite."""
-    lock = " FOR UPDATE" if live.srv.db.backend == "postgresql" else ""
-    with live.srv.db.engine.begin() as conn:
-        conn.execute(text(f"SELECT id FROM jobs WHERE id = :id{lock}"), {"id": job_id})
-        yield
-
-
 def test_a_user_jobs_slot_stays_reserved_while_its_result_is_recorded(
     live_with: Callable[..., LiveServer],
 ) -> None:
@@ -137,7 +126,7 @@ def test_a_user_jobs_slot_stays_reserved_while_its_result_is_recorded(
     created = create_realm(live.stub, "urgent", priority=USER)
     (user,) = stream.assignments(1)
     assert user.job.job_id == created.job.job_id
-    with _store_held(live, int(user.job.job_id)):
+    with store_held(live.srv.db, int(user.job.job_id)):
         stream.send_result(user.lease_id)
         stream.credit(1)
         time.sleep(0.5)  # the credit is taken while the result waits
