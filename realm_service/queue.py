@@ -66,6 +66,9 @@ INLINE_PATHS = 8
 INLINE_BYTES = 64 << 10
 INLINE_JOBS = 16
 GITIGNORE_PATH = ".gitignore"
+# Live jobs beyond twice the planner's count of `jobs` by this many: the
+# table outgrew the plans cached for it (see `JobQueue.analyze_if_outgrown`).
+OUTGROWN_SLACK = 1_000
 
 
 @dataclass(frozen=True)
@@ -1033,6 +1036,23 @@ class JobQueue:
     def running_count(self) -> int:
         with self.db.read_transaction() as tx:
             return jobs_sql.running_count(tx)
+
+    def analyze_if_outgrown(self, live_jobs: int) -> bool:
+        """ANALYZE `jobs` when the queued and running jobs alone outnumber
+        twice (and by a thousand) what PostgreSQL's planner last recorded
+        for the whole table: a backlog that grew fast (a storm of single
+        enqueues, rows written by other means) from a table that was small.
+        The generic plans PostgreSQL cached for the hot path while it was
+        small read all of it, and stay cached until an ANALYZE, which
+        autovacuum would run only up to a minute later. True if it ran."""
+        if self.db.backend != "postgresql":
+            return False
+        with self.db.read_transaction() as tx:
+            planned = jobs_sql.planned_rows(tx)
+        if live_jobs <= 2 * (planned or 0.0) + OUTGROWN_SLACK:
+            return False
+        self.db.analyze("jobs")
+        return True
 
     def explain_reads(
         self, job_id: int

@@ -183,8 +183,13 @@ class RealmServer:
             metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
             age = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
             metrics.QUEUE_OLDEST.labels(str(priority)).set(age)
-        metrics.JOBS.labels(JobState.QUEUED.value).set(sum(c for c, _ in seen.values()))
+        queued = sum(c for c, _ in seen.values())
+        metrics.JOBS.labels(JobState.QUEUED.value).set(queued)
         metrics.JOBS.labels(JobState.RUNNING.value).set(running)
+        if await asyncio.to_thread(self.queue.analyze_if_outgrown, queued + running):
+            log.info(
+                "jobs table analyzed: it outgrew its plans", extra={"live_jobs": queued + running}
+            )
 
     async def _housekeeping(self) -> None:
         """Slow chores: forget request ids past their retention, and rows of

@@ -384,9 +384,9 @@ class Database:
         for realm_id in tx.deleted_realms:
             self._realm_deleted(realm_id)
         for table in sorted(tx.stale_statistics):
-            self._analyze(table)
+            self.analyze(table)
 
-    def _analyze(self, table: str) -> None:
+    def analyze(self, table: str) -> None:
         """ANALYZE one of our tables; best effort (autovacuum does it later)."""
         try:
             with self.sessions() as session, session.begin():

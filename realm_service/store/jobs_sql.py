@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select
+from sqlalchemy import Table, and_, bindparam, func, or_, select, text
 
 from realm_service.domain import (
     Attempt,
@@ -88,6 +88,18 @@ def queue_depth(tx: Tx) -> list[tuple[int, int, datetime | None]]:
         .group_by(JobRow.priority)
     ).all()
     return [(int(p), int(c), t) for p, c, t in rows]
+
+
+def planned_rows(tx: Tx) -> float | None:
+    """The row count of `jobs` PostgreSQL's planner last recorded (ANALYZE,
+    VACUUM), or None: never recorded, or not PostgreSQL."""
+    if tx.backend != "postgresql":
+        return None
+    rows = tx.session.execute(_PLANNED_ROWS).scalar()
+    return None if rows is None or rows < 0 else float(rows)
+
+
+_PLANNED_ROWS = text("SELECT reltuples FROM pg_class WHERE oid = to_regclass('jobs')")
 
 
 def running_count(tx: Tx) -> int:
