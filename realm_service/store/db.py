@@ -395,10 +395,14 @@ class Database:
             log.warning("could not analyze table", extra={"table": table, "error": str(e)})
 
     def ping(self) -> bool:
+        """Whether the store answers. The read commits: after a ROLLBACK,
+        psycopg deallocates every statement it prepared on the connection
+        (it cannot tell which ones the rollback undid), and the pool hands
+        out the connection used last, the busiest one."""
         try:
             with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
                 conn.execute(text("SELECT 1"))
-                conn.rollback()
+                conn.commit()
             return True
         except Exception:
             return False

@@ -57,3 +57,27 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(
         _backend_pid(db)
     # ... and the pool let go of it: the next transaction gets a live one.
     assert _backend_pid(db) != pid
+
+
+def _prepared(db: Database) -> tuple[int, set[str]]:
+    """The backend and the statements psycopg prepared on it (a statement run
+    five times on a connection is prepared)."""
+    with db.transaction() as tx:
+        pid = int(tx.session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        names = set(tx.session.scalars(text("SELECT name FROM pg_prepared_statements")))
+        return pid, names
+
+
+def test_a_health_ping_keeps_the_connections_prepared_statements(db: Database) -> None:
+    """The health check's ping ends its transaction with a commit: a
+    ROLLBACK makes psycopg deallocate every statement it had prepared on
+    the connection, and the pool hands the health check the connection used
+    last, the busiest one, whose statements were then parsed and planned
+    again after every check."""
+    for _ in range(6):
+        pid, before = _prepared(db)
+    assert before, "the repeated statements were not prepared"
+    assert db.ping()
+    again, after = _prepared(db)
+    assert again == pid  # the same pooled connection (the pool is last in, first out)
+    assert before <= after
