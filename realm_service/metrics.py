@@ -40,24 +40,23 @@ def priority_class(priority: int) -> str:
 
 def run_duration(kind: str, priority: int) -> Any:
     """RUN_DURATION's child for a job (children cached: `labels` is not free)."""
-    return _child("run", kind, priority)
+    return _child(RUN_DURATION, kind, priority)
 
 
 def dispatch_latency(kind: str, priority: int) -> Any:
     """DISPATCH_LATENCY's child for a job, cached as `run_duration`'s."""
-    return _child("dispatch", kind, priority)
+    return _child(DISPATCH_LATENCY, kind, priority)
 
 
-def _child(metric: str, kind: str, priority: int) -> Any:
-    key = (metric, kind, priority <= SYSTEM)
+def _child(histogram: Histogram, kind: str, priority: int) -> Any:
+    key = (histogram, kind, priority <= SYSTEM)
     child = _children.get(key)
     if child is None:
-        histogram = RUN_DURATION if metric == "run" else DISPATCH_LATENCY
         child = _children[key] = histogram.labels(kind, priority_class(priority))
     return child
 
 
-_children: dict[tuple[str, str, bool], Any] = {}
+_children: dict[tuple[Histogram, str, bool], Any] = {}
 
 
 QUEUE_DEPTH = Gauge(

@@ -588,17 +588,14 @@ class ClaimSession:
                     return  # recording the results ended the stream
                 await self._handle(message)
         except RealmError as e:
-            if not isinstance(e, InvalidArgument):
-                log.warning("stream ended", extra={"error": str(e), "stream": self._label()})
-            self._fail(e)
+            self._ended_by(e)
             return
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except grpc.RpcError:
             self.broken = True  # the call itself ended (the worker went away)
-        except Exception:
-            log.exception("stream reader failed", extra={"stream": self._label()})
-            self._fail(InternalError())
+        except Exception as e:
+            self._ended_by(e)
             return
         # Results read before the requests ended are recorded first.
         if self._completing is not None:
@@ -634,15 +631,21 @@ class ClaimSession:
         would on its error."""
         try:
             await self._results(results)
-        except RealmError as e:
-            if not isinstance(e, InvalidArgument):
-                log.warning("stream ended", extra={"error": str(e), "stream": self._label()})
-            self._fail(e)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("stream reader failed", extra={"stream": self._label()})
-            self._fail(InternalError())
+        except Exception as e:
+            self._ended_by(e)
+
+    def _ended_by(self, error: Exception) -> None:
+        """End the stream on an error of its messages: a RealmError with its
+        own status (a store failure logged), anything else as INTERNAL."""
+        if isinstance(error, RealmError):
+            if not isinstance(error, InvalidArgument):
+                log.warning("stream ended", extra={"error": str(error), "stream": self._label()})
+            self._fail(error)
+            return
+        log.error("stream reader failed", exc_info=error, extra={"stream": self._label()})
+        self._fail(InternalError())
 
     async def _handle(self, message: spb.ClaimJobsRequest) -> None:
         stream = self.stream
