@@ -253,15 +253,13 @@ def claim(
     # write to its tuple), so scanning twice the rows doubled that cost.
     scan = limit + 8
     while True:
-        candidates = list(
-            map(_Candidate._make, tx.session.execute(query, {**params, "scan": scan}))
-        )
+        candidates = list(map(_Candidate._make, tx.conn.execute(query, {**params, "scan": scan})))
         first_per_realm: dict[str, _Candidate] = {}
         for row in candidates:
             first_per_realm.setdefault(row.realm_id, row)
         locked = set(first_per_realm)
         if pg and concurrent and locked:
-            locked -= set(tx.session.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
+            locked -= set(tx.conn.scalars(_BUSY_REALMS, {"realm_ids": list(locked)}))
         eligible = [row for realm_id, row in first_per_realm.items() if realm_id in locked]
         chosen, lanes_full = _take(eligible, limit, system_cap)
         if lanes_full or len(candidates) < scan or scan >= 100_000:
@@ -287,7 +285,7 @@ def claim(
     # statement on PostgreSQL, two on SQLite).
     new_rows = [(row.id, leases[row.id], holder[row.id]) for row in chosen]
     if pg:
-        tx.session.execute(
+        tx.conn.execute(
             _claim_write_pg(),
             {
                 **rows_params(tx.backend, "v", _NEW_ATTEMPT_COLUMNS, new_rows),
@@ -300,7 +298,7 @@ def claim(
     insert_attempts, start_jobs = _claim_writes(tx.backend)
     attempt_ids = dict(
         (row.job_id, row.id)
-        for row in tx.session.execute(
+        for row in tx.conn.execute(
             insert_attempts,
             {
                 **rows_params(tx.backend, "v", _NEW_ATTEMPT_COLUMNS, new_rows),
@@ -310,7 +308,7 @@ def claim(
         )
     )
     started_rows = [(j, lease, attempt_ids[j], w) for j, lease, w in new_rows]
-    tx.session.execute(
+    tx.conn.execute(
         start_jobs,
         {
             **rows_params(tx.backend, "s", _STARTED_COLUMNS, started_rows),
@@ -367,5 +365,5 @@ def first_waiting(tx: Tx, *, min_priority: int, kinds: Sequence[JobKind] | None)
     params: dict[str, Any] = {"min_priority": min_priority, "max_priority": _ANY_PRIORITY}
     if kinds:
         params["kinds"] = [k.value for k in kinds]
-    row = tx.session.execute(_first_in_line(bool(kinds)), params).first()
+    row = tx.conn.execute(_first_in_line(bool(kinds)), params).first()
     return None if row is None else to_job(row)

@@ -71,7 +71,7 @@ def realm_jobs(
         queued: dict[JobKind, Job] = {}
         running: Job | None = None
         seen: int | None = None  # None: no realm row
-        for row in tx.session.execute(_REALM_JOBS, params):
+        for row in tx.conn.execute(_REALM_JOBS, params):
             if row.realm_row is None:
                 queued[JobKind(row.kind)] = to_job(row)
                 continue
@@ -134,7 +134,7 @@ _REALM_JOBS = union_all(
 
 
 def has_from_scratch(tx: Tx, realm_id: str, states: Sequence[JobState]) -> bool:
-    count = tx.session.scalar(
+    count = tx.conn.scalar(
         select(func.count())
         .select_from(_JOBS)
         .where(
@@ -153,7 +153,7 @@ def merge(tx: Tx, job: Job, priority: int, paths: Sequence[PathChange] = ()) -> 
     top = max(job.priority, priority)
     if top == job.priority and merged == job.path_changes:
         return job
-    tx.session.execute(
+    tx.conn.execute(
         _MERGE, {"b_id": job.job_id, "b_priority": top, "b_paths": encode_paths(merged)}
     )
     tx.job_changed([job.job_id])
@@ -163,7 +163,7 @@ def merge(tx: Tx, job: Job, priority: int, paths: Sequence[PathChange] = ()) -> 
 def raise_priority(tx: Tx, job_ids: Sequence[int], priority: int) -> None:
     """Raise queued jobs to `priority`; never lower one."""
     if job_ids:
-        tx.session.execute(_RAISE, {"ids": list(job_ids), "p": priority})
+        tx.conn.execute(_RAISE, {"ids": list(job_ids), "p": priority})
         tx.job_changed(job_ids)
 
 
@@ -185,7 +185,7 @@ def insert_job(
         paths=paths,
         trace_parent=trace_parent,
     )
-    row = tx.session.execute(_INSERT, values).one()
+    row = tx.conn.execute(_INSERT, values).one()
     tx.announce_new_work()
     tx.job_changed([row.id])
     return to_job(row)
@@ -224,7 +224,7 @@ def try_insert_job(
         paths=paths,
         trace_parent=trace_parent,
     )
-    row = tx.session.execute(_INSERT_UNLESS_QUEUED, values).first()
+    row = tx.conn.execute(_INSERT_UNLESS_QUEUED, values).first()
     if row is None:
         return None
     tx.announce_new_work()
@@ -254,11 +254,11 @@ def active_from_scratch(tx: Tx, realm_ids: Sequence[str]) -> dict[str, Job]:
     scratch = (_JOBS.c.realm_id.in_(list(realm_ids)), _JOBS.c.kind == JobKind.FROM_SCRATCH.value)
     queued = {
         row.realm_id: to_job(row)
-        for row in tx.session.execute(
+        for row in tx.conn.execute(
             select(_JOBS).where(*scratch, _JOBS.c.state == QUEUED).with_for_update()
         )
     }
-    running = tx.session.execute(select(_JOBS).where(*scratch, _JOBS.c.state == RUNNING))
+    running = tx.conn.execute(select(_JOBS).where(*scratch, _JOBS.c.state == RUNNING))
     return {**{row.realm_id: to_job(row) for row in running}, **queued}
 
 
@@ -275,8 +275,8 @@ def try_insert_from_scratch_jobs(
         for realm_id in realm_ids
     ]
     try:
-        with tx.session.begin_nested():
-            jobs = [to_job(row) for row in tx.session.execute(_INSERT, rows)]
+        with tx.conn.begin_nested():
+            jobs = [to_job(row) for row in tx.conn.execute(_INSERT, rows)]
     except exc.IntegrityError:
         return None
     tx.announce_new_work()
@@ -288,14 +288,14 @@ def supersede(tx: Tx, job: Job, by: Job) -> None:
     """A queued job (locked by `realm_jobs`) folds into `by`, a queued or
     running job of the realm that does its work: it leaves the queue, reads
     of it follow `by`, and a queued `by` keeps the earlier place in line."""
-    seq = tx.session.scalar(
+    seq = tx.conn.scalar(
         update(_JOBS)
         .where(_JOBS.c.id == job.job_id, _JOBS.c.state == QUEUED)
         .values(state=MERGED, superseded_by=by.job_id)
         .returning(_JOBS.c.seq)
     )
     if seq is not None:
-        tx.session.execute(
+        tx.conn.execute(
             update(_JOBS)
             .where(_JOBS.c.id == by.job_id, _JOBS.c.state == QUEUED, _JOBS.c.seq > seq)
             .values(seq=seq)

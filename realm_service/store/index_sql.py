@@ -38,7 +38,7 @@ from realm_service.store.sets import (
 from realm_service.store.tables import IndexEntryRow, JobRow, RealmFileRow, RealmRow, UTCDateTime
 
 
-def to_entry(row: IndexEntryRow) -> IndexEntry:
+def to_entry(row: Any) -> IndexEntry:
     return IndexEntry(
         path=row.path,
         mtime=row.mtime,
@@ -101,7 +101,7 @@ def stage_entries(
             "links": json.dumps(list(e.links)),
             "error_message": e.error_message,
         }
-    tx.session.execute(_upsert(tx.backend), list(rows.values()))
+    tx.conn.execute(_upsert(tx.backend), list(rows.values()))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -129,7 +129,7 @@ def count_staged_many(tx: Tx, generations: Sequence[tuple[str, int]]) -> dict[tu
     if not generations:
         return {}
     wanted = set(generations)
-    rows = tx.session.execute(
+    rows = tx.conn.execute(
         _COUNT_STAGED,
         {
             "realm_ids": sorted({r for r, _ in wanted}),
@@ -296,9 +296,7 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
     if not jobs:
         return
     ids = [realm_id for realm_id, _, _ in jobs]
-    realms = {
-        row.realm_id: row for row in tx.session.execute(_LOCK_GENERATIONS, {"realm_ids": ids})
-    }
+    realms = {row.realm_id: row for row in tx.conn.execute(_LOCK_GENERATIONS, {"realm_ids": ids})}
     stats: dict[str, dict[str, object]] = {}
     replaced: dict[str, int] = {}
     for realm_id, generation, from_scratch in jobs:
@@ -310,7 +308,7 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
             replaced[realm_id] = generation
             continue
         if tx.backend == "postgresql":
-            tx.session.execute(
+            tx.conn.execute(
                 _MERGE_PG,
                 {
                     "realm": realm_id,
@@ -337,11 +335,11 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
         # Generations are attempt ids, unique across realms: an entry of these
         # realms that is not in one of the new generations is not in its own.
         scratch_ids = list(replaced)
-        tx.session.execute(
+        tx.conn.execute(
             _DROP_REPLACED, {"realm_ids": scratch_ids, "generations": list(replaced.values())}
         )
         # The switch and the new generation's stats in one statement a realm.
-        switched_entries = tx.session.scalars(
+        switched_entries = tx.conn.scalars(
             _switch_counted(tx.backend),
             {
                 **rows_params(tx.backend, "g", _SWITCH_COLUMNS, sorted(replaced.items())),
@@ -354,9 +352,7 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
             # row by row.
             tx.statistics_changed("index_entries")
     if stats:
-        tx.session.execute(
-            _SET_GENERATION, [stats[realm_id] for realm_id in ids if realm_id in stats]
-        )
+        tx.conn.execute(_SET_GENERATION, [stats[realm_id] for realm_id in ids if realm_id in stats])
 
 
 # The same merge on PostgreSQL in one statement (one round trip, where the
@@ -418,7 +414,7 @@ def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> t
     realm's current generation; its tombstones remove them. Returns the
     change in (entries, errors, cards)."""
     keys = {"realm": realm_id, "staged": generation, "current": current}
-    staged = tx.session.execute(_STAGED, keys).all()
+    staged = tx.conn.execute(_STAGED, keys).all()
     paths = [row.path for row in staged]
     kept = [row for row in staged if not row.deleted]
     entries = len(kept)
@@ -426,13 +422,13 @@ def _merge_generation(tx: Tx, realm_id: str, generation: int, current: int) -> t
     cards = sum(row.card for row in kept)
     for start in range(0, len(paths), 1000):
         named = {**keys, "paths": paths[start : start + 1000]}
-        for error, card in tx.session.execute(_DROP_OLD_VERSIONS, named):
+        for error, card in tx.conn.execute(_DROP_OLD_VERSIONS, named):
             entries, errors, cards = entries - 1, errors - error, cards - card
     if len(kept) < len(staged):
-        tx.session.execute(_DROP_TOMBSTONES, keys)
+        tx.conn.execute(_DROP_TOMBSTONES, keys)
     bounds = {"realm": realm_id, "lo": min(generation, current), "hi": max(generation, current)}
-    tx.session.execute(_DROP_ORPHANS, bounds)
-    tx.session.execute(_PROMOTE, keys)
+    tx.conn.execute(_DROP_ORPHANS, bounds)
+    tx.conn.execute(_PROMOTE, keys)
     return entries, errors, cards
 
 
@@ -464,7 +460,7 @@ def search(
             # index for a rare one, the walk in path order for a common one.
             # A plan made once for all values (prepared statements, from the
             # sixth run on) would serve every type with one of them.
-            tx.session.execute(_CUSTOM_PLANS)
+            tx.conn.execute(_CUSTOM_PLANS)
     if text:
         pattern = (
             "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -477,12 +473,12 @@ def search(
         )
     if after_path:
         q = q.where(IndexEntryRow.path > after_path)
-    return [to_entry(r) for r in tx.session.scalars(q)]
+    return [to_entry(r) for r in tx.conn.execute(q)]
 
 
 def drop_generation(tx: Tx, realm_id: str, generation: int) -> None:
     """Discard what an attempt staged (its generation, never switched in)."""
-    tx.session.execute(
+    tx.conn.execute(
         delete(_ENTRIES).where(_ENTRIES.c.realm_id == realm_id, _ENTRIES.c.generation == generation)
     )
 
@@ -535,8 +531,8 @@ def discard_checkpoint(tx: Tx, job_id: int, realm_id: str, generation: int) -> N
     """An attempt that stages entries without having opened its job's
     checkpoint (its worker did not read the realm's listing) starts afresh:
     the checkpoint's entries go."""
-    tx.session.execute(_DROP_ALL, {"realm": realm_id, "generation": generation})
-    tx.session.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(checkpoint_kept=0))
+    tx.conn.execute(_DROP_ALL, {"realm": realm_id, "generation": generation})
+    tx.conn.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(checkpoint_kept=0))
 
 
 def open_checkpoint(tx: Tx, job_id: int, realm_id: str, generation: int, gitignore: str) -> int:
@@ -546,15 +542,15 @@ def open_checkpoint(tx: Tx, job_id: int, realm_id: str, generation: int, gitigno
     the number kept is recorded on the job (its completion counts them with
     the entries sent). Returns that number."""
     keys = {"realm": realm_id, "generation": generation}
-    now_sha = tx.session.scalar(select(gitignore_sha(realm_id)))
+    now_sha = tx.conn.scalar(select(gitignore_sha(realm_id)))
     if now_sha != gitignore:
-        tx.session.execute(_DROP_ALL, keys)
+        tx.conn.execute(_DROP_ALL, keys)
     else:
-        gone = {row.path for row in tx.session.execute(_CHANGED, keys)}
-        gone.update(tx.session.scalars(_TOMBSTONES, keys))
+        gone = {row.path for row in tx.conn.execute(_CHANGED, keys)}
+        gone.update(tx.conn.scalars(_TOMBSTONES, keys))
         paths = sorted(gone)
         for start in range(0, len(paths), 1000):
-            tx.session.execute(_DROP_PATHS, {**keys, "paths": paths[start : start + 1000]})
-    kept = int(tx.session.scalar(_COUNT_KEPT, keys) or 0)
-    tx.session.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(checkpoint_kept=kept))
+            tx.conn.execute(_DROP_PATHS, {**keys, "paths": paths[start : start + 1000]})
+    kept = int(tx.conn.scalar(_COUNT_KEPT, keys) or 0)
+    tx.conn.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(checkpoint_kept=kept))
     return kept

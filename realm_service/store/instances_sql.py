@@ -19,8 +19,9 @@ from realm_service.store.tables import JobAttemptRow, ServerInstanceRow, WorkerP
 
 
 def register(tx: Tx, instance_id: str, now: datetime) -> None:
-    tx.session.add(ServerInstanceRow(instance_id=instance_id, start_time=now, seen_time=now))
-    tx.session.flush()
+    tx.conn.execute(
+        insert(ServerInstanceRow).values(instance_id=instance_id, start_time=now, seen_time=now)
+    )
     tx.introduce()
 
 
@@ -28,7 +29,7 @@ def touch(tx: Tx, instance_id: str, now: datetime) -> bool:
     """Refresh the instance's row; False when it is missing (it was declared
     dead and removed while this server could not write, and must register
     again)."""
-    result = tx.session.execute(
+    result = tx.conn.execute(
         update(ServerInstanceRow)
         .where(ServerInstanceRow.instance_id == instance_id)
         .values(seen_time=now)
@@ -39,7 +40,7 @@ def touch(tx: Tx, instance_id: str, now: datetime) -> bool:
 
 def others_alive(tx: Tx, instance_id: str, seen_after: datetime) -> bool:
     """Whether any other instance refreshed its row after `seen_after`."""
-    found = tx.session.execute(
+    found = tx.conn.execute(
         select(ServerInstanceRow.instance_id)
         .where(
             ServerInstanceRow.instance_id != instance_id,
@@ -52,7 +53,7 @@ def others_alive(tx: Tx, instance_id: str, seen_after: datetime) -> bool:
 
 def remove(tx: Tx, instance_ids: Sequence[str]) -> None:
     if instance_ids:
-        tx.session.execute(
+        tx.conn.execute(
             delete(ServerInstanceRow).where(ServerInstanceRow.instance_id.in_(list(instance_ids)))
         )
 
@@ -63,7 +64,7 @@ def live(tx: Tx, instance_ids: Sequence[str], seen_after: datetime) -> set[str]:
     if not wanted:
         return set()
     return set(
-        tx.session.scalars(
+        tx.conn.scalars(
             select(ServerInstanceRow.instance_id).where(
                 ServerInstanceRow.instance_id.in_(wanted),
                 ServerInstanceRow.seen_time > seen_after,
@@ -78,7 +79,7 @@ def holders(tx: Tx, attempt_ids: Sequence[int]) -> dict[int, str]:
         return {}
     return {
         attempt_id: instance_id
-        for attempt_id, instance_id in tx.session.execute(
+        for attempt_id, instance_id in tx.conn.execute(
             select(JobAttemptRow.id, JobAttemptRow.instance_id).where(
                 JobAttemptRow.id.in_(list(attempt_ids))
             )
@@ -88,7 +89,7 @@ def holders(tx: Tx, attempt_ids: Sequence[int]) -> dict[int, str]:
 
 def stale(tx: Tx, seen_before: datetime) -> list[str]:
     return list(
-        tx.session.scalars(
+        tx.conn.scalars(
             select(ServerInstanceRow.instance_id).where(ServerInstanceRow.seen_time < seen_before)
         )
     )
@@ -96,11 +97,9 @@ def stale(tx: Tx, seen_before: datetime) -> list[str]:
 
 def replace_presence(tx: Tx, instance_id: str, workers: Sequence[WorkerInfo]) -> None:
     """This instance's connected streams, as they are now."""
-    tx.session.execute(
-        delete(WorkerPresenceRow).where(WorkerPresenceRow.instance_id == instance_id)
-    )
+    tx.conn.execute(delete(WorkerPresenceRow).where(WorkerPresenceRow.instance_id == instance_id))
     if workers:
-        tx.session.execute(
+        tx.conn.execute(
             insert(WorkerPresenceRow),
             [
                 {
@@ -122,7 +121,7 @@ def replace_presence(tx: Tx, instance_id: str, workers: Sequence[WorkerInfo]) ->
 
 def presence(tx: Tx, *, other_than: str, seen_after: datetime) -> list[WorkerInfo]:
     """The streams other live instances reported."""
-    rows = tx.session.scalars(
+    rows = tx.conn.execute(
         select(WorkerPresenceRow)
         .join(
             ServerInstanceRow,

@@ -33,7 +33,7 @@ def _resolve(tx: Tx, row: Any) -> Job:
     for _ in range(64):  # chains are short; the bound guards against cycles
         if live.state != MERGED or live.superseded_by is None:
             break
-        nxt = tx.session.execute(_ONE_JOB, {"job_id": live.superseded_by}).first()
+        nxt = tx.conn.execute(_ONE_JOB, {"job_id": live.superseded_by}).first()
         if nxt is None:
             break
         live = nxt
@@ -43,7 +43,7 @@ def _resolve(tx: Tx, row: Any) -> Job:
 def get_job(tx: Tx, job_id: int) -> Job:
     """One job, read with a prebuilt Core statement (WatchJob reads a job on
     every change of it)."""
-    row = tx.session.execute(_ONE_JOB, {"job_id": job_id}).first()
+    row = tx.conn.execute(_ONE_JOB, {"job_id": job_id}).first()
     if row is None:
         raise JobNotFound(f"job {job_id} does not exist")
     return _resolve(tx, row)
@@ -67,14 +67,14 @@ def list_jobs(
         q = q.where(JobRow.state == state.value)
     if before_id is not None:
         q = q.where(JobRow.id < before_id)
-    return [_resolve(tx, row) for row in tx.session.scalars(q)]
+    return [_resolve(tx, row) for row in tx.conn.execute(q)]
 
 
 def attempts_of(tx: Tx, job_id: int) -> list[tuple[str, str]]:
     """(lease_id, outcome) of every attempt of a job, oldest first."""
     return [
         (r.lease_id, r.outcome)
-        for r in tx.session.scalars(
+        for r in tx.conn.execute(
             select(JobAttemptRow).where(JobAttemptRow.job_id == job_id).order_by(JobAttemptRow.id)
         )
     ]
@@ -82,7 +82,7 @@ def attempts_of(tx: Tx, job_id: int) -> list[tuple[str, str]]:
 
 def queue_depth(tx: Tx) -> list[tuple[int, int, datetime | None]]:
     """(priority, queued count, oldest create_time) per priority."""
-    rows = tx.session.execute(
+    rows = tx.conn.execute(
         select(JobRow.priority, func.count(), func.min(JobRow.create_time))
         .where(JobRow.state == QUEUED)
         .group_by(JobRow.priority)
@@ -95,7 +95,7 @@ def planned_rows(tx: Tx) -> float | None:
     VACUUM), or None: never recorded, or not PostgreSQL."""
     if tx.backend != "postgresql":
         return None
-    rows = tx.session.execute(_PLANNED_ROWS).scalar()
+    rows = tx.conn.execute(_PLANNED_ROWS).scalar()
     return None if rows is None or rows < 0 else float(rows)
 
 
@@ -105,7 +105,7 @@ _PLANNED_ROWS = text("SELECT reltuples FROM pg_class WHERE oid = to_regclass('jo
 def running_count(tx: Tx) -> int:
     """Jobs running now, over every instance (served by the lease-expiry index)."""
     return int(
-        tx.session.execute(
+        tx.conn.execute(
             select(func.count()).select_from(JobRow).where(JobRow.state == RUNNING)
         ).scalar_one()
     )
@@ -113,7 +113,7 @@ def running_count(tx: Tx) -> int:
 
 def attempts_detail(tx: Tx, job_id: int) -> list[Attempt]:
     """Every attempt of a job, oldest first, without its lease id."""
-    rows = tx.session.scalars(
+    rows = tx.conn.execute(
         select(JobAttemptRow).where(JobAttemptRow.job_id == job_id).order_by(JobAttemptRow.id)
     )
     return [
@@ -132,14 +132,14 @@ def attempts_detail(tx: Tx, job_id: int) -> list[Attempt]:
 
 def running_info(tx: Tx, job_id: int) -> RunningInfo | None:
     """Where a running job's current lease stands."""
-    row = tx.session.execute(
+    row = tx.conn.execute(
         select(JobRow.lease_id, JobRow.lease_expire_time, JobRow.worker).where(
             JobRow.id == job_id, JobRow.state == RUNNING
         )
     ).first()
     if row is None or row.lease_id is None:
         return None
-    attempt = tx.session.execute(
+    attempt = tx.conn.execute(
         select(JobAttemptRow.instance_id, JobAttemptRow.resume_token).where(
             JobAttemptRow.lease_id == row.lease_id
         )
@@ -156,7 +156,7 @@ def position(tx: Tx, job: Job, *, show: int = 5) -> QueuePosition:
     """A queued job's place in the claim order (priority, then age): the
     queued jobs before it, the first `show` of them, and its realm's
     running job."""
-    row = tx.session.execute(select(JobRow.seq).where(JobRow.id == job.job_id)).first()
+    row = tx.conn.execute(select(JobRow.seq).where(JobRow.id == job.job_id)).first()
     seq = row.seq if row is not None else 0
     ahead = and_(
         JobRow.state == QUEUED,
@@ -169,17 +169,17 @@ def position(tx: Tx, job: Job, *, show: int = 5) -> QueuePosition:
             ),
         ),
     )
-    count = int(tx.session.scalar(select(func.count()).select_from(JobRow).where(ahead)) or 0)
+    count = int(tx.conn.scalar(select(func.count()).select_from(JobRow).where(ahead)) or 0)
     first = [
         to_job(r)
-        for r in tx.session.scalars(
+        for r in tx.conn.execute(
             select(JobRow)
             .where(ahead)
             .order_by(JobRow.priority.desc(), JobRow.seq, JobRow.id)
             .limit(show)
         )
     ]
-    running = tx.session.scalars(
+    running = tx.conn.execute(
         select(JobRow).where(JobRow.realm_id == job.realm_id, JobRow.state == RUNNING)
     ).first()
     return QueuePosition(
@@ -193,13 +193,13 @@ def queue_stats(tx: Tx, now: datetime) -> QueueStats:
     """Jobs by state, kind and priority (a merged job counts with the job it
     was folded into, so it is left out), the oldest queued per priority, and
     jobs finished in the last minute and hour by outcome."""
-    counts = tx.session.execute(
+    counts = tx.conn.execute(
         select(JobRow.state, JobRow.kind, JobRow.priority, func.count())
         .where(JobRow.state != MERGED)
         .group_by(JobRow.state, JobRow.kind, JobRow.priority)
         .order_by(JobRow.state, JobRow.kind, JobRow.priority)
     ).all()
-    oldest = tx.session.execute(
+    oldest = tx.conn.execute(
         select(JobRow.priority, func.min(JobRow.create_time))
         .where(JobRow.state == QUEUED)
         .group_by(JobRow.priority)
@@ -208,7 +208,7 @@ def queue_stats(tx: Tx, now: datetime) -> QueueStats:
     finished = [JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value]
 
     def ended_since(since: datetime) -> dict[JobState, int]:
-        rows = tx.session.execute(
+        rows = tx.conn.execute(
             select(JobRow.state, func.count())
             .where(JobRow.state.in_(finished), JobRow.finish_time >= since)
             .group_by(JobRow.state)

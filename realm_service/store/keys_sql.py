@@ -4,24 +4,29 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, insert, or_, select
 
 from realm_service.store.db import Tx
 from realm_service.store.tables import IdempotencyKeyRow
 
 
 def find_key(tx: Tx, scope: str, key: str) -> tuple[str, int | None] | None:
-    row = tx.session.get(IdempotencyKeyRow, (scope, key))
+    row = tx.conn.execute(
+        select(IdempotencyKeyRow.realm_id, IdempotencyKeyRow.job_id).where(
+            IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key
+        )
+    ).first()
     return None if row is None else (row.realm_id, row.job_id)
 
 
 def put_key(
     tx: Tx, *, scope: str, key: str, realm_id: str, job_id: int | None, now: datetime
 ) -> None:
-    tx.session.add(
-        IdempotencyKeyRow(scope=scope, key=key, realm_id=realm_id, job_id=job_id, create_time=now)
+    tx.conn.execute(
+        insert(IdempotencyKeyRow).values(
+            scope=scope, key=key, realm_id=realm_id, job_id=job_id, create_time=now
+        )
     )
-    tx.session.flush()
 
 
 def sweep_keys(tx: Tx, *, before: datetime, limit: int) -> int:
@@ -33,10 +38,10 @@ def sweep_keys(tx: Tx, *, before: datetime, limit: int) -> int:
         .where(IdempotencyKeyRow.create_time < before)
         .limit(limit)
     )
-    doomed = tx.session.execute(ids).all()
+    doomed = tx.conn.execute(ids).all()
     if not doomed:
         return 0
-    tx.session.execute(
+    tx.conn.execute(
         delete(IdempotencyKeyRow).where(
             or_(
                 *(
@@ -51,4 +56,4 @@ def sweep_keys(tx: Tx, *, before: datetime, limit: int) -> int:
 
 def delete_keys_of(tx: Tx, realm_id: str) -> None:
     """Forget every request id that named the realm."""
-    tx.session.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.realm_id == realm_id))
+    tx.conn.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.realm_id == realm_id))

@@ -149,7 +149,7 @@ def current(tx: Tx, lease_id: str, *, lock: bool = True, share: bool = False) ->
     until commit (a cancel or completion waits for it), without serializing
     its readers."""
     q = _CURRENT_SHARED if share else _CURRENT_LOCKED if lock else _CURRENT
-    row = tx.session.execute(q, {"lease_id": lease_id}).first() if lease_id else None
+    row = tx.conn.execute(q, {"lease_id": lease_id}).first() if lease_id else None
     if row is None:
         raise StaleLease(stale_reasons(tx, [lease_id])[lease_id])
     return to_held(row)
@@ -174,7 +174,7 @@ def stale_reasons(tx: Tx, lease_ids: Sequence[str]) -> dict[str, str]:
     caller has found them not current; this only reads."""
     found = {
         row.lease_id: row
-        for row in tx.session.execute(_ENDED_ATTEMPTS, {"leases": [x for x in lease_ids if x]})
+        for row in tx.conn.execute(_ENDED_ATTEMPTS, {"leases": [x for x in lease_ids if x]})
     }
     reasons: dict[str, str] = {}
     for lease_id in lease_ids:
@@ -212,9 +212,7 @@ def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
         return {}
     pg = tx.backend == "postgresql"
     read = held_reader(HELD_FIELDS)
-    held = [
-        read(row) for row in tx.session.execute(_HELD if pg else _HELD_ROWS, {"leases": wanted})
-    ]
+    held = [read(row) for row in tx.conn.execute(_HELD if pg else _HELD_ROWS, {"leases": wanted})]
     if not pg:
         held.sort(key=lambda h: h.job.job_id)
     return {h.lease_id: h for h in held}
@@ -222,7 +220,7 @@ def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
 
 def running_lease(tx: Tx, lease_id: str, realm_id: str) -> HeldJob | None:
     """The running job of the realm whose current lease is `lease_id`, if any."""
-    row = tx.session.execute(
+    row = tx.conn.execute(
         select(_JOBS).where(
             _JOBS.c.lease_id == lease_id, _JOBS.c.state == RUNNING, _JOBS.c.realm_id == realm_id
         )
@@ -233,13 +231,13 @@ def running_lease(tx: Tx, lease_id: str, realm_id: str) -> HeldJob | None:
 def checkpoint_gitignore(tx: Tx, job_id: int) -> str | None:
     return cast(
         "str | None",
-        tx.session.scalar(select(_JOBS.c.checkpoint_gitignore).where(_JOBS.c.id == job_id)),
+        tx.conn.scalar(select(_JOBS.c.checkpoint_gitignore).where(_JOBS.c.id == job_id)),
     )
 
 
 def lease_runs_realm(tx: Tx, lease_id: str, realm_id: str) -> bool:
     """Whether `lease_id` is the current lease of a running job of the realm."""
-    found = tx.session.scalar(
+    found = tx.conn.scalar(
         select(_JOBS.c.id).where(
             _JOBS.c.lease_id == lease_id, _JOBS.c.state == RUNNING, _JOBS.c.realm_id == realm_id
         )
@@ -260,11 +258,11 @@ def extend(
             done, total = progress[lease]
             params = {"b_lease": lease, "b_until": until, "b_done": max(0, done)}
             params["b_total"] = max(0, total)
-            job_id = tx.session.execute(_EXTEND, params).scalar()
+            job_id = tx.conn.execute(_EXTEND, params).scalar()
             if job_id is not None:
                 moved.append(job_id)
         else:
-            job_id = tx.session.execute(_EXTEND_ONLY, {"b_lease": lease, "b_until": until}).scalar()
+            job_id = tx.conn.execute(_EXTEND_ONLY, {"b_lease": lease, "b_until": until}).scalar()
         if job_id is not None:
             extended.add(lease)
     tx.job_changed(moved)
@@ -276,7 +274,7 @@ def end_attempt(
 ) -> None:
     if attempt_id is None:
         return
-    tx.session.execute(
+    tx.conn.execute(
         update(_ATTEMPTS)
         .where(_ATTEMPTS.c.id == attempt_id)
         .values(outcome=outcome.value, end_time=now, error_message=message[:2000])
@@ -302,13 +300,13 @@ def succeed(
     rows = rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items()))
     if tx.backend == "postgresql":
         statement = _succeed(tx.backend)
-        found = tx.session.scalars(statement, {**rows, **attempts, "now": now}).all()
+        found = tx.conn.scalars(statement, {**rows, **attempts, "now": now}).all()
         queued_after = any(job_id is not None for job_id in found)
     else:
-        tx.session.execute(_END_ATTEMPTS, {**attempts, "now": now})
-        tx.session.execute(_succeed(tx.backend), {**rows, "now": now})
+        tx.conn.execute(_END_ATTEMPTS, {**attempts, "now": now})
+        tx.conn.execute(_succeed(tx.backend), {**rows, "now": now})
         realm_ids = list({h.realm_id for h in held})
-        queued_after = tx.session.scalar(_ANY_QUEUED, {"realm_ids": realm_ids}) is not None
+        queued_after = tx.conn.scalar(_ANY_QUEUED, {"realm_ids": realm_ids}) is not None
     # A realm's next job, held back while this one ran, may run now: new work,
     # if there is one (otherwise the wake-up would only cost a claim for nothing).
     if queued_after:
@@ -342,7 +340,7 @@ def fail(tx: Tx, held: HeldJob, now: datetime, reason: str, *, counted: bool) ->
     if held.checkpoint is not None:
         values["checkpoint"] = None
         index_sql.drop_generation(tx, held.realm_id, held.checkpoint)
-    tx.session.execute(update(_JOBS).where(_JOBS.c.id == held.job_id).values(**values))
+    tx.conn.execute(update(_JOBS).where(_JOBS.c.id == held.job_id).values(**values))
     tx.announce_new_work()  # the realm's next job may run now
     job = dataclasses.replace(
         held.job, state=JobState.FAILED, finish_time=now, error_message=reason[:2000]
@@ -366,7 +364,7 @@ def requeue(
     job = held.job
     head: int | None = None
     if preempted:
-        own, first = tx.session.execute(
+        own, first = tx.conn.execute(
             select(
                 select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id).scalar_subquery(),
                 select(func.min(_JOBS.c.seq))
@@ -375,7 +373,7 @@ def requeue(
             )
         ).one()
         head = own if first is None else min(own, first - 1)
-    other = tx.session.execute(
+    other = tx.conn.execute(
         select(_JOBS)
         .where(
             _JOBS.c.realm_id == job.realm_id,
@@ -417,9 +415,9 @@ def requeue(
         seq = (
             head
             if head is not None and other.priority == job.priority
-            else tx.session.scalar(select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id))
+            else tx.conn.scalar(select(_JOBS.c.seq).where(_JOBS.c.id == job.job_id))
         )
-        tx.session.execute(
+        tx.conn.execute(
             update(_JOBS)
             .where(_JOBS.c.id == other.id)
             .values(
@@ -431,7 +429,7 @@ def requeue(
             )
         )
         tx.job_changed([other.id])
-    tx.session.execute(update(_JOBS).where(_JOBS.c.id == job.job_id).values(**values))
+    tx.conn.execute(update(_JOBS).where(_JOBS.c.id == job.job_id).values(**values))
     tx.job_changed([job.job_id])
     tx.announce_new_work()
     return dataclasses.replace(
@@ -446,7 +444,7 @@ def expired(tx: Tx, now: datetime, limit: int) -> list[HeldJob]:
     another reaper holds are skipped)."""
     return [
         to_held(row)
-        for row in tx.session.scalars(
+        for row in tx.conn.execute(
             select(JobRow)
             .where(JobRow.state == RUNNING, JobRow.lease_expire_time < now)
             .order_by(JobRow.lease_expire_time)
@@ -474,7 +472,7 @@ def cancel(tx: Tx, job_id: int, reason: str, now: datetime) -> tuple[Job, HeldJo
         # A queued job's checkpoint goes with it (a running one's generation
         # is dropped by the caller with the attempt's).
         index_sql.drop_generation(tx, row.realm_id, row.checkpoint)
-    tx.session.execute(
+    tx.conn.execute(
         update(_JOBS)
         .where(_JOBS.c.id == row.id)
         .values(
@@ -505,9 +503,7 @@ def cancel(tx: Tx, job_id: int, reason: str, now: datetime) -> tuple[Job, HeldJo
 def _live_row_for_update(tx: Tx, job_id: int) -> Any:
     """The job's row, or the row of the job it was merged into, locked."""
     for _ in range(64):  # merge chains are short; the bound guards against cycles
-        row = tx.session.execute(
-            select(_JOBS).where(_JOBS.c.id == job_id).with_for_update()
-        ).first()
+        row = tx.conn.execute(select(_JOBS).where(_JOBS.c.id == job_id).with_for_update()).first()
         if row is None:
             raise JobNotFound(f"job {job_id} does not exist")
         if row.state != MERGED or row.superseded_by is None:
@@ -519,7 +515,7 @@ def _live_row_for_update(tx: Tx, job_id: int) -> Any:
 def still_queued(tx: Tx, job_id: int) -> bool:
     """Whether the job is queued, its row locked until commit (a claim that
     holds it is waited for, and then seen)."""
-    state = tx.session.scalar(select(_JOBS.c.state).where(_JOBS.c.id == job_id).with_for_update())
+    state = tx.conn.scalar(select(_JOBS.c.state).where(_JOBS.c.id == job_id).with_for_update())
     return state == QUEUED
 
 
@@ -549,9 +545,9 @@ def detach(tx: Tx, lease_ids: Sequence[str], token: str, until: datetime) -> lis
     the leases kept."""
     kept: list[str] = []
     for lease_id in lease_ids:
-        attempt = tx.session.execute(_DETACH, {"b_lease": lease_id, "b_until": until}).scalar()
+        attempt = tx.conn.execute(_DETACH, {"b_lease": lease_id, "b_until": until}).scalar()
         if attempt is not None:
-            tx.session.execute(_MARK_DETACHED, {"b_attempt": attempt, "b_token": token})
+            tx.conn.execute(_MARK_DETACHED, {"b_attempt": attempt, "b_token": token})
             kept.append(lease_id)
     return kept
 
@@ -588,7 +584,7 @@ def reattach(
     out: dict[str, Lease | tuple[str, JobState | None]] = {}
     stale: list[str] = []
     for lease_id in lease_ids:
-        row = tx.session.execute(_DETACHED, {"lease_id": lease_id}).first()
+        row = tx.conn.execute(_DETACHED, {"lease_id": lease_id}).first()
         if row is None:
             stale.append(lease_id)
             continue
@@ -607,10 +603,8 @@ def reattach(
         if row.lease_expire_time is None or row.lease_expire_time <= now:
             out[lease_id] = (f"{head}: its resume grace ran out", None)
             continue
-        tx.session.execute(
-            update(_JOBS).where(_JOBS.c.id == row.id).values(lease_expire_time=until)
-        )
-        tx.session.execute(
+        tx.conn.execute(update(_JOBS).where(_JOBS.c.id == row.id).values(lease_expire_time=until))
+        tx.conn.execute(
             update(_ATTEMPTS)
             .where(_ATTEMPTS.c.id == row.lease_attempt_id)
             .values(resume_token=None, instance_id=instance_id)
@@ -622,7 +616,7 @@ def reattach(
         reasons = stale_reasons(tx, stale)
         outcomes = {
             r.lease_id: r.outcome
-            for r in tx.session.execute(_ENDED_ATTEMPTS, {"leases": [x for x in stale if x]})
+            for r in tx.conn.execute(_ENDED_ATTEMPTS, {"leases": [x for x in stale if x]})
         }
         for lease_id in stale:
             out[lease_id] = (reasons[lease_id], _STATE_AFTER.get(outcomes.get(lease_id, "")))

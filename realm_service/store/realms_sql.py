@@ -54,7 +54,7 @@ def to_realm(row: Any) -> Realm:
     )
 
 
-def to_file(row: RealmFileRow) -> RealmFile:
+def to_file(row: Any) -> RealmFile:
     return RealmFile(path=row.path, mtime=row.mtime, size=row.size, sha256=row.sha256)
 
 
@@ -92,24 +92,24 @@ def insert_new_realm(
     )
     values = {**vars(realm), "state": realm.state.value}
     if if_absent:
-        if tx.session.execute(_insert_realm_if_absent(tx.backend), values).first() is None:
+        if tx.conn.execute(_insert_realm_if_absent(tx.backend), values).first() is None:
             return None
     else:
-        tx.session.execute(_INSERT_REALM, values)
+        tx.conn.execute(_INSERT_REALM, values)
     if files:
-        tx.session.execute(_INSERT_FILES, _file_rows(realm_id, files, now))
+        tx.conn.execute(_INSERT_FILES, _file_rows(realm_id, files, now))
     return realm
 
 
 def get_realm(tx: Tx, realm_id: str, *, lock: bool = False) -> Realm:
-    row = tx.session.execute(_REALM_LOCKED if lock else _REALM, {"realm_id": realm_id}).first()
+    row = tx.conn.execute(_REALM_LOCKED if lock else _REALM, {"realm_id": realm_id}).first()
     if row is None:
         raise RealmNotFound(f"realm {realm_id!r} does not exist")
     return to_realm(row)
 
 
 def realm_exists(tx: Tx, realm_id: str) -> bool:
-    return tx.session.execute(_REALM_EXISTS, {"realm_id": realm_id}).first() is not None
+    return tx.conn.execute(_REALM_EXISTS, {"realm_id": realm_id}).first() is not None
 
 
 # Most requests read their realm first: prebuilt Core statements (an ORM
@@ -136,7 +136,7 @@ def list_realms(tx: Tx, *, after: str | None, limit: int) -> list[Realm]:
     q = select(RealmRow).order_by(RealmRow.realm_id).limit(limit)
     if after:
         q = q.where(RealmRow.realm_id > after)
-    return [to_realm(r) for r in tx.session.scalars(q)]
+    return [to_realm(r) for r in tx.conn.execute(q)]
 
 
 def realm_ids_page(
@@ -156,13 +156,11 @@ def realm_ids_page(
             scratch, JobRow.state == QUEUED, JobRow.priority < RealmRow.created_priority
         )
         q = q.where(RealmRow.current_generation.is_(None), or_(~has_job, queued_low))
-    return list(tx.session.scalars(q))
+    return list(tx.conn.scalars(q))
 
 
 def set_realm_state(tx: Tx, realm_id: str, state: RealmState) -> None:
-    tx.session.execute(
-        update(RealmRow).where(RealmRow.realm_id == realm_id).values(state=state.value)
-    )
+    tx.conn.execute(update(RealmRow).where(RealmRow.realm_id == realm_id).values(state=state.value))
 
 
 # -- files --------------------------------------------------------------------
@@ -180,9 +178,9 @@ def put_file(tx: Tx, *, realm_id: str, path: str, content: bytes, now: datetime)
         "b_size": stored.size,
         "b_sha256": stored.sha256,
     }
-    if getattr(tx.session.execute(_REPLACE_FILE, values), "rowcount", 0) == 0:
-        tx.session.execute(_INSERT_FILE, values)
-        tx.session.execute(_COUNT_NEW_FILE, {"b_realm": realm_id})
+    if getattr(tx.conn.execute(_REPLACE_FILE, values), "rowcount", 0) == 0:
+        tx.conn.execute(_INSERT_FILE, values)
+        tx.conn.execute(_COUNT_NEW_FILE, {"b_realm": realm_id})
     return stored
 
 
@@ -203,12 +201,12 @@ def _file_rows(
 
 
 def delete_file(tx: Tx, *, realm_id: str, path: str) -> None:
-    result = tx.session.execute(
+    result = tx.conn.execute(
         delete(RealmFileRow).where(RealmFileRow.realm_id == realm_id, RealmFileRow.path == path)
     )
     if getattr(result, "rowcount", 0) == 0:
         raise FileNotFound(f"file {path[:200]!r} does not exist in realm {realm_id!r}")
-    tx.session.execute(
+    tx.conn.execute(
         update(RealmRow).where(RealmRow.realm_id == realm_id).values(files=RealmRow.files - 1)
     )
 
@@ -220,11 +218,13 @@ def list_files(tx: Tx, realm_id: str) -> list[RealmFile]:
         .order_by(RealmFileRow.path)
     )
 
-    return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.session.execute(q)]
+    return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.conn.execute(q)]
 
 
 def read_file(tx: Tx, *, realm_id: str, path: str) -> tuple[RealmFile, bytes]:
-    row = tx.session.get(RealmFileRow, (realm_id, path))
+    row = tx.conn.execute(
+        select(RealmFileRow).where(RealmFileRow.realm_id == realm_id, RealmFileRow.path == path)
+    ).first()
     if row is None:
         raise FileNotFound(f"file {path[:200]!r} does not exist in realm {realm_id!r}")
     return to_file(row), row.content
@@ -243,7 +243,7 @@ def file_page(
     file of the realm, or only those named in `paths` (which exist). With
     `skip_generation` (a checkpoint), files with an entry in it are left out."""
     if paths is not None:
-        rows = tx.session.execute(_NAMED_META, {"realm_id": realm_id, "paths": list(paths)})
+        rows = tx.conn.execute(_NAMED_META, {"realm_id": realm_id, "paths": list(paths)})
         listed = sorted(rows)
         if after is not None:
             listed = [r for r in listed if r[0] > after]
@@ -253,7 +253,7 @@ def file_page(
     q = select(*_META).where(_F.realm_id == realm_id).order_by(_F.path).limit(limit)
     if after is not None:
         q = q.where(_F.path > after)
-    return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.session.execute(q)]
+    return [RealmFile(path=p, mtime=m, size=s, sha256=h) for p, m, s, h in tx.conn.execute(q)]
 
 
 def _page_skipping(
@@ -266,10 +266,10 @@ def _page_skipping(
     cursor = after or ""
     while len(wanted) < limit:
         keys = {"realm_id": realm_id, "generation": generation, "after": cursor}
-        last = tx.session.scalar(_NTH_AFTER, {**keys, "skip": SKIP_CHUNK - 1})
+        last = tx.conn.scalar(_NTH_AFTER, {**keys, "skip": SKIP_CHUNK - 1})
         if last is not None:
             keys["last"] = last
-        wanted += list(tx.session.scalars(_UNKEPT[last is not None], keys))[: limit - len(wanted)]
+        wanted += list(tx.conn.scalars(_UNKEPT[last is not None], keys))[: limit - len(wanted)]
         if last is None:
             break
         cursor = last
@@ -291,15 +291,13 @@ def files_with_content(
         return []
     if contiguous:
         rows = list(
-            tx.session.execute(
+            tx.conn.execute(
                 _RANGE_CONTENT,
                 {"realm_id": realm_id, "first": paths[0], "last": paths[-1], "paths": list(paths)},
             )
         )
     else:
-        rows = sorted(
-            tx.session.execute(_NAMED_CONTENT, {"realm_id": realm_id, "paths": list(paths)})
-        )
+        rows = sorted(tx.conn.execute(_NAMED_CONTENT, {"realm_id": realm_id, "paths": list(paths)}))
     return [
         (RealmFile(path=p, mtime=m, size=s, sha256=h), bytes(content))
         for p, m, s, h, content in rows
@@ -404,7 +402,7 @@ def existing_paths(tx: Tx, realm_id: str, paths: Sequence[str]) -> set[str]:
     ordered = list(paths)
     for start in range(0, len(ordered), 500):
         found.update(
-            tx.session.scalars(
+            tx.conn.scalars(
                 select(RealmFileRow.path).where(
                     RealmFileRow.realm_id == realm_id,
                     RealmFileRow.path.in_(ordered[start : start + 500]),
@@ -440,10 +438,10 @@ def put_files(
     ]
     created = [r for r in rows if r["path"] not in existing]
     if replaced:
-        tx.session.execute(_REPLACE_FILE, replaced)
+        tx.conn.execute(_REPLACE_FILE, replaced)
     if created:
-        tx.session.execute(_INSERT_FILES, created)
-        tx.session.execute(
+        tx.conn.execute(_INSERT_FILES, created)
+        tx.conn.execute(
             update(RealmRow)
             .where(RealmRow.realm_id == realm_id)
             .values(files=RealmRow.files + len(created))
@@ -456,7 +454,7 @@ def delete_files(tx: Tx, *, realm_id: str, paths: Sequence[str]) -> int:
     deleted = 0
     ordered = list(paths)
     for start in range(0, len(ordered), 500):
-        result = tx.session.execute(
+        result = tx.conn.execute(
             delete(RealmFileRow).where(
                 RealmFileRow.realm_id == realm_id,
                 RealmFileRow.path.in_(ordered[start : start + 500]),
@@ -464,7 +462,7 @@ def delete_files(tx: Tx, *, realm_id: str, paths: Sequence[str]) -> int:
         )
         deleted += int(getattr(result, "rowcount", 0) or 0)
     if deleted:
-        tx.session.execute(
+        tx.conn.execute(
             update(RealmRow)
             .where(RealmRow.realm_id == realm_id)
             .values(files=RealmRow.files - deleted)
@@ -479,24 +477,24 @@ def delete_realm(tx: Tx, realm_id: str) -> tuple[list[tuple[int, str | None]], i
     how many files it had."""
     active = [
         (int(job_id), lease_id)
-        for job_id, lease_id in tx.session.execute(
+        for job_id, lease_id in tx.conn.execute(
             select(JobRow.id, JobRow.lease_id).where(
                 JobRow.realm_id == realm_id, JobRow.state.in_((QUEUED, RUNNING))
             )
         )
     ]
     files = int(
-        tx.session.scalar(
+        tx.conn.scalar(
             select(func.count()).select_from(RealmFileRow).where(RealmFileRow.realm_id == realm_id)
         )
         or 0
     )
     # Children first: SQLite enforces the cascade only with foreign keys on,
     # and explicit deletes keep the order of locks the same on both stores.
-    tx.session.execute(delete(IndexEntryRow).where(IndexEntryRow.realm_id == realm_id))
-    tx.session.execute(delete(RealmFileRow).where(RealmFileRow.realm_id == realm_id))
+    tx.conn.execute(delete(IndexEntryRow).where(IndexEntryRow.realm_id == realm_id))
+    tx.conn.execute(delete(RealmFileRow).where(RealmFileRow.realm_id == realm_id))
     job_ids = select(JobRow.id).where(JobRow.realm_id == realm_id).scalar_subquery()
-    tx.session.execute(delete(JobAttemptRow).where(JobAttemptRow.job_id.in_(job_ids)))
-    tx.session.execute(delete(JobRow).where(JobRow.realm_id == realm_id))
-    tx.session.execute(delete(RealmRow).where(RealmRow.realm_id == realm_id))
+    tx.conn.execute(delete(JobAttemptRow).where(JobAttemptRow.job_id.in_(job_ids)))
+    tx.conn.execute(delete(JobRow).where(JobRow.realm_id == realm_id))
+    tx.conn.execute(delete(RealmRow).where(RealmRow.realm_id == realm_id))
     return active, files

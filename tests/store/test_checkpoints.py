@@ -116,7 +116,7 @@ def test_a_retry_reads_only_the_files_not_indexed_yet(
     # Its generation is the realm's now, no checkpoint: sweeps of the
     # realm's generations do not look at it again.
     with queue.db.read_transaction() as tx:
-        assert tx.session.scalar(select(JobRow.checkpoint).where(JobRow.id == job.job_id)) is None
+        assert tx.conn.scalar(select(JobRow.checkpoint).where(JobRow.id == job.job_id)) is None
 
 
 def test_changed_and_deleted_files_lose_their_kept_entries(
@@ -236,7 +236,7 @@ def test_a_first_index_by_another_job_spares_the_checkpoint(
     queue.complete(inc.lease_id, entries_uploaded=1)
     assert [e.path for e in index_of(queue, "r")] == ["f09.txt"]
     with queue.db.read_transaction() as tx:
-        kept = tx.session.scalar(select(JobRow.checkpoint).where(JobRow.id == first_job.job_id))
+        kept = tx.conn.scalar(select(JobRow.checkpoint).where(JobRow.id == first_job.job_id))
     assert kept is not None
     assert staged(queue, "r", kept) == set(sorted(FILES)[:6])
 
@@ -277,9 +277,7 @@ def test_a_job_that_fails_for_good_drops_its_checkpoint(queue: JobQueue, realms:
 def _generation(queue: JobQueue, lease_id: str) -> int:
     """The generation the lease's attempt staged into (its attempt id)."""
     with queue.db.read_transaction() as tx:
-        found = tx.session.scalar(
-            select(JobAttemptRow.id).where(JobAttemptRow.lease_id == lease_id)
-        )
+        found = tx.conn.scalar(select(JobAttemptRow.id).where(JobAttemptRow.lease_id == lease_id))
     assert found is not None
     return int(found)
 

@@ -130,7 +130,7 @@ def generic_scans(queue: JobQueue, step: Callable[[], object]) -> list[tuple[str
 
 def test_the_server_keeps_the_default_plan_cache_mode(queue: JobQueue) -> None:
     with queue.db.read_transaction() as tx:
-        assert tx.session.scalar(text("SHOW plan_cache_mode")) == "auto"
+        assert tx.conn.scalar(text("SHOW plan_cache_mode")) == "auto"
 
 
 def test_hot_path_statements_read_the_job_tables_by_index_with_generic_plans(
@@ -179,14 +179,14 @@ def test_a_search_by_a_rare_card_type_reads_its_own_index_whatever_ran_before(
     with queue.db.engine.begin() as conn:
         conn.execute(text("ANALYZE index_entries"))
     with queue.db.read_transaction() as tx:
-        generation = tx.session.scalar(
+        generation = tx.conn.scalar(
             text("SELECT current_generation FROM realms WHERE realm_id = 'cards'")
         )
-        tx.session.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        tx.conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
 
         def rows_read() -> int:
             return int(
-                tx.session.scalar(
+                tx.conn.scalar(
                     text(
                         "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
                         " FROM pg_stat_xact_user_tables"

@@ -18,7 +18,7 @@ from realm_service.store.db import Database, open_database
 
 def _backend_pid(db: Database) -> int:
     with db.transaction() as tx:
-        return int(tx.session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        return int(tx.conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
 
 def _terminate(db: Database, pid: int) -> None:
@@ -63,8 +63,8 @@ def _prepared(db: Database) -> tuple[int, set[str]]:
     """The backend and the statements psycopg prepared on it (a statement run
     five times on a connection is prepared)."""
     with db.transaction() as tx:
-        pid = int(tx.session.execute(text("SELECT pg_backend_pid()")).scalar_one())
-        names = set(tx.session.scalars(text("SELECT name FROM pg_prepared_statements")))
+        pid = int(tx.conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        names = set(tx.conn.scalars(text("SELECT name FROM pg_prepared_statements")))
         return pid, names
 
 

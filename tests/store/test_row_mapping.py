@@ -61,7 +61,7 @@ def test_readers_make_what_the_attribute_mapping_makes(queue: JobQueue) -> None:
     leases = queue.claim(2, worker="w-1")
     assert {lease.job.realm_id for lease in leases} == {"a", "c"}
     with queue.db.transaction() as tx:  # a checkpoint on one held job: every column read
-        tx.session.execute(
+        tx.conn.execute(
             update(JOBS)
             .where(JOBS.c.realm_id == "a")
             .values(checkpoint=77, checkpoint_kept=3, counted_failures=1, preemptions=2)

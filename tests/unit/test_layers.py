@@ -81,6 +81,19 @@ def test_the_store_is_sealed() -> None:
         assert not bad, f"realm_service/{rel} imports {bad}"
 
 
+def test_the_store_works_on_core_connections() -> None:
+    """The store's statements run on a Core connection: the ORM is only the
+    table definitions' notation (tables.py) and the test helper's session
+    (db.py), never a unit of work between a statement and its values."""
+    allowed = {"store/tables.py", "store/db.py"}
+    for path in modules("realm_service"):
+        rel = path.relative_to(ROOT / "realm_service").as_posix()
+        if rel in allowed:
+            continue
+        bad = [n for n in imports_of(path) if _starts(n, ("sqlalchemy.orm",))]
+        assert not bad, f"realm_service/{rel} imports {bad}"
+
+
 GRPC = ("grpc", "realm.v1", "google.protobuf")
 
 
