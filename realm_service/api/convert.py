@@ -97,24 +97,45 @@ def realm_pb(realm: Realm) -> pb.Realm:
 SHOWN_PATH_CHANGES = 100
 
 
+def _set_ts(field: Timestamp, value: datetime) -> None:
+    """`ts(value)` written into a message's own Timestamp field: no
+    Timestamp object of its own, no copy into the message."""
+    if value.tzinfo is None:
+        field.CopyFrom(ts(value))
+        return
+    since = value - _EPOCH
+    field.seconds = since.days * 86_400 + since.seconds
+    field.nanos = since.microseconds * 1000  # setting a field makes it present
+
+
 def job_pb(job: Job, *, max_paths: int | None = SHOWN_PATH_CHANGES) -> pb.Job:
-    changes = job.path_changes if max_paths is None else job.path_changes[:max_paths]
-    return pb.Job(
+    # Built field by field into the one message (its timestamps and progress
+    # set in place): a batch of assignments makes 64 of these at a time.
+    msg = pb.Job(
         job_id=str(job.job_id),
         realm_id=job.realm_id,
         kind=KIND_TO_PB[job.kind],
         priority=job.priority,
         state=JOB_STATE_TO_PB[job.state],
         attempt=job.attempt,
-        create_time=ts(job.create_time),
-        start_time=ts(job.start_time),
-        finish_time=ts(job.finish_time),
         error_message=job.error_message,
-        progress=pb.JobProgress(done=job.progress_done, total=job.progress_total),
-        path_changes=[pb.PathChange(path=c.path, deleted=c.deleted) for c in changes],
         path_change_count=len(job.path_changes),
         worker_id=job.worker,
     )
+    _set_ts(msg.create_time, job.create_time)
+    if job.start_time is not None:
+        _set_ts(msg.start_time, job.start_time)
+    if job.finish_time is not None:
+        _set_ts(msg.finish_time, job.finish_time)
+    progress = msg.progress
+    progress.done = job.progress_done
+    progress.total = job.progress_total
+    if job.path_changes:
+        changes = job.path_changes if max_paths is None else job.path_changes[:max_paths]
+        add = msg.path_changes.add
+        for change in changes:
+            add(path=change.path, deleted=change.deleted)
+    return msg
 
 
 def file_pb(f: RealmFile) -> pb.RealmFile:
