@@ -101,8 +101,7 @@ def _set_ts(field: Timestamp, value: datetime) -> None:
     """`ts(value)` written into a message's own Timestamp field: no
     Timestamp object of its own, no copy into the message."""
     if value.tzinfo is None:
-        field.CopyFrom(ts(value))
-        return
+        value = value.astimezone(UTC)  # as `ts` reads a naive time
     since = value - _EPOCH
     field.seconds = since.days * 86_400 + since.seconds
     field.nanos = since.microseconds * 1000  # setting a field makes it present
