@@ -496,7 +496,8 @@ class Realms:
         validate_realm_id(realm_id)
         if len(card_type) > 400 or len(text) > 400:
             raise InvalidArgument("card_type and text are limited to 400 characters")
-        with self.db.read_transaction() as s:
+        # A block: the search may set its plan mode for the rest of it.
+        with self.db.read_transaction(block=True) as s:
             realm = realms_sql.get_realm(s, realm_id)
             return index_sql.search(
                 s,

@@ -358,12 +358,23 @@ class Database:
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def read_transaction(self) -> Iterator[Tx]:
+    def read_transaction(self, *, block: bool = False) -> Iterator[Tx]:
         """Like `transaction`, for work that only reads (on SQLite it does not
-        take the write lock; a write in it may fail as a Conflict)."""
+        take the write lock; a write in it may fail as a Conflict).
+
+        On PostgreSQL its statements run each on its own (autocommit) unless
+        `block`: at READ COMMITTED a transaction block gives reads nothing
+        more (each statement reads the latest commits either way), and its
+        BEGIN and COMMIT are two round trips of the three a one-read call
+        made. `block` keeps one, for reads whose settings must hold to the
+        end (SET LOCAL). Nothing here may write: on PostgreSQL each write
+        would commit on its own."""
+        options: dict[str, Any] = {_READ_ONLY: True}
+        if self.backend == "postgresql" and not block:
+            options["isolation_level"] = "AUTOCOMMIT"
         with (
             translate_errors(),
-            self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn,
+            self.engine.connect().execution_options(**options) as conn,
             conn.begin(),
         ):
             yield Tx(conn, self)

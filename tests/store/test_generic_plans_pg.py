@@ -178,7 +178,9 @@ def test_a_search_by_a_rare_card_type_reads_its_own_index_whatever_ran_before(
     queue.complete(lease.lease_id, entries_uploaded=len(entries))
     with queue.db.engine.begin() as conn:
         conn.execute(text("ANALYZE index_entries"))
-    with queue.db.read_transaction() as tx:
+    # A block, as the server's search has: the settings and the counts of
+    # reads below last to its end.
+    with queue.db.read_transaction(block=True) as tx:
         generation = tx.conn.scalar(
             text("SELECT current_generation FROM realms WHERE realm_id = 'cards'")
         )
