@@ -248,6 +248,18 @@ def claim(
     }
     if kinds:
         params["kinds"] = [k.value for k in kinds]
+    if pg and limit == 1 and not concurrent and system_cap != 0:
+        # One job for one worker (a hand-off, a stream with one credit):
+        # the first candidate is the one taken, whatever the lanes, so the
+        # read and the writes are one statement.
+        return _claim_one_pg(
+            tx,
+            params,
+            worker=worker if isinstance(worker, str) else (list(worker) or [""])[0],
+            now=now,
+            lease_until=lease_until,
+            instance_id=instance_id,
+        )
     # Most realms have one queued job, so a scan of a few more rows than
     # wanted usually suffices; each row scanned is locked on PostgreSQL (a
     # write to its tuple), so scanning twice the rows doubled that cost.
@@ -317,6 +329,81 @@ def claim(
         },
     )
     return _started(tx, chosen, leases, holder, now, lease_until)
+
+
+@functools.cache
+def _claim_one_statement(kinds: bool) -> Select[*tuple[Any, ...]]:
+    """The first candidate (locked with its realm, SKIP LOCKED both), its
+    attempt inserted and the job started, in data-modifying CTEs over that
+    one row; the statement returns the candidate as it was read."""
+    candidate = _candidates(kinds, True).cte("candidate")
+    lease_id = bindparam("lease_id", type_=String())
+    worker = bindparam("worker", type_=String())
+    attempt = (
+        insert(_ATTEMPTS)
+        .from_select(
+            [
+                "job_id",
+                "lease_id",
+                "worker",
+                "instance_id",
+                "start_time",
+                "outcome",
+                "error_message",
+            ],
+            select(
+                candidate.c.id,
+                lease_id,
+                worker,
+                bindparam("instance_id", type_=String()),
+                bindparam("now", type_=UTCDateTime()),
+                literal(AttemptOutcome.RUNNING.value),
+                literal(""),
+            ),
+        )
+        .returning(_ATTEMPTS.c.id, _ATTEMPTS.c.job_id)
+        .cte("new_attempt")
+    )
+    started = (
+        update(_JOBS)
+        .where(_JOBS.c.id == attempt.c.job_id)
+        .values(_start_values(lease_id, attempt.c.id, worker))
+        .returning(_JOBS.c.id)
+        .cte("started")
+    )
+    return select(*(candidate.c[name] for name in _Candidate._fields)).join_from(
+        candidate, started, started.c.id == candidate.c.id
+    )
+
+
+def _claim_one_pg(
+    tx: Tx,
+    params: dict[str, Any],
+    *,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+    instance_id: str,
+) -> list[Lease]:
+    lease_id = secrets.token_hex(16)
+    row = tx.conn.execute(
+        _claim_one_statement("kinds" in params),
+        {
+            **params,
+            "scan": 1,
+            "lease_id": lease_id,
+            "worker": worker[:200],
+            "instance_id": instance_id,
+            "now": now,
+            "until": lease_until,
+        },
+    ).first()
+    if row is None:
+        return []
+    chosen = _Candidate._make(row)
+    return _started(
+        tx, [chosen], {chosen.id: lease_id}, {chosen.id: worker[:200]}, now, lease_until
+    )
 
 
 def _started(

@@ -3,11 +3,22 @@ realm; lanes (min_priority), kinds, and the cap on SYSTEM jobs per claim."""
 
 from __future__ import annotations
 
+import pytest
 from store_helpers import FakeClock, make_realm
 
 from realm_service.domain import SYSTEM, USER, JobKind, JobState, Lease, PathChange
 from realm_service.queue import JobQueue
 from realm_service.store.tables import JobRow
+
+
+@pytest.fixture(params=["shared store", "one instance"])
+def queue(queue: JobQueue, request: pytest.FixtureRequest) -> JobQueue:
+    """Each test twice: as when other instances may claim too, and as one
+    instance alone, whose claims of one job are one statement on PostgreSQL
+    (the candidate read and the writes fused)."""
+    queue.db.others_alive = request.param == "shared store"
+    return queue
+
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL

@@ -30,6 +30,15 @@ from realm_service.errors import RealmNotFound
 from realm_service.queue import JobQueue
 
 
+@pytest.fixture(params=["shared store", "one instance"])
+def queue(queue: JobQueue, request: pytest.FixtureRequest) -> JobQueue:
+    """Each test twice: as when other instances may claim too, and as one
+    instance alone, whose claims of one job are one statement on PostgreSQL
+    (the candidate read and the writes fused)."""
+    queue.db.others_alive = request.param == "shared store"
+    return queue
+
+
 def _offer(system_limit: int | None = None, min_priority: int = 0) -> HandOff:
     return HandOff(
         stream_id="s", worker="w", min_priority=min_priority, kinds=(), system_limit=system_limit
