@@ -1326,7 +1326,7 @@ def _status_kib(pid: int, field: str) -> int:
 
 def run_stmt(cfg: Config, workdir: Path) -> None:
     """The claim's candidate query, executed in one open transaction: built per
-    call through the ORM session (as the store does), built once and executed
+    call through an ORM session (as the store once did), built once and executed
     through Core, and as plain SQL through the DB-API driver."""
     import timeit
 

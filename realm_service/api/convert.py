@@ -63,9 +63,7 @@ def ts(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        out = Timestamp()
-        out.FromDatetime(value.astimezone(UTC))
-        return out
+        value = value.replace(tzinfo=UTC)  # the store's times are UTC
     # What FromDatetime computes, without its Python-level steps: a job
     # assignment carries three or four of these.
     since = value - _EPOCH
@@ -101,7 +99,7 @@ def _set_ts(field: Timestamp, value: datetime) -> None:
     """`ts(value)` written into a message's own Timestamp field: no
     Timestamp object of its own, no copy into the message."""
     if value.tzinfo is None:
-        value = value.astimezone(UTC)  # as `ts` reads a naive time
+        value = value.replace(tzinfo=UTC)  # as `ts` reads a naive time
     since = value - _EPOCH
     field.seconds = since.days * 86_400 + since.seconds
     field.nanos = since.microseconds * 1000  # setting a field makes it present

@@ -5,9 +5,10 @@ write starts with BEGIN IMMEDIATE: the claim's select-then-update is then
 atomic, which the stdlib driver's deferred transactions would not guarantee.
 Transactions that only read (`read_transaction`) start with a plain BEGIN: in
 WAL mode they read a snapshot without the write lock, so they neither wait for
-writers nor hold them up. PostgreSQL goes
-through psycopg 3; new work is announced with NOTIFY on a channel derived from
-the schema so tests in separate schemas do not wake each other.
+writers nor hold them up. PostgreSQL goes through psycopg 3; reads there run
+each statement on its own (autocommit) unless they ask for a block; new work
+is announced with NOTIFY on a channel derived from the schema so tests in
+separate schemas do not wake each other.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def _ping_when_idle(engine: Engine) -> None:
 
 
 class Database:
-    """One store: an engine, a session factory and a wake-up channel."""
+    """One store: an engine, its transactions and a wake-up channel."""
 
     def __init__(self, url: str, *, pool_size: int = 10, synchronous: str = "FULL") -> None:
         if synchronous not in ("FULL", "NORMAL"):

@@ -235,3 +235,37 @@ def test_claim_records_worker_and_attempt(queue: JobQueue) -> None:
         row = s.get(JobRow, job.job_id)
         assert row is not None
         assert (row.worker, row.lease_id) == ("w-1", lease.lease_id)
+
+
+def test_claims_of_one_job_keep_every_rule(queue: JobQueue, clock: FakeClock) -> None:
+    """Claims of one job each (a hand-off, a stream with one credit; for a
+    lone instance on PostgreSQL one statement) keep the order, the lanes,
+    the kinds, the SYSTEM cap and one running job a realm."""
+    names = realms(queue, 5)
+    storm = queue.enqueue(names[0], FS, SYSTEM).job.job_id
+    clock.advance(1)
+    inc = queue.enqueue(names[1], INC, 50, paths=[PathChange("a", False)]).job.job_id
+    clock.advance(1)
+    user = queue.enqueue(names[2], FS, USER).job.job_id
+    clock.advance(1)
+    top = queue.enqueue(names[3], FS, 90).job.job_id
+    clock.advance(1)
+    low = queue.enqueue(names[4], FS, 5).job.job_id
+
+    [first] = queue.claim(1, worker="w-1")
+    assert first.job.job_id == top
+    assert (first.job.attempt, first.job.worker, first.job.state) == (1, "w-1", JobState.RUNNING)
+    assert queue.attempts(top) == [(first.lease_id, "running")]
+    # The realm of the running job is busy: its new job waits, ahead or not.
+    clock.advance(1)
+    blocked = queue.enqueue(names[3], INC, 95, paths=[PathChange("b", False)]).job.job_id
+    assert ids(queue.claim(1, kinds=[FS], min_priority=USER)) == [user]
+    assert ids(queue.claim(1, min_priority=60)) == []
+    assert ids(queue.claim(1, system_limit=0, kinds=[FS])) == [low]
+    assert queue.claim(1, system_limit=0, kinds=[FS]) == []
+    assert ids(queue.claim(1, system_limit=1)) == [inc]
+    assert ids(queue.claim(1, system_limit=1)) == [storm]
+    assert queue.claim(1) == []
+    queue.complete(first.lease_id)
+    [again] = queue.claim(1, worker="w-2")
+    assert (again.job.job_id, again.job.worker) == (blocked, "w-2")
