@@ -58,6 +58,14 @@ from realm_service.errors import (
 from realm_service.queue import JobQueue
 
 log = logging.getLogger(__name__)
+# Outcomes that end a lease, answered or refused (`ClaimSession._ending`).
+_ENDING_OUTCOMES = frozenset(
+    (
+        spb.JobResult.OUTCOME_SUCCEEDED,
+        spb.JobResult.OUTCOME_FAILED,
+        spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
+    )
+)
 
 MAX_CREDITS = 10_000
 MAX_ENTRIES_PER_BATCH = 1_000  # the contract's bound on IndexEntryBatch.entries
@@ -850,14 +858,9 @@ class ClaimSession:
         a failure ends its lease (refused or not); a result without an
         outcome is refused and leaves it held. Only a lease's first result
         in the message counts, as in `_results`."""
-        ending = (
-            spb.JobResult.OUTCOME_SUCCEEDED,
-            spb.JobResult.OUTCOME_FAILED,
-            spb.JobResult.OUTCOME_FAILED_PERMANENTLY,
-        )
         first: dict[str, bool] = {}
         for r in results.results[:MAX_CREDITS]:
-            first.setdefault(r.lease_id, r.outcome in ending)
+            first.setdefault(r.lease_id, r.outcome in _ENDING_OUTCOMES)
         return [lease_id for lease_id, ends in first.items() if ends]
 
     async def _results(self, results: spb.JobResults) -> None:

@@ -159,6 +159,12 @@ def _start_values(lease_id: Any, attempt_id: Any, worker: Any) -> dict[str, Any]
 
 def _insert_attempts(backend: str) -> Insert:
     new = rows_source(backend, "v", _NEW_ATTEMPT_COLUMNS)
+    return _attempts_from(new.c.job_id, new.c.lease_id, new.c.worker)
+
+
+def _attempts_from(job_id: Any, lease_id: Any, worker: Any) -> Insert:
+    """The running attempts of the jobs a claim starts, inserted from rows
+    of (job, lease, worker): the claim's bound rows, or its one candidate."""
     return (
         insert(_ATTEMPTS)
         .from_select(
@@ -172,9 +178,9 @@ def _insert_attempts(backend: str) -> Insert:
                 "error_message",
             ],
             select(
-                new.c.job_id,
-                new.c.lease_id,
-                new.c.worker,
+                job_id,
+                lease_id,
+                worker,
                 bindparam("instance_id", type_=String()),
                 bindparam("now", type_=UTCDateTime()),
                 literal(AttemptOutcome.RUNNING.value),
@@ -255,7 +261,7 @@ def claim(
         return _claim_one_pg(
             tx,
             params,
-            worker=worker if isinstance(worker, str) else (list(worker) or [""])[0],
+            worker=(worker if isinstance(worker, str) else (list(worker) or [""])[0])[:200],
             now=now,
             lease_until=lease_until,
             instance_id=instance_id,
@@ -339,31 +345,7 @@ def _claim_one_statement(kinds: bool) -> Select[*tuple[Any, ...]]:
     candidate = _candidates(kinds, True).cte("candidate")
     lease_id = bindparam("lease_id", type_=String())
     worker = bindparam("worker", type_=String())
-    attempt = (
-        insert(_ATTEMPTS)
-        .from_select(
-            [
-                "job_id",
-                "lease_id",
-                "worker",
-                "instance_id",
-                "start_time",
-                "outcome",
-                "error_message",
-            ],
-            select(
-                candidate.c.id,
-                lease_id,
-                worker,
-                bindparam("instance_id", type_=String()),
-                bindparam("now", type_=UTCDateTime()),
-                literal(AttemptOutcome.RUNNING.value),
-                literal(""),
-            ),
-        )
-        .returning(_ATTEMPTS.c.id, _ATTEMPTS.c.job_id)
-        .cte("new_attempt")
-    )
+    attempt = _attempts_from(candidate.c.id, lease_id, worker).cte("new_attempt")
     started = (
         update(_JOBS)
         .where(_JOBS.c.id == attempt.c.job_id)
@@ -392,7 +374,7 @@ def _claim_one_pg(
             **params,
             "scan": 1,
             "lease_id": lease_id,
-            "worker": worker[:200],
+            "worker": worker,
             "instance_id": instance_id,
             "now": now,
             "until": lease_until,
@@ -401,9 +383,7 @@ def _claim_one_pg(
     if row is None:
         return []
     chosen = _Candidate._make(row)
-    return _started(
-        tx, [chosen], {chosen.id: lease_id}, {chosen.id: worker[:200]}, now, lease_until
-    )
+    return _started(tx, [chosen], {chosen.id: lease_id}, {chosen.id: worker}, now, lease_until)
 
 
 def _started(
