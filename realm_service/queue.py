@@ -55,7 +55,7 @@ from realm_service.store import (
     leases_sql,
     realms_sql,
 )
-from realm_service.store.db import Database, Tx
+from realm_service.store.db import Database, Tx, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,11 @@ class JobQueue:
         credit), the same transaction claims one job for that stream when the
         enqueue left its job queued; the result carries the lease."""
 
+        paths = merge_paths((), paths)
+        idle = self._enqueue_if_idle(realm_id, kind, priority, paths, hand_off)
+        if idle is not None:
+            return idle
+
         def work(tx: Tx) -> EnqueueResult:
             result = self.enqueue_in(
                 tx,
@@ -157,7 +162,7 @@ class JobQueue:
             )
             if hand_off is None or result.job.state is not JobState.QUEUED:
                 return result
-            return self._hand_off_in(tx, result, hand_off)
+            return self._hand_off_in(tx, result, hand_off, concurrent=self.db.others_alive)
 
         # Not one of this process's claims run one at a time: the enqueue may
         # wait on a row lock (a realm's write), and claims must not wait with
@@ -168,7 +173,79 @@ class JobQueue:
         # refuses the second job and the transaction runs again.
         return self.db.retrying(work)
 
-    def _hand_off_in(self, tx: Tx, result: EnqueueResult, hand_off: HandOff) -> EnqueueResult:
+    def _enqueue_if_idle(
+        self,
+        realm_id: str,
+        kind: JobKind,
+        priority: int,
+        paths: Sequence[PathChange],
+        hand_off: HandOff | None,
+    ) -> EnqueueResult | None:
+        """The enqueue of a realm that runs no job and has no queued job to
+        coalesce with (the usual case): by the rules of `enqueue_in` it is an
+        insert, and the store makes it one statement that inserts only when
+        that holds. On PostgreSQL it commits alone, and so does a hand-off's
+        claim when it is one statement too: one round trip each, where a
+        transaction reading the realm's jobs first made four. None when the
+        realm is not idle (or does not exist): the full enqueue decides."""
+        if kind is JobKind.INCREMENTAL and _too_many_paths(None, paths):
+            return None
+        coalesce_with = [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind]
+        concurrent = self.db.others_alive
+        alone = hand_off is None or claim_sql.one_statement(
+            self.db.backend,
+            limit=1,
+            concurrent=concurrent,
+            system_cap=self._lanes(hand_off.min_priority, hand_off.system_limit)[1],
+        )
+        now = self.clock()
+        try:
+            with self.db.statements() if alone else self.db.transaction() as tx:
+                job = enqueue_sql.insert_if_idle(
+                    tx,
+                    realm_id=realm_id,
+                    kind=kind,
+                    coalesce_with=coalesce_with,
+                    priority=priority,
+                    now=now,
+                    paths=paths,
+                    trace_parent=tracing.current_traceparent(),
+                )
+                if job is None:
+                    return None
+                result = EnqueueResult(job, Disposition.INSERTED)
+                tx.on_commit(functools.partial(_log_enqueued, [result]))
+                if hand_off is None:
+                    return result
+                if not tx.each_statement_commits:
+                    return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
+                try:
+                    with translate_errors():
+                        return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
+                except Conflict:
+                    # Another claim started a job of the realm the claim's
+                    # statement took (the unique index on running jobs
+                    # refused it). The job is queued, committed: the
+                    # dispatcher, woken by its new work, hands it out.
+                    return result
+        except Conflict:
+            # The insert lost a race (its realm deleted meanwhile), or, in a
+            # transaction, anything did: nothing committed.
+            return None
+
+    def _lanes(self, min_priority: int, system_limit: int | None) -> tuple[int, int | None]:
+        """A claim's lowest priority and SYSTEM cap as the store takes them.
+        With a SYSTEM budget, one statement serves both lanes (the jobs above
+        SYSTEM come first in its order); without any, only the jobs above
+        SYSTEM are looked at, so that a backlog of SYSTEM work is not scanned
+        (and locked) by claims that may take none of it."""
+        if system_limit is None or (system_limit > 0 and min_priority <= SYSTEM):
+            return min_priority, system_limit
+        return max(min_priority, SYSTEM + 1), None
+
+    def _hand_off_in(
+        self, tx: Tx, result: EnqueueResult, hand_off: HandOff, *, concurrent: bool
+    ) -> EnqueueResult:
         """Claim one job for the offered stream in the enqueue's transaction.
         The claim's order picks it: the enqueued job, or one ahead of it
         that the stream's filter takes. When it took the enqueued job, the
@@ -186,6 +263,7 @@ class JobQueue:
             system_limit=hand_off.system_limit,
             now=now,
             until=now + self.settings.lease_duration,
+            concurrent=concurrent,
         )
         if not leases:
             return result
@@ -408,6 +486,7 @@ class JobQueue:
                 system_limit=system_limit,
                 now=now,
                 until=until,
+                concurrent=self.db.others_alive,  # as of this run of `work`
             )
 
         # "job running" is logged by the dispatcher, which knows the stream
@@ -431,25 +510,22 @@ class JobQueue:
         system_limit: int | None,
         now: datetime,
         until: datetime,
+        concurrent: bool,
         max_priority: int | None = None,
     ) -> list[Lease]:
-        # With a SYSTEM budget, one statement serves both lanes (the jobs
-        # above SYSTEM come first in its order); without any, only the jobs
-        # above SYSTEM are looked at, so that a backlog of SYSTEM work is not
-        # scanned (and locked) by claims that may take none of it.
-        system_lane = system_limit is None or (system_limit > 0 and min_priority <= SYSTEM)
+        lowest, system_cap = self._lanes(min_priority, system_limit)
         leases = claim_sql.claim(
             tx,
             limit=limit,
-            min_priority=min_priority if system_lane else max(min_priority, SYSTEM + 1),
+            min_priority=lowest,
             max_priority=max_priority,
             kinds=kinds,
             worker=worker,
             now=now,
             lease_until=until,
             instance_id=self.instance_id,
-            system_cap=system_limit if system_lane else None,
-            concurrent=self.db.others_alive,  # as of this run of `work`
+            system_cap=system_cap,
+            concurrent=concurrent,
         )
         return _with_files(tx, leases)
 

@@ -212,6 +212,15 @@ def _take(
     return chosen, len(chosen) >= limit or (system_cap <= system and system > 0)
 
 
+def one_statement(backend: str, *, limit: int, concurrent: bool, system_cap: int | None) -> bool:
+    """Whether `claim` with these arguments is one statement (and so may run
+    in `Database.statements`): one job for one worker (a hand-off, a stream
+    with one credit) on PostgreSQL, with no concurrent claim to check
+    against. The first candidate is the one taken, whatever the lanes, so
+    the read and the writes are one statement (unless the cap is 0)."""
+    return backend == "postgresql" and limit == 1 and not concurrent and system_cap != 0
+
+
 def claim(
     tx: Tx,
     *,
@@ -254,10 +263,7 @@ def claim(
     }
     if kinds:
         params["kinds"] = [k.value for k in kinds]
-    if pg and limit == 1 and not concurrent and system_cap != 0:
-        # One job for one worker (a hand-off, a stream with one credit):
-        # the first candidate is the one taken, whatever the lanes, so the
-        # read and the writes are one statement.
+    if one_statement(tx.backend, limit=limit, concurrent=concurrent, system_cap=system_cap):
         return _claim_one_pg(
             tx,
             params,
@@ -266,6 +272,10 @@ def claim(
             lease_until=lease_until,
             instance_id=instance_id,
         )
+    if tx.each_statement_commits:
+        # Its statements are whole only together: the candidates are locked
+        # by the first and taken by the later ones.
+        raise RuntimeError("a claim of several statements needs a transaction")
     # Most realms have one queued job, so a scan of a few more rows than
     # wanted usually suffices; each row scanned is locked on PostgreSQL (a
     # write to its tuple), so scanning twice the rows doubled that cost.

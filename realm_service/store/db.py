@@ -115,18 +115,23 @@ class Tx:
         "committed",
         "conn",
         "deleted_realms",
+        "each_statement_commits",
         "job_values",
         "new_work",
         "revoked",
         "stale_statistics",
     )
 
-    def __init__(self, conn: Connection, db: Database) -> None:
+    def __init__(
+        self, conn: Connection, db: Database, *, each_statement_commits: bool = False
+    ) -> None:
         # A Core connection, not an ORM session: the store reads and writes
         # with prebuilt statements and hands out values, so the session's
         # unit of work and identity map were only overhead (about a fifth
         # of the Python time of a one-statement transaction).
         self.conn = conn
+        # Each statement commits on its own (`Database.statements`).
+        self.each_statement_commits = each_statement_commits
         self.changed_jobs: list[int] = []
         # Changed jobs whose values this transaction knows, as it left them.
         self.job_values: dict[int, Job] = {}
@@ -357,6 +362,33 @@ class Database:
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def statements(self) -> Iterator[Tx]:
+        """A unit of work whose statements each commit on their own, for work
+        of one statement or of statements each whole by itself: on PostgreSQL
+        they run in autocommit, with no BEGIN and COMMIT (two round trips of
+        the three a one-statement transaction makes). On SQLite it is a
+        `transaction`, which is no weaker. Its effects fire once it ends,
+        also when a later statement failed (the earlier ones committed).
+        A store function whose statements are only whole together must not
+        run in it (the claim checks, `Tx.each_statement_commits`)."""
+        if self.backend != "postgresql":
+            with self.transaction() as tx:
+                yield tx
+            return
+        done: Tx | None = None
+        try:
+            with (
+                translate_errors(),
+                self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
+                conn.begin(),
+            ):
+                done = Tx(conn, self, each_statement_commits=True)
+                yield done
+        finally:
+            if done is not None:
+                self._fire(done)
 
     @contextlib.contextmanager
     def read_transaction(self, *, block: bool = False) -> Iterator[Tx]:

@@ -7,11 +7,13 @@ decides, and answer with `Job` values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
 from sqlalchemy import (
+    Insert,
     Table,
     and_,
     bindparam,
@@ -38,7 +40,7 @@ from realm_service.store.rows import (
     new_job_values,
     to_job,
 )
-from realm_service.store.sets import in_values
+from realm_service.store.sets import dialect_insert, in_values
 from realm_service.store.tables import JobRow, RealmRow
 
 _JOBS = cast(Table, JobRow.__table__)
@@ -52,6 +54,7 @@ _MERGE = (
     .where(_JOBS.c.id == bindparam("b_id"))
     .values(priority=bindparam("b_priority"), paths=bindparam("b_paths"))
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RAISE = (
     update(_JOBS)
     .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), _JOBS.c.priority < bindparam("p"))
@@ -189,6 +192,62 @@ def insert_job(
     tx.announce_new_work()
     tx.job_changed([row.id])
     return to_job(row)
+
+
+def insert_if_idle(
+    tx: Tx,
+    *,
+    realm_id: str,
+    kind: JobKind,
+    coalesce_with: Sequence[JobKind],
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange] = (),
+    trace_parent: str = "",
+) -> Job | None:
+    """Insert the job when the realm exists, runs no job and has no queued
+    job of the kinds in `coalesce_with`: one statement, which a transaction
+    of statements that each commit alone (`Database.statements`) may run.
+    None, and nothing written, when any of that fails to hold (or a
+    concurrent enqueuer's queued job of the kind wins the unique index): the
+    caller's full enqueue reads the realm's jobs and decides."""
+    values = new_job_values(
+        realm_id=realm_id,
+        kind=kind,
+        priority=priority,
+        now=now,
+        paths=paths,
+        trace_parent=trace_parent,
+    )
+    values["kinds"] = [k.value for k in coalesce_with]
+    row = tx.conn.execute(_insert_if_idle(tx.backend), values).first()
+    if row is None:
+        return None
+    tx.announce_new_work()
+    tx.job_changed([row.id])
+    return to_job(row)
+
+
+@functools.cache
+def _insert_if_idle(backend: str) -> Insert:
+    names = list(new_job_values(realm_id="", kind=JobKind.FROM_SCRATCH, priority=0, now=_EPOCH))
+    realm_id = bindparam("realm_id", type_=_JOBS.c.realm_id.type)
+    idle = _JOBS.alias("idle")
+    row = select(*(bindparam(name, type_=_JOBS.c[name].type) for name in names)).where(
+        select(_REALMS.c.realm_id).where(_REALMS.c.realm_id == realm_id).exists(),
+        ~select(idle.c.id).where(idle.c.realm_id == realm_id, idle.c.state == RUNNING).exists(),
+        ~select(idle.c.id)
+        .where(idle.c.realm_id == realm_id, idle.c.state == QUEUED, in_values(idle.c.kind, "kinds"))
+        .exists(),
+    )
+    # No arbiter: the only unique index a new queued row can meet is the one
+    # of one queued job per realm and kind (the id is new, the lease NULL).
+    return (
+        dialect_insert(backend, _JOBS)
+        .from_select(names, row)
+        .on_conflict_do_nothing()
+        .returning(*_JOB_COLUMNS)
+    )
 
 
 def try_insert_job(

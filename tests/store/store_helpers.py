@@ -3,6 +3,7 @@ way a client would (realms, the current index)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from realm_service.dispatcher import WorkerStream
@@ -100,3 +101,22 @@ def waiting_stream(
     )
     stream.grant(credits)
     return stream
+
+
+def woken_calls(queue: JobQueue) -> list[int]:
+    """Calls of this process's new-work listeners from now on. On PostgreSQL
+    the first listener starts the LISTEN connection, which wakes everyone
+    once it is connected: that call is awaited and left out."""
+    calls: list[int] = []
+    others_alive = queue.db.others_alive
+    queue.on_new_work(lambda: calls.append(1))
+    if queue.db.backend == "postgresql":
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls, "the LISTEN connection did not come up"
+        calls.clear()
+        # A (re)connect assumes other instances until the next refresh
+        # says who is there; the test says it.
+        queue.db.others_alive = others_alive
+    return calls

@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import time
 from typing import Any
 
 import pytest
-from store_helpers import FakeClock, make_realm, waiting_stream
+from store_helpers import FakeClock, make_realm, waiting_stream, woken_calls
 
 from realm_service.dispatcher import Dispatcher
 from realm_service.domain import (
@@ -45,28 +44,9 @@ def _offer(system_limit: int | None = None, min_priority: int = 0) -> HandOff:
     )
 
 
-def _woken(queue: JobQueue) -> list[int]:
-    """Calls of this process's new-work listeners from now on. On PostgreSQL
-    the first listener starts the LISTEN connection, which wakes everyone
-    once it is connected: that call is awaited and left out."""
-    calls: list[int] = []
-    others_alive = queue.db.others_alive
-    queue.on_new_work(lambda: calls.append(1))
-    if queue.db.backend == "postgresql":
-        deadline = time.monotonic() + 10
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert calls, "the LISTEN connection did not come up"
-        calls.clear()
-        # A (re)connect assumes other instances until the next refresh
-        # says who is there; the test says it.
-        queue.db.others_alive = others_alive
-    return calls
-
-
 def test_an_enqueue_offered_a_stream_starts_its_own_job(queue: JobQueue) -> None:
     make_realm(queue, "a")
-    woken = _woken(queue)
+    woken = woken_calls(queue)
     result = queue.enqueue("a", JobKind.FROM_SCRATCH, USER, hand_off=_offer())
     assert result.disposition is Disposition.INSERTED
     assert result.lease is not None and result.lease.job.job_id == result.job.job_id
@@ -87,7 +67,7 @@ def test_the_claims_order_picks_the_job_ahead_of_the_enqueued_one(
         make_realm(queue, name)
     ahead = queue.enqueue("first", JobKind.FROM_SCRATCH, USER + 10).job
     clock.advance(1)
-    woken = _woken(queue)
+    woken = woken_calls(queue)
     result = queue.enqueue("later", JobKind.FROM_SCRATCH, USER, hand_off=_offer())
     assert result.lease is not None and result.lease.job.job_id == ahead.job_id
     assert result.job.state is JobState.QUEUED  # the enqueued job still waits

@@ -1,0 +1,334 @@
+"""The enqueue of an idle realm (no running job, no queued job to coalesce
+with) is one insert statement that inserts only while the realm is idle; on
+PostgreSQL it commits alone (`Database.statements`), and a hand-off's claim
+of one job does too. A realm that is not idle goes the full way, and the
+outcome is the same either way."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from store_helpers import LEASE, FakeClock, make_realm, woken_calls
+
+from realm_service.domain import (
+    SYSTEM,
+    USER,
+    Disposition,
+    HandOff,
+    JobKind,
+    JobState,
+    PathChange,
+)
+from realm_service.errors import Conflict, RealmNotFound
+from realm_service.queue import JobQueue, QueueSettings
+from realm_service.store import claim_sql, enqueue_sql
+from realm_service.store.db import Database, open_database
+
+FS = JobKind.FROM_SCRATCH
+INC = JobKind.INCREMENTAL
+
+
+def _offer() -> HandOff:
+    return HandOff(stream_id="s", worker="w", min_priority=0, kinds=(), system_limit=None)
+
+
+@pytest.fixture
+def alone(queue: JobQueue) -> JobQueue:
+    """One instance on the store: a hand-off's claim is one statement too
+    (on PostgreSQL)."""
+    queue.db.others_alive = False
+    return queue
+
+
+class Statements:
+    """The first word of each statement a database runs while recording
+    (SQLite's BEGIN included: it is a statement there; its COMMIT is not),
+    and on PostgreSQL whether a transaction block was open before it: so the
+    first statement of a block is False, the later ones True, and one that
+    commits alone is False."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.sql: list[str] = []
+        self.in_block: list[bool] = []
+        self.recording = False
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.recording:
+            self.sql.append(statement.split(None, 1)[0].upper())
+            if self.db.backend == "postgresql":
+                status = conn.connection.dbapi_connection.info.transaction_status
+                self.in_block.append(status != 0)  # 0: psycopg's TransactionStatus.IDLE
+
+    def __enter__(self) -> Statements:
+        self.sql.clear()
+        self.recording = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.recording = False
+
+
+@pytest.fixture
+def statements(queue: JobQueue) -> Iterator[Statements]:
+    spy = Statements(queue.db)
+    event.listen(queue.db.engine, "before_cursor_execute", spy)
+    yield spy
+    event.remove(queue.db.engine, "before_cursor_execute", spy)
+
+
+def test_an_idle_realm_is_enqueued_in_one_statement(
+    alone: JobQueue, statements: Statements
+) -> None:
+    make_realm(alone, "r")
+    with statements:
+        result = alone.enqueue("r", FS, USER)
+    assert result.disposition is Disposition.INSERTED
+    assert alone.get_job(result.job.job_id) == result.job
+    if alone.db.backend == "postgresql":
+        assert statements.sql == ["INSERT"]  # no read
+        assert statements.in_block == [False]
+    else:
+        assert statements.sql == ["BEGIN", "INSERT"]
+
+
+def test_an_idle_realm_and_its_hand_off_are_two_statements_alone_on_postgresql(
+    alone: JobQueue, statements: Statements
+) -> None:
+    make_realm(alone, "r")
+    with statements:
+        result = alone.enqueue("r", FS, USER, hand_off=_offer())
+    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
+    stored = alone.get_job(result.job.job_id)
+    assert (stored.state, stored.worker, stored.attempt) == (JobState.RUNNING, "w", 1)
+    assert [outcome for _, outcome in alone.attempts(result.job.job_id)] == ["running"]
+    if alone.db.backend == "postgresql":
+        assert statements.sql == ["INSERT", "WITH"]
+        assert statements.in_block == [False, False]  # each commits alone
+    else:
+        # One transaction on SQLite: two commits would be two syncs.
+        assert statements.sql[:2] == ["BEGIN", "INSERT"]
+        assert statements.sql.count("BEGIN") == 1
+
+
+def test_shared_store_hand_off_is_one_transaction(queue: JobQueue, statements: Statements) -> None:
+    """With other instances about, the claim is several statements, whole
+    only together: the insert and the claim share one transaction."""
+    queue.db.others_alive = True
+    make_realm(queue, "r")
+    with statements:
+        result = queue.enqueue("r", FS, USER, hand_off=_offer())
+    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
+    assert queue.get_job(result.job.job_id).state is JobState.RUNNING
+    if queue.db.backend == "postgresql":
+        assert statements.sql[0] == "INSERT" and len(statements.sql) > 2
+        assert statements.in_block == [False] + [True] * (len(statements.sql) - 1)
+    else:
+        assert statements.sql[:2] == ["BEGIN", "INSERT"]
+        assert statements.sql.count("BEGIN") == 1
+
+
+@pytest.mark.parametrize(
+    ("arrange", "kind", "expected"),
+    [
+        # A queued job of the kind: merged into.
+        ("queued FS", FS, Disposition.MERGED),
+        ("queued INC", INC, Disposition.MERGED),
+        # An incremental change onto a queued from-scratch job: folded into it.
+        ("queued FS", INC, Disposition.MERGED),
+        # A running from-scratch job: attached to it (nothing changed).
+        ("running FS", FS, Disposition.ATTACHED),
+        # A running job of the other kind: a new job, queued behind it.
+        ("running FS", INC, Disposition.INSERTED),
+        ("running INC", FS, Disposition.INSERTED),
+    ],
+)
+def test_a_realm_that_is_not_idle_goes_the_full_way(
+    alone: JobQueue, arrange: str, kind: JobKind, expected: Disposition
+) -> None:
+    make_realm(alone, "r")
+    state, first_kind = arrange.split()
+    first = alone.enqueue(
+        "r",
+        JobKind.FROM_SCRATCH if first_kind == "FS" else INC,
+        SYSTEM,
+        paths=[PathChange("a", False)],
+    ).job
+    if state == "running":
+        [lease] = alone.claim(1, worker="w")
+        assert lease.job.job_id == first.job_id
+    now = alone.clock()
+    coalesce_with = [kind, FS] if kind is INC else [kind]
+    with alone.db.transaction() as tx:
+        assert (
+            enqueue_sql.insert_if_idle(
+                tx, realm_id="r", kind=kind, coalesce_with=coalesce_with, priority=USER, now=now
+            )
+            is None
+        )
+    jobs_before = alone.list_jobs(realm_id="r")
+    result = alone.enqueue("r", kind, USER, paths=[PathChange("b", False)])
+    assert result.disposition is expected
+    jobs_after = alone.list_jobs(realm_id="r")
+    assert len(jobs_after) == len(jobs_before) + (expected is Disposition.INSERTED)
+
+
+def test_an_unknown_realm_is_not_inserted_and_is_refused(alone: JobQueue) -> None:
+    now = alone.clock()
+    with alone.db.transaction() as tx:
+        job = enqueue_sql.insert_if_idle(
+            tx, realm_id="nope", kind=FS, coalesce_with=[FS], priority=USER, now=now
+        )
+        assert job is None
+    with pytest.raises(RealmNotFound):
+        alone.enqueue("nope", FS, USER, hand_off=_offer())
+    assert alone.list_jobs() == []
+
+
+def test_too_many_paths_escalate_as_before(alone: JobQueue) -> None:
+    from realm_service.domain import MAX_JOB_PATHS
+
+    make_realm(alone, "r")
+    many = [PathChange(f"f{i}.json", False) for i in range(MAX_JOB_PATHS + 1)]
+    result = alone.enqueue("r", INC, USER, paths=many)
+    assert result.job.kind is FS and result.disposition is Disposition.INSERTED
+    assert [j.kind for j in alone.list_jobs(realm_id="r")] == [FS]
+
+
+def test_the_inserted_job_announces_new_work_and_logs_once(
+    alone: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_realm(alone, "r")
+    woken = woken_calls(alone)
+    with caplog.at_level(logging.INFO, logger="realm_service.queue"):
+        result = alone.enqueue("r", FS, USER)
+    assert woken, "the dispatcher was not woken for the new job"
+    lines = [r for r in caplog.records if r.getMessage() == "job enqueued"]
+    assert len(lines) == 1 and lines[0].__dict__["job"] == result.job.job_id
+
+
+# -- PostgreSQL: statements that commit alone ----------------------------------------
+
+
+@pytest.fixture
+def pg_alone(pg_url: str) -> Iterator[JobQueue]:
+    """A queue on PostgreSQL (whatever the store parameter), alone."""
+    db = open_database(pg_url)
+    db.others_alive = False
+    try:
+        yield JobQueue(db, settings=QueueSettings(lease_duration=LEASE), clock=FakeClock())
+    finally:
+        db.close()
+
+
+def test_each_statement_of_the_unit_commits_on_its_own(pg_alone: JobQueue) -> None:
+    db = pg_alone.db
+    make_realm(pg_alone, "r")
+    with db.statements() as tx:
+        job = enqueue_sql.insert_if_idle(
+            tx, realm_id="r", kind=FS, coalesce_with=[FS], priority=USER, now=pg_alone.clock()
+        )
+        assert job is not None
+        # Another connection sees it before the unit ends: it committed.
+        with db.engine.connect() as other:
+            seen = other.execute(text("SELECT count(*) FROM jobs WHERE id = :i"), {"i": job.job_id})
+            assert seen.scalar_one() == 1
+
+
+def test_a_claim_of_several_statements_refuses_to_run_alone(pg_alone: JobQueue) -> None:
+    make_realm(pg_alone, "r")
+    pg_alone.enqueue("r", FS, USER)
+    assert not claim_sql.one_statement("postgresql", limit=2, concurrent=False, system_cap=None)
+    assert not claim_sql.one_statement("postgresql", limit=1, concurrent=True, system_cap=None)
+    assert not claim_sql.one_statement("sqlite", limit=1, concurrent=False, system_cap=None)
+    assert not claim_sql.one_statement("postgresql", limit=1, concurrent=False, system_cap=0)
+    now = pg_alone.clock()
+    with pytest.raises(RuntimeError, match="needs a transaction"), pg_alone.db.statements() as tx:
+        claim_sql.claim(
+            tx,
+            limit=2,
+            min_priority=0,
+            max_priority=None,
+            kinds=None,
+            worker="w",
+            now=now,
+            lease_until=now,
+            concurrent=False,
+        )
+    assert pg_alone.get_job(pg_alone.list_jobs()[0].job_id).state is JobState.QUEUED
+
+
+def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
+    pg_alone: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The insert committed on its own; the claim's statement is refused (as
+    the unique index on running jobs refuses one that raced another claim):
+    the job stays queued, the dispatcher is woken for it, and the enqueue
+    is reported as it committed."""
+    db = pg_alone.db
+    make_realm(pg_alone, "r")
+    with db.transaction() as tx:
+        tx.conn.execute(
+            text(
+                "CREATE FUNCTION refuse_attempt() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = 'unique_violation'; END $$"
+            )
+        )
+        tx.conn.execute(
+            text(
+                "CREATE TRIGGER refuse_attempt BEFORE INSERT ON job_attempts"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_attempt()"
+            )
+        )
+    woken = woken_calls(pg_alone)
+    with caplog.at_level(logging.INFO, logger="realm_service.queue"):
+        result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
+    assert result.disposition is Disposition.INSERTED and result.lease is None
+    stored = pg_alone.get_job(result.job.job_id)
+    assert (stored.state, stored.attempt) == (JobState.QUEUED, 0)
+    assert woken
+    assert [r.__dict__["job"] for r in caplog.records if r.getMessage() == "job enqueued"] == [
+        result.job.job_id
+    ]
+
+
+def test_an_insert_refused_in_the_unit_falls_back_to_the_full_enqueue(
+    pg_alone: JobQueue,
+) -> None:
+    """A Conflict from the insert itself (as when the realm is deleted
+    between the check and the write; played by a trigger refusing the first
+    two inserts, counted by a sequence, which no rollback undoes) leaves
+    nothing written and wakes nobody; the full enqueue then inserts."""
+    db = pg_alone.db
+    make_realm(pg_alone, "r")
+    with db.transaction() as tx:
+        tx.conn.execute(text("CREATE SEQUENCE job_inserts"))
+        tx.conn.execute(
+            text(
+                "CREATE FUNCTION refuse_job() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN IF nextval('job_inserts') <= 2 THEN"
+                " RAISE EXCEPTION 'refused' USING ERRCODE = 'foreign_key_violation';"
+                " END IF; RETURN NEW; END $$"
+            )
+        )
+        tx.conn.execute(
+            text(
+                "CREATE TRIGGER refuse_job BEFORE INSERT ON jobs"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_job()"
+            )
+        )
+    woken = woken_calls(pg_alone)
+    with pytest.raises(Conflict), db.statements() as tx:
+        enqueue_sql.insert_if_idle(
+            tx, realm_id="r", kind=FS, coalesce_with=[FS], priority=USER, now=pg_alone.clock()
+        )
+    assert pg_alone.list_jobs(realm_id="r") == [] and woken == []
+    result = pg_alone.enqueue("r", FS, USER)  # refused once more, then the full way
+    assert result.disposition is Disposition.INSERTED
+    assert [j.job_id for j in pg_alone.list_jobs(realm_id="r")] == [result.job.job_id]
+    with db.read_transaction() as tx:
+        assert tx.conn.execute(text("SELECT last_value FROM job_inserts")).scalar_one() == 3
