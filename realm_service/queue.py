@@ -40,6 +40,7 @@ from realm_service.domain import (
     PathChange,
     QueuePosition,
     QueueStats,
+    Realm,
     RealmState,
     RunningInfo,
     WorkerInfo,
@@ -372,6 +373,36 @@ class JobQueue:
         if queued_incremental is not None:
             enqueue_sql.supersede(tx, queued_incremental, result.job)
         return result
+
+    def new_realm(
+        self,
+        tx: Tx,
+        *,
+        realm_id: str,
+        display_name: str,
+        priority: int,
+        now: datetime,
+        files: Sequence[tuple[str, bytes]],
+    ) -> tuple[Realm, Job] | None:
+        """A realm that does not exist yet, with its files and its first
+        from-scratch job at the creation's priority, written together (one
+        statement on PostgreSQL, which `Database.statements` may run alone):
+        None, and nothing written, when the realm exists."""
+        created = realms_sql.create_realm(
+            tx,
+            realm_id=realm_id,
+            display_name=display_name,
+            priority=priority,
+            now=now,
+            files=files,
+            job_priority=priority,
+            job_time=self.clock(),
+            trace_parent=tracing.current_traceparent(),
+        )
+        if created is not None:
+            result = EnqueueResult(created[1], Disposition.INSERTED)
+            tx.on_commit(functools.partial(_log_enqueued, [result]))
+        return created
 
     def first_index_of_new_realm(self, tx: Tx, realm_id: str, priority: int) -> Job:
         """The first from-scratch job of a realm inserted in this same

@@ -20,7 +20,7 @@ import threading
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from realm_service import metrics
 from realm_service.clock import Clock, utcnow
@@ -222,6 +222,8 @@ class Realms:
         files: Sequence[tuple[str, bytes]],
     ) -> CreateResult:
         now = self.clock()
+        if not request_id:
+            return self._create_new(realm_id, priority, name, files, now)
         mounted_here = False
         try:
             with self.db.transaction() as s:
@@ -285,6 +287,46 @@ class Realms:
             if mounted_here:
                 self.registry.unmount(realm_id)
             raise
+        log.info(
+            "realm created", extra={"realm": realm_id, "job": job.job_id, "priority": priority}
+        )
+        return CreateResult(realm, job, replayed=False)
+
+    def _create_new(
+        self,
+        realm_id: str,
+        priority: int,
+        name: str,
+        files: Sequence[tuple[str, bytes]],
+        now: datetime,
+    ) -> CreateResult:
+        """A create without a request id: nothing to replay, so nothing to
+        read first. The realm, its files and its first job are written
+        together (`JobQueue.new_realm`; one statement that commits alone on
+        PostgreSQL), or nothing is when the realm exists. The realm is
+        mounted first: its job appears only with it."""
+        mounted_here = self.registry.mount(realm_id)
+        try:
+            with self.db.statements() as s:
+                created = self.queue.new_realm(
+                    s,
+                    realm_id=realm_id,
+                    display_name=name,
+                    priority=priority,
+                    now=now,
+                    files=[
+                        (REALM_JSON, realm_json(realm_id, name)),
+                        (INDEX_JSON, index_card(name)),
+                        *files,
+                    ],
+                )
+            if created is None:
+                raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
+        except BaseException:
+            if mounted_here:
+                self.registry.unmount(realm_id)
+            raise
+        realm, job = created
         log.info(
             "realm created", extra={"realm": realm_id, "job": job.job_id, "priority": priority}
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import cast
 
 from sqlalchemy import (
@@ -34,6 +34,7 @@ from realm_service.store.db import Tx
 from realm_service.store.rows import (
     JOB_FIELDS,
     MERGED,
+    NEW_JOB_FIELDS,
     QUEUED,
     RUNNING,
     encode_paths,
@@ -54,7 +55,6 @@ _MERGE = (
     .where(_JOBS.c.id == bindparam("b_id"))
     .values(priority=bindparam("b_priority"), paths=bindparam("b_paths"))
 )
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RAISE = (
     update(_JOBS)
     .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), _JOBS.c.priority < bindparam("p"))
@@ -230,7 +230,7 @@ def insert_if_idle(
 
 @functools.cache
 def _insert_if_idle(backend: str) -> Insert:
-    names = list(new_job_values(realm_id="", kind=JobKind.FROM_SCRATCH, priority=0, now=_EPOCH))
+    names = list(NEW_JOB_FIELDS)
     realm_id = bindparam("realm_id", type_=_JOBS.c.realm_id.type)
     idle = _JOBS.alias("idle")
     row = select(*(bindparam(name, type_=_JOBS.c[name].type) for name in names)).where(

@@ -10,9 +10,14 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    BigInteger,
     Insert,
+    LargeBinary,
+    Select,
+    String,
     Table,
     bindparam,
+    column,
     delete,
     exists,
     func,
@@ -20,13 +25,24 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
+from sqlalchemy.dialects import postgresql
 
-from realm_service.domain import JobKind, Realm, RealmFile, RealmState
+from realm_service.domain import Job, JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
 from realm_service.store.db import Tx
-from realm_service.store.rows import CANCELLED, QUEUED, RUNNING, SUCCEEDED
+from realm_service.store.rows import (
+    CANCELLED,
+    JOB_FIELDS,
+    NEW_JOB_FIELDS,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    new_job_values,
+    to_job,
+)
 from realm_service.store.sets import dialect_insert, in_values
 from realm_service.store.tables import (
     IndexEntryRow,
@@ -61,6 +77,22 @@ def to_file(row: Any) -> RealmFile:
 # -- realms -------------------------------------------------------------------
 
 
+def _new_realm(realm_id: str, display_name: str, priority: int, now: datetime, files: int) -> Realm:
+    return Realm(
+        realm_id=realm_id,
+        display_name=display_name,
+        state=RealmState.INDEXING,
+        create_time=now,
+        files=files,
+        cards=0,
+        errors=0,
+        entries=0,
+        last_index_time=None,
+        current_generation=None,
+        created_priority=priority,
+    )
+
+
 def insert_new_realm(
     tx: Tx,
     *,
@@ -77,19 +109,7 @@ def insert_new_realm(
     the insert fail on the primary key (a Conflict at the transaction's
     edge). With `if_absent` the caller has not looked: None, and nothing
     written, when the realm exists (or a concurrent creator's commits)."""
-    realm = Realm(
-        realm_id=realm_id,
-        display_name=display_name,
-        state=RealmState.INDEXING,
-        create_time=now,
-        files=len(files),
-        cards=0,
-        errors=0,
-        entries=0,
-        last_index_time=None,
-        current_generation=None,
-        created_priority=priority,
-    )
+    realm = _new_realm(realm_id, display_name, priority, now, len(files))
     values = {**vars(realm), "state": realm.state.value}
     if if_absent:
         if tx.conn.execute(_insert_realm_if_absent(tx.backend), values).first() is None:
@@ -99,6 +119,113 @@ def insert_new_realm(
     if files:
         tx.conn.execute(_INSERT_FILES, _file_rows(realm_id, files, now))
     return realm
+
+
+def create_realm(
+    tx: Tx,
+    *,
+    realm_id: str,
+    display_name: str,
+    priority: int,
+    now: datetime,
+    files: Sequence[tuple[str, bytes]],
+    job_priority: int,
+    job_time: datetime,
+    trace_parent: str = "",
+) -> tuple[Realm, Job] | None:
+    """A realm, its files and its first from-scratch job, unless the realm
+    exists (None, and nothing written). One statement on PostgreSQL
+    (data-modifying CTEs: the files and the job are inserted only if the
+    realm's row is), which `Database.statements` may run on its own; three
+    on SQLite, in the caller's transaction."""
+    realm = _new_realm(realm_id, display_name, priority, now, len(files))
+    realm_values = {**vars(realm), "state": realm.state.value}
+    job_values = new_job_values(
+        realm_id=realm_id,
+        kind=JobKind.FROM_SCRATCH,
+        priority=job_priority,
+        now=job_time,
+        trace_parent=trace_parent,
+    )
+    if tx.backend == "postgresql":
+        rows = _file_rows(realm_id, files, now)
+        params: dict[str, Any] = {
+            **{f"r_{name}": value for name, value in realm_values.items()},
+            **{f"j_{name}": value for name, value in job_values.items()},
+            "f_path": [r["path"] for r in rows],
+            "f_content": [r["content"] for r in rows],
+            "f_size": [r["size"] for r in rows],
+            "f_sha256": [r["sha256"] for r in rows],
+            "f_mtime": now,
+        }
+        row = tx.conn.execute(_create_realm_pg(), params).first()
+        if row is None:
+            return None
+        job = to_job(row)
+        tx.announce_new_work()
+        tx.job_changed([job.job_id])
+        return realm, job
+    if tx.conn.execute(_insert_realm_if_absent(tx.backend), realm_values).first() is None:
+        return None
+    if files:
+        tx.conn.execute(_INSERT_FILES, _file_rows(realm_id, files, now))
+    row = tx.conn.execute(_INSERT_JOB, job_values).one()
+    job = to_job(row)
+    tx.announce_new_work()
+    tx.job_changed([job.job_id])
+    return realm, job
+
+
+@functools.cache
+def _create_realm_pg() -> Select[Any]:
+    realm_names = [c.name for c in _R.c]
+    new_realm = (
+        postgresql.insert(_R)
+        .values({name: bindparam(f"r_{name}", type_=_R.c[name].type) for name in realm_names})
+        .on_conflict_do_nothing(index_elements=[_R.c.realm_id])
+        .returning(_R.c.realm_id)
+        .cte("new_realm")
+    )
+    listed = func.unnest(
+        bindparam("f_path", type_=postgresql.ARRAY(String())),
+        bindparam("f_content", type_=postgresql.ARRAY(LargeBinary())),
+        bindparam("f_size", type_=postgresql.ARRAY(BigInteger())),
+        bindparam("f_sha256", type_=postgresql.ARRAY(String())),
+    ).table_valued(
+        column("path", String()),
+        column("content", LargeBinary()),
+        column("size", BigInteger()),
+        column("sha256", String()),
+    ).render_derived(name="f")
+    new_files = (
+        insert(_FILES_TABLE)
+        .from_select(
+            ["realm_id", "path", "content", "mtime", "size", "sha256"],
+            select(
+                new_realm.c.realm_id,
+                listed.c.path,
+                listed.c.content,
+                bindparam("f_mtime", type_=_F.mtime.type),
+                listed.c.size,
+                listed.c.sha256,
+            ).select_from(new_realm.join(listed, true())),
+        )
+        .cte("new_files")
+    )
+    job_names = [name for name in NEW_JOB_FIELDS if name != "realm_id"]
+    new_job = (
+        insert(_J)
+        .from_select(
+            ["realm_id", *job_names],
+            select(
+                new_realm.c.realm_id,
+                *(bindparam(f"j_{name}", type_=_J.c[name].type) for name in job_names),
+            ).select_from(new_realm),
+        )
+        .returning(*(_J.c[name] for name in JOB_FIELDS))
+        .cte("new_job")
+    )
+    return select(*(new_job.c[name] for name in JOB_FIELDS)).add_cte(new_files)
 
 
 def get_realm(tx: Tx, realm_id: str, *, lock: bool = False) -> Realm:
@@ -115,6 +242,8 @@ def realm_exists(tx: Tx, realm_id: str) -> bool:
 # Most requests read their realm first: prebuilt Core statements (an ORM
 # entity select costs several times as much in Python).
 _R = cast(Table, RealmRow.__table__)
+_J = cast(Table, JobRow.__table__)
+_INSERT_JOB = insert(_J).returning(*(_J.c[name] for name in JOB_FIELDS))
 _INSERT_REALM = insert(_R)
 
 

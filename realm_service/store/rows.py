@@ -73,6 +73,14 @@ def new_job_values(
     }
 
 
+# The columns `new_job_values` gives, in its order.
+NEW_JOB_FIELDS = (
+    "realm_id", "kind", "priority", "state", "seq", "attempt", "counted_failures",
+    "create_time", "error_message", "progress_done", "progress_total", "paths",
+    "worker", "trace_parent",
+)  # fmt: skip
+
+
 def make_job(**fields: Any) -> Job:
     """Job(**fields) for the claim and completion path, where jobs are made
     by the batch: every field given, no defaults, so the frozen dataclass's

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import event
 
 from realm_service.dispatcher import WorkerStream
 from realm_service.domain import USER, IndexEntry, JobKind, Lease, Realm
 from realm_service.queue import JobQueue
 from realm_service.store import index_sql, realms_sql
+from realm_service.store.db import Database
 
 LEASE = timedelta(seconds=30)
 MAX_ATTEMPTS = 3
@@ -120,3 +124,38 @@ def woken_calls(queue: JobQueue) -> list[int]:
         # says who is there; the test says it.
         queue.db.others_alive = others_alive
     return calls
+
+
+class Statements:
+    """The first word of each statement a database runs while recording
+    (SQLite's BEGIN included: it is a statement there; its COMMIT is not),
+    and on PostgreSQL whether a transaction block was open before it: so the
+    first statement of a block is False, the later ones True, and one that
+    commits alone is False."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.sql: list[str] = []
+        self.in_block: list[bool] = []
+        self.text: list[str] = []
+        self.recording = False
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.recording:
+            self.sql.append(statement.split(None, 1)[0].upper())
+            self.text.append(statement)
+            if self.db.backend == "postgresql":
+                status = conn.connection.dbapi_connection.info.transaction_status
+                self.in_block.append(status != 0)  # 0: psycopg's TransactionStatus.IDLE
+
+    def __enter__(self) -> Statements:
+        self.sql.clear()
+        self.in_block.clear()
+        self.text.clear()
+        self.recording = True
+        event.listen(self.db.engine, "before_cursor_execute", self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.recording = False
+        event.remove(self.db.engine, "before_cursor_execute", self)

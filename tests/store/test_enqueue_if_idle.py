@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from sqlalchemy import event, text
-from store_helpers import LEASE, FakeClock, make_realm, woken_calls
+from sqlalchemy import text
+from store_helpers import LEASE, FakeClock, Statements, make_realm, woken_calls
 
 from realm_service.domain import (
     SYSTEM,
@@ -26,7 +25,7 @@ from realm_service.domain import (
 from realm_service.errors import Conflict, RealmNotFound
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store import claim_sql, enqueue_sql
-from realm_service.store.db import Database, open_database
+from realm_service.store.db import open_database
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -44,48 +43,9 @@ def alone(queue: JobQueue) -> JobQueue:
     return queue
 
 
-class Statements:
-    """The first word of each statement a database runs while recording
-    (SQLite's BEGIN included: it is a statement there; its COMMIT is not),
-    and on PostgreSQL whether a transaction block was open before it: so the
-    first statement of a block is False, the later ones True, and one that
-    commits alone is False."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.sql: list[str] = []
-        self.in_block: list[bool] = []
-        self.recording = False
-
-    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if self.recording:
-            self.sql.append(statement.split(None, 1)[0].upper())
-            if self.db.backend == "postgresql":
-                status = conn.connection.dbapi_connection.info.transaction_status
-                self.in_block.append(status != 0)  # 0: psycopg's TransactionStatus.IDLE
-
-    def __enter__(self) -> Statements:
-        self.sql.clear()
-        self.recording = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.recording = False
-
-
-@pytest.fixture
-def statements(queue: JobQueue) -> Iterator[Statements]:
-    spy = Statements(queue.db)
-    event.listen(queue.db.engine, "before_cursor_execute", spy)
-    yield spy
-    event.remove(queue.db.engine, "before_cursor_execute", spy)
-
-
-def test_an_idle_realm_is_enqueued_in_one_statement(
-    alone: JobQueue, statements: Statements
-) -> None:
+def test_an_idle_realm_is_enqueued_in_one_statement(alone: JobQueue) -> None:
     make_realm(alone, "r")
-    with statements:
+    with Statements(alone.db) as statements:
         result = alone.enqueue("r", FS, USER)
     assert result.disposition is Disposition.INSERTED
     assert alone.get_job(result.job.job_id) == result.job
@@ -97,10 +57,10 @@ def test_an_idle_realm_is_enqueued_in_one_statement(
 
 
 def test_an_idle_realm_and_its_hand_off_are_two_statements_alone_on_postgresql(
-    alone: JobQueue, statements: Statements
+    alone: JobQueue,
 ) -> None:
     make_realm(alone, "r")
-    with statements:
+    with Statements(alone.db) as statements:
         result = alone.enqueue("r", FS, USER, hand_off=_offer())
     assert result.lease is not None and result.lease.job.job_id == result.job.job_id
     stored = alone.get_job(result.job.job_id)
@@ -115,12 +75,12 @@ def test_an_idle_realm_and_its_hand_off_are_two_statements_alone_on_postgresql(
         assert statements.sql.count("BEGIN") == 1
 
 
-def test_shared_store_hand_off_is_one_transaction(queue: JobQueue, statements: Statements) -> None:
+def test_shared_store_hand_off_is_one_transaction(queue: JobQueue) -> None:
     """With other instances about, the claim is several statements, whole
     only together: the insert and the claim share one transaction."""
     queue.db.others_alive = True
     make_realm(queue, "r")
-    with statements:
+    with Statements(queue.db) as statements:
         result = queue.enqueue("r", FS, USER, hand_off=_offer())
     assert result.lease is not None and result.lease.job.job_id == result.job.job_id
     assert queue.get_job(result.job.job_id).state is JobState.RUNNING

@@ -3,6 +3,7 @@ the unique indexes that make "exactly one" hold in the store itself."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -153,22 +154,27 @@ def test_a_create_that_loses_its_insert_to_another_instance_retries(
     here_db, there_db = open_database(pg_url), open_database(pg_url, migrate=False)
     here = Realms(here_db, JobQueue(here_db), max_file_size=1024)
     there = Realms(there_db, JobQueue(there_db), max_file_size=1024)
-    real_insert = realms_sql.insert_new_realm
     first: list[CreateResult] = []
     raced = False
 
-    def insert_after_the_other(tx: Tx, **kw: Any) -> Any:
-        nonlocal raced
-        if not raced:
-            raced = True  # the other create's own insert runs plainly
-            first.append(
-                there.create(
-                    realm_id="r", priority=None, display_name="", request_id="req-1", files=[]
+    def after_the_other(real_insert: Callable[..., Any]) -> Callable[..., Any]:
+        def insert(tx: Tx, **kw: Any) -> Any:
+            nonlocal raced
+            if not raced:
+                raced = True  # the other create's own insert runs plainly
+                first.append(
+                    there.create(
+                        realm_id="r", priority=None, display_name="", request_id="req-1", files=[]
+                    )
                 )
-            )
-        return real_insert(tx, **kw)
+            return real_insert(tx, **kw)
 
-    monkeypatch.setattr(realms_sql, "insert_new_realm", insert_after_the_other)
+        return insert
+
+    # With a request id the realm is read first and inserted by itself;
+    # without, it is inserted with its files and job (create_realm).
+    for name in ("insert_new_realm", "create_realm"):
+        monkeypatch.setattr(realms_sql, name, after_the_other(getattr(realms_sql, name)))
     try:
         if request_id:
             again = here.create(
@@ -178,6 +184,7 @@ def test_a_create_that_loses_its_insert_to_another_instance_retries(
         else:
             with pytest.raises(RealmAlreadyExists):
                 here.create(realm_id="r", priority=50, display_name="", request_id="", files=[])
+        assert raced
         [job] = here.queue.list_jobs(realm_id="r")
         assert (job.job_id, job.priority) == (first[0].job.job_id, USER)
         assert "r" in there.registry and "r" not in here.registry
