@@ -881,7 +881,10 @@ async def run_create(cfg: Config, workdir: Path) -> None:
             "GetJob": get_job,
         }
         times: dict[str, list[float]] = {name: [] for name in calls}
+        spy = None
         for i in range(20 + cfg.create_samples):
+            if i == 20:
+                spy = profile(cfg, pair.server.pid, "create-server")
             order = list(calls)
             random.shuffle(order)
             for name in order:
@@ -889,6 +892,7 @@ async def run_create(cfg: Config, workdir: Path) -> None:
                 await calls[name]()
                 if i >= 20:
                     times[name].append(time.perf_counter() - t0)
+        stop_profiles(spy)
         await channel.close()
     s = {name: summary(v) for name, v in times.items()}
     ratio = s["CreateRealm"]["p50_ms"] / s["Health.Check"]["p50_ms"]

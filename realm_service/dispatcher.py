@@ -308,12 +308,11 @@ class Dispatcher:
         away meanwhile does not strand the lease."""
         hand_off = self._offer(priority, kind)
         call = asyncio.ensure_future(asyncio.to_thread(enqueue, hand_off=hand_off))
-        # The caller's callback first, then the settling: the caller resumes
-        # (its reply is under way) before the worker's assignment is sent.
-        result = asyncio.shield(call)
+        # The settling first, then the caller's callback: the worker's
+        # assignment is under way before the caller resumes to send its reply.
         if hand_off is not None:
             call.add_done_callback(functools.partial(self._settle, hand_off, self._rounds))
-        return await result
+        return await asyncio.shield(call)
 
     def _offer(self, priority: int, kind: JobKind) -> HandOff | None:
         """A credit of the stream a round would serve first among those that
