@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease
+from realm_service.store import direct
 from realm_service.store.db import Tx
 from realm_service.store.rows import QUEUED, RUNNING, decode_paths, kind_of, make_job, to_job
 from realm_service.store.sets import in_values, rows_params, rows_source
@@ -378,7 +379,8 @@ def _claim_one_pg(
     instance_id: str,
 ) -> list[Lease]:
     lease_id = secrets.token_hex(16)
-    row = tx.conn.execute(
+    row = direct.first(
+        tx.conn,
         _claim_one_statement("kinds" in params),
         {
             **params,
@@ -389,7 +391,7 @@ def _claim_one_pg(
             "now": now,
             "until": lease_until,
         },
-    ).first()
+    )
     if row is None:
         return []
     chosen = _Candidate._make(row)

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql
 
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
 from realm_service.errors import Conflict, RealmNotFound
+from realm_service.store import direct
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
     JOB_FIELDS,
@@ -220,7 +221,7 @@ def insert_if_idle(
         trace_parent=trace_parent,
     )
     values["kinds"] = [k.value for k in coalesce_with]
-    row = tx.conn.execute(_insert_if_idle(tx.backend), values).first()
+    row = direct.first(tx.conn, _insert_if_idle(tx.backend), values)
     if row is None:
         return None
     tx.announce_new_work()

@@ -18,6 +18,7 @@ from realm_service.domain import (
     RunningInfo,
 )
 from realm_service.errors import JobNotFound
+from realm_service.store import direct
 from realm_service.store.db import Tx
 from realm_service.store.rows import MERGED, QUEUED, RUNNING, to_job
 from realm_service.store.tables import JobAttemptRow, JobRow
@@ -43,7 +44,7 @@ def _resolve(tx: Tx, row: Any) -> Job:
 def get_job(tx: Tx, job_id: int) -> Job:
     """One job, read with a prebuilt Core statement (WatchJob reads a job on
     every change of it)."""
-    row = tx.conn.execute(_ONE_JOB, {"job_id": job_id}).first()
+    row = direct.first(tx.conn, _ONE_JOB, {"job_id": job_id})
     if row is None:
         raise JobNotFound(f"job {job_id} does not exist")
     return _resolve(tx, row)

@@ -32,6 +32,7 @@ from sqlalchemy.dialects import postgresql
 
 from realm_service.domain import Job, JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
+from realm_service.store import direct
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
     CANCELLED,
@@ -158,7 +159,7 @@ def create_realm(
             "f_sha256": [r["sha256"] for r in rows],
             "f_mtime": now,
         }
-        row = tx.conn.execute(_create_realm_pg(), params).first()
+        row = direct.first(tx.conn, _create_realm_pg(), params)
         if row is None:
             return None
         job = to_job(row)
@@ -186,17 +187,21 @@ def _create_realm_pg() -> Select[Any]:
         .returning(_R.c.realm_id)
         .cte("new_realm")
     )
-    listed = func.unnest(
-        bindparam("f_path", type_=postgresql.ARRAY(String())),
-        bindparam("f_content", type_=postgresql.ARRAY(LargeBinary())),
-        bindparam("f_size", type_=postgresql.ARRAY(BigInteger())),
-        bindparam("f_sha256", type_=postgresql.ARRAY(String())),
-    ).table_valued(
-        column("path", String()),
-        column("content", LargeBinary()),
-        column("size", BigInteger()),
-        column("sha256", String()),
-    ).render_derived(name="f")
+    listed = (
+        func.unnest(
+            bindparam("f_path", type_=postgresql.ARRAY(String())),
+            bindparam("f_content", type_=postgresql.ARRAY(LargeBinary())),
+            bindparam("f_size", type_=postgresql.ARRAY(BigInteger())),
+            bindparam("f_sha256", type_=postgresql.ARRAY(String())),
+        )
+        .table_valued(
+            column("path", String()),
+            column("content", LargeBinary()),
+            column("size", BigInteger()),
+            column("sha256", String()),
+        )
+        .render_derived(name="f")
+    )
     new_files = (
         insert(_FILES_TABLE)
         .from_select(

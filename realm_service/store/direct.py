@@ -1,0 +1,153 @@
+"""Prebuilt statements run on the driver's cursor, for the few statements a
+latency-bound call runs alone (an enqueue into an idle realm, a hand-off's
+claim, a create, a read of one job).
+
+SQLAlchemy's `Connection.execute` costs about 120 us of Python a statement
+on a warm process and 230 us more on a cold one (an RPC after an idle
+pause): the execution context, the result's metadata and the events around
+each call. A statement of these paths is one round trip, so that cost was a
+fifth of the call. Here a statement is compiled once per dialect, with what
+SQLAlchemy would do per execution taken from the compiled form and kept: its
+SQL text, the bind processors of its types, the values of its literal binds
+and the scalar defaults of columns it inserts, and the result processors of
+its columns. A run then binds, executes on the DBAPI cursor of the
+transaction's connection, and processes the rows; errors go through
+SQLAlchemy's own handling (wrapped the same way, and a lost connection
+invalidates the pool's), so the store's error translation sees what it
+always did. A statement whose SQL depends on its values (expanding
+parameters) is left to SQLAlchemy (lists are bound as one value elsewhere:
+`sets.py`).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql import ClauseElement
+
+
+class _Prepared(NamedTuple):
+    sql: str
+    # Bound names in order (positional paramstyles), else None.
+    positions: tuple[str, ...] | None
+    # Every bound name with its value when the caller gives none (literal
+    # binds, scalar column defaults); None marks a name the caller must give.
+    defaults: dict[str, Any]
+    binds: tuple[tuple[str, Callable[[Any], Any]], ...]
+    row: type[tuple[Any, ...]] | None
+    results: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
+# Per statement and kind of dialect: every engine of a backend compiles a
+# statement the same way (the tests open many).
+# The key names the parameters of an INSERT or UPDATE: one without values
+# of its own sets the columns its parameters name, as SQLAlchemy compiles it.
+_Key = tuple[int, str, str, tuple[str, ...]]
+_PREPARED: dict[_Key, tuple[ClauseElement, _Prepared | None]] = {}
+_PREPARING = threading.Lock()
+
+
+def _prepared(
+    statement: ClauseElement, dialect: Dialect, params: Mapping[str, Any]
+) -> _Prepared | None:
+    names = tuple(sorted(params)) if statement.is_dml else ()
+    key = (id(statement), dialect.name, dialect.paramstyle, names)
+    found = _PREPARED.get(key)
+    if found is not None and found[0] is statement:
+        return found[1]
+    with _PREPARING:
+        prepared = _prepare(statement, dialect, names)
+        _PREPARED[key] = (statement, prepared)  # the statement kept: its id stays its own
+    return prepared
+
+
+def _prepare(
+    statement: ClauseElement, dialect: Dialect, names: tuple[str, ...]
+) -> _Prepared | None:
+    """None for a statement only SQLAlchemy runs: one whose SQL depends on
+    its values (expanding parameters), with escaped parameter names, or
+    inserting a column whose default SQLAlchemy computes per row."""
+    compiled: Any = statement.compile(dialect=dialect, column_keys=list(names) or None)
+    if compiled.literal_execute_params or compiled.post_compile_params:
+        return None
+    if compiled.escaped_bind_names:
+        return None
+    defaults = dict(compiled.construct_params(_check=False))
+    for column in compiled.insert_prefetch:
+        default = column.default
+        if default is None or not default.is_scalar:
+            return None
+        defaults[column.key] = default.arg
+    binds = tuple(
+        (name, processor)
+        for name, processor in compiled._bind_processors.items()
+        if processor is not None
+    )
+    columns = compiled._result_columns
+    row: type[tuple[Any, ...]] | None = None
+    results: list[tuple[int, Callable[[Any], Any]]] = []
+    if columns:
+        row = collections.namedtuple("Row", [c.keyname for c in columns], rename=True)  # type: ignore[misc,no-redef]
+        for i, c in enumerate(columns):
+            processor = c.type._cached_result_processor(dialect, None)
+            if processor is not None:
+                results.append((i, processor))
+    positions = tuple(compiled.positiontup) if compiled.positiontup else None
+    return _Prepared(compiled.string, positions, defaults, binds, row, tuple(results))
+
+
+def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
+    """Run `statement` with `params` on the connection's DBAPI connection
+    (in its transaction, or on its own in autocommit): its rows, as named
+    tuples with SQLAlchemy's values (none for a statement returning nothing)."""
+    prepared = _prepared(statement, conn.dialect, params)
+    if prepared is None:
+        return list(conn.execute(statement, params))  # type: ignore[call-overload]
+    values = dict(prepared.defaults)
+    values.update(params)
+    for name, processor in prepared.binds:
+        values[name] = processor(values[name])
+    bound: Any = (
+        values if prepared.positions is None else tuple(values[n] for n in prepared.positions)
+    )
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    # Listeners of the engine's cursor events (tests, tracing) see these
+    # statements as they see SQLAlchemy's.
+    events = conn._has_events or conn.engine._has_events
+    try:
+        if events:
+            for listen in conn.dispatch.before_cursor_execute:
+                listen(conn, cursor, prepared.sql, bound, None, False)
+        cursor.execute(prepared.sql, bound)
+        fetched = cursor.fetchall() if prepared.row is not None else []
+        if events:
+            for listen in conn.dispatch.after_cursor_execute:
+                listen(conn, cursor, prepared.sql, bound, None, False)
+    except conn.dialect.loaded_dbapi.Error as e:
+        conn._handle_dbapi_exception(e, prepared.sql, bound, cursor, None)
+    finally:
+        cursor.close()
+    if not fetched:
+        return []
+    make = prepared.row._make  # type: ignore[union-attr]
+    if not prepared.results:
+        return [make(r) for r in fetched]
+    out = []
+    for r in fetched:
+        values_ = list(r)
+        for i, processor in prepared.results:
+            values_[i] = processor(values_[i])
+        out.append(make(values_))
+    return out
+
+
+def first(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) -> Any | None:
+    """The first row of `rows`, or None."""
+    found = rows(conn, statement, params)
+    return found[0] if found else None

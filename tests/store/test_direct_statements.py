@@ -1,0 +1,148 @@
+"""Statements run on the driver's cursor (`store/direct.py`) answer as
+SQLAlchemy's execution does: the same values, the same errors (translated the
+same way at the store's edge, a lost connection invalidated), the same
+cursor events; a statement whose SQL depends on its values is left to
+SQLAlchemy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, event, insert, select, text
+from store_helpers import make_realm
+
+from realm_service.domain import USER, JobKind
+from realm_service.errors import Conflict, InvalidArgument, StoreUnavailable
+from realm_service.queue import JobQueue
+from realm_service.store import direct, enqueue_sql, jobs_sql, realms_sql
+from realm_service.store.rows import new_job_values
+from realm_service.store.tables import JobRow, RealmRow
+
+_JOBS: Any = JobRow.__table__
+_REALMS: Any = RealmRow.__table__
+
+
+def _both(queue: JobQueue, statement: Any, params: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    with queue.db.read_transaction() as tx:
+        by_sqlalchemy = [tuple(r) for r in tx.conn.execute(statement, params)]
+        by_cursor = [tuple(r) for r in direct.rows(tx.conn, statement, params)]
+    return by_sqlalchemy, by_cursor
+
+
+def test_rows_and_values_are_sqlalchemys(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    make_realm(queue, "s")
+    first = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
+    queue.claim(1, worker="w")
+    queue.enqueue("s", JobKind.INCREMENTAL, USER, paths=[])
+    every_column = select(_JOBS).order_by(_JOBS.c.id)
+    by_sqlalchemy, by_cursor = _both(queue, every_column, {})
+    assert len(by_sqlalchemy) == 2
+    assert by_cursor == by_sqlalchemy
+    # Times come back aware, in UTC, as SQLAlchemy's types make them.
+    start = by_cursor[0][list(_JOBS.c.keys()).index("start_time")]
+    assert start is not None and start.utcoffset() is not None and not start.utcoffset()
+    realms = select(_REALMS).where(_REALMS.c.realm_id == bindparam("r"))
+    assert _both(queue, realms, {"r": "s"})[1] == _both(queue, realms, {"r": "s"})[0]
+    with queue.db.read_transaction() as tx:
+        row = direct.first(tx.conn, every_column, {})
+        assert row is not None and (row.id, row.realm_id) == (first.job_id, "r")
+        assert direct.first(tx.conn, realms, {"r": "nope"}) is None
+
+
+def test_a_statement_whose_sql_depends_on_its_values_is_run_by_sqlalchemy(
+    queue: JobQueue,
+) -> None:
+    make_realm(queue, "r")
+    job = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
+    expanding = select(_JOBS.c.id).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    by_sqlalchemy, by_cursor = _both(queue, expanding, {"ids": [job.job_id, -1]})
+    assert by_cursor == by_sqlalchemy == [(job.job_id,)]
+
+
+def test_inserted_columns_get_their_scalar_defaults(queue: JobQueue) -> None:
+    """`preemptions` has a Python-side default of 0, which SQLAlchemy adds to
+    an INSERT ... SELECT; the cursor's run adds it too."""
+    make_realm(queue, "r")
+    with queue.db.transaction() as tx:
+        job = enqueue_sql.insert_if_idle(
+            tx,
+            realm_id="r",
+            kind=JobKind.FROM_SCRATCH,
+            coalesce_with=[JobKind.FROM_SCRATCH],
+            priority=USER,
+            now=queue.clock(),
+        )
+    assert job is not None
+    with queue.db.read_transaction() as tx:
+        stored = tx.conn.execute(
+            select(_JOBS.c.preemptions, _JOBS.c.trace_parent).where(_JOBS.c.id == job.job_id)
+        ).one()
+    assert tuple(stored) == (0, "")
+    assert queue.get_job(job.job_id) == job
+
+
+def test_errors_are_translated_as_sqlalchemys_are(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    values = new_job_values(
+        realm_id="r", kind=JobKind.FROM_SCRATCH, priority=USER, now=queue.clock()
+    )
+    plain_insert = insert(_JOBS)
+    with queue.db.transaction() as tx:
+        direct.rows(tx.conn, plain_insert, values)
+    # A second queued from-scratch job of the realm: the unique index refuses.
+    with pytest.raises(Conflict), queue.db.transaction() as tx:
+        direct.rows(tx.conn, plain_insert, values)
+    # The refused transaction rolled back whole; one job stands.
+    assert len(queue.list_jobs(realm_id="r")) == 1
+    if queue.db.backend == "postgresql":
+        # A value the store cannot hold: the request's fault.
+        with pytest.raises(InvalidArgument), queue.db.transaction() as tx:
+            direct.rows(tx.conn, plain_insert, {**values, "error_message": "a\x00b"})
+
+
+def test_cursor_events_see_the_statements(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    job = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
+    seen: list[str] = []
+
+    def spy(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(queue.db.engine, "before_cursor_execute", spy)
+    try:
+        with queue.db.read_transaction() as tx:
+            assert jobs_sql.get_job(tx, job.job_id) == job
+    finally:
+        event.remove(queue.db.engine, "before_cursor_execute", spy)
+    selects = [sql for sql in seen if sql.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 1 and "FROM jobs" in selects[0]
+
+
+def test_a_lost_connection_is_unavailable_and_the_pool_recovers(pg_url: str) -> None:
+    import psycopg
+
+    from realm_service.store.db import open_database
+
+    db = open_database(pg_url, pool_size=1)  # used one call at a time: one connection
+    try:
+        queue = JobQueue(db)
+        make_realm(queue, "r")
+        job = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
+        with db.read_transaction() as tx:
+            pid = tx.conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        plain = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        with psycopg.connect(plain, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        seen: list[str] = []
+        event.listen(db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+        with pytest.raises(StoreUnavailable), db.read_transaction() as tx:
+            jobs_sql.get_job(tx, job.job_id)  # the first statement on the dead connection
+        assert len(seen) == 1 and "FROM jobs" in seen[0]
+        # The broken connection left the pool: the next read gets a good one.
+        assert queue.get_job(job.job_id) == job
+        with db.read_transaction() as tx:
+            assert realms_sql.realm_exists(tx, "r")
+    finally:
+        db.close()
