@@ -846,7 +846,9 @@ async def run_create(cfg: Config, workdir: Path) -> None:
     """CreateRealm and ReindexRealm (no wait, no worker connected: each
     inserts a job) beside the echo and a read, interleaved."""
     with Pair(cfg, workdir, "create") as pair:
-        indexed = [f"r-{i:06d}" for i in range(20 + cfg.create_samples)]
+        # Each ReindexRealm takes a realm of its own (an idle one: the
+        # call inserts a job), in the interleaved round and the CPU round.
+        indexed = [f"r-{i:06d}" for i in range(20 + 2 * cfg.create_samples)]
         seed_realms(pair.store, indexed)
         pair.start_server()
         channel = grpc.aio.insecure_channel(pair.server.address)
@@ -893,8 +895,21 @@ async def run_create(cfg: Config, workdir: Path) -> None:
                 if i >= 20:
                     times[name].append(time.perf_counter() - t0)
         stop_profiles(spy)
+        # CPU per call of each kind, run back to back: the server process's
+        # and PostgreSQL's (all its processes), in microseconds.
+        cpu_us: dict[str, dict[str, float]] = {}
+        for name, call in calls.items():
+            server0, pg0 = cpu_seconds(pair.server.pid), postgres_cpu_seconds()
+            for _ in range(cfg.create_samples):
+                await call()
+            server_s = cpu_seconds(pair.server.pid) - server0
+            pg_s = postgres_cpu_seconds() - pg0 if cfg.store == "postgresql" else 0.0
+            cpu_us[name] = {
+                "server_cpu_us": round(server_s / cfg.create_samples * 1e6),
+                "postgres_cpu_us": round(pg_s / cfg.create_samples * 1e6),
+            }
         await channel.close()
-    s = {name: summary(v) for name, v in times.items()}
+    s = {name: {**summary(v), **cpu_us[name]} for name, v in times.items()}
     ratio = s["CreateRealm"]["p50_ms"] / s["Health.Check"]["p50_ms"]
     reindex_ratio = s["ReindexRealm"]["p50_ms"] / s["Health.Check"]["p50_ms"]
     emit(
@@ -912,7 +927,9 @@ async def run_create(cfg: Config, workdir: Path) -> None:
     )
     log(
         f"create: p50 {s['CreateRealm']['p50_ms']} ms; reindex: p50 "
-        f"{s['ReindexRealm']['p50_ms']} ms; echo {s['Health.Check']['p50_ms']} ms"
+        f"{s['ReindexRealm']['p50_ms']} ms; echo {s['Health.Check']['p50_ms']} ms; "
+        "server CPU per call: "
+        + ", ".join(f"{name} {v['server_cpu_us']} us" for name, v in s.items())
     )
 
 
@@ -1450,7 +1467,13 @@ def table() -> str:
             for name in ("CreateRealm", "ReindexRealm", "Health.Check", "GetJob"):
                 row(
                     name,
-                    f"p50 {r[name]['p50_ms']:.2f} ms  p99 {r[name]['p99_ms']:.2f} ms"
+                    f"p50 {r[name]['p50_ms']:.2f} ms  p99 {r[name]['p99_ms']:.2f} ms  "
+                    f"CPU/call server {r[name]['server_cpu_us']} us"
+                    + (
+                        f", postgres {r[name]['postgres_cpu_us']} us"
+                        if r["store"] == "postgresql"
+                        else ""
+                    )
                     + (met if name == "CreateRealm" else ""),
                 )
         elif item == "stmt":
