@@ -111,6 +111,7 @@ class JobQueue:
         self._unreleased: dict[str, str] = {}
         self._unreleased_lock = threading.Lock()
         self._claims_one_at_a_time = threading.Lock()
+        db.on_listening(self._ask_who_else)
 
     # -- subscriptions --------------------------------------------------------
 
@@ -1030,10 +1031,23 @@ class JobQueue:
                 return False
             if workers is not None:
                 instances_sql.replace_presence(tx, self.instance_id, workers)
-            seen_after = now - self.settings.instance_timeout
-            return instances_sql.others_alive(tx, self.instance_id, seen_after)
+            return self._others_alive_in(tx, now)
 
         self.db.set_others_alive(self.db.retrying(work), heard_before=heard)
+
+    def _others_alive_in(self, tx: Tx, now: datetime) -> bool:
+        seen_after = now - self.settings.instance_timeout
+        return instances_sql.others_alive(tx, self.instance_id, seen_after)
+
+    def _ask_who_else(self) -> None:
+        """Right after the listener (re)connects: until a refresh says this
+        instance is alone, each enqueue and claim takes the path that shares
+        the store (its own transaction, a word to the others), and the next
+        refresh of `touch_instance` is up to one health period away."""
+        heard = self.db.words_heard
+        with self.db.read_transaction() as tx:
+            alive = self._others_alive_in(tx, self.clock())
+        self.db.set_others_alive(alive, heard_before=heard)
 
     def other_instances_workers(self) -> list[WorkerInfo]:
         """Streams of the other live instances sharing the store (PostgreSQL)."""

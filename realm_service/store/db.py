@@ -276,6 +276,7 @@ class Database:
         self._revoke_listeners: list[Callable[[str, str], None]] = []
         self._unmount_listeners: list[Callable[[str], None]] = []
         self._listen_thread: threading.Thread | None = None
+        self._listening_listeners: list[Callable[[], None]] = []
         self._stop = threading.Event()
         # SQLite has one writer at a time. Threads of this process take turns
         # on this lock, handed over at once, instead of meeting the database's
@@ -511,6 +512,13 @@ class Database:
         order per thread only: a value may be overtaken by a later change's."""
         self._job_change_listeners.append(callback)
 
+    def on_listening(self, callback: Callable[[], None]) -> None:
+        """Call back (on the listener's thread) each time the listener has
+        (re)connected and LISTENs: from then on every word is heard, so a
+        refresh of `others_alive` begun now is final until a word says
+        otherwise. A failing callback is logged; the listener goes on."""
+        self._listening_listeners.append(callback)
+
     def set_others_alive(self, alive: bool, *, heard_before: int | None = None) -> None:
         """What a refresh learned; a word of another instance heard since
         `heard_before` (the count when the refresh began) wins over its
@@ -569,6 +577,11 @@ class Database:
                     self.words_heard += 1
                     self.others_alive = True
                     self.new_work_committed()
+                    for callback in list(self._listening_listeners):
+                        try:
+                            callback()
+                        except Exception as e:
+                            log.warning("listening callback failed", extra={"error": str(e)})
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=1.0, stop_after=1):
                             self._notified(notify.payload)

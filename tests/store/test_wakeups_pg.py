@@ -118,3 +118,37 @@ def test_a_word_heard_during_a_refresh_outweighs_its_alone(pg_url: str) -> None:
         assert not db.others_alive
     finally:
         db.close()
+
+
+def _until(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_listener_asks_who_else_is_there_as_soon_as_it_listens(pg_url: str) -> None:
+    """Until a refresh, an instance assumes company (its enqueues take the
+    shared path); once LISTEN holds, it asks at once rather than at its next
+    health refresh, so a lone instance goes its own way from the start, and
+    one with company keeps talking."""
+    settings = QueueSettings(instance_timeout=timedelta(seconds=30))
+    db_a, db_b = open_database(pg_url), open_database(pg_url, migrate=False)
+    try:
+        a = JobQueue(db_a, settings=settings)
+        a.register_instance()
+        assert db_a.others_alive  # assumed until asked
+        a.on_new_work(lambda: None)  # starts the listener; no touch_instance here
+        assert _until(lambda: not db_a.others_alive, 5.0), "a lone instance never learned it"
+
+        b = JobQueue(db_b, settings=settings)
+        b.register_instance()
+        assert _until(lambda: db_a.others_alive, 5.0)  # B's introduction
+        heard = db_b.words_heard
+        b.on_new_work(lambda: None)
+        assert _until(lambda: db_b.words_heard > heard, 5.0)  # B listens
+        time.sleep(0.2)  # its question answered
+        assert db_b.others_alive, "B found A's row yet took itself for alone"
+    finally:
+        db_a.close()
+        db_b.close()
