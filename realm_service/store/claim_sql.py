@@ -282,7 +282,9 @@ def claim(
     # write to its tuple), so scanning twice the rows doubled that cost.
     scan = limit + 8
     while True:
-        candidates = list(map(_Candidate._make, tx.conn.execute(query, {**params, "scan": scan})))
+        candidates = list(
+            map(_Candidate._make, direct.rows(tx.conn, query, {**params, "scan": scan}))
+        )
         first_per_realm: dict[str, _Candidate] = {}
         for row in candidates:
             first_per_realm.setdefault(row.realm_id, row)
@@ -314,7 +316,8 @@ def claim(
     # statement on PostgreSQL, two on SQLite).
     new_rows = [(row.id, leases[row.id], holder[row.id]) for row in chosen]
     if pg:
-        tx.conn.execute(
+        direct.rows(
+            tx.conn,
             _claim_write_pg(),
             {
                 **rows_params(tx.backend, "v", _NEW_ATTEMPT_COLUMNS, new_rows),
@@ -327,7 +330,8 @@ def claim(
     insert_attempts, start_jobs = _claim_writes(tx.backend)
     attempt_ids = dict(
         (row.job_id, row.id)
-        for row in tx.conn.execute(
+        for row in direct.rows(
+            tx.conn,
             insert_attempts,
             {
                 **rows_params(tx.backend, "v", _NEW_ATTEMPT_COLUMNS, new_rows),
@@ -337,7 +341,8 @@ def claim(
         )
     )
     started_rows = [(j, lease, attempt_ids[j], w) for j, lease, w in new_rows]
-    tx.conn.execute(
+    direct.rows(
+        tx.conn,
         start_jobs,
         {
             **rows_params(tx.backend, "s", _STARTED_COLUMNS, started_rows),

@@ -25,7 +25,7 @@ from realm_service.domain import (
     merge_paths,
 )
 from realm_service.errors import FailedPrecondition, JobNotFound, StaleLease
-from realm_service.store import index_sql
+from realm_service.store import direct, index_sql
 from realm_service.store.db import Tx
 from realm_service.store.rows import (
     CANCELLED,
@@ -212,7 +212,9 @@ def held_many(tx: Tx, lease_ids: Sequence[str]) -> dict[str, HeldJob]:
         return {}
     pg = tx.backend == "postgresql"
     read = held_reader(HELD_FIELDS)
-    held = [read(row) for row in tx.conn.execute(_HELD if pg else _HELD_ROWS, {"leases": wanted})]
+    held = [
+        read(row) for row in direct.rows(tx.conn, _HELD if pg else _HELD_ROWS, {"leases": wanted})
+    ]
     if not pg:
         held.sort(key=lambda h: h.job.job_id)
     return {h.lease_id: h for h in held}
@@ -300,13 +302,13 @@ def succeed(
     rows = rows_params(tx.backend, "f", _SUCCEED_COLUMNS, list(done.items()))
     if tx.backend == "postgresql":
         statement = _succeed(tx.backend)
-        found = tx.conn.scalars(statement, {**rows, **attempts, "now": now}).all()
-        queued_after = any(job_id is not None for job_id in found)
+        found = direct.rows(tx.conn, statement, {**rows, **attempts, "now": now})
+        queued_after = any(row[0] is not None for row in found)
     else:
-        tx.conn.execute(_END_ATTEMPTS, {**attempts, "now": now})
-        tx.conn.execute(_succeed(tx.backend), {**rows, "now": now})
+        direct.rows(tx.conn, _END_ATTEMPTS, {**attempts, "now": now})
+        direct.rows(tx.conn, _succeed(tx.backend), {**rows, "now": now})
         realm_ids = list({h.realm_id for h in held})
-        queued_after = tx.conn.scalar(_ANY_QUEUED, {"realm_ids": realm_ids}) is not None
+        queued_after = direct.first(tx.conn, _ANY_QUEUED, {"realm_ids": realm_ids}) is not None
     # A realm's next job, held back while this one ran, may run now: new work,
     # if there is one (otherwise the wake-up would only cost a claim for nothing).
     if queued_after:
