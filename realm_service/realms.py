@@ -13,12 +13,14 @@ and never waits on its index).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import threading
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -103,6 +105,8 @@ class MountRegistry:
 
     def __init__(self) -> None:
         self._mounted: set[str] = set()
+        # Creates under way, by realm: each serves its realm until it ends.
+        self._creating: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def mount(self, realm_id: str) -> bool:
@@ -116,11 +120,33 @@ class MountRegistry:
         with self._lock:
             self._mounted.discard(realm_id)
 
+    @contextlib.contextmanager
+    def mounting(self, realm_id: str) -> Iterator[None]:
+        """The realm mounted while the block runs (a create whose job may
+        become visible in it), and after it when the block ends normally.
+        A block that fails takes back only its own part: the realm stays
+        mounted if it was before, or if another block of it (a create that
+        won the race this one lost) kept it or still runs."""
+        with self._lock:
+            self._creating[realm_id] += 1
+        kept = False
+        try:
+            yield
+            kept = True
+        finally:
+            with self._lock:
+                if kept:
+                    self._mounted.add(realm_id)
+                self._creating[realm_id] -= 1
+                if not self._creating[realm_id]:
+                    del self._creating[realm_id]
+
     def __contains__(self, realm_id: object) -> bool:
-        return realm_id in self._mounted
+        return realm_id in self._mounted or realm_id in self._creating
 
     def __len__(self) -> int:
-        return len(self._mounted)
+        with self._lock:
+            return len(self._mounted | set(self._creating))
 
 
 def realm_json(realm_id: str, display_name: str) -> bytes:
@@ -305,8 +331,7 @@ class Realms:
         together (`JobQueue.new_realm`; one statement that commits alone on
         PostgreSQL), or nothing is when the realm exists. The realm is
         mounted first: its job appears only with it."""
-        mounted_here = self.registry.mount(realm_id)
-        try:
+        with self.registry.mounting(realm_id):
             with self.db.statements() as s:
                 created = self.queue.new_realm(
                     s,
@@ -322,10 +347,6 @@ class Realms:
                 )
             if created is None:
                 raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
-        except BaseException:
-            if mounted_here:
-                self.registry.unmount(realm_id)
-            raise
         realm, job = created
         log.info(
             "realm created", extra={"realm": realm_id, "job": job.job_id, "priority": priority}

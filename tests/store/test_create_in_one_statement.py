@@ -5,6 +5,7 @@ nothing is written when the realm exists."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 
@@ -103,6 +104,39 @@ def test_a_create_of_an_existing_realm_writes_nothing(realms: Realms) -> None:
     assert [j.job_id for j in realms.queue.list_jobs(realm_id="r")] == [first.job.job_id]
     assert realms.queue.get_job(first.job.job_id).priority == USER
     assert "r" not in realms.registry  # the failed create's mount was undone
+
+
+def test_a_create_that_loses_the_race_leaves_the_winners_mount(
+    realms: Realms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two creates of one id in this process: the loser's statement runs
+    while the winner's create is under way and after it committed; the
+    loser's failure must not unmount the realm the winner made (its job is
+    visible), nor may a create that failed alone leave a mount."""
+    real_statements = realms.db.statements
+    outcome: list[object] = []
+
+    @contextlib.contextmanager
+    def statements_after_the_winner() -> Iterator[object]:
+        # The loser has mounted; the winner's whole create runs now, then
+        # the loser's statement finds its realm.
+        monkeypatch.setattr(realms.db, "statements", real_statements)
+        outcome.append(
+            realms.create(realm_id="r", priority=None, display_name="", request_id="", files=[]).job
+        )
+        with real_statements() as s:
+            yield s
+
+    monkeypatch.setattr(realms.db, "statements", statements_after_the_winner)
+    with pytest.raises(RealmAlreadyExists):
+        realms.create(realm_id="r", priority=None, display_name="", request_id="", files=[])
+    assert len(outcome) == 1
+    assert "r" in realms.registry, "the loser unmounted the winner's realm"
+    assert len(realms.registry) == 1
+
+    with pytest.raises(RealmAlreadyExists):  # fails, the realm mounted before it
+        realms.create(realm_id="r", priority=None, display_name="", request_id="", files=[])
+    assert "r" in realms.registry
 
 
 def test_a_file_the_store_refuses_leaves_no_realm_and_no_job(queue: JobQueue) -> None:
