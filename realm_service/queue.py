@@ -46,7 +46,13 @@ from realm_service.domain import (
     WorkerInfo,
     merge_paths,
 )
-from realm_service.errors import Conflict, FailedPrecondition, InvalidArgument, StaleLease
+from realm_service.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    RealmError,
+    StaleLease,
+)
 from realm_service.store import (
     claim_sql,
     enqueue_sql,
@@ -224,11 +230,17 @@ class JobQueue:
                 try:
                     with translate_errors():
                         return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
-                except Conflict:
-                    # Another claim started a job of the realm the claim's
-                    # statement took (the unique index on running jobs
-                    # refused it). The job is queued, committed: the
-                    # dispatcher, woken by its new work, hands it out.
+                except RealmError as e:
+                    # The job is queued, committed: the enqueue stands. The
+                    # claim's one statement took nothing (another claim
+                    # started a job of its realm, which the unique index on
+                    # running jobs refused, or the store failed); the
+                    # dispatcher, woken by the new work, hands the job out.
+                    if not isinstance(e, Conflict):
+                        log.warning(
+                            "hand-off claim failed; the job stays queued",
+                            extra={"job": job.job_id, "error": e.message},
+                        )
                     return result
         except Conflict:
             # The insert lost a race (its realm deleted meanwhile), or, in a
@@ -1232,7 +1244,20 @@ def _with_files(tx: Tx, leases: list[Lease]) -> list[Lease]:
         if not paths or len(paths) > INLINE_PATHS or GITIGNORE_PATH in paths:
             continue  # a changed .gitignore makes the worker read every file
         inlined += 1
-        files = realms_sql.files_with_content(tx, job.realm_id, sorted(paths | {GITIGNORE_PATH}))
+        wanted = sorted(paths | {GITIGNORE_PATH})
+        try:
+            with translate_errors():
+                files = realms_sql.files_with_content(tx, job.realm_id, wanted)
+        except RealmError as e:
+            if not tx.each_statement_commits:
+                raise
+            # The claim has committed on its own: its lease goes out
+            # without the files (the worker reads them), not lost.
+            log.warning(
+                "could not read a claimed job's files; the worker reads them",
+                extra={"job": job.job_id, "error": e.message},
+            )
+            continue
         if sum(len(content) for _, content in files) <= INLINE_BYTES:
             leases[i] = dataclasses.replace(lease, files=tuple(files))
     return leases

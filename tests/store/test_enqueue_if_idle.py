@@ -222,20 +222,21 @@ def test_a_claim_of_several_statements_refuses_to_run_alone(pg_alone: JobQueue) 
     assert pg_alone.get_job(pg_alone.list_jobs()[0].job_id).state is JobState.QUEUED
 
 
+@pytest.mark.parametrize("errcode", ["unique_violation", "disk_full"])
 def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
-    pg_alone: JobQueue, caplog: pytest.LogCaptureFixture
+    pg_alone: JobQueue, caplog: pytest.LogCaptureFixture, errcode: str
 ) -> None:
     """The insert committed on its own; the claim's statement is refused (as
-    the unique index on running jobs refuses one that raced another claim):
-    the job stays queued, the dispatcher is woken for it, and the enqueue
-    is reported as it committed."""
+    the unique index on running jobs refuses one that raced another claim,
+    or as a store that fails does): the job stays queued, the dispatcher is
+    woken for it, and the enqueue is reported as it committed."""
     db = pg_alone.db
     make_realm(pg_alone, "r")
     with db.transaction() as tx:
         tx.conn.execute(
             text(
                 "CREATE FUNCTION refuse_attempt() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = 'unique_violation'; END $$"
+                f" BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{errcode}'; END $$"
             )
         )
         tx.conn.execute(
@@ -254,6 +255,33 @@ def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
     assert [r.__dict__["job"] for r in caplog.records if r.getMessage() == "job enqueued"] == [
         result.job.job_id
     ]
+    failed = [r for r in caplog.records if r.getMessage().startswith("hand-off claim failed")]
+    assert len(failed) == (errcode != "unique_violation")
+
+
+def test_a_claimed_job_whose_files_cannot_be_read_goes_out_without_them(
+    pg_alone: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-off's claim committed on its own: a failure to read the
+    job's files for the assignment must not lose the lease (the worker reads
+    the files itself)."""
+    from sqlalchemy.exc import OperationalError
+
+    from realm_service import queue as queue_module
+
+    make_realm(pg_alone, "r")
+
+    def lost(*args: object, **kw: object) -> object:
+        raise OperationalError("SELECT ...", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(queue_module.realms_sql, "files_with_content", lost)
+    result = pg_alone.enqueue(
+        "r", INC, USER, paths=[PathChange(path="a.txt", deleted=False)], hand_off=_offer()
+    )
+    assert result.lease is not None and result.lease.files is None
+    stored = pg_alone.get_job(result.job.job_id)
+    assert (stored.state, stored.attempt) == (JobState.RUNNING, 1)
+    assert pg_alone.heartbeat([result.lease.lease_id])[result.lease.lease_id] is not None
 
 
 def test_an_insert_refused_in_the_unit_falls_back_to_the_full_enqueue(
