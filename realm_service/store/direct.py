@@ -37,8 +37,10 @@ class _Prepared(NamedTuple):
     # Every bound name with its value when the caller gives none (literal
     # binds, scalar column defaults); None marks a name the caller must give.
     defaults: dict[str, Any]
+    # Names the caller must give (SQLAlchemy refuses a run without them).
+    required: frozenset[str]
     binds: tuple[tuple[str, Callable[[Any], Any]], ...]
-    row: type[tuple[Any, ...]] | None
+    row: Any  # a named tuple class for its rows, or None
     results: tuple[tuple[int, Callable[[Any], Any]], ...]
 
 
@@ -46,7 +48,7 @@ class _Prepared(NamedTuple):
 # statement the same way (the tests open many).
 # The key names the parameters of an INSERT or UPDATE: one without values
 # of its own sets the columns its parameters name, as SQLAlchemy compiles it.
-_Key = tuple[int, str, str, tuple[str, ...]]
+_Key = tuple[int, type[Dialect], str, tuple[str, ...]]
 _PREPARED: dict[_Key, tuple[ClauseElement, _Prepared | None]] = {}
 _PREPARING = threading.Lock()
 
@@ -55,7 +57,7 @@ def _prepared(
     statement: ClauseElement, dialect: Dialect, params: Mapping[str, Any]
 ) -> _Prepared | None:
     names = tuple(sorted(params)) if statement.is_dml else ()
-    key = (id(statement), dialect.name, dialect.paramstyle, names)
+    key = (id(statement), type(dialect), dialect.paramstyle, names)
     found = _PREPARED.get(key)
     if found is not None and found[0] is statement:
         return found[1]
@@ -70,13 +72,16 @@ def _prepare(
 ) -> _Prepared | None:
     """None for a statement only SQLAlchemy runs: one whose SQL depends on
     its values (expanding parameters), with escaped parameter names, or
-    inserting a column whose default SQLAlchemy computes per row."""
+    writing a column whose default SQLAlchemy computes per row."""
     compiled: Any = statement.compile(dialect=dialect, column_keys=list(names) or None)
     if compiled.literal_execute_params or compiled.post_compile_params:
         return None
-    if compiled.escaped_bind_names:
+    if compiled.escaped_bind_names or compiled.update_prefetch:
         return None
     defaults = dict(compiled.construct_params(_check=False))
+    required = frozenset(
+        name for bind, name in compiled.bind_names.items() if bind.required and name in defaults
+    )
     for column in compiled.insert_prefetch:
         default = column.default
         if default is None or not default.is_scalar:
@@ -97,7 +102,7 @@ def _prepare(
             if processor is not None:
                 results.append((i, processor))
     positions = tuple(compiled.positiontup) if compiled.positiontup else None
-    return _Prepared(compiled.string, positions, defaults, binds, row, tuple(results))
+    return _Prepared(compiled.string, positions, defaults, required, binds, row, tuple(results))
 
 
 def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
@@ -105,12 +110,18 @@ def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) 
     (in its transaction, or on its own in autocommit): its rows, as named
     tuples with SQLAlchemy's values (none for a statement returning nothing)."""
     prepared = _prepared(statement, conn.dialect, params)
-    if prepared is None:
+    if prepared is None or not prepared.required <= params.keys():
+        # SQLAlchemy runs it, or refuses it with its own error.
         return list(conn.execute(statement, params))  # type: ignore[call-overload]
     values = dict(prepared.defaults)
     values.update(params)
-    for name, processor in prepared.binds:
-        values[name] = processor(values[name])
+    try:
+        for name, processor in prepared.binds:
+            values[name] = processor(values[name])
+    except Exception:
+        # A value its type refuses: SQLAlchemy raises its error for it
+        # (a StatementError, which the store's edge translates).
+        return list(conn.execute(statement, params))  # type: ignore[call-overload]
     bound: Any = (
         values if prepared.positions is None else tuple(values[n] for n in prepared.positions)
     )
@@ -118,24 +129,30 @@ def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) 
     assert dbapi is not None
     cursor = dbapi.cursor()
     # Listeners of the engine's cursor events (tests, tracing) see these
-    # statements as they see SQLAlchemy's.
+    # statements as they see SQLAlchemy's (what a listener returns is not
+    # used: none of the store's rewrites a statement).
     events = conn._has_events or conn.engine._has_events
     try:
         if events:
             for listen in conn.dispatch.before_cursor_execute:
                 listen(conn, cursor, prepared.sql, bound, None, False)
         cursor.execute(prepared.sql, bound)
-        fetched = cursor.fetchall() if prepared.row is not None else []
+        fetched = cursor.fetchall() if cursor.description is not None else []
         if events:
             for listen in conn.dispatch.after_cursor_execute:
                 listen(conn, cursor, prepared.sql, bound, None, False)
-    except conn.dialect.loaded_dbapi.Error as e:
+    except BaseException as e:
+        # Wrapped and, for a lost connection or an interrupt, the
+        # connection invalidated, as SQLAlchemy does for its own.
         conn._handle_dbapi_exception(e, prepared.sql, bound, cursor, None)
+        raise
     finally:
         cursor.close()
     if not fetched:
         return []
-    make = prepared.row._make  # type: ignore[union-attr]
+    if prepared.row is None:  # rows of a statement SQLAlchemy saw no columns in
+        return [tuple(r) for r in fetched]
+    make = prepared.row._make
     if not prepared.results:
         return [make(r) for r in fetched]
     out = []

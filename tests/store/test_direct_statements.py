@@ -6,6 +6,7 @@ SQLAlchemy."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -102,6 +103,35 @@ def test_errors_are_translated_as_sqlalchemys_are(queue: JobQueue) -> None:
             direct.rows(tx.conn, plain_insert, {**values, "error_message": "a\x00b"})
 
 
+def test_a_value_missing_or_refused_by_its_type_gets_sqlalchemys_error(
+    queue: JobQueue,
+) -> None:
+    """What SQLAlchemy refuses before the driver sees it is refused the same
+    way: a required value not given, a value its column type cannot bind
+    (a naive time; the store's edge makes it INVALID_ARGUMENT)."""
+    from sqlalchemy.exc import StatementError
+
+    make_realm(queue, "r")
+    by_id = select(_JOBS.c.id).where(_JOBS.c.realm_id == bindparam("r"))
+    with (
+        pytest.raises(StatementError, match="bind parameter 'r'"),
+        queue.db.read_transaction() as tx,
+    ):
+        direct.rows(tx.conn, by_id, {})
+    naive = select(_JOBS.c.id).where(
+        _JOBS.c.create_time < bindparam("t", type_=_JOBS.c.create_time.type)
+    )
+    with pytest.raises(InvalidArgument), queue.db.read_transaction() as tx:
+        direct.rows(tx.conn, naive, {"t": datetime(2026, 1, 1)})
+    with queue.db.read_transaction() as tx:
+        assert direct.rows(tx.conn, naive, {"t": datetime(2026, 1, 1, tzinfo=UTC)}) == []
+
+
+def test_rows_of_a_text_statement_come_back(queue: JobQueue) -> None:
+    with queue.db.read_transaction() as tx:
+        assert direct.rows(tx.conn, text("SELECT 1, 'a'"), {}) == [(1, "a")]
+
+
 def test_cursor_events_see_the_statements(queue: JobQueue) -> None:
     make_realm(queue, "r")
     job = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
@@ -120,11 +150,17 @@ def test_cursor_events_see_the_statements(queue: JobQueue) -> None:
     assert len(selects) == 1 and "FROM jobs" in selects[0]
 
 
-def test_a_lost_connection_is_unavailable_and_the_pool_recovers(pg_url: str) -> None:
+def test_a_lost_connection_is_unavailable_and_the_pool_recovers(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import psycopg
 
+    from realm_service.store import db as db_module
     from realm_service.store.db import open_database
 
+    # No ping at checkout on a slow machine: the dead connection is met by
+    # the statement, not replaced before it.
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 3600.0)
     db = open_database(pg_url, pool_size=1)  # used one call at a time: one connection
     try:
         queue = JobQueue(db)
