@@ -3,7 +3,7 @@ way a client would (realms, the current index)."""
 
 from __future__ import annotations
 
-import time
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -113,15 +113,17 @@ def woken_calls(queue: JobQueue) -> list[int]:
     once it is connected: that call is awaited and left out."""
     calls: list[int] = []
     others_alive = queue.db.others_alive
+    # Called after the queue's own question of who else is there (its
+    # callback came first), which would overwrite what the test set.
+    listening = threading.Event()
+    queue.db.on_listening(listening.set)
     queue.on_new_work(lambda: calls.append(1))
     if queue.db.backend == "postgresql":
-        deadline = time.monotonic() + 10
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert calls, "the LISTEN connection did not come up"
+        assert listening.wait(10), "the LISTEN connection did not come up"
+        assert calls
         calls.clear()
-        # A (re)connect assumes other instances until the next refresh
-        # says who is there; the test says it.
+        # A (re)connect assumes other instances until it asked who is
+        # there; the test says it.
         queue.db.others_alive = others_alive
     return calls
 

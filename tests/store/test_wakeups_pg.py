@@ -144,11 +144,13 @@ def test_the_listener_asks_who_else_is_there_as_soon_as_it_listens(pg_url: str) 
         b = JobQueue(db_b, settings=settings)
         b.register_instance()
         assert _until(lambda: db_a.others_alive, 5.0)  # B's introduction
-        heard = db_b.words_heard
+        # Called after B's question (its queue's callback came first): a
+        # question that missed A's row would leave B taking itself for alone.
+        answered: list[bool] = []
+        db_b.on_listening(lambda: answered.append(db_b.others_alive))
         b.on_new_work(lambda: None)
-        assert _until(lambda: db_b.words_heard > heard, 5.0)  # B listens
-        time.sleep(0.2)  # its question answered
-        assert db_b.others_alive, "B found A's row yet took itself for alone"
+        assert _until(lambda: bool(answered), 5.0)  # B listens and asked
+        assert answered == [True], "B found A's row yet took itself for alone"
     finally:
         db_a.close()
         db_b.close()
