@@ -27,6 +27,7 @@ from sqlalchemy import (
 
 from realm_service.domain import IndexEntry, RealmState
 from realm_service.errors import RealmNotFound
+from realm_service.store import direct
 from realm_service.store.db import Tx
 from realm_service.store.sets import (
     dialect_insert,
@@ -296,7 +297,9 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
     if not jobs:
         return
     ids = [realm_id for realm_id, _, _ in jobs]
-    realms = {row.realm_id: row for row in tx.conn.execute(_LOCK_GENERATIONS, {"realm_ids": ids})}
+    realms = {
+        row.realm_id: row for row in direct.rows(tx.conn, _LOCK_GENERATIONS, {"realm_ids": ids})
+    }
     stats: dict[str, dict[str, object]] = {}
     replaced: dict[str, int] = {}
     for realm_id, generation, from_scratch in jobs:
@@ -335,18 +338,21 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
         # Generations are attempt ids, unique across realms: an entry of these
         # realms that is not in one of the new generations is not in its own.
         scratch_ids = list(replaced)
-        tx.conn.execute(
-            _DROP_REPLACED, {"realm_ids": scratch_ids, "generations": list(replaced.values())}
+        direct.rows(
+            tx.conn,
+            _DROP_REPLACED,
+            {"realm_ids": scratch_ids, "generations": list(replaced.values())},
         )
         # The switch and the new generation's stats in one statement a realm.
-        switched_entries = tx.conn.scalars(
+        switched = direct.rows(
+            tx.conn,
             _switch_counted(tx.backend),
             {
                 **rows_params(tx.backend, "g", _SWITCH_COLUMNS, sorted(replaced.items())),
                 "now": now,
             },
         )
-        if tx.backend == "postgresql" and sum(switched_entries) >= ANALYZE_AFTER_ENTRIES:
+        if tx.backend == "postgresql" and sum(r[0] for r in switched) >= ANALYZE_AFTER_ENTRIES:
             # A big new generation: without fresh statistics PostgreSQL
             # reads the realm's next merges through the card-type index,
             # row by row.
