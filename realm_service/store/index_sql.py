@@ -211,16 +211,24 @@ _SWITCH_COLUMNS = (("realm_id", str), ("generation", int))
 @functools.cache
 def _switch_counted(backend: str) -> Update:
     """Realms switched to new generations (the bound rows: realm, generation),
-    each with the new generation's stats counted in the same statement."""
+    each with the new generation's stats counted in the same statement.
+
+    On PostgreSQL the same statement drops the entries the new generations
+    replace (`_DROP_REPLACED`, a data-modifying CTE: one round trip less).
+    Its counts see the entries as they were before the statement; of a new
+    generation the drop removes only its tombstones, so they count the
+    entries that are not tombstones: what remains after."""
     switch = rows_source(backend, "g", _SWITCH_COLUMNS)
     new_generation = and_(
         _ENTRIES.c.realm_id == _REALMS.c.realm_id, _ENTRIES.c.generation == switch.c.generation
     )
+    if backend == "postgresql":
+        new_generation = and_(new_generation, _ENTRIES.c.deleted.is_(False))
 
     def counted(expr: Any) -> Any:
         return select(expr).where(new_generation).correlate(_REALMS, switch).scalar_subquery()
 
-    return (
+    statement = (
         update(_REALMS)
         .where(_REALMS.c.realm_id == switch.c.realm_id)
         .values(
@@ -238,6 +246,9 @@ def _switch_counted(backend: str) -> Update:
         )
         .returning(_REALMS.c.entries)
     )
+    if backend == "postgresql":
+        return statement.add_cte(_DROP_REPLACED.cte("dropped"))
+    return statement
 
 
 # An incremental merge, in statements that touch its own paths only (by the
@@ -337,18 +348,17 @@ def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: da
     if replaced:
         # Generations are attempt ids, unique across realms: an entry of these
         # realms that is not in one of the new generations is not in its own.
-        scratch_ids = list(replaced)
-        direct.rows(
-            tx.conn,
-            _DROP_REPLACED,
-            {"realm_ids": scratch_ids, "generations": list(replaced.values())},
-        )
-        # The switch and the new generation's stats in one statement a realm.
+        dropping = {"realm_ids": list(replaced), "generations": list(replaced.values())}
+        if tx.backend != "postgresql":
+            direct.rows(tx.conn, _DROP_REPLACED, dropping)
+        # The switch and the new generation's stats in one statement a realm
+        # (on PostgreSQL with the drop).
         switched = direct.rows(
             tx.conn,
             _switch_counted(tx.backend),
             {
                 **rows_params(tx.backend, "g", _SWITCH_COLUMNS, sorted(replaced.items())),
+                **(dropping if tx.backend == "postgresql" else {}),
                 "now": now,
             },
         )
