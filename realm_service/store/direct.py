@@ -147,7 +147,9 @@ def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) 
         conn._handle_dbapi_exception(e, prepared.sql, bound, cursor, None)
         raise
     finally:
-        cursor.close()
+        # Safely: a connection invalidated above is closed already (SQLite's
+        # cursor then raises on close, hiding the error being raised).
+        conn._safe_close_cursor(cursor)
     if not fetched:
         return []
     if prepared.row is None:  # rows of a statement SQLAlchemy saw no columns in

@@ -182,6 +182,8 @@ _OTHER_CHECKPOINT = exists().where(
     _JOBS.c.checkpoint == _ENTRIES.c.generation,
     not_in_values(_JOBS.c.checkpoint, "generations", int),
 )
+# Of a new generation it drops only tombstones: `_switch_counted` counts
+# the rest in the same statement, before the drop, and relies on it.
 _DROP_REPLACED = delete(_ENTRIES).where(
     in_values(_ENTRIES.c.realm_id, "realm_ids"),
     or_(

@@ -182,3 +182,23 @@ def test_a_lost_connection_is_unavailable_and_the_pool_recovers(
             assert realms_sql.realm_exists(tx, "r")
     finally:
         db.close()
+
+
+class _Interrupted(BaseException):
+    """Like KeyboardInterrupt: not an Exception, so the connection is given up."""
+
+
+def test_an_interrupt_mid_statement_surfaces_and_the_pool_recovers(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    job = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
+
+    def interrupt(*args: Any) -> None:
+        raise _Interrupted
+
+    event.listen(queue.db.engine, "before_cursor_execute", interrupt)
+    try:
+        with pytest.raises(_Interrupted), queue.db.read_transaction() as tx:
+            jobs_sql.get_job(tx, job.job_id)
+    finally:
+        event.remove(queue.db.engine, "before_cursor_execute", interrupt)
+    assert queue.get_job(job.job_id) == job
