@@ -541,32 +541,7 @@ class JobQueue:
         if self.db.others_alive:
             return self.db.retrying(work)
         with self._claims_one_at_a_time:
-            cap = self._lanes(min_priority, system_limit)[1]
-            if not claim_sql.one_statement(
-                self.db.backend, limit=limit, concurrent=False, system_cap=cap
-            ):
-                return self.db.retrying(work)
-            # Statements that commit each on their own, no BEGIN and COMMIT
-            # (PostgreSQL). Refused (a Conflict), the first took nothing: run
-            # again, as `retrying` does.
-            for attempt in range(5):
-                try:
-                    with self.db.statements() as tx:
-                        return self._claim_in(
-                            tx,
-                            limit,
-                            worker=worker,
-                            min_priority=min_priority,
-                            kinds=kinds,
-                            system_limit=system_limit,
-                            now=now,
-                            until=until,
-                            concurrent=False,
-                        )
-                except Conflict:
-                    if attempt == 4:
-                        raise
-            raise AssertionError("unreachable")
+            return self.db.retrying(work)
 
     def _claim_in(
         self,

@@ -16,18 +16,12 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
-    case,
-    column,
     exists,
-    func,
     insert,
     literal,
-    or_,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError
 
 from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease
 from realm_service.store import direct
@@ -169,20 +163,9 @@ def _insert_attempts(backend: str) -> Insert:
     return _attempts_from(new.c.job_id, new.c.lease_id, new.c.worker)
 
 
-def _attempts_from(job_id: Any, lease_id: Any, worker: Any, from_: Any = None) -> Insert:
+def _attempts_from(job_id: Any, lease_id: Any, worker: Any) -> Insert:
     """The running attempts of the jobs a claim starts, inserted from rows
-    of (job, lease, worker): the claim's bound rows, or its candidates."""
-    rows = select(
-        job_id,
-        lease_id,
-        worker,
-        bindparam("instance_id", type_=String()),
-        bindparam("now", type_=UTCDateTime()),
-        literal(AttemptOutcome.RUNNING.value),
-        literal(""),
-    )
-    if from_ is not None:
-        rows = rows.select_from(from_)
+    of (job, lease, worker): the claim's bound rows, or its one candidate."""
     return (
         insert(_ATTEMPTS)
         .from_select(
@@ -195,7 +178,15 @@ def _attempts_from(job_id: Any, lease_id: Any, worker: Any, from_: Any = None) -
                 "outcome",
                 "error_message",
             ],
-            rows,
+            select(
+                job_id,
+                lease_id,
+                worker,
+                bindparam("instance_id", type_=String()),
+                bindparam("now", type_=UTCDateTime()),
+                literal(AttemptOutcome.RUNNING.value),
+                literal(""),
+            ),
         )
         .returning(_ATTEMPTS.c.id, _ATTEMPTS.c.job_id, _ATTEMPTS.c.lease_id, _ATTEMPTS.c.worker)
     )
@@ -223,15 +214,12 @@ def _take(
 
 
 def one_statement(backend: str, *, limit: int, concurrent: bool, system_cap: int | None) -> bool:
-    """Whether `claim` with these arguments runs in statements that are each
-    whole by themselves (and so may run in `Database.statements`): on
-    PostgreSQL, with no concurrent claim to check against (unless the cap
-    is 0). One job (a hand-off, a stream with one credit) is one statement:
-    the first candidate is the one taken, whatever the lanes. Several are
-    one statement too (`_claim_many_statement`), run again with a wider scan
-    only when the scanned rows held several jobs of a realm; each run
-    commits the jobs it started."""
-    return backend == "postgresql" and not concurrent and system_cap != 0 and limit >= 1
+    """Whether `claim` with these arguments is one statement (and so may run
+    in `Database.statements`): one job for one worker (a hand-off, a stream
+    with one credit) on PostgreSQL, with no concurrent claim to check
+    against. The first candidate is the one taken, whatever the lanes, so
+    the read and the writes are one statement (unless the cap is 0)."""
+    return backend == "postgresql" and limit == 1 and not concurrent and system_cap != 0
 
 
 def claim(
@@ -277,17 +265,6 @@ def claim(
     if kinds:
         params["kinds"] = [k.value for k in kinds]
     if one_statement(tx.backend, limit=limit, concurrent=concurrent, system_cap=system_cap):
-        if limit > 1:
-            return _claim_many_pg(
-                tx,
-                params,
-                limit=limit,
-                worker=worker,
-                now=now,
-                lease_until=lease_until,
-                instance_id=instance_id,
-                system_cap=system_cap,
-            )
         return _claim_one_pg(
             tx,
             params,
@@ -424,137 +401,6 @@ def _claim_one_pg(
         return []
     chosen = _Candidate._make(row)
     return _started(tx, [chosen], {chosen.id: lease_id}, {chosen.id: worker}, now, lease_until)
-
-
-@functools.cache
-def _claim_many_statement(kinds: bool) -> Select[*tuple[Any, ...]]:
-    """Several jobs claimed in one statement (PostgreSQL, one claimer): the
-    candidates read and locked as `claim` reads them, the first of each
-    realm ranked in claim order, at most `take` of them and at most `cap`
-    at SYSTEM priority or below (the jobs above SYSTEM come first), their
-    attempts inserted and the jobs started, in data-modifying CTEs. The
-    n-th taken gets the n-th of the bound lease ids and workers. Each row
-    returned is a taken job as it was read, its place, its lease and worker,
-    and how many candidates were scanned."""
-    candidate = (
-        _line(kinds, *_CLAIM_COLUMNS, _JOBS.c.seq)
-        .limit(bindparam("scan"))
-        .join(_REALMS, _REALMS.c.realm_id == _JOBS.c.realm_id)
-        .with_for_update(skip_locked=True, of=(_JOBS, _REALMS))
-        .cte("candidate")
-    )
-    c = candidate.c
-    first = (
-        select(candidate)
-        .ext(postgresql.distinct_on(c.realm_id))
-        .order_by(c.realm_id, c.priority.desc(), c.seq, c.id)
-        .cte("first_of_realm")
-    )
-    f = first.c
-    in_order = (f.priority.desc(), f.seq, f.id)
-    ranked = select(
-        first,
-        func.row_number().over(order_by=in_order).label("n"),
-        func.sum(case((f.priority <= SYSTEM, 1), else_=0)).over(order_by=in_order).label("sys_n"),
-    ).cte("ranked")
-    r = ranked.c
-    chosen = (
-        select(ranked)
-        .where(
-            r.n <= bindparam("take"),
-            or_(r.priority > SYSTEM, r.sys_n <= bindparam("cap")),
-        )
-        .cte("chosen")
-    )
-    k = chosen.c
-    given = (
-        func.unnest(
-            bindparam("leases", type_=postgresql.ARRAY(String())),
-            bindparam("workers", type_=postgresql.ARRAY(String())),
-        )
-        .table_valued(column("lease_id", String()), column("worker", String()), with_ordinality="n")
-        .render_derived(name="given")
-    )
-    attempt = _attempts_from(
-        k.id, given.c.lease_id, given.c.worker, from_=chosen.join(given, given.c.n == k.n)
-    ).cte("new_attempt")
-    started = (
-        update(_JOBS)
-        .where(_JOBS.c.id == attempt.c.job_id)
-        .values(_start_values(attempt.c.lease_id, attempt.c.id, attempt.c.worker))
-        .returning(_JOBS.c.id)
-        .cte("started")
-    )
-    scanned = select(func.count()).select_from(candidate).scalar_subquery()
-    return (
-        select(
-            *(k[name] for name in _Candidate._fields),
-            attempt.c.lease_id,
-            attempt.c.worker,
-            scanned.label("scanned"),
-        )
-        .join_from(chosen, attempt, attempt.c.job_id == k.id)
-        .join(started, started.c.id == k.id)
-        .order_by(k.n)
-    )
-
-
-def _claim_many_pg(
-    tx: Tx,
-    params: dict[str, Any],
-    *,
-    limit: int,
-    worker: str | Sequence[str],
-    now: datetime,
-    lease_until: datetime,
-    instance_id: str,
-    system_cap: int | None,
-) -> list[Lease]:
-    """`claim` of several jobs by the one claimer, in one statement; again,
-    for the rest, with a four times wider scan while the scanned rows were
-    all taken up by realms' later jobs (each run commits what it started)."""
-    names = [worker] * limit if isinstance(worker, str) else list(worker)
-    names = [(name or "")[:200] for name in names] + [""] * (limit - len(names))
-    chosen: list[_Candidate] = []
-    leases: dict[int, str] = {}
-    holder: dict[int, str] = {}
-    system = 0
-    scan = limit + 8
-    while True:
-        want = limit - len(chosen)
-        try:
-            rows = direct.rows(
-                tx.conn,
-                _claim_many_statement("kinds" in params),
-                {
-                    **params,
-                    "scan": scan,
-                    "take": want,
-                    "cap": _ANY_PRIORITY if system_cap is None else system_cap - system,
-                    "leases": [secrets.token_hex(16) for _ in range(want)],
-                    "workers": names[len(chosen) :],
-                    "instance_id": instance_id,
-                    "now": now,
-                    "until": lease_until,
-                },
-            )
-        except DBAPIError:
-            if chosen and tx.each_statement_commits:
-                break  # the jobs of the earlier runs are started, committed: theirs
-            raise
-        for row in rows:
-            taken = _Candidate._make(row[: len(_Candidate._fields)])
-            chosen.append(taken)
-            leases[taken.id] = row.lease_id
-            holder[taken.id] = row.worker
-            system += taken.priority <= SYSTEM
-        capped = system_cap is not None and system >= system_cap
-        if len(chosen) >= limit or capped or not rows or rows[0].scanned < scan:
-            break
-        if scan >= 100_000:
-            break
-        scan *= 4  # the head of the queue holds several jobs of a realm: look further
-    return _started(tx, chosen, leases, holder, now, lease_until)
 
 
 def _started(

@@ -291,20 +291,33 @@ def test_a_claim_blocked_by_a_locked_realm_announces_nothing(pg_url: str) -> Non
 
 
 # The claim's statements as PostgreSQL receives them, by their first words.
+CANDIDATES = "SELECT jobs.id, jobs.realm_id, jobs.kind"
 BUSY = "SELECT jobs.realm_id \nFROM jobs \nWHERE jobs.realm_id = ANY"
-CLAIM = "WITH candidate AS"
+
+
+def start_unseen(db: Database, job_id: int) -> list[int]:
+    """Start a queued job the way no claim of this version does: without
+    locking its realm."""
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE jobs SET state = 'running', attempt = attempt + 1,"
+                " lease_id = 'unseen-lease', worker = 'b' WHERE id = :id AND state = 'queued'"
+            ),
+            {"id": job_id},
+        )
+    return [job_id]
 
 
 def test_an_instance_alone_skips_the_busy_check_and_the_unique_index_backs_it(
     pg_url: str,
 ) -> None:
     """Alone on the store, a claim does not read its locked realms again for
-    running jobs (its own claims run one at a time): it is one statement.
-    Should a running job of a realm be written unseen meanwhile (another
-    instance starting up, a writer that takes no realm lock) and commit
-    while the claim's statement runs, the unique index on running jobs
-    refuses the second job and the claim runs again, then leaving the realm
-    alone: never two running jobs of a realm."""
+    running jobs (its own claims run one at a time). Should a running job of
+    a realm be committed unseen after the claim's candidate read (another
+    instance starting up, a writer that takes no realm lock), the unique
+    index on running jobs refuses the second job and the claim runs again,
+    then leaving the realm alone: never two running jobs of a realm."""
     db = open_database(pg_url)
     other = open_database(pg_url, migrate=False)
     try:
@@ -316,43 +329,27 @@ def test_an_instance_alone_skips_the_busy_check_and_the_unique_index_backs_it(
         db.set_others_alive(False)
         statements: list[str] = []
         raced: list[list[int]] = []
-        committers: list[threading.Thread] = []
 
         @event.listens_for(db.engine, "before_cursor_execute")
         def spy(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
             statements.append(statement)
-            if statement.startswith(CLAIM) and not raced:
-                # Before this claim's statement: r's USER job is started
-                # unseen, committed once the statement waits on it (its
-                # start of r's from-scratch job meets the unique index).
-                unseen = other.engine.connect()
-                writing = unseen.begin()
-                unseen.execute(
-                    text(
-                        "UPDATE jobs SET state = 'running', attempt = attempt + 1,"
-                        " lease_id = 'unseen-lease', worker = 'b' WHERE id = :id"
-                    ),
-                    {"id": inc.job_id},
-                )
-
-                def commit_later() -> None:
-                    time.sleep(0.5)
-                    writing.commit()
-                    unseen.close()
-
-                committers.append(threading.Thread(target=commit_later))
-                committers[0].start()
-                raced.append([inc.job_id])
+            if statement.startswith("WITH new_attempts") and not raced:
+                # After this claim's candidate read (which locked r), before
+                # its writes: r's USER job is started unseen and committed.
+                done: list[list[int]] = []
+                t = threading.Thread(target=lambda: done.append(start_unseen(other, inc.job_id)))
+                t.start()
+                t.join(10)
+                raced.append(done[0])
 
         taken = queue.claim(2, worker="a", kinds=[FS])
         event.remove(db.engine, "before_cursor_execute", spy)
-        committers[0].join(10)
         assert raced == [[inc.job_id]]
         # The first run took r's from-scratch job too and was refused by the
         # unique index; the second left r (busy) and took s only.
         assert [x.job.job_id for x in taken] == [s_job.job_id]
         assert queue.get_job(scratch.job_id).state is JobState.QUEUED
-        assert sum(q.startswith(CLAIM) for q in statements) == 2  # run again once
+        assert sum(q.startswith(CANDIDATES) for q in statements) == 2  # run again once
         assert not any(q.startswith(BUSY) for q in statements)
         with db.session_for_tests() as session:
             running = session.execute(
