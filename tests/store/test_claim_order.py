@@ -269,3 +269,33 @@ def test_claims_of_one_job_keep_every_rule(queue: JobQueue, clock: FakeClock) ->
     queue.complete(first.lease_id)
     [again] = queue.claim(1, worker="w-2")
     assert (again.job.job_id, again.job.worker) == (blocked, "w-2")
+
+
+def test_a_head_of_several_jobs_a_realm_is_looked_past_and_workers_keep_their_places(
+    queue: JobQueue,
+) -> None:
+    """Two queued jobs a realm, side by side at the head: the first scan
+    finds fewer realms than the claim wants, so it looks further. The n-th
+    job taken goes to the n-th worker named."""
+    names = realms(queue, 10, "pair")
+    for i, name in enumerate(names):
+        queue.enqueue(name, INC, 90 - 2 * i, paths=[PathChange("a", False)])
+        queue.enqueue(name, FS, 89 - 2 * i)
+    make_realm(queue, "late")
+    late = queue.enqueue("late", FS, SYSTEM).job.job_id
+    workers = [f"w{i}" for i in range(11)]
+    leases = queue.claim(11, worker=workers, system_limit=1)
+    assert [lease.job.realm_id for lease in leases] == [*names, "late"]
+    assert leases[-1].job.job_id == late
+    assert [lease.job.worker for lease in leases] == workers
+    for lease in leases:
+        stored = queue.get_job(lease.job.job_id)
+        assert (stored.state, stored.worker, stored.attempt) == (
+            JobState.RUNNING,
+            lease.job.worker,
+            1,
+        )
+        assert queue.heartbeat([lease.lease_id])[lease.lease_id] is not None
+    assert len({lease.lease_id for lease in leases}) == 11
+    # One job a realm: the realms' second jobs wait.
+    assert queue.claim(11, system_limit=1) == []
