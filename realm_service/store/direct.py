@@ -1,12 +1,15 @@
-"""Prebuilt statements run on the driver's cursor, for the few statements a
-latency-bound call runs alone (an enqueue into an idle realm, a hand-off's
-claim, a create, a read of one job).
+"""Prebuilt statements run on the driver's cursor: those of the latency-bound
+calls that run one statement alone (an enqueue into an idle realm, a
+hand-off's claim, a create, a read of one job) and those every batch of the
+drain runs (a claim's read and writes, a completion's lease read, success
+and generation switch).
 
 SQLAlchemy's `Connection.execute` costs about 120 us of Python a statement
 on a warm process and 230 us more on a cold one (an RPC after an idle
 pause): the execution context, the result's metadata and the events around
-each call. A statement of these paths is one round trip, so that cost was a
-fifth of the call. Here a statement is compiled once per dialect, with what
+each call. A statement of the one-statement paths is one round trip, so
+that cost was a fifth of the call; in the drain it was most of the
+SQLAlchemy share of the server's time. Here a statement is compiled once per dialect, with what
 SQLAlchemy would do per execution taken from the compiled form and kept: its
 SQL text, the bind processors of its types, the values of its literal binds
 and the scalar defaults of columns it inserts, and the result processors of
