@@ -1,8 +1,9 @@
 """Prebuilt statements run on the driver's cursor: those of the latency-bound
 calls that run one statement alone (an enqueue into an idle realm, a
-hand-off's claim, a create, a read of one job) and those every batch of the
-drain runs (a claim's read and writes, a completion's lease read, success
-and generation switch).
+hand-off's claim, a create, a read of one job), a create's three on SQLite
+(its files in one executemany: `many`), and those every batch of the drain
+runs (a claim's read and writes, a completion's lease read, success and
+generation switch).
 
 SQLAlchemy's `Connection.execute` costs about 120 us of Python a statement
 on a warm process and 230 us more on a cold one (an RPC after an idle
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Dialect
@@ -113,46 +114,11 @@ def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) 
     (in its transaction, or on its own in autocommit): its rows, as named
     tuples with SQLAlchemy's values (none for a statement returning nothing)."""
     prepared = _prepared(statement, conn.dialect, params)
-    if prepared is None or not prepared.required <= params.keys():
+    bound = None if prepared is None else _bound(prepared, params)
+    if prepared is None or bound is None:
         # SQLAlchemy runs it, or refuses it with its own error.
         return list(conn.execute(statement, params))  # type: ignore[call-overload]
-    values = dict(prepared.defaults)
-    values.update(params)
-    try:
-        for name, processor in prepared.binds:
-            values[name] = processor(values[name])
-    except Exception:
-        # A value its type refuses: SQLAlchemy raises its error for it
-        # (a StatementError, which the store's edge translates).
-        return list(conn.execute(statement, params))  # type: ignore[call-overload]
-    bound: Any = (
-        values if prepared.positions is None else tuple(values[n] for n in prepared.positions)
-    )
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    cursor = dbapi.cursor()
-    # Listeners of the engine's cursor events (tests, tracing) see these
-    # statements as they see SQLAlchemy's (what a listener returns is not
-    # used: none of the store's rewrites a statement).
-    events = conn._has_events or conn.engine._has_events
-    try:
-        if events:
-            for listen in conn.dispatch.before_cursor_execute:
-                listen(conn, cursor, prepared.sql, bound, None, False)
-        cursor.execute(prepared.sql, bound)
-        fetched = cursor.fetchall() if cursor.description is not None else []
-        if events:
-            for listen in conn.dispatch.after_cursor_execute:
-                listen(conn, cursor, prepared.sql, bound, None, False)
-    except BaseException as e:
-        # Wrapped and, for a lost connection or an interrupt, the
-        # connection invalidated, as SQLAlchemy does for its own.
-        conn._handle_dbapi_exception(e, prepared.sql, bound, cursor, None)
-        raise
-    finally:
-        # Safely: a connection invalidated above is closed already (SQLite's
-        # cursor then raises on close, hiding the error being raised).
-        conn._safe_close_cursor(cursor)
+    fetched = _run(conn, prepared, bound, many=False)
     if not fetched:
         return []
     if prepared.row is None:  # rows of a statement SQLAlchemy saw no columns in
@@ -167,6 +133,79 @@ def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) 
             values_[i] = processor(values_[i])
         out.append(make(values_))
     return out
+
+
+def many(conn: Connection, statement: ClauseElement, params: Sequence[Mapping[str, Any]]) -> None:
+    """Run `statement`, which returns nothing, once for each of `params`
+    (each naming the same values) in one call of the driver's executemany,
+    as `rows` runs it once."""
+    if not params:
+        return
+    prepared = _prepared(statement, conn.dialect, params[0])
+    bound: list[Any] | None = [] if prepared is not None and prepared.row is None else None
+    if prepared is not None and bound is not None:
+        for each in params:
+            one = _bound(prepared, each) if each.keys() == params[0].keys() else None
+            if one is None:
+                bound = None
+                break
+            bound.append(one)
+    if prepared is None or bound is None:
+        conn.execute(statement, list(params))  # type: ignore[call-overload]
+        return
+    _run(conn, prepared, bound, many=True)
+
+
+def _bound(prepared: _Prepared, params: Mapping[str, Any]) -> Any | None:
+    """The values of one run as the driver takes them; None when SQLAlchemy
+    must run it: a value its type refuses (SQLAlchemy raises its error for
+    it, a StatementError, which the store's edge translates), or a required
+    value missing."""
+    if not prepared.required <= params.keys():
+        return None
+    values = dict(prepared.defaults)
+    values.update(params)
+    try:
+        for name, processor in prepared.binds:
+            values[name] = processor(values[name])
+    except Exception:
+        return None
+    return values if prepared.positions is None else tuple(values[n] for n in prepared.positions)
+
+
+def _run(conn: Connection, prepared: _Prepared, bound: Any, *, many: bool) -> Sequence[Any]:
+    """Execute on a cursor of the connection's DBAPI connection: the rows
+    fetched (none for executemany)."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    # Listeners of the engine's cursor events (tests, tracing) see these
+    # statements as they see SQLAlchemy's (what a listener returns is not
+    # used: none of the store's rewrites a statement).
+    events = conn._has_events or conn.engine._has_events
+    try:
+        if events:
+            for listen in conn.dispatch.before_cursor_execute:
+                listen(conn, cursor, prepared.sql, bound, None, many)
+        if many:
+            cursor.executemany(prepared.sql, bound)
+            fetched: Sequence[Any] = ()
+        else:
+            cursor.execute(prepared.sql, bound)
+            fetched = cursor.fetchall() if cursor.description is not None else []
+        if events:
+            for listen in conn.dispatch.after_cursor_execute:
+                listen(conn, cursor, prepared.sql, bound, None, many)
+    except BaseException as e:
+        # Wrapped and, for a lost connection or an interrupt, the
+        # connection invalidated, as SQLAlchemy does for its own.
+        conn._handle_dbapi_exception(e, prepared.sql, bound, cursor, None)
+        raise
+    finally:
+        # Safely: a connection invalidated above is closed already (SQLite's
+        # cursor then raises on close, hiding the error being raised).
+        conn._safe_close_cursor(cursor)
+    return fetched
 
 
 def first(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) -> Any | None:

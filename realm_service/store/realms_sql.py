@@ -166,11 +166,10 @@ def create_realm(
         tx.announce_new_work()
         tx.job_changed([job.job_id])
         return realm, job
-    if tx.conn.execute(_insert_realm_if_absent(tx.backend), realm_values).first() is None:
+    if direct.first(tx.conn, _insert_realm_if_absent(tx.backend), realm_values) is None:
         return None
-    if files:
-        tx.conn.execute(_INSERT_FILES, _file_rows(realm_id, files, now))
-    row = tx.conn.execute(_INSERT_JOB, job_values).one()
+    direct.many(tx.conn, _INSERT_FILES, _file_rows(realm_id, files, now))
+    row = direct.first(tx.conn, _INSERT_JOB, job_values)
     job = to_job(row)
     tx.announce_new_work()
     tx.job_changed([job.job_id])

@@ -202,3 +202,66 @@ def test_an_interrupt_mid_statement_surfaces_and_the_pool_recovers(queue: JobQue
     finally:
         event.remove(queue.db.engine, "before_cursor_execute", interrupt)
     assert queue.get_job(job.job_id) == job
+
+
+# -- many: one executemany for rows of the same values --------------------------------
+
+
+def _files(realm_id: str, *names: str) -> list[dict[str, Any]]:
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    return [
+        {"realm_id": realm_id, "path": n, "content": n.encode(), "mtime": now,
+         "size": len(n), "sha256": "0" * 64}
+        for n in names
+    ]  # fmt: skip
+
+
+def _stored_files(queue: JobQueue, realm_id: str) -> list[tuple[Any, ...]]:
+    files: Any = realms_sql._FILES_TABLE
+    with queue.db.read_transaction() as tx:
+        return [
+            tuple(r)
+            for r in tx.conn.execute(
+                select(files.c.path, files.c.content, files.c.mtime, files.c.size)
+                .where(files.c.realm_id == realm_id)
+                .order_by(files.c.path)
+            )
+        ]
+
+
+def test_many_writes_each_row_as_sqlalchemy_does(queue: JobQueue) -> None:
+    make_realm(queue, "r")
+    make_realm(queue, "s")
+    statement = insert(realms_sql._FILES_TABLE)
+    with queue.db.transaction() as tx:
+        direct.many(tx.conn, statement, _files("r", "a.txt", "b.txt", "c.txt"))
+        tx.conn.execute(statement, _files("s", "a.txt", "b.txt", "c.txt"))
+        direct.many(tx.conn, statement, [])  # nothing to write: no statement
+    by_cursor = _stored_files(queue, "r")
+    assert [path for path, *_ in by_cursor] == ["a.txt", "b.txt", "c.txt"]
+    assert by_cursor == _stored_files(queue, "s")
+    assert by_cursor[0][2] == datetime(2026, 12, 1, tzinfo=UTC)  # aware, as bound
+
+
+def test_many_refusals_and_errors_are_sqlalchemys(queue: JobQueue) -> None:
+    """Rows naming different values, or a value its type refuses (a naive
+    time), go to SQLAlchemy, which writes or refuses them its way; a row the
+    store refuses (a second file of one path) rolls the whole call back."""
+    make_realm(queue, "r")
+    statement = insert(realms_sql._FILES_TABLE)
+    ragged = _files("r", "a.txt", "b.txt")
+    del ragged[1]["sha256"]
+    from sqlalchemy.exc import StatementError
+
+    with (
+        pytest.raises(StatementError, match="sha256"),
+        queue.db.transaction() as tx,
+    ):
+        direct.many(tx.conn, statement, ragged)
+    naive = _files("r", "a.txt")
+    naive[0]["mtime"] = datetime(2026, 12, 1)
+    with pytest.raises(InvalidArgument), queue.db.transaction() as tx:
+        direct.many(tx.conn, statement, naive)
+    with pytest.raises(Conflict), queue.db.transaction() as tx:
+        direct.many(tx.conn, statement, _files("r", "a.txt", "b.txt", "a.txt"))
+    assert _stored_files(queue, "r") == []
