@@ -44,7 +44,7 @@ from realm_service.store.rows import (
     new_job_values,
     to_job,
 )
-from realm_service.store.sets import dialect_insert, in_values
+from realm_service.store.sets import dialect_insert, in_values, values
 from realm_service.store.tables import (
     IndexEntryRow,
     JobAttemptRow,
@@ -188,10 +188,10 @@ def _create_realm_pg() -> Select[Any]:
     )
     listed = (
         func.unnest(
-            bindparam("f_path", type_=postgresql.ARRAY(String())),
-            bindparam("f_content", type_=postgresql.ARRAY(LargeBinary())),
-            bindparam("f_size", type_=postgresql.ARRAY(BigInteger())),
-            bindparam("f_sha256", type_=postgresql.ARRAY(String())),
+            values("f_path", str),
+            values("f_content", bytes),
+            values("f_size", int),
+            values("f_sha256", str),
         )
         .table_valued(
             column("path", String()),

@@ -60,22 +60,40 @@ class _ArrayText(UserDefinedType[str]):
         return f"{self.item_sql}[]"
 
 
-_ARRAY_TEXT = {int: _ArrayText("BIGINT"), str: _ArrayText("VARCHAR")}
+_ARRAY_TEXT = {
+    int: _ArrayText("BIGINT"),
+    str: _ArrayText("VARCHAR"),
+    bytes: _ArrayText("BYTEA"),
+}
+_KINDS = {int: "an integer", str: "a string", bytes: "a bytes"}
+
+
+def _of(value: Any, item: type) -> bool:
+    if item is int:
+        return type(value) is int
+    return isinstance(value, (bytes, bytearray, memoryview) if item is bytes else item)
 
 
 def array_text(items: Sequence[Any], item: type) -> str:
-    """The text form of a PostgreSQL array of `item` (int or str) values;
-    None is NULL. Strings are always quoted, with backslash and quote
-    escaped, so any string comes back as it was. A value of another type is
-    a TypeError (a float or a bool is no id)."""
+    """The text form of a PostgreSQL array of `item` (int, str or bytes)
+    values; None is NULL. Strings are always quoted, with backslash and
+    quote escaped, so any string comes back as it was; bytes are written in
+    bytea's hex form. A value of another type is a TypeError (a float or a
+    bool is no id)."""
     values = items if isinstance(items, (list, tuple)) else list(items)
     if not all(type(v) is item for v in values):
         for v in values:
-            if v is not None and not (type(v) is int if item is int else isinstance(v, str)):
-                kind = "an integer" if item is int else "a string"
-                raise TypeError(f"{kind} list holds {type(v).__name__} {v!r}")
+            if v is not None and not _of(v, item):
+                raise TypeError(f"{_KINDS[item]} list holds {type(v).__name__} {v!r:.40}")
     if item is int:
         return "{" + ",".join(["NULL" if v is None else str(v) for v in values]) + "}"
+    if item is bytes:
+        # Each element is the text \x<hex>, its backslash escaped in the array.
+        return (
+            "{"
+            + ",".join(["NULL" if v is None else f'"\\\\x{bytes(v).hex()}"' for v in values])
+            + "}"
+        )
     quoted = [
         "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         for v in values
