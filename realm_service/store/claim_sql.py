@@ -425,8 +425,7 @@ def _insert_started() -> Select[*tuple[Any, ...]]:
     the job row with its lease and the attempt row in data-modifying CTEs,
     the attempt's id drawn from its sequence first (each row names the
     other). Returns the job as inserted, and no row when the realm was not
-    idle, its row was locked by another transaction, or a concurrent change
-    won a unique index."""
+    idle or a concurrent change won a unique index."""
     priority = bindparam("priority", type_=_JOBS.c.priority.type)
     queued = _JOBS.alias("queued")
     first = ~exists().where(
@@ -434,11 +433,7 @@ def _insert_started() -> Select[*tuple[Any, ...]]:
         queued.c.priority >= priority,
         queued.c.priority <= literal_column(str(_ANY_PRIORITY)),
     )
-    # The realm's row locked, or skipped when another transaction holds it:
-    # a write to the realm, a delete, a claim, or another enqueue's start,
-    # whose jobs this statement's snapshot may not see (the full enqueue
-    # then waits for it and decides as the coalescing rules say).
-    source = enqueue_sql.if_idle(first.label("first"), lock_realm=True).cte("source")
+    source = enqueue_sql.if_idle(first.label("first")).cte("source")
 
     def started(value: Any, otherwise: Any = None) -> Any:
         return case((source.c.first, value), else_=null() if otherwise is None else otherwise)
@@ -450,9 +445,7 @@ def _insert_started() -> Select[*tuple[Any, ...]]:
         "worker": started(bindparam("worker", type_=String()), source.c.worker),
         "start_time": started(bindparam("now", type_=UTCDateTime())),
         "lease_id": started(bindparam("lease_id", type_=String())),
-        "lease_attempt_id": started(
-            literal_column("nextval(pg_get_serial_sequence('job_attempts', 'id'))")
-        ),
+        "lease_attempt_id": started(literal_column("nextval('job_attempts_id_seq')")),
         "lease_expire_time": started(bindparam("until", type_=UTCDateTime())),
     }
     job = (

@@ -211,11 +211,9 @@ def insert_if_idle(
     """Insert the job when the realm exists, runs no job and has no queued
     job of the kinds in `coalesce_with`: one statement, which a transaction
     of statements that each commit alone (`Database.statements`) may run.
-    None, and nothing written, when any of that fails to hold, when another
-    transaction holds the realm's row (PostgreSQL: a write, a delete, another
-    enqueue, whose jobs this statement may not see), or when a concurrent
-    enqueuer's queued job of the kind wins the unique index: the caller's
-    full enqueue reads the realm's jobs and decides."""
+    None, and nothing written, when any of that fails to hold (or a
+    concurrent enqueuer's queued job of the kind wins the unique index): the
+    caller's full enqueue reads the realm's jobs and decides."""
     values = new_job_values(
         realm_id=realm_id,
         kind=kind,
@@ -237,39 +235,31 @@ def insert_if_idle(
 def _insert_if_idle(backend: str) -> Insert:
     # No arbiter: the only unique index a new queued row can meet is the one
     # of one queued job per realm and kind (the id is new, the lease NULL).
-    # On PostgreSQL the realm's row is locked, or skipped when another
-    # transaction holds it (SQLite's write lock serializes them already).
     return (
         dialect_insert(backend, _JOBS)
-        .from_select(list(NEW_JOB_FIELDS), if_idle(lock_realm=backend == "postgresql"))
+        .from_select(list(NEW_JOB_FIELDS), if_idle())
         .on_conflict_do_nothing()
         .returning(*_JOB_COLUMNS)
     )
 
 
-def if_idle(*extra: ColumnElement[Any], lock_realm: bool = False) -> Select[Any]:
+def if_idle(*extra: ColumnElement[Any]) -> Select[Any]:
     """A row of the new job's values (bound by `new_job_values`' names, and
     `kinds`), and of `extra`, when its realm exists, runs no job and has no
-    queued job of the kinds; no row otherwise. With `lock_realm`
-    (PostgreSQL) the realm's row is locked too, and no row comes when
-    another transaction holds it (SKIP LOCKED, as a claim skips it)."""
+    queued job of the kinds; no row otherwise."""
     realm_id = bindparam("realm_id", type_=_JOBS.c.realm_id.type)
     idle = _JOBS.alias("idle")
     values = [
         (realm_id if name == "realm_id" else bindparam(name, type_=_JOBS.c[name].type)).label(name)
         for name in NEW_JOB_FIELDS
     ]
-    realm = select(_REALMS.c.realm_id).where(_REALMS.c.realm_id == realm_id)
-    not_busy = (
+    return select(*values, *extra).where(
+        select(_REALMS.c.realm_id).where(_REALMS.c.realm_id == realm_id).exists(),
         ~select(idle.c.id).where(idle.c.realm_id == realm_id, idle.c.state == RUNNING).exists(),
         ~select(idle.c.id)
         .where(idle.c.realm_id == realm_id, idle.c.state == QUEUED, in_values(idle.c.kind, "kinds"))
         .exists(),
     )
-    if lock_realm:
-        locked = realm.with_for_update(skip_locked=True).cte("locked_realm")
-        return select(*values, *extra).select_from(locked).where(*not_busy)
-    return select(*values, *extra).where(realm.exists(), *not_busy)
 
 
 def try_insert_job(

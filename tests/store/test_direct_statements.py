@@ -243,23 +243,6 @@ def test_many_writes_each_row_as_sqlalchemy_does(queue: JobQueue) -> None:
     assert by_cursor[0][2] == datetime(2026, 12, 1, tzinfo=UTC)  # aware, as bound
 
 
-def test_cursor_events_see_many_as_one_executemany(queue: JobQueue) -> None:
-    make_realm(queue, "r")
-    seen: list[tuple[str, Any, bool]] = []
-
-    def spy(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        seen.append((statement.split(None, 1)[0].upper(), params, many))
-
-    event.listen(queue.db.engine, "before_cursor_execute", spy)
-    try:
-        with queue.db.transaction() as tx:
-            direct.many(tx.conn, insert(realms_sql._FILES_TABLE), _files("r", "a", "b"))
-    finally:
-        event.remove(queue.db.engine, "before_cursor_execute", spy)
-    inserts = [s for s in seen if s[0] == "INSERT"]
-    assert len(inserts) == 1 and inserts[0][2] is True and len(inserts[0][1]) == 2
-
-
 def test_many_refusals_and_errors_are_sqlalchemys(queue: JobQueue) -> None:
     """Rows naming different values, or a value its type refuses (a naive
     time), go to SQLAlchemy, which writes or refuses them its way; a row the
