@@ -209,40 +209,16 @@ class JobQueue:
         now = self.clock()
         try:
             with self.db.statements() if alone else self.db.transaction() as tx:
-                if hand_off is not None and alone and self._takes(hand_off, kind, priority):
-                    # The claim in the insert: the job starts when nothing
-                    # queued ranks ahead of it (the hand-off's claim would
-                    # take it), one statement in all.
-                    written = claim_sql.insert_started(
-                        tx,
-                        realm_id=realm_id,
-                        kind=kind,
-                        coalesce_with=coalesce_with,
-                        priority=priority,
-                        now=now,
-                        paths=paths,
-                        trace_parent=tracing.current_traceparent(),
-                        worker=hand_off.worker,
-                        lease_until=now + self.settings.lease_duration,
-                        instance_id=self.instance_id,
-                    )
-                    if isinstance(written, Lease):
-                        result = EnqueueResult(written.job, Disposition.INSERTED)
-                        tx.on_commit(functools.partial(_log_enqueued, [result]))
-                        [lease] = _with_files(tx, [written])
-                        return dataclasses.replace(result, lease=lease)
-                    job = written
-                else:
-                    job = enqueue_sql.insert_if_idle(
-                        tx,
-                        realm_id=realm_id,
-                        kind=kind,
-                        coalesce_with=coalesce_with,
-                        priority=priority,
-                        now=now,
-                        paths=paths,
-                        trace_parent=tracing.current_traceparent(),
-                    )
+                job = enqueue_sql.insert_if_idle(
+                    tx,
+                    realm_id=realm_id,
+                    kind=kind,
+                    coalesce_with=coalesce_with,
+                    priority=priority,
+                    now=now,
+                    paths=paths,
+                    trace_parent=tracing.current_traceparent(),
+                )
                 if job is None:
                     return None
                 result = EnqueueResult(job, Disposition.INSERTED)
@@ -270,17 +246,6 @@ class JobQueue:
             # The insert lost a race (its realm deleted meanwhile), or, in a
             # transaction, anything did: nothing committed.
             return None
-
-    def _takes(self, hand_off: HandOff, kind: JobKind, priority: int) -> bool:
-        """Whether the hand-off's claim may take a job of this kind and
-        priority (its stream's filter, the lane's ceiling, the SYSTEM cap)."""
-        lowest, system_cap = self._lanes(hand_off.min_priority, hand_off.system_limit)
-        return (
-            lowest <= priority
-            and (hand_off.max_priority is None or priority <= hand_off.max_priority)
-            and (not hand_off.kinds or kind in hand_off.kinds)
-            and (priority > SYSTEM or system_cap is None or system_cap > 0)
-        )
 
     def _lanes(self, min_priority: int, system_limit: int | None) -> tuple[int, int | None]:
         """A claim's lowest priority and SYSTEM cap as the store takes them.

@@ -16,31 +16,17 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
-    case,
     exists,
     insert,
     literal,
-    literal_column,
-    null,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql
 
-from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease, PathChange
-from realm_service.store import direct, enqueue_sql
+from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease
+from realm_service.store import direct
 from realm_service.store.db import Tx
-from realm_service.store.rows import (
-    JOB_FIELDS,
-    NEW_JOB_FIELDS,
-    QUEUED,
-    RUNNING,
-    decode_paths,
-    kind_of,
-    make_job,
-    new_job_values,
-    to_job,
-)
+from realm_service.store.rows import QUEUED, RUNNING, decode_paths, kind_of, make_job, to_job
 from realm_service.store.sets import in_values, rows_params, rows_source
 from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow, UTCDateTime
 
@@ -415,127 +401,6 @@ def _claim_one_pg(
         return []
     chosen = _Candidate._make(row)
     return _started(tx, [chosen], {chosen.id: lease_id}, {chosen.id: worker}, now, lease_until)
-
-
-@functools.cache
-def _insert_started() -> Select[*tuple[Any, ...]]:
-    """PostgreSQL: the new job of an idle realm (`enqueue_sql.if_idle`),
-    inserted started for the hand-off's worker when nothing queued ranks
-    ahead of it (no queued job of its priority or above), or else queued:
-    the job row with its lease and the attempt row in data-modifying CTEs,
-    the attempt's id drawn from its sequence first (each row names the
-    other). Returns the job as inserted, and no row when the realm was not
-    idle or a concurrent change won a unique index."""
-    priority = bindparam("priority", type_=_JOBS.c.priority.type)
-    queued = _JOBS.alias("queued")
-    first = ~exists().where(
-        queued.c.state == QUEUED,
-        queued.c.priority >= priority,
-        queued.c.priority <= literal_column(str(_ANY_PRIORITY)),
-    )
-    source = enqueue_sql.if_idle(first.label("first")).cte("source")
-
-    def started(value: Any, otherwise: Any = None) -> Any:
-        return case((source.c.first, value), else_=null() if otherwise is None else otherwise)
-
-    values: dict[str, Any] = {name: source.c[name] for name in NEW_JOB_FIELDS}
-    values |= {
-        "state": started(literal_column(f"'{RUNNING}'"), source.c.state),
-        "attempt": started(literal(1), source.c.attempt),
-        "worker": started(bindparam("worker", type_=String()), source.c.worker),
-        "start_time": started(bindparam("now", type_=UTCDateTime())),
-        "lease_id": started(bindparam("lease_id", type_=String())),
-        "lease_attempt_id": started(literal_column("nextval('job_attempts_id_seq')")),
-        "lease_expire_time": started(bindparam("until", type_=UTCDateTime())),
-    }
-    job = (
-        postgresql.insert(_JOBS)
-        .from_select(list(values), select(*values.values()))
-        .on_conflict_do_nothing()
-        .returning(
-            *(_JOBS.c[name] for name in JOB_FIELDS), _JOBS.c.lease_id, _JOBS.c.lease_attempt_id
-        )
-        .cte("new_job")
-    )
-    attempt = (
-        insert(_ATTEMPTS)
-        .from_select(
-            [
-                "id",
-                "job_id",
-                "lease_id",
-                "worker",
-                "instance_id",
-                "start_time",
-                "outcome",
-                "error_message",
-            ],
-            select(
-                job.c.lease_attempt_id,
-                job.c.id,
-                job.c.lease_id,
-                job.c.worker,
-                bindparam("instance_id", type_=String()),
-                job.c.start_time,
-                literal(AttemptOutcome.RUNNING.value),
-                literal(""),
-            ).where(job.c.lease_attempt_id.is_not(None)),
-        )
-        .cte("new_attempt")
-    )
-    return select(*(job.c[name] for name in JOB_FIELDS)).add_cte(attempt)
-
-
-def insert_started(
-    tx: Tx,
-    *,
-    realm_id: str,
-    kind: JobKind,
-    coalesce_with: Sequence[JobKind],
-    priority: int,
-    now: datetime,
-    paths: Sequence[PathChange],
-    trace_parent: str,
-    worker: str,
-    lease_until: datetime,
-    instance_id: str,
-) -> Job | Lease | None:
-    """PostgreSQL: the enqueue of an idle realm (`enqueue_sql.insert_if_idle`)
-    and a hand-off's claim of its job in one statement, for a job the
-    hand-off's stream takes (the caller's test). The lease when the job
-    started; the job when it was queued (something ranks ahead of it: the
-    hand-off's claim picks); None when nothing was written."""
-    values = new_job_values(
-        realm_id=realm_id,
-        kind=kind,
-        priority=priority,
-        now=now,
-        paths=paths,
-        trace_parent=trace_parent,
-    )
-    lease_id = secrets.token_hex(16)
-    row = direct.first(
-        tx.conn,
-        _insert_started(),
-        {
-            **values,
-            "kinds": [k.value for k in coalesce_with],
-            "worker": worker[:200],
-            "lease_id": lease_id,
-            "now": now,
-            "until": lease_until,
-            "instance_id": instance_id,
-        },
-    )
-    if row is None:
-        return None
-    job = to_job(row)
-    if job.state is not JobState.RUNNING:
-        tx.announce_new_work()
-        tx.job_changed([job.job_id])
-        return job
-    tx.job_values_known([job])
-    return Lease(lease_id=lease_id, expire_time=lease_until, job=job)
 
 
 def _started(

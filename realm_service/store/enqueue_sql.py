@@ -10,12 +10,10 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy import (
-    ColumnElement,
     Insert,
-    Select,
     Table,
     and_,
     bindparam,
@@ -233,32 +231,23 @@ def insert_if_idle(
 
 @functools.cache
 def _insert_if_idle(backend: str) -> Insert:
-    # No arbiter: the only unique index a new queued row can meet is the one
-    # of one queued job per realm and kind (the id is new, the lease NULL).
-    return (
-        dialect_insert(backend, _JOBS)
-        .from_select(list(NEW_JOB_FIELDS), if_idle())
-        .on_conflict_do_nothing()
-        .returning(*_JOB_COLUMNS)
-    )
-
-
-def if_idle(*extra: ColumnElement[Any]) -> Select[Any]:
-    """A row of the new job's values (bound by `new_job_values`' names, and
-    `kinds`), and of `extra`, when its realm exists, runs no job and has no
-    queued job of the kinds; no row otherwise."""
+    names = list(NEW_JOB_FIELDS)
     realm_id = bindparam("realm_id", type_=_JOBS.c.realm_id.type)
     idle = _JOBS.alias("idle")
-    values = [
-        (realm_id if name == "realm_id" else bindparam(name, type_=_JOBS.c[name].type)).label(name)
-        for name in NEW_JOB_FIELDS
-    ]
-    return select(*values, *extra).where(
+    row = select(*(bindparam(name, type_=_JOBS.c[name].type) for name in names)).where(
         select(_REALMS.c.realm_id).where(_REALMS.c.realm_id == realm_id).exists(),
         ~select(idle.c.id).where(idle.c.realm_id == realm_id, idle.c.state == RUNNING).exists(),
         ~select(idle.c.id)
         .where(idle.c.realm_id == realm_id, idle.c.state == QUEUED, in_values(idle.c.kind, "kinds"))
         .exists(),
+    )
+    # No arbiter: the only unique index a new queued row can meet is the one
+    # of one queued job per realm and kind (the id is new, the lease NULL).
+    return (
+        dialect_insert(backend, _JOBS)
+        .from_select(names, row)
+        .on_conflict_do_nothing()
+        .returning(*_JOB_COLUMNS)
     )
 
 

@@ -56,25 +56,19 @@ def test_an_idle_realm_is_enqueued_in_one_statement(alone: JobQueue) -> None:
         assert statements.sql == ["BEGIN", "INSERT"]
 
 
-def test_an_idle_realm_and_its_hand_off_are_one_statement_alone_on_postgresql(
+def test_an_idle_realm_and_its_hand_off_are_two_statements_alone_on_postgresql(
     alone: JobQueue,
 ) -> None:
-    """Nothing queued ranks ahead of the new job: it is inserted started,
-    with its attempt, in the statement that checks the realm is idle."""
     make_realm(alone, "r")
     with Statements(alone.db) as statements:
         result = alone.enqueue("r", FS, USER, hand_off=_offer())
-    assert result.disposition is Disposition.INSERTED
-    assert result.lease is not None and result.lease.job == result.job
-    assert result.lease.expire_time == alone.clock() + LEASE
+    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
     stored = alone.get_job(result.job.job_id)
-    assert stored == result.job
     assert (stored.state, stored.worker, stored.attempt) == (JobState.RUNNING, "w", 1)
-    assert stored.start_time == alone.clock()
     assert [outcome for _, outcome in alone.attempts(result.job.job_id)] == ["running"]
     if alone.db.backend == "postgresql":
-        assert statements.sql == ["WITH"]
-        assert statements.in_block == [False]  # it commits alone
+        assert statements.sql == ["INSERT", "WITH"]
+        assert statements.in_block == [False, False]  # each commits alone
     else:
         # One transaction on SQLite: two commits would be two syncs.
         assert statements.sql[:2] == ["BEGIN", "INSERT"]
@@ -232,15 +226,12 @@ def test_a_claim_of_several_statements_refuses_to_run_alone(pg_alone: JobQueue) 
 def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
     pg_alone: JobQueue, caplog: pytest.LogCaptureFixture, errcode: str
 ) -> None:
-    """The insert committed on its own (queued: a job ahead of it is the one
-    the hand-off's claim takes); the claim's statement is refused (as the
-    unique index on running jobs refuses one that raced another claim, or
-    as a store that fails does): the job stays queued, the dispatcher is
+    """The insert committed on its own; the claim's statement is refused (as
+    the unique index on running jobs refuses one that raced another claim,
+    or as a store that fails does): the job stays queued, the dispatcher is
     woken for it, and the enqueue is reported as it committed."""
     db = pg_alone.db
-    make_realm(pg_alone, "first")
     make_realm(pg_alone, "r")
-    ahead = pg_alone.enqueue("first", FS, USER + 1).job
     with db.transaction() as tx:
         tx.conn.execute(
             text(
@@ -260,7 +251,6 @@ def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
     assert result.disposition is Disposition.INSERTED and result.lease is None
     stored = pg_alone.get_job(result.job.job_id)
     assert (stored.state, stored.attempt) == (JobState.QUEUED, 0)
-    assert pg_alone.get_job(ahead.job_id).state is JobState.QUEUED
     assert woken
     assert [r.__dict__["job"] for r in caplog.records if r.getMessage() == "job enqueued"] == [
         result.job.job_id
@@ -330,137 +320,3 @@ def test_an_insert_refused_in_the_unit_falls_back_to_the_full_enqueue(
     assert [j.job_id for j in pg_alone.list_jobs(realm_id="r")] == [result.job.job_id]
     with db.read_transaction() as tx:
         assert tx.conn.execute(text("SELECT last_value FROM job_inserts")).scalar_one() == 3
-
-
-# -- PostgreSQL: the hand-off's claim in the insert ---------------------------------
-
-
-def test_a_job_started_by_its_insert_runs_its_course(pg_alone: JobQueue) -> None:
-    """The lease works as a claim's does: its attempt is the one the job
-    row names, a heartbeat extends it, its success ends both."""
-    make_realm(pg_alone, "r")
-    result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
-    assert result.lease is not None
-    lease = result.lease.lease_id
-    with pg_alone.db.read_transaction() as tx:
-        named = tx.conn.execute(
-            text(
-                "SELECT j.lease_id, a.lease_id, a.worker, a.instance_id FROM jobs j"
-                " JOIN job_attempts a ON a.id = j.lease_attempt_id AND a.job_id = j.id"
-                " WHERE j.id = :i"
-            ),
-            {"i": result.job.job_id},
-        ).one()
-    assert tuple(named) == (lease, lease, "w", pg_alone.instance_id)
-    assert pg_alone.heartbeat([lease])[lease] is not None
-    done = pg_alone.complete_many([(lease, 0)])[lease]
-    assert not isinstance(done, Exception) and done.state is JobState.SUCCEEDED
-    assert [outcome for _, outcome in pg_alone.attempts(result.job.job_id)] == ["completed"]
-
-
-@pytest.mark.parametrize("ahead", [USER, USER + 5])
-def test_a_queued_job_ahead_is_the_one_the_hand_off_takes(pg_alone: JobQueue, ahead: int) -> None:
-    """A queued job of the new job's priority (older) or above ranks ahead:
-    the new job is queued by the same statement, and the hand-off's claim
-    takes the one ahead, as a claim would."""
-    make_realm(pg_alone, "first")
-    make_realm(pg_alone, "r")
-    waiting = pg_alone.enqueue("first", FS, ahead).job
-    woken = woken_calls(pg_alone)
-    with Statements(pg_alone.db) as statements:
-        result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
-    assert statements.sql == ["WITH", "WITH"]  # the insert, the one-job claim
-    assert result.lease is not None and result.lease.job.job_id == waiting.job_id
-    assert result.job.state is JobState.QUEUED and result.disposition is Disposition.INSERTED
-    assert pg_alone.get_job(result.job.job_id).state is JobState.QUEUED
-    assert pg_alone.get_job(waiting.job_id).state is JobState.RUNNING
-    assert woken, "the queued job was not announced"
-
-
-def test_queued_jobs_below_its_priority_do_not_hold_the_start_back(pg_alone: JobQueue) -> None:
-    make_realm(pg_alone, "backlog")
-    make_realm(pg_alone, "r")
-    below = pg_alone.enqueue("backlog", FS, SYSTEM).job
-    with Statements(pg_alone.db) as statements:
-        result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
-    assert statements.sql == ["WITH"]
-    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
-    assert pg_alone.get_job(below.job_id).state is JobState.QUEUED
-
-
-@pytest.mark.parametrize(
-    "offer",
-    [
-        HandOff(stream_id="s", worker="w", min_priority=USER + 1, kinds=(), system_limit=None),
-        HandOff(stream_id="s", worker="w", min_priority=0, kinds=(INC,), system_limit=None),
-        HandOff(stream_id="s", worker="w", min_priority=0, kinds=(), system_limit=None,
-                max_priority=USER - 1),
-    ],
-    ids=["below the lane", "another kind", "above the ceiling"],
-)  # fmt: skip
-def test_a_job_the_stream_would_not_take_is_only_inserted(
-    pg_alone: JobQueue, offer: HandOff
-) -> None:
-    make_realm(pg_alone, "r")
-    with Statements(pg_alone.db) as statements:
-        result = pg_alone.enqueue("r", FS, USER, hand_off=offer)
-    assert statements.sql == ["INSERT", "WITH"]  # the claim looks and takes nothing
-    assert result.lease is None
-    assert pg_alone.get_job(result.job.job_id).state is JobState.QUEUED
-
-
-def test_a_system_job_without_a_system_budget_is_only_inserted(pg_alone: JobQueue) -> None:
-    make_realm(pg_alone, "r")
-    offer = HandOff(stream_id="s", worker="w", min_priority=0, kinds=(), system_limit=0)
-    result = pg_alone.enqueue("r", FS, SYSTEM, hand_off=offer)
-    assert result.lease is None
-    assert pg_alone.get_job(result.job.job_id).state is JobState.QUEUED
-
-
-def test_a_busy_realm_starts_nothing_and_goes_the_full_way(pg_alone: JobQueue) -> None:
-    make_realm(pg_alone, "r")
-    first = pg_alone.enqueue("r", INC, USER, paths=[PathChange("a", False)]).job
-    [running] = pg_alone.claim(1, worker="other")
-    assert running.job.job_id == first.job_id
-    result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
-    assert result.disposition is Disposition.INSERTED and result.lease is None
-    assert pg_alone.get_job(result.job.job_id).state is JobState.QUEUED
-    assert [j.state for j in pg_alone.list_jobs(realm_id="r")].count(JobState.RUNNING) == 1
-
-
-def test_a_small_incremental_job_started_by_its_insert_carries_its_files(
-    pg_alone: JobQueue,
-) -> None:
-    make_realm(pg_alone, "r", {"a.txt": b"hello"})
-    result = pg_alone.enqueue(
-        "r", INC, USER, paths=[PathChange(path="a.txt", deleted=False)], hand_off=_offer()
-    )
-    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
-    assert result.lease.files is not None
-    assert [(f.path, content) for f, content in result.lease.files] == [("a.txt", b"hello")]
-
-
-def test_a_start_refused_by_the_store_writes_nothing(pg_alone: JobQueue) -> None:
-    """The job and its attempt are one statement: when the store refuses the
-    attempt (played by a trigger), the job is not written either, and the
-    caller hears the store's error."""
-    from realm_service.errors import StoreFull
-
-    db = pg_alone.db
-    make_realm(pg_alone, "r")
-    with db.transaction() as tx:
-        tx.conn.execute(
-            text(
-                "CREATE FUNCTION refuse_attempt() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = 'disk_full'; END $$"
-            )
-        )
-        tx.conn.execute(
-            text(
-                "CREATE TRIGGER refuse_attempt BEFORE INSERT ON job_attempts"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_attempt()"
-            )
-        )
-    with pytest.raises(StoreFull):
-        pg_alone.enqueue("r", FS, USER, hand_off=_offer())
-    assert pg_alone.list_jobs() == []

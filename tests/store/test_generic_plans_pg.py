@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import event, text
 from store_helpers import entry, make_realm
 
-from realm_service.domain import SYSTEM, USER, HandOff, JobKind, PathChange
+from realm_service.domain import SYSTEM, USER, JobKind, PathChange
 from realm_service.queue import JobQueue
 from realm_service.store import index_sql
 from realm_service.store.db import open_database
@@ -158,17 +158,6 @@ def test_hot_path_statements_read_the_job_tables_by_index_with_generic_plans(
     assert generic_scans(queue, lambda: queue.complete_many([(lease_r, 1)])) == []
     # Both lanes: the SYSTEM backlog's head.
     assert generic_scans(queue, lambda: taken.extend(queue.claim(4, min_priority=SYSTEM))) == []
-    # Alone, a hand-off's claim in the insert of an idle realm's job, which
-    # looks for queued jobs ranking ahead of it above the backlog.
-    make_realm(queue, "t", {"a.json": b"{}"})
-    queue.db.others_alive = False
-    offer = HandOff(stream_id="s", worker="w", min_priority=0, kinds=(), system_limit=None)
-    started: list[Any] = []
-    assert (
-        generic_scans(queue, lambda: started.append(queue.enqueue("t", FS, USER, hand_off=offer)))
-        == []
-    )
-    assert started[0].lease is not None and started[0].lease.job.realm_id == "t"
 
 
 def test_a_search_by_a_rare_card_type_reads_its_own_index_whatever_ran_before(
