@@ -320,3 +320,48 @@ def test_an_insert_refused_in_the_unit_falls_back_to_the_full_enqueue(
     assert [j.job_id for j in pg_alone.list_jobs(realm_id="r")] == [result.job.job_id]
     with db.read_transaction() as tx:
         assert tx.conn.execute(text("SELECT last_value FROM job_inserts")).scalar_one() == 3
+
+
+def test_enqueues_racing_a_held_realm_coalesce(pg_alone: JobQueue) -> None:
+    """While another transaction holds the realm's row (a write to it), an
+    enqueue offered a waiting worker and one without race into the idle
+    realm: both wait for it, and they coalesce as the rules say (one job).
+    The queued insert of the first is what the second meets (the unique
+    index of one queued job per realm and kind); a job inserted already
+    running would not be met, and both would stand."""
+    import threading
+
+    db = pg_alone.db
+    make_realm(pg_alone, "r")
+    results: dict[str, object] = {}
+
+    def enqueue(name: str, offer: HandOff | None) -> None:
+        try:
+            results[name] = pg_alone.enqueue("r", FS, USER, hand_off=offer)
+        except Exception as e:  # pragma: no cover - reported by the asserts
+            results[name] = e
+
+    holder = db.engine.connect()
+    try:
+        holder.execute(text("SELECT realm_id FROM realms WHERE realm_id = 'r' FOR UPDATE"))
+        threads = [
+            threading.Thread(target=enqueue, args=("offered", _offer())),
+            threading.Thread(target=enqueue, args=("plain", None)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(0.5)
+        assert all(t.is_alive() for t in threads), "an enqueue went past the held realm"
+        holder.rollback()
+    finally:
+        holder.close()
+    for thread in threads:
+        thread.join(30)
+    outcomes = [results["offered"], results["plain"]]
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+    jobs = pg_alone.list_jobs(realm_id="r")
+    assert len(jobs) == 1
+    dispositions = sorted(str(o.disposition) for o in outcomes)  # type: ignore[attr-defined]
+    assert dispositions.count(str(Disposition.INSERTED)) == 1
+    assert {o.job.job_id for o in outcomes} == {jobs[0].job_id}  # type: ignore[attr-defined]
