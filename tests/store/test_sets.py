@@ -108,7 +108,7 @@ def test_array_text_refuses_values_of_another_type() -> None:
             array_text([1, bad], int)
     with pytest.raises(TypeError, match="string list"):
         array_text(["a", 1], str)
-    assert array_text([b"\x00\\\"{", None, b""], bytes) == '{"\\\\x005c227b",NULL,"\\\\x"}'
+    assert array_text([b'\x00\\"{', None, b""], bytes) == '{"\\\\x005c227b",NULL,"\\\\x"}'
     with pytest.raises(TypeError, match="bytes list"):
         array_text([b"a", "a"], bytes)
 
