@@ -142,15 +142,13 @@ def many(conn: Connection, statement: ClauseElement, params: Sequence[Mapping[st
     if not params:
         return
     prepared = _prepared(statement, conn.dialect, params[0])
-    bound: list[Any] | None = [] if prepared is not None and prepared.row is None else None
-    if prepared is not None and bound is not None:
-        for each in params:
-            one = _bound(prepared, each) if each.keys() == params[0].keys() else None
-            if one is None:
-                bound = None
-                break
-            bound.append(one)
-    if prepared is None or bound is None:
+    names = params[0].keys()
+    bound = (
+        [_bound(prepared, each) if each.keys() == names else None for each in params]
+        if prepared is not None and prepared.row is None
+        else [None]
+    )
+    if prepared is None or any(each is None for each in bound):
         conn.execute(statement, list(params))  # type: ignore[call-overload]
         return
     _run(conn, prepared, bound, many=True)
