@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -69,6 +70,7 @@ from pair_proc import (
     seed_realms,
     start_server,
     start_worker,
+    sync_ends,
 )
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import realm_service_pb2_grpc as sgrpc
@@ -126,6 +128,7 @@ class Config:
     py_spy: str = ""
     py_spy_gil: bool = False
     pg_statements: bool = False
+    commit_stamps: bool = False
 
     @classmethod
     def quick_config(cls, **kw: Any) -> Config:
@@ -228,9 +231,14 @@ class Pair:
         self.store: BenchStore = self._store_cm.__enter__()
         return self
 
-    def start_server(self) -> None:
+    def start_server(self, trace: Path | None = None) -> None:
         self.server = start_server(
-            self.store, self.workdir, self.label, log_level=self.cfg.log_level, extra=self.extra
+            self.store,
+            self.workdir,
+            self.label,
+            log_level=self.cfg.log_level,
+            extra=self.extra,
+            trace=trace,
         )
         self.procs.append(self.server)
 
@@ -538,7 +546,11 @@ def run_throughput(cfg: Config, workdir: Path) -> None:
 
 
 async def wake_samples(
-    stub: sgrpc.RealmServiceStub, stream: BenchStream, realms: list[str], n: int
+    stub: sgrpc.RealmServiceStub,
+    stream: BenchStream,
+    realms: list[str],
+    n: int,
+    windows: list[tuple[float, float]] | None = None,
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(send -> assignment read, send -> RPC reply, job create_time -> assignment
     read, job start_time -> assignment read): the last two are the server's
@@ -546,7 +558,9 @@ async def wake_samples(
     transaction) and from the claim's. A job handed off by its enqueue (a
     worker waited) is claimed inside the enqueue's transaction, so its
     start_time precedes the commit and the last figure bounds the time from
-    the enqueue's commit to the worker having the job from above."""
+    the enqueue's commit to the worker having the job from above. With
+    `windows`, each sample's (claim start, arrival) on the wall clock is
+    appended to it (see `commit_to_arrival`)."""
     wakes: list[float] = []
     rpcs: list[float] = []
     inner: list[float] = []
@@ -566,15 +580,34 @@ async def wake_samples(
         claimed.append(
             stream.arrivals_wall[reply.job.job_id] - stream.start_times[reply.job.job_id]
         )
+        if windows is not None:
+            windows.append(
+                (stream.start_times[reply.job.job_id], stream.arrivals_wall[reply.job.job_id])
+            )
         await asyncio.sleep(0.01 + random.random() * 0.01)
     return wakes, rpcs, inner, claimed
+
+
+def commit_to_arrival(windows: list[tuple[float, float]], syncs: list[float]) -> list[float]:
+    """For each sample (claim start, arrival), the time from the end of the
+    first sync after the claim's start, the enqueue's commit (the claim runs
+    in the enqueue's transaction, and on an idle SQLite store nothing else
+    commits meanwhile), to the arrival; samples with no sync in between are
+    left out."""
+    out = []
+    for start, arrival in windows:
+        i = bisect.bisect_right(syncs, start)
+        if i < len(syncs) and syncs[i] < arrival:
+            out.append(arrival - syncs[i])
+    return out
 
 
 async def run_wakeup(cfg: Config, workdir: Path) -> None:
     with Pair(cfg, workdir, "wake") as pair:
         realms = [f"wake-{i:02d}" for i in range(20)]
         seed_realms(pair.store, realms)
-        pair.start_server()
+        trace = workdir / "wake-syncs.strace" if cfg.commit_stamps else None
+        pair.start_server(trace)
         channel = grpc.aio.insecure_channel(pair.server.address)
         stub = sgrpc.RealmServiceStub(channel)
         # Two credits: the dispatcher hands a job to the stream with the most
@@ -583,9 +616,20 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
         await timer.open()
         await wake_samples(stub, timer, realms, 10)  # warm-up
         spy = profile(cfg, pair.server.pid, "wakeup-server")
-        wakes, rpcs, inner, claimed = await wake_samples(stub, timer, realms, cfg.wake_samples)
+        windows: list[tuple[float, float]] = []
+        wakes, rpcs, inner, claimed = await wake_samples(
+            stub, timer, realms, cfg.wake_samples, windows
+        )
         stop_profiles(spy)
         idle = summary(wakes)
+        commit_fields: dict[str, Any] = {}
+        if trace is not None:
+            committed = commit_to_arrival(windows, sync_ends(trace))
+            commit_fields = {
+                "commit_to_arrival_p50_ms": ms(pct(committed, 50)),
+                "commit_to_arrival_p99_ms": ms(pct(committed, 99)),
+                "commit_stamped": len(committed),
+            }
         emit(
             {
                 "item": "wakeup",
@@ -596,6 +640,7 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
                 "rpc_p50_ms": ms(pct(rpcs, 50)),
                 "enqueue_to_arrival_p50_ms": ms(pct(inner, 50)),
                 "claim_to_arrival_p50_ms": ms(pct(claimed, 50)),
+                **commit_fields,
                 "target": "p50 < 3 ms",
                 "met": idle["p50_ms"] < 3,
             }
@@ -1538,6 +1583,12 @@ def parse_args(argv: list[str] | None) -> Config:
         "--py-spy-gil", action="store_true", help="with --py-spy: sample the GIL holder only"
     )
     p.add_argument(
+        "--commit-stamps",
+        action="store_true",
+        help="wakeup, SQLite: run the server under strace, which stamps each commit's "
+        "sync, and report the time from the enqueue's commit to the arrival",
+    )
+    p.add_argument(
         "--pg-statements",
         action="store_true",
         help="PostgreSQL's own profile of each drain (pg_stat_statements, which the "
@@ -1563,6 +1614,9 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg.keep = args.keep
     cfg.py_spy = args.py_spy
     cfg.py_spy_gil = args.py_spy_gil
+    cfg.commit_stamps = args.commit_stamps
+    if cfg.commit_stamps and cfg.store != "sqlite":
+        p.error("--commit-stamps needs --store sqlite (PostgreSQL commits in its own process)")
     cfg.pg_statements = args.pg_statements
     unknown = set(cfg.only) - set(ITEMS)
     if unknown:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -236,6 +237,24 @@ class Proc:
 @dataclass
 class ServerProc(Proc):
     address: str = ""
+    # With `start_server(..., trace=...)` the popen is strace; this is the
+    # server under it (its pid for profiles and RSS, and the one stopped).
+    traced_pid: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.traced_pid or self.popen.pid
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.traced_pid and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.traced_pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)  # strace ends with the server
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.traced_pid, signal.SIGKILL)
+        return super().stop(timeout)
 
 
 def start_server(
@@ -246,7 +265,11 @@ def start_server(
     log_level: str,
     extra: Sequence[str] = (),
     timeout: float = 60.0,
+    trace: Path | None = None,
 ) -> ServerProc:
+    """The server on a free loopback port. With `trace`, it runs under
+    strace, which writes the end of each of its fsync and fdatasync calls
+    (wall clock) to that file: a SQLite commit's sync (see `sync_ends`)."""
     log_path = logdir / f"server-{label}.log"
     cmd = [
         str(BIN / "realm-service"),
@@ -261,6 +284,12 @@ def start_server(
         "1",
         *extra,
     ]
+    if trace is not None:
+        if shutil.which("strace") is None:
+            raise RuntimeError("commit stamps need strace on PATH")
+        # seccomp-bpf: only the traced calls stop the server, not the others.
+        syncs = ["-f", "--seccomp-bpf", "-qq", "-ttt", "-T", "-e", "trace=fsync,fdatasync"]
+        cmd = ["strace", *syncs, "-o", str(trace), *cmd]
     with open(log_path, "w") as err:
         popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     proc = ServerProc(popen, log_path)
@@ -280,7 +309,28 @@ def start_server(
         proc.stop()
         raise RuntimeError(f"the server did not start:\n{proc.tail()}")
     proc.address = line_box[0].rsplit(" ", 1)[1]
+    if trace is not None:
+        children = Path(f"/proc/{popen.pid}/task/{popen.pid}/children").read_text().split()
+        proc.traced_pid = int(children[0])
     return proc
+
+
+_SYNC_LINE = re.compile(r"^\d+\s+(?P<t>\d+\.\d+)\s+(?P<rest>.*?)(?:<(?P<dur>\d+\.\d+)>)?$")
+
+
+def sync_ends(trace: Path) -> list[float]:
+    """The wall-clock ends of the fsync/fdatasync calls in a trace of
+    `start_server(..., trace=...)`, sorted. strace stamps a call's start;
+    with -T it adds the duration (a call split by another thread's is
+    stamped again when it resumes, at its end)."""
+    ends: list[float] = []
+    for line in trace.read_text(errors="replace").splitlines():
+        m = _SYNC_LINE.match(line.strip())
+        if m is None or "unfinished" in m["rest"] or m["dur"] is None:
+            continue
+        t = float(m["t"])
+        ends.append(t if "resumed>" in m["rest"] else t + float(m["dur"]))
+    return sorted(ends)
 
 
 def start_worker(
