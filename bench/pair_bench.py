@@ -349,6 +349,19 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> tuple[float, fl
     return total * 0.8 / (lo - hi), samples[-1][0] - samples[0][0]
 
 
+def cpu_at_stream_open(workers: list[Proc], deadline: float) -> list[float]:
+    """Each worker's CPU seconds when its log first says its stream is open
+    (read every 5 ms, so a few milliseconds of its first jobs may count as
+    start-up); all it had used if that line never came by `deadline`."""
+    opened: dict[int, float] = {}
+    while len(opened) < len(workers) and time.perf_counter() < deadline:
+        for i, w in enumerate(workers):
+            if i not in opened and "stream open" in w.log_path.read_text(errors="replace"):
+                opened[i] = cpu_seconds(w.pid)
+        time.sleep(0.005)
+    return [opened.get(i, cpu_seconds(w.pid)) for i, w in enumerate(workers)]
+
+
 def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, Any]:
     label = f"tp{n_workers}"
     with Pair(cfg, workdir, label) as pair:
@@ -369,6 +382,9 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
         ]
         # The first worker is profiled too (its start-up included).
         worker_spy = profile(cfg, workers[0].pid, f"{label}-worker") if workers else None
+        # A worker's start-up (imports, the channel) is not its jobs' work:
+        # its CPU is counted from the moment its stream is open.
+        opened = cpu_at_stream_open(workers, t_spawn + 60)
         samples: list[tuple[float, int]] = []
         deadline = t_spawn + cfg.drain_limit_s
         while True:
@@ -381,7 +397,8 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
             # every 0.1 s it took 7% of its CPU in the drain. The rate comes
             # from the jobs' own finish times; the polls only find the end.
             time.sleep(POLL_S)
-        worker_cpu = sum(cpu_seconds(w.pid) for w in workers)
+        worker_total = sum(cpu_seconds(w.pid) for w in workers)
+        worker_cpu = worker_total - sum(opened)
         stop_profiles(spy, worker_spy)
         server_cpu = cpu_seconds(pair.server.pid) - cpu0["server"]
         pg_cpu = postgres_cpu_seconds() - cpu0["pg"] if cfg.store == "postgresql" else 0.0
@@ -409,6 +426,7 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
             "workers": round(worker_cpu, 2),
             "postgres": round(pg_cpu, 2),
         },
+        "workers_start_cpu_s": round(sum(opened), 2),
         **({"pg_statements": profile_pg} if profile_pg is not None else {}),
     }
 
