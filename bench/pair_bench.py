@@ -203,6 +203,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_split(pid: int) -> dict[str, float]:
+    """A process's CPU seconds so far: user and system time, and the part of
+    it its main thread (the server's event loop) used."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        own = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return {"user": 0.0, "system": 0.0, "main_thread": 0.0}
+    return {
+        "user": int(own[11]) / tick,
+        "system": int(own[12]) / tick,
+        "main_thread": (int(main[11]) + int(main[12])) / tick,
+    }
+
+
 def postgres_cpu_seconds() -> float:
     total = 0.0
     for entry in Path("/proc").iterdir():
@@ -374,6 +390,7 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
         conn = pair.store.connect()
         statements = cfg.pg_statements and cfg.store == "postgresql" and pg_statements_reset(conn)
         cpu0 = {"server": cpu_seconds(pair.server.pid), "pg": postgres_cpu_seconds()}
+        split0 = cpu_split(pair.server.pid)
         spy = profile(cfg, pair.server.pid, f"{label}-server")
         t_spawn = time.perf_counter()
         workers = [
@@ -401,6 +418,7 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
         worker_cpu = worker_total - sum(opened)
         stop_profiles(spy, worker_spy)
         server_cpu = cpu_seconds(pair.server.pid) - cpu0["server"]
+        split = {k: round(v - split0[k], 2) for k, v in cpu_split(pair.server.pid).items()}
         pg_cpu = postgres_cpu_seconds() - cpu0["pg"] if cfg.store == "postgresql" else 0.0
         states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
         stamped = finish_rate(conn, cfg.store)
@@ -427,6 +445,8 @@ def drain_with_workers(cfg: Config, workdir: Path, n_workers: int) -> dict[str, 
             "postgres": round(pg_cpu, 2),
         },
         "workers_start_cpu_s": round(sum(opened), 2),
+        # The server's CPU as user and system time, and its event loop's part.
+        "server_cpu_split_s": split,
         **({"pg_statements": profile_pg} if profile_pg is not None else {}),
     }
 
