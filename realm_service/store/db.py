@@ -89,6 +89,10 @@ def translate_errors() -> Iterator[None]:
         if _disk_full(e):
             raise StoreFull("the store's disk is full (disk full): writes cannot commit") from e
         raise
+    except exc.PendingRollbackError as e:
+        # The connection died under an earlier statement whose error the
+        # caller went past: the transaction is lost with it.
+        raise StoreUnavailable("the store connection was lost") from e
     except exc.StatementError as e:
         # Raised while binding parameters, before the store saw anything.
         if isinstance(e.orig, ValueError | OverflowError):
@@ -383,10 +387,15 @@ class Database:
             with (
                 translate_errors(),
                 self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
-                conn.begin(),
+                conn.begin() as block,
             ):
                 done = Tx(conn, self, each_statement_commits=True)
                 yield done
+                if conn.invalidated:
+                    # A statement met a lost connection and its caller went
+                    # on: the statements before it committed on their own,
+                    # and there is nothing left to commit.
+                    block.rollback()
         finally:
             if done is not None:
                 self._fire(done)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -22,7 +23,7 @@ from realm_service.domain import (
     JobState,
     PathChange,
 )
-from realm_service.errors import Conflict, RealmNotFound
+from realm_service.errors import Conflict, RealmNotFound, StoreUnavailable
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store import claim_sql, enqueue_sql
 from realm_service.store.db import open_database
@@ -257,6 +258,70 @@ def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
     ]
     failed = [r for r in caplog.records if r.getMessage().startswith("hand-off claim failed")]
     assert len(failed) == (errcode != "unique_violation")
+
+
+def test_a_hand_off_claim_that_loses_its_connection_keeps_the_enqueue(
+    pg_alone: JobQueue, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store goes away between the insert (committed on its own) and the
+    hand-off's claim: the claim's statement meets a dead connection. The
+    enqueue stands as it committed, reported so (not as an internal error of
+    a unit of work left to commit on that connection), and the pool replaces
+    the connection for the next call."""
+    import psycopg
+    from sqlalchemy import event
+
+    db = pg_alone.db
+    make_realm(pg_alone, "r")
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    killed: list[int] = []
+
+    def kill_before_the_claim(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if statement.startswith("WITH") and not killed:
+            pid = conn.connection.dbapi_connection.info.backend_pid
+            with psycopg.connect(plain, autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            killed.append(pid)
+
+    woken = woken_calls(pg_alone)
+    event.listen(db.engine, "before_cursor_execute", kill_before_the_claim)
+    try:
+        with caplog.at_level(logging.INFO, logger="realm_service.queue"):
+            result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
+    finally:
+        event.remove(db.engine, "before_cursor_execute", kill_before_the_claim)
+    assert killed
+    assert result.disposition is Disposition.INSERTED and result.lease is None
+    stored = pg_alone.get_job(result.job.job_id)
+    assert (stored.state, stored.attempt) == (JobState.QUEUED, 0)
+    assert woken
+    failed = [r for r in caplog.records if r.getMessage().startswith("hand-off claim failed")]
+    assert len(failed) == 1
+
+
+def test_a_unit_of_work_whose_connection_was_lost_is_unavailable(
+    pg_alone: JobQueue, pg_url: str
+) -> None:
+    """A transaction whose connection died under a statement whose error its
+    caller went past cannot commit: that is the store being unavailable, not
+    an internal error, and nothing of it is kept."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    db = pg_alone.db
+    make_realm(pg_alone, "r")
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with pytest.raises(StoreUnavailable), db.transaction() as tx:
+        enqueue_sql.insert_if_idle(
+            tx, realm_id="r", kind=FS, coalesce_with=[FS], priority=USER, now=pg_alone.clock(),
+            paths=(), trace_parent="",
+        )  # fmt: skip
+        pid = tx.conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with psycopg.connect(plain, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        with pytest.raises(OperationalError):
+            tx.conn.execute(text("SELECT 1"))
+    assert pg_alone.list_jobs() == []
 
 
 def test_a_claimed_job_whose_files_cannot_be_read_goes_out_without_them(
