@@ -195,27 +195,28 @@ def summary(values_s: list[float]) -> dict[str, float]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
+def _user_system(stat: str) -> tuple[float, float]:
+    """User and system CPU seconds from a /proc .../stat file (0 if gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(_user_system(f"/proc/{pid}/stat"))
 
 
 def cpu_split(pid: int) -> dict[str, float]:
     """A process's CPU seconds so far: user and system time, and the part of
     it its main thread (the server's event loop) used."""
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        own = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return {"user": 0.0, "system": 0.0, "main_thread": 0.0}
+    user, system = _user_system(f"/proc/{pid}/stat")
     return {
-        "user": int(own[11]) / tick,
-        "system": int(own[12]) / tick,
-        "main_thread": (int(main[11]) + int(main[12])) / tick,
+        "user": user,
+        "system": system,
+        "main_thread": sum(_user_system(f"/proc/{pid}/task/{pid}/stat")),
     }
 
 

@@ -10,12 +10,13 @@ on a warm process and 230 us more on a cold one (an RPC after an idle
 pause): the execution context, the result's metadata and the events around
 each call. A statement of the one-statement paths is one round trip, so
 that cost was a fifth of the call; in the drain it was most of the
-SQLAlchemy share of the server's time. Here a statement is compiled once per dialect, with what
-SQLAlchemy would do per execution taken from the compiled form and kept: its
-SQL text, the bind processors of its types, the values of its literal binds
-and the scalar defaults of columns it inserts, and the result processors of
-its columns. A run then binds, executes on the DBAPI cursor of the
-transaction's connection, and processes the rows; errors go through
+SQLAlchemy share of the server's time. Here a statement is compiled once
+per dialect, with what SQLAlchemy would do per execution taken from the
+compiled form and kept: its SQL text, the bind processors of its types,
+the values of its literal binds and the scalar defaults of columns it
+inserts, and the result processors of its columns. A run then binds,
+executes on the DBAPI cursor of the transaction's connection, and
+processes the rows; errors go through
 SQLAlchemy's own handling (wrapped the same way, and a lost connection
 invalidates the pool's), so the store's error translation sees what it
 always did. A statement whose SQL depends on its values (expanding

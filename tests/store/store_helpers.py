@@ -161,3 +161,14 @@ class Statements:
     def __exit__(self, *exc: object) -> None:
         self.recording = False
         event.remove(self.db.engine, "before_cursor_execute", self)
+
+
+def terminate_backend(db: Database, pid: int) -> bool:
+    """End PostgreSQL backend `pid` (a connection of `db`'s pool) from a
+    connection of its own, waiting until it is gone; whether it was found."""
+    import psycopg
+
+    conninfo = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+    return row == (True,)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, event, insert, select, text
-from store_helpers import make_realm
+from store_helpers import make_realm, terminate_backend
 
 from realm_service.domain import USER, JobKind
 from realm_service.errors import Conflict, InvalidArgument, StoreUnavailable
@@ -153,8 +153,6 @@ def test_cursor_events_see_the_statements(queue: JobQueue) -> None:
 def test_a_lost_connection_is_unavailable_and_the_pool_recovers(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import psycopg
-
     from realm_service.store import db as db_module
     from realm_service.store.db import open_database
 
@@ -168,9 +166,7 @@ def test_a_lost_connection_is_unavailable_and_the_pool_recovers(
         job = queue.enqueue("r", JobKind.FROM_SCRATCH, USER).job
         with db.read_transaction() as tx:
             pid = tx.conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        plain = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
-        with psycopg.connect(plain, autocommit=True) as other:
-            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        terminate_backend(db, pid)
         seen: list[str] = []
         event.listen(db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
         with pytest.raises(StoreUnavailable), db.read_transaction() as tx:

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from store_helpers import LEASE, FakeClock, Statements, make_realm, woken_calls
+from store_helpers import (
+    LEASE,
+    FakeClock,
+    Statements,
+    make_realm,
+    terminate_backend,
+    woken_calls,
+)
 
 from realm_service.domain import (
     SYSTEM,
@@ -261,26 +268,23 @@ def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
 
 
 def test_a_hand_off_claim_that_loses_its_connection_keeps_the_enqueue(
-    pg_alone: JobQueue, pg_url: str, caplog: pytest.LogCaptureFixture
+    pg_alone: JobQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The store goes away between the insert (committed on its own) and the
     hand-off's claim: the claim's statement meets a dead connection. The
     enqueue stands as it committed, reported so (not as an internal error of
     a unit of work left to commit on that connection), and the pool replaces
     the connection for the next call."""
-    import psycopg
     from sqlalchemy import event
 
     db = pg_alone.db
     make_realm(pg_alone, "r")
-    plain = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
     killed: list[int] = []
 
     def kill_before_the_claim(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
         if statement.startswith("WITH") and not killed:
             pid = conn.connection.dbapi_connection.info.backend_pid
-            with psycopg.connect(plain, autocommit=True) as other:
-                other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            terminate_backend(db, pid)
             killed.append(pid)
 
     woken = woken_calls(pg_alone)
@@ -299,26 +303,21 @@ def test_a_hand_off_claim_that_loses_its_connection_keeps_the_enqueue(
     assert len(failed) == 1
 
 
-def test_a_unit_of_work_whose_connection_was_lost_is_unavailable(
-    pg_alone: JobQueue, pg_url: str
-) -> None:
+def test_a_unit_of_work_whose_connection_was_lost_is_unavailable(pg_alone: JobQueue) -> None:
     """A transaction whose connection died under a statement whose error its
     caller went past cannot commit: that is the store being unavailable, not
     an internal error, and nothing of it is kept."""
-    import psycopg
     from sqlalchemy.exc import OperationalError
 
     db = pg_alone.db
     make_realm(pg_alone, "r")
-    plain = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with pytest.raises(StoreUnavailable), db.transaction() as tx:
         enqueue_sql.insert_if_idle(
             tx, realm_id="r", kind=FS, coalesce_with=[FS], priority=USER, now=pg_alone.clock(),
             paths=(), trace_parent="",
         )  # fmt: skip
         pid = tx.conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        with psycopg.connect(plain, autocommit=True) as other:
-            other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        terminate_backend(db, pid)
         with pytest.raises(OperationalError):
             tx.conn.execute(text("SELECT 1"))
     assert pg_alone.list_jobs() == []

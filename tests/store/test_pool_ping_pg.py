@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from sqlalchemy import text
+from store_helpers import terminate_backend
 
 from realm_service.errors import StoreUnavailable
 from realm_service.store import db as db_module
@@ -22,9 +22,7 @@ def _backend_pid(db: Database) -> int:
 
 
 def _terminate(db: Database, pid: int) -> None:
-    conninfo = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    assert terminate_backend(db, pid)
 
 
 @pytest.fixture
