@@ -167,7 +167,7 @@ class Tx:
             return
         if self._db.backend == "postgresql" and not self._notified:
             self._notified = True
-            self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": self._db.origin})
+            self._tell_others(self._db.origin)
 
     def new_work_taken(self) -> None:
         """The work this transaction announced was claimed in it too: this
@@ -214,8 +214,23 @@ class Tx:
         self._tell_others(f"{_UNMOUNT}{realm_id}")
 
     def _tell_others(self, payload: str) -> None:
-        if self._db.backend == "postgresql":
+        if self._db.backend != "postgresql":
+            return
+        if not self.each_statement_commits:
+            # In a transaction the word is part of it: a failure fails it.
             self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
+            return
+        # Statements that each commit: the change the word is about has
+        # committed already, so a word that cannot be sent (the connection
+        # was lost meanwhile) must not turn it into an error. Other instances
+        # learn of it from their next poll, within a second.
+        try:
+            self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
+        except exc.DBAPIError as e:
+            log.warning(
+                "word to other instances not sent; they find the change at their next poll",
+                extra={"word": payload.split(":", 1)[0], "error": _first_line(e.orig)},
+            )
 
     def statistics_changed(self, table: str) -> None:
         """The transaction changes so many rows of `table` that PostgreSQL's

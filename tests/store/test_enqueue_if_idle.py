@@ -6,6 +6,7 @@ outcome is the same either way."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +34,7 @@ from realm_service.domain import (
 from realm_service.errors import Conflict, RealmNotFound, StoreUnavailable
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store import claim_sql, enqueue_sql
-from realm_service.store.db import open_database
+from realm_service.store.db import Database, open_database
 
 FS = JobKind.FROM_SCRATCH
 INC = JobKind.INCREMENTAL
@@ -267,6 +268,27 @@ def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
     assert len(failed) == (errcode != "unique_violation")
 
 
+@contextlib.contextmanager
+def backend_killed_before(db: Database, starts: str) -> Iterator[list[int]]:
+    """While in it, the first statement that starts with `starts` meets a
+    connection whose backend was just ended; yields the pids ended."""
+    from sqlalchemy import event
+
+    killed: list[int] = []
+
+    def kill(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if not killed and statement.startswith(starts):
+            pid = conn.connection.dbapi_connection.info.backend_pid
+            terminate_backend(db, pid)
+            killed.append(pid)
+
+    event.listen(db.engine, "before_cursor_execute", kill)
+    try:
+        yield killed
+    finally:
+        event.remove(db.engine, "before_cursor_execute", kill)
+
+
 def test_a_hand_off_claim_that_loses_its_connection_keeps_the_enqueue(
     pg_alone: JobQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -275,25 +297,13 @@ def test_a_hand_off_claim_that_loses_its_connection_keeps_the_enqueue(
     enqueue stands as it committed, reported so (not as an internal error of
     a unit of work left to commit on that connection), and the pool replaces
     the connection for the next call."""
-    from sqlalchemy import event
-
-    db = pg_alone.db
     make_realm(pg_alone, "r")
-    killed: list[int] = []
-
-    def kill_before_the_claim(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
-        if statement.startswith("WITH") and not killed:
-            pid = conn.connection.dbapi_connection.info.backend_pid
-            terminate_backend(db, pid)
-            killed.append(pid)
-
     woken = woken_calls(pg_alone)
-    event.listen(db.engine, "before_cursor_execute", kill_before_the_claim)
-    try:
-        with caplog.at_level(logging.INFO, logger="realm_service.queue"):
-            result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
-    finally:
-        event.remove(db.engine, "before_cursor_execute", kill_before_the_claim)
+    with (
+        backend_killed_before(pg_alone.db, "WITH") as killed,
+        caplog.at_level(logging.INFO, logger="realm_service.queue"),
+    ):
+        result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
     assert killed
     assert result.disposition is Disposition.INSERTED and result.lease is None
     stored = pg_alone.get_job(result.job.job_id)
@@ -301,6 +311,51 @@ def test_a_hand_off_claim_that_loses_its_connection_keeps_the_enqueue(
     assert woken
     failed = [r for r in caplog.records if r.getMessage().startswith("hand-off claim failed")]
     assert len(failed) == 1
+
+
+def test_a_word_to_other_instances_lost_with_its_connection_keeps_the_enqueue(
+    pg_alone: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another instance is alive: the insert (committed on its own) is
+    followed by its NOTIFY, and the connection dies under that. The enqueue
+    stands as it committed and is reported so; the lost word is logged (the
+    other instances find the job at their next poll), and this process's
+    dispatcher is still woken for it."""
+    make_realm(pg_alone, "r")
+    woken = woken_calls(pg_alone)
+    pg_alone.db.others_alive = True
+    with (
+        backend_killed_before(pg_alone.db, "SELECT pg_notify") as killed,
+        caplog.at_level(logging.INFO),
+    ):
+        result = pg_alone.enqueue("r", FS, USER)
+    assert killed
+    assert result.disposition is Disposition.INSERTED and result.lease is None
+    stored = pg_alone.get_job(result.job.job_id)
+    assert (stored.state, stored.attempt) == (JobState.QUEUED, 0)
+    assert pg_alone.list_jobs() == [stored]
+    assert woken
+    lost = [r for r in caplog.records if r.getMessage().startswith("word to other instances")]
+    assert len(lost) == 1 and lost[0].levelno == logging.WARNING
+    assert lost[0].__dict__["word"] == "work"
+    # The pool replaced the dead connection: the store serves the next call.
+    again = pg_alone.enqueue("r", FS, USER)
+    assert (again.disposition, again.job.job_id) == (Disposition.MERGED, stored.job_id)
+
+
+def test_a_word_in_a_transaction_fails_with_it(pg_alone: JobQueue) -> None:
+    """With another instance alive, an enqueue offered a hand-off is one
+    transaction (its claim checks for concurrent ones): the NOTIFY is part
+    of it, so a word that cannot be sent fails it, and nothing is kept."""
+    make_realm(pg_alone, "r")
+    pg_alone.db.others_alive = True
+    with (
+        backend_killed_before(pg_alone.db, "SELECT pg_notify") as killed,
+        pytest.raises(StoreUnavailable),
+    ):
+        pg_alone.enqueue("r", FS, USER, hand_off=_offer())
+    assert killed
+    assert pg_alone.list_jobs() == []
 
 
 def test_a_unit_of_work_whose_connection_was_lost_is_unavailable(pg_alone: JobQueue) -> None:
