@@ -711,9 +711,11 @@ async def run_wakeup(cfg: Config, workdir: Path) -> None:
             await asyncio.sleep(3.0)
             rss_connected = rss_kib(pair.server.pid)
             await wake_samples(stub, timer, realms, 10)
+            spy = profile(cfg, pair.server.pid, "wakeup-streams-server")
             wakes_n, rpcs_n, inner_n, claimed_n = await wake_samples(
                 stub, timer, realms, cfg.wake_samples
             )
+            stop_profiles(spy)
             rss_after = rss_kib(pair.server.pid)
         finally:
             assert holder.stdin is not None

@@ -322,17 +322,21 @@ class Dispatcher:
             # A round's claim under way planned the free credits: an offer
             # could take one from under it (its job then handed back).
             return None
-        takers = [
-            s
-            for s in self.streams.values()
-            if s.credits > 0
-            and not s.draining
-            and priority >= s.min_priority
-            and (not s.kinds or kind in s.kinds)
-        ]
-        if not takers:
+        stream: WorkerStream | None = None
+        for s in self.streams.values():
+            if (
+                s.credits > 0
+                and not s.draining
+                and priority >= s.min_priority
+                and (not s.kinds or kind in s.kinds)
+                and (
+                    stream is None
+                    or (s.min_priority, s.credits) > (stream.min_priority, stream.credits)
+                )
+            ):
+                stream = s
+        if stream is None:
             return None
-        stream = max(takers, key=lambda s: (s.min_priority, s.credits))
         budget = self._system_budget() if stream.min_priority <= SYSTEM else None
         if priority <= SYSTEM and budget == 0:
             return None  # its claim could not take this job (reserved slots)
@@ -344,7 +348,7 @@ class Dispatcher:
         # kept to by a priority bound, and no offer is made.
         ceiling: int | None = None
         for lane in self.streams.values():
-            if lane.credits <= 0 or lane.draining or lane.min_priority <= stream.min_priority:
+            if lane.min_priority <= stream.min_priority or lane.credits <= 0 or lane.draining:
                 continue
             if not lane.kinds or (stream.kinds and set(stream.kinds) <= set(lane.kinds)):
                 bound = lane.min_priority - 1
@@ -590,10 +594,19 @@ class Dispatcher:
         return self._system_budget()
 
     def _system_budget(self) -> int:
-        shared = [s for s in self.streams.values() if s.accepts_system and not s.draining]
-        slots = sum(s.credits + s.aside + s.busy_slots for s in shared)
-        # A hand-off under way may take a SYSTEM job: counted as one.
-        busy = sum(s.system_running + s.aside for s in shared)
+        # One pass over the streams, and no look into those that hold no
+        # lease: every enqueue offered a hand-off asks, on the event loop,
+        # and an instance may serve a thousand idle streams.
+        slots = busy = 0
+        for s in self.streams.values():
+            if s.draining or s.min_priority > SYSTEM:
+                continue
+            # A hand-off under way may take a SYSTEM job: counted as one.
+            slots += s.credits + s.aside
+            busy += s.aside
+            if s.outstanding:
+                slots += s.busy_slots
+                busy += s.system_running
         allowed = slots - self.reserved_slots if slots > self.reserved_slots else min(slots, 1)
         return max(0, allowed - busy)
 

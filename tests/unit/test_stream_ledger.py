@@ -135,3 +135,26 @@ def test_a_finishing_lease_is_held_until_dropped() -> None:
     stream.assign(lease("b", 0, 0))
     stream.finish(["b"])
     assert stream.drop_all() == ["b"] and stream.finishing == set()
+
+
+def test_the_system_budget_counts_shared_streams_that_do_not_drain() -> None:
+    """Slots of the streams that take SYSTEM work and do not drain: free
+    credits, credits set aside for hand-offs and running jobs; of them,
+    SYSTEM jobs and hand-offs under way are busy. Idle streams add their
+    credits only; a lane above SYSTEM and a draining stream add nothing."""
+    holding = _stream("holding", 3)
+    holding.assign(lease("system", 0, 0))
+    holding.assign(lease("user", 0, 0, priority=USER))
+    offered = _stream("offered", 2)
+    offered.set_aside()
+    idle = [_stream(f"idle-{i}", 0) for i in range(50)]
+    lane = _stream("lane", 5)
+    lane.min_priority = SYSTEM + 1
+    lane.assign(lease("lane-job", 0, 0, priority=USER))
+    draining = _stream("draining", 4)
+    draining.draining = True
+    # Slots 3 + 2 (one reserved), busy: one SYSTEM job, one hand-off.
+    assert _budget(holding, offered, *idle, lane, draining) == 3 + 2 - 1 - 2
+    assert _budget(holding, offered, *idle, lane, draining, reserved=3) == 3 + 2 - 3 - 2
+    holding.finish(["system"])  # its slot is free: no longer busy, nor a slot
+    assert _budget(holding, offered, *idle, lane, draining) == 2 + 2 - 1 - 1
