@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
 import itertools
 import logging
 import secrets
@@ -239,14 +238,20 @@ def _plan(members: list[WorkerStream]) -> list[WorkerStream]:
     then fills streams' batches whole rather than sending one job to a
     stream that holds a batch already, which would come back as a result
     and a claim of one job each."""
-    heap = [(-s.credits, 0, i) for i, s in enumerate(members) if s.credits > 0]
-    heapq.heapify(heap)
+    # Each stream's turns come with 1 less left each time and as many more
+    # given, so the turns, in the order above, are those of every level of
+    # credits left, highest first; within a level, the streams with more
+    # credits in all (given more), then the group's order. Those that reach
+    # a level are a head of the streams sorted by credits (a stable sort
+    # keeps the group's order): one slice a level, no heap of turns, for a
+    # round over a thousand idle streams holds as many credits or more.
+    ranked = sorted((s for s in members if s.credits > 0), key=lambda s: -s.credits)
     plan: list[WorkerStream] = []
-    while heap:
-        left, given, i = heapq.heappop(heap)
-        plan.append(members[i])
-        if left < -1:
-            heapq.heappush(heap, (left + 1, given - 1, i))
+    reach = 0
+    for level in range(ranked[0].credits if ranked else 0, 0, -1):
+        while reach < len(ranked) and ranked[reach].credits >= level:
+            reach += 1
+        plan.extend(ranked[:reach])
     return plan
 
 

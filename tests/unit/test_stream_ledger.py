@@ -6,6 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import cast
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from realm_service.dispatcher import Dispatcher, WorkerStream, _plan
 from realm_service.domain import SYSTEM, USER, Job, JobKind, JobState, Lease
 from realm_service.queue import JobQueue
@@ -158,3 +161,33 @@ def test_the_system_budget_counts_shared_streams_that_do_not_drain() -> None:
     assert _budget(holding, offered, *idle, lane, draining, reserved=3) == 3 + 2 - 3 - 2
     holding.finish(["system"])  # its slot is free: no longer busy, nor a slot
     assert _budget(holding, offered, *idle, lane, draining) == 2 + 2 - 1 - 1
+
+
+def _plan_by_turns(members: list[WorkerStream]) -> list[WorkerStream]:
+    """The claim plan's rule as it reads: one credit at a time to the stream
+    with the most left; of those with as many left, the one given more in
+    the plan, then the group's order."""
+    left = [s.credits for s in members]
+    given = [0] * len(members)
+    plan = []
+    while any(n > 0 for n in left):
+        i = min(
+            (i for i in range(len(members)) if left[i] > 0), key=lambda i: (-left[i], -given[i])
+        )
+        plan.append(members[i])
+        left[i] -= 1
+        given[i] += 1
+    return plan
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=12), max_size=12))
+def test_a_claim_plan_follows_its_rule_turn_by_turn(credits: list[int]) -> None:
+    members = [_stream(f"w{i}", n) for i, n in enumerate(credits)]
+    assert _plan(members) == _plan_by_turns(members)
+
+
+def test_a_claim_plan_of_many_idle_streams_takes_them_in_order() -> None:
+    members = [_stream(f"idle-{i}", 1) for i in range(1_000)]
+    assert _plan(members) == members
+    assert _plan([]) == [] and _plan([_stream("none", 0)]) == []
