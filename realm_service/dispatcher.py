@@ -213,10 +213,6 @@ class WorkerStream:
         return len(self.outstanding) - len(self.finishing)
 
     @property
-    def accepts_system(self) -> bool:
-        return self.min_priority <= SYSTEM
-
-    @property
     def system_running(self) -> int:
         """Held SYSTEM-level jobs that still run (not finishing)."""
         return sum(
