@@ -239,8 +239,9 @@ def _plan(members: list[WorkerStream]) -> list[WorkerStream]:
     # credits left, highest first; within a level, the streams with more
     # credits in all (given more), then the group's order. Those that reach
     # a level are a head of the streams sorted by credits (a stable sort
-    # keeps the group's order): one slice a level, no heap of turns, for a
-    # round over a thousand idle streams holds as many credits or more.
+    # keeps the group's order): one slice a level rather than a heap pop
+    # per credit, as a round over a thousand idle streams has a thousand
+    # credits or more.
     ranked = sorted((s for s in members if s.credits > 0), key=lambda s: -s.credits)
     plan: list[WorkerStream] = []
     reach = 0

@@ -216,17 +216,15 @@ class Tx:
     def _tell_others(self, payload: str) -> None:
         if self._db.backend != "postgresql":
             return
-        if not self.each_statement_commits:
-            # In a transaction the word is part of it: a failure fails it.
-            self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
-            return
-        # Statements that each commit: the change the word is about has
-        # committed already, so a word that cannot be sent (the connection
-        # was lost meanwhile) must not turn it into an error. Other instances
-        # learn of it from their next poll, within a second.
         try:
             self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
         except exc.DBAPIError as e:
+            if not self.each_statement_commits:
+                raise  # in a transaction the word is part of it: it fails with it
+            # Statements that each commit: the change the word is about has
+            # committed already, so a word that cannot be sent (the
+            # connection was lost meanwhile) must not turn it into an error.
+            # Other instances learn of it from their next poll, within a second.
             log.warning(
                 "word to other instances not sent; they find the change at their next poll",
                 extra={"word": payload.split(":", 1)[0], "error": _first_line(e.orig)},
