@@ -144,14 +144,17 @@ def many(conn: Connection, statement: ClauseElement, params: Sequence[Mapping[st
         return
     prepared = _prepared(statement, conn.dialect, params[0])
     names = params[0].keys()
+    # The driver runs it only when each run's values bind (and name the same
+    # values); otherwise SQLAlchemy runs it, or refuses it with its error.
     bound = (
         [_bound(prepared, each) if each.keys() == names else None for each in params]
         if prepared is not None and prepared.row is None
-        else [None]
+        else None
     )
-    if prepared is None or any(each is None for each in bound):
+    if bound is None or any(each is None for each in bound):
         conn.execute(statement, list(params))  # type: ignore[call-overload]
         return
+    assert prepared is not None
     _run(conn, prepared, bound, many=True)
 
 
