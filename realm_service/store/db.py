@@ -165,7 +165,7 @@ class Tx:
             # NOTIFY is a word for other instances, and none is alive (as of
             # this instance's last refresh; one that starts meanwhile polls).
             return
-        if self._db.backend == "postgresql" and not self._notified:
+        if not self._notified:  # one word a transaction (`_tell_others` knows the backend)
             self._notified = True
             self._tell_others(self._db.origin)
 
