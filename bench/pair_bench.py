@@ -595,9 +595,13 @@ async def wake_samples(
     read, job start_time -> assignment read): the last two are the server's
     part, on the shared wall clock, from the enqueue's start (inside its
     transaction) and from the claim's. A job handed off by its enqueue (a
-    worker waited) is claimed inside the enqueue's transaction, so its
-    start_time precedes the commit and the last figure bounds the time from
-    the enqueue's commit to the worker having the job from above. With
+    worker waited) is claimed inside the enqueue's transaction on SQLite,
+    so its start_time precedes the commit and the last figure bounds the
+    time from the enqueue's commit to the worker having the job from above.
+    On PostgreSQL with one server instance, an idle realm's enqueue commits
+    its insert alone and the claim follows as a statement of its own: there
+    the last figure bounds that time from below, and the one before it from
+    above. With
     `windows`, each sample's (claim start, arrival) on the wall clock is
     appended to it (see `commit_to_arrival`)."""
     wakes: list[float] = []
