@@ -7,7 +7,8 @@ hot path is counted from the enqueue's commit, so this script repeats that
 part with the enqueue's two ends on record: it calls graphile-worker's own
 `add_job` SQL function (what `addJob` runs) in autocommit from Python, stamps
 the call's start and its return, and reads the task's start from the Node
-worker's record, as the harness does. The commit lies between the two stamps,
+worker's record, as the harness does (with its percentiles, `pctl`). The
+commit lies between the two stamps,
 so `return_to_start` bounds the time from the commit to the task's start from
 below, and `call_to_start` from above.
 
@@ -40,11 +41,6 @@ CLOCK_JS = (
     "const rl=require('readline').createInterface({input:process.stdin});"
     "rl.on('line',()=>console.log(((performance.timeOrigin+performance.now())/1000).toFixed(6)));"
 )
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def clock_offset(node: str, rounds: int = 200) -> dict[str, float]:
@@ -119,10 +115,10 @@ def measure(peers: Path, samples: int) -> dict[str, Any]:
     return {
         "item": "graphile_wakeup_split",
         "samples": samples,
-        "call_to_start_p50_ms": round(pct(call_to_start, 50), 3),
-        "return_to_start_p50_ms": round(pct(return_to_start, 50), 3),
-        "return_to_start_p99_ms": round(pct(return_to_start, 99), 3),
-        "add_job_round_trip_p50_ms": round(pct(round_trip, 50), 3),
+        "call_to_start_p50_ms": round(bg.pctl(call_to_start, 50), 3),
+        "return_to_start_p50_ms": round(bg.pctl(return_to_start, 50), 3),
+        "return_to_start_p99_ms": round(bg.pctl(return_to_start, 99), 3),
+        "add_job_round_trip_p50_ms": round(bg.pctl(round_trip, 50), 3),
         "clock_offset_ms": {k: round(v, 3) for k, v in offset.items()},
     }
 
