@@ -195,20 +195,37 @@ class JobQueue:
         that holds. On PostgreSQL it commits alone, and so does a hand-off's
         claim when it is one statement too: one round trip each, where a
         transaction reading the realm's jobs first made four. None when the
-        realm is not idle (or does not exist): the full enqueue decides."""
+        realm is not idle (or does not exist): the full enqueue decides.
+
+        On PostgreSQL the insert always commits before anything claims its
+        job. A concurrent enqueue of the same realm that found it idle waits
+        on the queued row (the unique index of one queued job per realm and
+        kind) and, once that row is committed, inserts nothing and coalesces
+        the full way. Were the job claimed in the inserting transaction, its
+        queued row would be gone when that transaction commits, and the
+        waiting insert would add a second job where the rules attach to the
+        running one. So a claim of several statements (other instances are
+        about), whole only in a transaction, gets a transaction of its own
+        once the insert has committed. On SQLite the insert and the claim
+        share one transaction: writers take turns there, and two commits
+        would be two syncs."""
         if kind is JobKind.INCREMENTAL and _too_many_paths(None, paths):
             return None
         coalesce_with = [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind]
         concurrent = self.db.others_alive
-        alone = hand_off is None or claim_sql.one_statement(
-            self.db.backend,
-            limit=1,
-            concurrent=concurrent,
-            system_cap=self._lanes(hand_off.min_priority, hand_off.system_limit)[1],
+        claim_after = (
+            hand_off is not None
+            and self.db.backend == "postgresql"
+            and not claim_sql.one_statement(
+                self.db.backend,
+                limit=1,
+                concurrent=concurrent,
+                system_cap=self._lanes(hand_off.min_priority, hand_off.system_limit)[1],
+            )
         )
         now = self.clock()
         try:
-            with self.db.statements() if alone else self.db.transaction() as tx:
+            with self.db.statements() as tx:
                 job = enqueue_sql.insert_if_idle(
                     tx,
                     realm_id=realm_id,
@@ -225,27 +242,47 @@ class JobQueue:
                 tx.on_commit(functools.partial(_log_enqueued, [result]))
                 if hand_off is None:
                     return result
-                if not tx.each_statement_commits:
+                if not tx.each_statement_commits:  # SQLite: one transaction
                     return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
-                try:
-                    with translate_errors():
-                        return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
-                except RealmError as e:
-                    # The job is queued, committed: the enqueue stands. The
-                    # claim's one statement took nothing (another claim
-                    # started a job of its realm, which the unique index on
-                    # running jobs refused, or the store failed); the
-                    # dispatcher, woken by the new work, hands the job out.
-                    if not isinstance(e, Conflict):
-                        log.warning(
-                            "hand-off claim failed; the job stays queued",
-                            extra={"job": job.job_id, "error": e.message},
-                        )
-                    return result
+                if not claim_after:  # the claim's one statement commits alone too
+                    claim = functools.partial(
+                        self._hand_off_in, tx, result, hand_off, concurrent=concurrent
+                    )
+                    return self._hand_off_after(result, claim)
         except Conflict:
-            # The insert lost a race (its realm deleted meanwhile), or, in a
-            # transaction, anything did: nothing committed.
+            # The insert lost a race (its realm deleted meanwhile), or, on
+            # SQLite, anything in its transaction did: nothing committed.
             return None
+        # The insert has committed (and its new work was announced); the claim
+        # of several statements follows in a transaction of its own.
+        offer = hand_off
+        assert offer is not None  # claim_after
+
+        def claim_in_own_transaction(tx: Tx) -> EnqueueResult:
+            return self._hand_off_in(tx, result, offer, concurrent=concurrent)
+
+        return self._hand_off_after(
+            result, functools.partial(self.db.retrying, claim_in_own_transaction)
+        )
+
+    def _hand_off_after(
+        self, result: EnqueueResult, claim: Callable[[], EnqueueResult]
+    ) -> EnqueueResult:
+        """`claim`, a hand-off's claim run after its job's insert committed.
+        One that fails leaves the enqueue standing as it committed: the claim
+        took nothing (another claim started a job of the realm, which the
+        unique index on running jobs refused, or the store failed), and the
+        dispatcher, woken by the new work, hands the job out."""
+        try:
+            with translate_errors():
+                return claim()
+        except RealmError as e:
+            if not isinstance(e, Conflict):
+                log.warning(
+                    "hand-off claim failed; the job stays queued",
+                    extra={"job": result.job.job_id, "error": e.message},
+                )
+            return result
 
     def _lanes(self, min_priority: int, system_limit: int | None) -> tuple[int, int | None]:
         """A claim's lowest priority and SYSTEM cap as the store takes them.
@@ -260,12 +297,13 @@ class JobQueue:
     def _hand_off_in(
         self, tx: Tx, result: EnqueueResult, hand_off: HandOff, *, concurrent: bool
     ) -> EnqueueResult:
-        """Claim one job for the offered stream in the enqueue's transaction.
-        The claim's order picks it: the enqueued job, or one ahead of it
-        that the stream's filter takes. When it took the enqueued job, the
-        work the enqueue announced is taken already: this process's
-        dispatcher is not woken for it (other instances are told, and look
-        for nothing)."""
+        """Claim one job for the offered stream, in the enqueue's transaction
+        or right after its insert committed (`_enqueue_if_idle`). The
+        claim's order picks it: the enqueued job, or one ahead of it
+        that the stream's filter takes. When it took the enqueued job in the
+        unit of work that inserted it, the work that unit announced is taken
+        already: this process's dispatcher is not woken for it (other
+        instances are told, and look for nothing)."""
         now = self.clock()
         leases = self._claim_in(
             tx,

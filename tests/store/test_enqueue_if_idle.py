@@ -84,18 +84,26 @@ def test_an_idle_realm_and_its_hand_off_are_two_statements_alone_on_postgresql(
         assert statements.sql.count("BEGIN") == 1
 
 
-def test_shared_store_hand_off_is_one_transaction(queue: JobQueue) -> None:
-    """With other instances about, the claim is several statements, whole
-    only together: the insert and the claim share one transaction."""
+def test_shared_store_hand_off_claims_once_the_insert_committed(queue: JobQueue) -> None:
+    """With other instances about, a claim is several statements, whole only
+    in a transaction, and the insert must commit before its job is claimed
+    (see `test_enqueues_racing_a_held_realm_coalesce`): on PostgreSQL the
+    insert commits alone, with its word to the others, and the claim follows
+    in a transaction of its own. On SQLite, where writers take turns, the
+    insert and the claim share one transaction."""
     queue.db.others_alive = True
     make_realm(queue, "r")
     with Statements(queue.db) as statements:
         result = queue.enqueue("r", FS, USER, hand_off=_offer())
     assert result.lease is not None and result.lease.job.job_id == result.job.job_id
-    assert queue.get_job(result.job.job_id).state is JobState.RUNNING
+    stored = queue.get_job(result.job.job_id)
+    assert (stored.state, stored.worker, stored.attempt) == (JobState.RUNNING, "w", 1)
     if queue.db.backend == "postgresql":
-        assert statements.sql[0] == "INSERT" and len(statements.sql) > 2
-        assert statements.in_block == [False] + [True] * (len(statements.sql) - 1)
+        assert statements.sql[:2] == ["INSERT", "SELECT"]
+        assert "pg_notify" in statements.text[1]
+        claim = len(statements.sql) - 2
+        assert claim > 1
+        assert statements.in_block == [False, False, False] + [True] * (claim - 1)
     else:
         assert statements.sql[:2] == ["BEGIN", "INSERT"]
         assert statements.sql.count("BEGIN") == 1
@@ -344,10 +352,14 @@ def test_a_word_to_other_instances_lost_with_its_connection_keeps_the_enqueue(
 
 
 def test_a_word_in_a_transaction_fails_with_it(pg_alone: JobQueue) -> None:
-    """With another instance alive, an enqueue offered a hand-off is one
-    transaction (its claim checks for concurrent ones): the NOTIFY is part
-    of it, so a word that cannot be sent fails it, and nothing is kept."""
+    """With another instance alive, an enqueue into a realm that is not idle
+    (here it runs an incremental job) is one transaction, with its hand-off's
+    claim (which checks for concurrent ones): the NOTIFY is part of it, so a
+    word that cannot be sent fails it, and nothing is kept."""
     make_realm(pg_alone, "r")
+    running = pg_alone.enqueue("r", INC, SYSTEM, paths=[PathChange("a", False)]).job
+    [lease] = pg_alone.claim(1, worker="w")
+    assert lease.job.job_id == running.job_id
     pg_alone.db.others_alive = True
     with (
         backend_killed_before(pg_alone.db, "SELECT pg_notify") as killed,
@@ -355,7 +367,8 @@ def test_a_word_in_a_transaction_fails_with_it(pg_alone: JobQueue) -> None:
     ):
         pg_alone.enqueue("r", FS, USER, hand_off=_offer())
     assert killed
-    assert pg_alone.list_jobs() == []
+    assert [j.job_id for j in pg_alone.list_jobs()] == [running.job_id]
+    assert pg_alone.get_job(running.job_id).state is JobState.RUNNING
 
 
 def test_a_unit_of_work_whose_connection_was_lost_is_unavailable(pg_alone: JobQueue) -> None:
@@ -441,16 +454,20 @@ def test_an_insert_refused_in_the_unit_falls_back_to_the_full_enqueue(
         assert tx.conn.execute(text("SELECT last_value FROM job_inserts")).scalar_one() == 3
 
 
-def test_enqueues_racing_a_held_realm_coalesce(pg_alone: JobQueue) -> None:
+@pytest.mark.parametrize("others_alive", [False, True], ids=["alone", "shared"])
+def test_enqueues_racing_a_held_realm_coalesce(pg_alone: JobQueue, others_alive: bool) -> None:
     """While another transaction holds the realm's row (a write to it), an
-    enqueue offered a waiting worker and one without race into the idle
-    realm: both wait for it, and they coalesce as the rules say (one job).
-    The queued insert of the first is what the second meets (the unique
-    index of one queued job per realm and kind); a job inserted already
-    running would not be met, and both would stand."""
+    enqueue offered a waiting worker and then one without race into the
+    idle realm: both wait for it, and they coalesce as the rules say (one
+    job). The queued insert of the first is what the second meets (the
+    unique index of one queued job per realm and kind), so it must be
+    committed queued: a job claimed in the inserting transaction, or
+    inserted already running, would not be met, and both would stand. Alone
+    or with other instances about."""
     import threading
 
     db = pg_alone.db
+    db.others_alive = others_alive
     make_realm(pg_alone, "r")
     results: dict[str, object] = {}
 
@@ -467,8 +484,10 @@ def test_enqueues_racing_a_held_realm_coalesce(pg_alone: JobQueue) -> None:
             threading.Thread(target=enqueue, args=("offered", _offer())),
             threading.Thread(target=enqueue, args=("plain", None)),
         ]
-        for thread in threads:
+        for waiting, thread in enumerate(threads, start=1):
             thread.start()
+            # The offered one first: each starts once the ones before wait.
+            _wait_for_inserts_blocked(db, waiting)
         for thread in threads:
             thread.join(0.5)
         assert all(t.is_alive() for t in threads), "an enqueue went past the held realm"
@@ -484,3 +503,22 @@ def test_enqueues_racing_a_held_realm_coalesce(pg_alone: JobQueue) -> None:
     dispositions = sorted(str(o.disposition) for o in outcomes)  # type: ignore[attr-defined]
     assert dispositions.count(str(Disposition.INSERTED)) == 1
     assert {o.job.job_id for o in outcomes} == {jobs[0].job_id}  # type: ignore[attr-defined]
+
+
+def _wait_for_inserts_blocked(db: Database, count: int) -> None:
+    """Until `count` inserts into jobs wait on a lock."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with db.read_transaction() as tx:
+            waiting = tx.conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'INSERT INTO jobs%' AND datname = current_database()"
+                )
+            ).scalar_one()
+        if waiting >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{count} inserts did not come to wait")
