@@ -302,12 +302,12 @@ class Dispatcher:
         kind: JobKind,
         enqueue: Callable[..., EnqueueResult],
     ) -> EnqueueResult:
-        """Run `enqueue` (a transaction, in a worker thread) with the offer of
-        an idle stream's credit when one would take a job of this priority
-        and kind: its transaction then claims a job for that stream, which
-        gets it right after the commit, without a claim transaction of its
-        own. The offer is settled however the call ends: a caller that goes
-        away meanwhile does not strand the lease."""
+        """Run `enqueue` (in a worker thread) with the offer of an idle
+        stream's credit when one would take a job of this priority and kind:
+        the enqueue then claims a job for that stream (JobQueue.enqueue),
+        which gets it right after the claim commits, without waiting for a
+        claim round. The offer is settled however the call ends: a caller
+        that goes away meanwhile does not strand the lease."""
         hand_off = self._offer(priority, kind)
         call = asyncio.ensure_future(asyncio.to_thread(enqueue, hand_off=hand_off))
         # The settling first, then the caller's callback: the worker's

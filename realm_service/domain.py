@@ -173,18 +173,19 @@ class HeldJob:
 class EnqueueResult:
     job: Job
     disposition: Disposition
-    # The lease an enqueue's own transaction took for the idle stream it was
-    # offered (HandOff): of this job (which `job` then shows running) or of
-    # one ahead of it in the queue.
+    # The lease an enqueue took for the idle stream it was offered (HandOff):
+    # of this job (which `job` then shows running) or of one ahead of it in
+    # the queue.
     lease: Lease | None = None
 
 
 @dataclass(frozen=True)
 class HandOff:
-    """One credit of an idle ClaimJobs stream, offered to an enqueue: its
-    transaction also claims one job for the stream, the claim's own order
-    choosing which, so a job enqueued while a worker waits starts without a
-    second transaction. The dispatcher makes the offer and settles it."""
+    """One credit of an idle ClaimJobs stream, offered to an enqueue: it
+    also claims one job for the stream (JobQueue.enqueue), the claim's own
+    order choosing which, so a job enqueued while a worker waits starts
+    without waiting for a claim round. The dispatcher makes the offer and
+    settles it."""
 
     stream_id: str
     worker: str

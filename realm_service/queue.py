@@ -150,13 +150,16 @@ class JobQueue:
         hand_off: HandOff | None = None,
     ) -> EnqueueResult:
         """Enqueue (see `enqueue_in`). With `hand_off` (an idle stream's
-        credit), the same transaction claims one job for that stream when the
-        enqueue left its job queued; the result carries the lease."""
+        credit), one job is claimed for that stream when the enqueue left its
+        job queued, in the enqueue's transaction or, for a job it inserted on
+        PostgreSQL, right after that insert committed (`_hand_off_after`);
+        the result carries the lease."""
 
         paths = merge_paths((), paths)
         idle = self._enqueue_if_idle(realm_id, kind, priority, paths, hand_off)
         if idle is not None:
             return idle
+        pg = self.db.backend == "postgresql"
 
         def work(tx: Tx) -> EnqueueResult:
             result = self.enqueue_in(
@@ -170,6 +173,8 @@ class JobQueue:
             )
             if hand_off is None or result.job.state is not JobState.QUEUED:
                 return result
+            if pg and result.disposition in _INSERTS:
+                return result  # claimed once this transaction has committed
             return self._hand_off_in(tx, result, hand_off, concurrent=self.db.others_alive)
 
         # Not one of this process's claims run one at a time: the enqueue may
@@ -179,7 +184,15 @@ class JobQueue:
         # that check is for (another claim's job of the same realm committed
         # after this statement's snapshot), the unique index on running jobs
         # refuses the second job and the transaction runs again.
-        return self.db.retrying(work)
+        result = self.db.retrying(work)
+        if (
+            hand_off is None
+            or not pg
+            or result.disposition not in _INSERTS
+            or result.job.state is not JobState.QUEUED
+        ):
+            return result
+        return self._hand_off_after(result, hand_off, None)
 
     def _enqueue_if_idle(
         self,
@@ -194,35 +207,16 @@ class JobQueue:
         insert, and the store makes it one statement that inserts only when
         that holds. On PostgreSQL it commits alone, and so does a hand-off's
         claim when it is one statement too: one round trip each, where a
-        transaction reading the realm's jobs first made four. None when the
-        realm is not idle (or does not exist): the full enqueue decides.
-
-        On PostgreSQL the insert always commits before anything claims its
-        job. A concurrent enqueue of the same realm that found it idle waits
-        on the queued row (the unique index of one queued job per realm and
-        kind) and, once that row is committed, inserts nothing and coalesces
-        the full way. Were the job claimed in the inserting transaction, its
-        queued row would be gone when that transaction commits, and the
-        waiting insert would add a second job where the rules attach to the
-        running one. So a claim of several statements (other instances are
-        about), whole only in a transaction, gets a transaction of its own
-        once the insert has committed. On SQLite the insert and the claim
-        share one transaction: writers take turns there, and two commits
-        would be two syncs."""
+        transaction reading the realm's jobs first made four. A claim of
+        several statements (other instances are about) follows in a
+        transaction of its own (`_hand_off_after`). On SQLite the insert
+        and the claim share one transaction: writers take turns there, and
+        two commits would be two syncs. None when the realm is not idle (or
+        does not exist): the full enqueue decides."""
         if kind is JobKind.INCREMENTAL and _too_many_paths(None, paths):
             return None
         coalesce_with = [kind, JobKind.FROM_SCRATCH] if kind is JobKind.INCREMENTAL else [kind]
         concurrent = self.db.others_alive
-        claim_after = (
-            hand_off is not None
-            and self.db.backend == "postgresql"
-            and not claim_sql.one_statement(
-                self.db.backend,
-                limit=1,
-                concurrent=concurrent,
-                system_cap=self._lanes(hand_off.min_priority, hand_off.system_limit)[1],
-            )
-        )
         now = self.clock()
         try:
             with self.db.statements() as tx:
@@ -244,43 +238,76 @@ class JobQueue:
                     return result
                 if not tx.each_statement_commits:  # SQLite: one transaction
                     return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
-                if not claim_after:  # the claim's one statement commits alone too
-                    claim = functools.partial(
-                        self._hand_off_in, tx, result, hand_off, concurrent=concurrent
-                    )
-                    return self._hand_off_after(result, claim)
+                if self._one_statement_claim(hand_off, concurrent):
+                    # It commits alone too, in this unit: its effects fire
+                    # with the insert's (no wake-up for a job it took).
+                    return self._hand_off_after(result, hand_off, tx)
+                offer = hand_off
         except Conflict:
             # The insert lost a race (its realm deleted meanwhile), or, on
             # SQLite, anything in its transaction did: nothing committed.
             return None
-        # The insert has committed (and its new work was announced); the claim
-        # of several statements follows in a transaction of its own.
-        offer = hand_off
-        assert offer is not None  # claim_after
+        return self._hand_off_after(result, offer, None)
 
-        def claim_in_own_transaction(tx: Tx) -> EnqueueResult:
-            return self._hand_off_in(tx, result, offer, concurrent=concurrent)
-
-        return self._hand_off_after(
-            result, functools.partial(self.db.retrying, claim_in_own_transaction)
+    def _one_statement_claim(self, hand_off: HandOff, concurrent: bool) -> bool:
+        """Whether the hand-off's claim is one statement (`claim_sql.claim`,
+        with the lanes `_claim_in` gives it), which may commit on its own."""
+        return claim_sql.one_statement(
+            self.db.backend,
+            limit=1,
+            concurrent=concurrent,
+            system_cap=self._lanes(hand_off.min_priority, hand_off.system_limit)[1],
         )
 
     def _hand_off_after(
-        self, result: EnqueueResult, claim: Callable[[], EnqueueResult]
+        self, result: EnqueueResult, hand_off: HandOff, tx: Tx | None
     ) -> EnqueueResult:
-        """`claim`, a hand-off's claim run after its job's insert committed.
-        One that fails leaves the enqueue standing as it committed: the claim
-        took nothing (another claim started a job of the realm, which the
-        unique index on running jobs refused, or the store failed), and the
-        dispatcher, woken by the new work, hands the job out."""
+        """The hand-off's claim once the job's insert has committed: in `tx`,
+        a unit whose statements each commit, or else in a unit of its own (a
+        transaction, unless the claim is one statement).
+
+        On PostgreSQL a job an enqueue inserted is claimed only once its
+        insert has committed. A concurrent enqueue of the same realm that
+        found no queued job of the kind waits on the new queued row (the
+        unique index of one queued job per realm and kind) and, once that row
+        is committed, inserts nothing and coalesces with it. Were the job
+        claimed in the inserting transaction, the row would be gone when that
+        transaction commits, and the waiting insert would add a second job
+        where the rules attach to the running one. (Any claim that commits
+        before the waiting insert looks again, this one or a round's, has
+        that effect still: a redundant job, in the moment the waiter takes
+        to wake.) SQLite's writers take turns: nothing waits there, and the
+        claim shares the transaction.
+
+        A claim that fails leaves the enqueue standing as it committed: the
+        claim took nothing (another claim started a job of the realm, which
+        the unique index on running jobs refused, or the store failed), and
+        the dispatcher, woken by the new work, hands the job out."""
+        concurrent = self.db.others_alive
         try:
             with translate_errors():
-                return claim()
-        except RealmError as e:
-            if not isinstance(e, Conflict):
+                if tx is not None:
+                    return self._hand_off_in(tx, result, hand_off, concurrent=concurrent)
+                if self._one_statement_claim(hand_off, concurrent):
+                    with self.db.statements() as own:
+                        return self._hand_off_in(own, result, hand_off, concurrent=concurrent)
+                return self.db.retrying(
+                    functools.partial(
+                        self._hand_off_in, result=result, hand_off=hand_off, concurrent=concurrent
+                    )
+                )
+        except Exception as e:
+            if isinstance(e, Conflict):
+                pass
+            elif isinstance(e, RealmError):
                 log.warning(
                     "hand-off claim failed; the job stays queued",
                     extra={"job": result.job.job_id, "error": e.message},
+                )
+            else:
+                log.exception(
+                    "hand-off claim failed unexpectedly; the job stays queued",
+                    extra={"job": result.job.job_id},
                 )
             return result
 
@@ -1259,6 +1286,10 @@ def job_fields(job: Job) -> dict[str, object]:
     """The fields of a job's log lines."""
     return {"job": job.job_id, "realm": job.realm_id, "kind": job.kind.value,
             "priority": job.priority, "attempt": job.attempt}  # fmt: skip
+
+
+# The dispositions of an enqueue that inserted its job.
+_INSERTS = frozenset({Disposition.INSERTED, Disposition.RERUN_SCHEDULED})
 
 
 def _log_enqueued(results: Sequence[EnqueueResult]) -> None:

@@ -137,8 +137,8 @@ class RealmServicer(sgrpc.RealmServiceServicer):
     ) -> spb.ReindexRealmResponse:
         self._check_serving()
         priority = request.priority if request.HasField("priority") else None
-        # A worker waiting for work gets the job from the enqueue's own
-        # transaction (Dispatcher.enqueue).
+        # A worker waiting for work gets the job from the enqueue itself
+        # (Dispatcher.enqueue).
         result = await self.dispatcher.enqueue(
             USER if priority is None else priority,
             JobKind.FROM_SCRATCH,

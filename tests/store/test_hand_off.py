@@ -55,8 +55,10 @@ def test_an_enqueue_offered_a_stream_starts_its_own_job(queue: JobQueue) -> None
     assert (stored.state, stored.worker) == (JobState.RUNNING, "w")
     assert [outcome for _, outcome in queue.attempts(stored.job_id)] == ["running"]
     if queue.db.others_alive and queue.db.backend == "postgresql":
-        # Its insert committed first, announcing the job (JobQueue.
-        # _enqueue_if_idle); a claim woken by it finds the job taken.
+        # Its insert committed first, announcing the job, and the claim
+        # followed (JobQueue._hand_off_after): this process's dispatcher was
+        # woken for the job, which a round may take first (not here: no
+        # stream).
         assert woken
     else:
         # The work it announced was taken in the same unit of work: nobody
