@@ -325,7 +325,7 @@ class JobQueue:
         self, tx: Tx, result: EnqueueResult, hand_off: HandOff, *, concurrent: bool
     ) -> EnqueueResult:
         """Claim one job for the offered stream, in the enqueue's transaction
-        or right after its insert committed (`_enqueue_if_idle`). The
+        or right after its insert committed (`_hand_off_after`). The
         claim's order picks it: the enqueued job, or one ahead of it
         that the stream's filter takes. When it took the enqueued job in the
         unit of work that inserted it, the work that unit announced is taken
