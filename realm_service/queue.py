@@ -159,7 +159,6 @@ class JobQueue:
         idle = self._enqueue_if_idle(realm_id, kind, priority, paths, hand_off)
         if idle is not None:
             return idle
-        pg = self.db.backend == "postgresql"
 
         def work(tx: Tx) -> EnqueueResult:
             result = self.enqueue_in(
@@ -171,10 +170,12 @@ class JobQueue:
                 content_changed=content_changed,
                 check_realm=True,
             )
-            if hand_off is None or result.job.state is not JobState.QUEUED:
+            if (
+                hand_off is None
+                or result.job.state is not JobState.QUEUED
+                or self._claimed_after_commit(result)
+            ):
                 return result
-            if pg and result.disposition in _INSERTS:
-                return result  # claimed once this transaction has committed
             return self._hand_off_in(tx, result, hand_off, concurrent=self.db.others_alive)
 
         # Not one of this process's claims run one at a time: the enqueue may
@@ -185,14 +186,19 @@ class JobQueue:
         # after this statement's snapshot), the unique index on running jobs
         # refuses the second job and the transaction runs again.
         result = self.db.retrying(work)
-        if (
-            hand_off is None
-            or not pg
-            or result.disposition not in _INSERTS
-            or result.job.state is not JobState.QUEUED
-        ):
+        if hand_off is None or not self._claimed_after_commit(result):
             return result
         return self._hand_off_after(result, hand_off, None)
+
+    def _claimed_after_commit(self, result: EnqueueResult) -> bool:
+        """Whether a hand-off's claim for this enqueue waits until its
+        transaction has committed: on PostgreSQL, for a job it inserted and
+        left queued (`_hand_off_after`)."""
+        return (
+            self.db.backend == "postgresql"
+            and result.disposition in _INSERTS
+            and result.job.state is JobState.QUEUED
+        )
 
     def _enqueue_if_idle(
         self,
@@ -296,19 +302,19 @@ class JobQueue:
                         self._hand_off_in, result=result, hand_off=hand_off, concurrent=concurrent
                     )
                 )
-        except Exception as e:
-            if isinstance(e, Conflict):
-                pass
-            elif isinstance(e, RealmError):
-                log.warning(
-                    "hand-off claim failed; the job stays queued",
-                    extra={"job": result.job.job_id, "error": e.message},
-                )
-            else:
-                log.exception(
-                    "hand-off claim failed unexpectedly; the job stays queued",
-                    extra={"job": result.job.job_id},
-                )
+        except Conflict:
+            return result
+        except RealmError as e:
+            log.warning(
+                "hand-off claim failed; the job stays queued",
+                extra={"job": result.job.job_id, "error": e.message},
+            )
+            return result
+        except Exception:
+            log.exception(
+                "hand-off claim failed unexpectedly; the job stays queued",
+                extra={"job": result.job.job_id},
+            )
             return result
 
     def _lanes(self, min_priority: int, system_limit: int | None) -> tuple[int, int | None]:
