@@ -62,7 +62,7 @@ from realm_service.store import (
     leases_sql,
     realms_sql,
 )
-from realm_service.store.db import Database, Tx, translate_errors
+from realm_service.store.db import Database, LoopTx, Tx, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +473,33 @@ class JobQueue:
         statement on PostgreSQL, which `Database.statements` may run alone):
         None, and nothing written, when the realm exists."""
         created = realms_sql.create_realm(
+            tx,
+            realm_id=realm_id,
+            display_name=display_name,
+            priority=priority,
+            now=now,
+            files=files,
+            job_priority=priority,
+            job_time=self.clock(),
+            trace_parent=tracing.current_traceparent(),
+        )
+        if created is not None:
+            result = EnqueueResult(created[1], Disposition.INSERTED)
+            tx.on_commit(functools.partial(_log_enqueued, [result]))
+        return created
+
+    async def new_realm_on_loop(
+        self,
+        tx: LoopTx,
+        *,
+        realm_id: str,
+        display_name: str,
+        priority: int,
+        now: datetime,
+        files: Sequence[tuple[str, bytes]],
+    ) -> tuple[Realm, Job] | None:
+        """`new_realm` on the event loop (`Database.loop_statements`)."""
+        created = await realms_sql.create_realm_on_loop(
             tx,
             realm_id=realm_id,
             display_name=display_name,

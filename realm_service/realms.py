@@ -13,6 +13,7 @@ and never waits on its index).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -55,6 +56,7 @@ from realm_service.errors import (
     InvalidArgument,
     PermissionDenied,
     RealmAlreadyExists,
+    RealmError,
     StaleLease,
 )
 from realm_service.queue import JobQueue
@@ -189,6 +191,55 @@ def index_card(display_name: str) -> bytes:
     return f"{head}{title}{middle}{description}{tail}".encode()
 
 
+# A create on PostgreSQL without a request id runs on the event loop when
+# its initial files are at most this many bytes in all (`create_async`): their
+# checks and hashes then take the loop a few tens of microseconds at most.
+LOOP_CREATE_BYTES = 64 * 1024
+
+
+def _checked_create(
+    realm_id: str,
+    priority: int | None,
+    display_name: str,
+    request_id: str,
+    files: Sequence[tuple[str, bytes]],
+    max_file_size: int,
+) -> tuple[int, str, list[tuple[str, bytes]]]:
+    """A create's arguments checked: its priority, display name and files."""
+    validate_realm_id(realm_id)
+    prio = validate_priority(priority, USER)
+    name = validate_display_name(display_name, realm_id)
+    validate_request_id(request_id)
+    if len(files) > MAX_INITIAL_FILES:
+        raise InvalidArgument(
+            f"initial_files has {len(files)} files; the limit is {MAX_INITIAL_FILES}"
+        )
+    checked: dict[str, bytes] = {}
+    for i, (raw_path, content) in enumerate(files):
+        path = validate_path(raw_path, f"initial_files[{i}].path")
+        validate_content(content, max_file_size, f"initial_files[{i}].content")
+        check_initial_file(path, f"initial_files[{i}].path")
+        if path in checked:  # also two spellings (NFC, NFD) of one name
+            raise InvalidArgument(f"initial_files[{i}].path {path!r} appears twice")
+        checked[path] = content
+    return prio, name, list(checked.items())
+
+
+def _files_of_new_realm(
+    realm_id: str, name: str, files: Sequence[tuple[str, bytes]]
+) -> list[tuple[str, bytes]]:
+    return [(REALM_JSON, realm_json(realm_id, name)), (INDEX_JSON, index_card(name)), *files]
+
+
+def _created_result(created: tuple[Realm, Job], priority: int) -> CreateResult:
+    realm, job = created
+    log.info(
+        "realm created",
+        extra={"realm": realm.realm_id, "job": job.job_id, "priority": priority},
+    )
+    return CreateResult(realm, job, replayed=False)
+
+
 class Realms:
     def __init__(
         self, db: Database, queue: JobQueue, *, max_file_size: int, clock: Clock = utcnow
@@ -198,6 +249,9 @@ class Realms:
         self.max_file_size = max_file_size
         self.clock = clock
         self.registry = MountRegistry()
+        # Store threads finishing creates whose callers went away (the loop
+        # keeps only weak references to its tasks).
+        self._left_behind: set[asyncio.Future[None]] = set()
         # Deleted here or on another instance: unmount.
         db.on_realm_deleted(self.registry.unmount)
 
@@ -212,32 +266,116 @@ class Realms:
         request_id: str,
         files: Sequence[tuple[str, bytes]],
     ) -> CreateResult:
-        validate_realm_id(realm_id)
-        prio = validate_priority(priority, USER)
-        name = validate_display_name(display_name, realm_id)
-        validate_request_id(request_id)
-        if len(files) > MAX_INITIAL_FILES:
-            raise InvalidArgument(
-                f"initial_files has {len(files)} files; the limit is {MAX_INITIAL_FILES}"
-            )
-        checked: dict[str, bytes] = {}
-        for i, (raw_path, content) in enumerate(files):
-            path = validate_path(raw_path, f"initial_files[{i}].path")
-            validate_content(content, self.max_file_size, f"initial_files[{i}].content")
-            check_initial_file(path, f"initial_files[{i}].path")
-            if path in checked:  # also two spellings (NFC, NFD) of one name
-                raise InvalidArgument(f"initial_files[{i}].path {path!r} appears twice")
-            checked[path] = content
-
+        prio, name, checked = _checked_create(
+            realm_id, priority, display_name, request_id, files, self.max_file_size
+        )
         for attempt in range(3):
             try:
-                return self._create_once(realm_id, prio, name, request_id, list(checked.items()))
+                return self._create_once(realm_id, prio, name, request_id, checked)
             except Conflict:
                 # Another instance won a race on the realm or the request id;
                 # the next pass sees its committed result.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    async def create_async(
+        self,
+        *,
+        realm_id: str,
+        priority: int | None,
+        display_name: str,
+        request_id: str,
+        files: Sequence[tuple[str, bytes]],
+    ) -> CreateResult:
+        """`create` for a caller on the event loop. On PostgreSQL a create
+        without a request id, and with initial files of at most
+        `LOOP_CREATE_BYTES` in all, runs there: its one statement
+        (`Database.loop_statements`), without the two hops to a store thread
+        and back. Any other create runs `create` in a store thread. Either
+        runs to its end when its caller goes away meanwhile: the realm is
+        then mounted and its job stands, as the answer would have said (on
+        the loop, a store thread finishes what the cancelled statement left,
+        `_finish_left_behind`)."""
+        if (
+            request_id
+            or not self.db.runs_on_loop
+            or sum(len(content) for _, content in files) > LOOP_CREATE_BYTES
+        ):
+            return await asyncio.to_thread(
+                functools.partial(
+                    self.create,
+                    realm_id=realm_id,
+                    priority=priority,
+                    display_name=display_name,
+                    request_id=request_id,
+                    files=files,
+                )
+            )
+        prio, name, checked = _checked_create(
+            realm_id, priority, display_name, request_id, files, self.max_file_size
+        )
+        try:
+            return await self._create_on_loop(realm_id, prio, name, checked)
+        except asyncio.CancelledError:
+            # Not a task shielded from the cancel: that cost a tenth of the
+            # create's time in loop passes (bench/README.md).
+            finish = asyncio.ensure_future(
+                asyncio.to_thread(self._finish_left_behind, realm_id, prio, name, checked)
+            )
+            self._left_behind.add(finish)
+            finish.add_done_callback(self._left_behind.discard)
+            raise
+
+    def _finish_left_behind(
+        self, realm_id: str, priority: int, name: str, files: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """A create on the loop whose caller went away. psycopg cancelled its
+        statement in the server and waited for its end, so the statement
+        either committed (the realm exists, maybe not mounted: the cancel
+        may have come after the commit, at an effect's await) or left
+        nothing. Either way the create ends as one in a store thread would
+        have: the realm created now, or mounted (and given a first job if
+        it has none, `ensure_mounted`)."""
+        try:
+            self._create_new(realm_id, priority, name, files, self.clock())
+        except RealmAlreadyExists:
+            self.ensure_mounted(realm_id)
+        except RealmError as e:  # the store failed it: as the caller would have heard
+            log.warning(
+                "create left by its caller not finished",
+                extra={"realm": realm_id, "error": str(e)},
+            )
+
+    async def _create_on_loop(
+        self, realm_id: str, priority: int, name: str, files: Sequence[tuple[str, bytes]]
+    ) -> CreateResult:
+        for attempt in range(3):
+            try:
+                return await self._create_new_on_loop(realm_id, priority, name, files)
+            except Conflict:  # as in `create`
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _create_new_on_loop(
+        self, realm_id: str, priority: int, name: str, files: Sequence[tuple[str, bytes]]
+    ) -> CreateResult:
+        """`_create_new` on the event loop."""
+        now = self.clock()
+        with self.registry.mounting(realm_id):
+            async with self.db.loop_statements() as s:
+                created = await self.queue.new_realm_on_loop(
+                    s,
+                    realm_id=realm_id,
+                    display_name=name,
+                    priority=priority,
+                    now=now,
+                    files=_files_of_new_realm(realm_id, name, files),
+                )
+            if created is None:
+                raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
+        return _created_result(created, priority)
 
     def _create_once(
         self,
@@ -339,19 +477,11 @@ class Realms:
                     display_name=name,
                     priority=priority,
                     now=now,
-                    files=[
-                        (REALM_JSON, realm_json(realm_id, name)),
-                        (INDEX_JSON, index_card(name)),
-                        *files,
-                    ],
+                    files=_files_of_new_realm(realm_id, name, files),
                 )
             if created is None:
                 raise RealmAlreadyExists(f"realm {realm_id!r} already exists")
-        realm, job = created
-        log.info(
-            "realm created", extra={"realm": realm_id, "job": job.job_id, "priority": priority}
-        )
-        return CreateResult(realm, job, replayed=False)
+        return _created_result(created, priority)
 
     # -- mount ------------------------------------------------------------
 

@@ -101,8 +101,7 @@ class RealmServicer(sgrpc.RealmServiceServicer):
         self, request: spb.CreateRealmRequest, context: Ctx
     ) -> spb.CreateRealmResponse:
         self._check_serving()
-        result = await call(
-            self.realms.create,
+        result = await self.realms.create_async(
             realm_id=request.realm_id,
             priority=request.priority if request.HasField("priority") else None,
             display_name=request.display_name,

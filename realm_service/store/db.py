@@ -18,16 +18,20 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from realm_service.domain import Job
 from realm_service.errors import Conflict, InvalidArgument, StoreFull, StoreUnavailable
+from realm_service.store.direct import driver_error
+
+if TYPE_CHECKING:
+    from realm_service.store.loop_pool import LoopConnections
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +110,17 @@ def _first_line(error: BaseException | None) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else "invalid value"
 
 
-class Tx:
-    """A unit of work: one transaction of the store, and the effects it will
-    have once committed. Store functions take it; use cases only hand it on.
-    Effects are collected here, not fired by whoever made the change: no
-    caller has to remember a second step after the commit."""
+class Effects:
+    """What a unit of work will have done once committed. Store functions
+    record effects here, not fire them: no caller has to remember a second
+    step after the commit. `Tx` runs its statements in a store thread,
+    `LoopTx` on the event loop."""
 
     __slots__ = (
         "_db",
         "_notified",
         "changed_jobs",
         "committed",
-        "conn",
         "deleted_realms",
         "each_statement_commits",
         "job_values",
@@ -126,14 +129,7 @@ class Tx:
         "stale_statistics",
     )
 
-    def __init__(
-        self, conn: Connection, db: Database, *, each_statement_commits: bool = False
-    ) -> None:
-        # A Core connection, not an ORM session: the store reads and writes
-        # with prebuilt statements and hands out values, so the session's
-        # unit of work and identity map were only overhead (about a fifth
-        # of the Python time of a one-statement transaction).
-        self.conn = conn
+    def __init__(self, db: Database, *, each_statement_commits: bool = False) -> None:
         # Each statement commits on its own (`Database.statements`).
         self.each_statement_commits = each_statement_commits
         self.changed_jobs: list[int] = []
@@ -214,21 +210,7 @@ class Tx:
         self._tell_others(f"{_UNMOUNT}{realm_id}")
 
     def _tell_others(self, payload: str) -> None:
-        if self._db.backend != "postgresql":
-            return
-        try:
-            self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
-        except exc.DBAPIError as e:
-            if not self.each_statement_commits:
-                raise  # in a transaction the word is part of it: it fails with it
-            # Statements that each commit: the change the word is about has
-            # committed already, so a word that cannot be sent (the
-            # connection was lost meanwhile) must not turn it into an error.
-            # Other instances learn of it from their next poll, within a second.
-            log.warning(
-                "word to other instances not sent; they find the change at their next poll",
-                extra={"word": payload.split(":", 1)[0], "error": _first_line(e.orig)},
-            )
+        raise NotImplementedError
 
     def statistics_changed(self, table: str) -> None:
         """The transaction changes so many rows of `table` that PostgreSQL's
@@ -236,6 +218,66 @@ class Tx:
         right after the commit."""
         if self._db.backend == "postgresql":
             self.stale_statistics.add(table)
+
+
+class Tx(Effects):
+    """A unit of work run in a store thread: one transaction of the store (or
+    statements that each commit, `Database.statements`), and its effects.
+    Store functions take it; use cases only hand it on."""
+
+    __slots__ = ("conn",)
+
+    def __init__(
+        self, conn: Connection, db: Database, *, each_statement_commits: bool = False
+    ) -> None:
+        super().__init__(db, each_statement_commits=each_statement_commits)
+        # A Core connection, not an ORM session: the store reads and writes
+        # with prebuilt statements and hands out values, so the session's
+        # unit of work and identity map were only overhead (about a fifth
+        # of the Python time of a one-statement transaction).
+        self.conn = conn
+
+    def _tell_others(self, payload: str) -> None:
+        if self._db.backend != "postgresql":
+            return
+        try:
+            self.conn.execute(_NOTIFY_PAYLOAD, {"c": self._db.channel, "p": payload})
+        except exc.DBAPIError as e:
+            if not self.each_statement_commits:
+                raise  # in a transaction the word is part of it: it fails with it
+            _word_not_sent(payload, e.orig)
+
+
+class LoopTx(Effects):
+    """Statements that each commit on their own, run on the event loop over
+    a connection of `Database.loop_statements` (PostgreSQL). Words to other
+    instances are sent once the statements are done, each on its own as
+    `Tx` sends them in autocommit."""
+
+    __slots__ = ("driver", "words")
+
+    def __init__(self, driver: Any, db: Database) -> None:
+        super().__init__(db, each_statement_commits=True)
+        self.driver = driver  # a psycopg AsyncConnection in autocommit
+        self.words: list[str] = []
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._db.engine.dialect
+
+    def _tell_others(self, payload: str) -> None:
+        self.words.append(payload)
+
+
+def _word_not_sent(payload: str, error: BaseException | None) -> None:
+    # Statements that each commit: the change the word is about has
+    # committed already, so a word that cannot be sent (the connection was
+    # lost meanwhile) must not turn it into an error. Other instances learn
+    # of it from their next poll, within a second.
+    log.warning(
+        "word to other instances not sent; they find the change at their next poll",
+        extra={"word": payload.split(":", 1)[0], "error": _first_line(error)},
+    )
 
 
 _NOTIFY_PAYLOAD = text("SELECT pg_notify(:c, :p)")
@@ -302,6 +344,8 @@ class Database:
         self._write_turn: contextlib.AbstractContextManager[Any] = (
             threading.RLock() if self.backend == "sqlite" else contextlib.nullcontext()
         )
+        # Connections of `loop_statements` (PostgreSQL).
+        self.loop_connections: LoopConnections | None = None
         if self.backend == "sqlite":
             self.engine = self._sqlite_engine()
         else:
@@ -316,6 +360,11 @@ class Database:
                 connect_args={"connect_timeout": 5},
             )
             _ping_when_idle(self.engine)
+            from realm_service.store.loop_pool import LoopConnections
+
+            self.loop_connections = LoopConnections(
+                self._conninfo(), size=pool_size, ping_after_s=PING_AFTER_IDLE_S
+            )
 
         self.channel = "realm_new_work"
         # Names this process's new-work NOTIFYs: its own come back to its
@@ -413,6 +462,55 @@ class Database:
             if done is not None:
                 self._fire(done)
 
+    @contextlib.asynccontextmanager
+    async def loop_statements(self) -> AsyncIterator[LoopTx]:
+        """`statements` on the event loop, for PostgreSQL only (see
+        `runs_on_loop`): a latency-bound call of one statement runs there
+        without two hops to a store thread and back. Its statements run
+        with `direct.first_on_loop`; each commits on its own. Errors are
+        translated as in `statements`, and its effects fire once it ends,
+        on the loop (the listeners take calls from any thread)."""
+        pool = self.loop_connections
+        if pool is None:
+            raise RuntimeError("statements on the event loop need PostgreSQL")
+        import psycopg
+
+        done: LoopTx | None = None
+        try:
+            with translate_errors():
+                try:
+                    driver = await pool.acquire()
+                except psycopg.Error as e:
+                    raise driver_error(e, "connect", None, None) from e
+                try:
+                    done = LoopTx(driver, self)
+                    yield done
+                finally:
+                    try:
+                        for word in done.words if done is not None else ():
+                            try:
+                                await driver.execute(
+                                    "SELECT pg_notify(%s, %s)", (self.channel, word)
+                                )
+                            except psycopg.Error as e:
+                                _word_not_sent(word, e)
+                    finally:
+                        await pool.release(driver)
+        finally:
+            if done is not None:
+                self._fire(done)
+
+    @property
+    def runs_on_loop(self) -> bool:
+        """Whether `loop_statements` may be used: PostgreSQL's store."""
+        return self.loop_connections is not None
+
+    async def close_loop_connections(self) -> None:
+        """Close the idle connections of `loop_statements` (on the loop that
+        used them; a server's stop)."""
+        if self.loop_connections is not None:
+            await self.loop_connections.close()
+
     @contextlib.contextmanager
     def read_transaction(self, *, block: bool = False) -> Iterator[Tx]:
         """Like `transaction`, for work that only reads (on SQLite it does not
@@ -447,7 +545,7 @@ class Database:
         ):
             yield session
 
-    def _fire(self, tx: Tx) -> None:
+    def _fire(self, tx: Effects) -> None:
         for callback in tx.committed:
             callback()
         if tx.changed_jobs:
@@ -582,12 +680,14 @@ class Database:
             self.others_alive = True
             self.new_work_committed()
 
+    def _conninfo(self) -> str:
+        """The store's URL as libpq takes it (psycopg's own connections)."""
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     def _listen(self) -> None:
         import psycopg
 
-        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
-        )
+        conninfo = self._conninfo()
         while not self._stop.is_set():
             try:
                 with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:

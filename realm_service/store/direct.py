@@ -22,6 +22,10 @@ invalidates the pool's), so the store's error translation sees what it
 always did. A statement whose SQL depends on its values (expanding
 parameters) is left to SQLAlchemy (lists are bound as one value elsewhere:
 `sets.py`).
+
+`first_on_loop` runs a create's one statement the same way on the event
+loop, over a psycopg AsyncConnection (`Database.loop_statements`), its
+errors wrapped as SQLAlchemy wraps them (`driver_error`).
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql import ClauseElement
+
+if TYPE_CHECKING:
+    from realm_service.store.db import LoopTx
 
 
 class _Prepared(NamedTuple):
@@ -119,7 +127,11 @@ def rows(conn: Connection, statement: ClauseElement, params: Mapping[str, Any]) 
     if prepared is None or bound is None:
         # SQLAlchemy runs it, or refuses it with its own error.
         return list(conn.execute(statement, params))  # type: ignore[call-overload]
-    fetched = _run(conn, prepared, bound, many=False)
+    return _processed(prepared, _run(conn, prepared, bound, many=False))
+
+
+def _processed(prepared: _Prepared, fetched: Sequence[Any]) -> list[Any]:
+    """The driver's rows as named tuples with SQLAlchemy's values."""
     if not fetched:
         return []
     if prepared.row is None:  # rows of a statement SQLAlchemy saw no columns in
@@ -220,3 +232,63 @@ def first(conn: Connection, statement: ClauseElement, params: Mapping[str, Any])
     """The first row of `rows`, or None."""
     found = rows(conn, statement, params)
     return found[0] if found else None
+
+
+async def first_on_loop(
+    tx: LoopTx, statement: ClauseElement, params: Mapping[str, Any]
+) -> Any | None:
+    """`first` on the event loop, over the psycopg AsyncConnection of a
+    `Database.loop_statements` unit (PostgreSQL). Only a statement that runs
+    on the driver may run here (there is no SQLAlchemy to hand it to); a
+    value its type refuses fails as SQLAlchemy fails it (a StatementError),
+    and the driver's errors are wrapped as SQLAlchemy wraps them
+    (`driver_error`), so the store's edge translates both as it always did."""
+    import psycopg
+
+    prepared = _prepared(statement, tx.dialect, params)
+    if prepared is None:
+        raise TypeError("this statement's SQL depends on its values: it cannot run on the loop")
+    bound = _bound(prepared, params)
+    if bound is None:
+        raise _refusal(prepared, params)
+    try:
+        cursor = tx.driver.cursor()
+        await cursor.execute(prepared.sql, bound)
+        fetched = await cursor.fetchall() if prepared.row is not None else []
+    except psycopg.Error as e:
+        raise driver_error(e, prepared.sql, bound, tx.driver) from e
+    except Exception as e:
+        # Raised while psycopg adapted a value (a JSON dump): SQLAlchemy
+        # wraps it so too.
+        raise exc.StatementError(str(e), prepared.sql, bound, e) from e
+    found = _processed(prepared, fetched)
+    return found[0] if found else None
+
+
+def driver_error(error: Exception, sql: str, params: Any, driver: Any | None) -> exc.StatementError:
+    """A psycopg error met on the loop, wrapped as SQLAlchemy wraps those of
+    the store threads (the PEP 249 class kept: IntegrityError, DataError,
+    OperationalError ...), with the connection marked lost when it broke or
+    was never made (`driver` None)."""
+    import psycopg
+
+    lost = driver is None or driver.broken or driver.closed
+    return exc.DBAPIError.instance(sql, params, error, psycopg.Error, connection_invalidated=lost)
+
+
+def _refusal(prepared: _Prepared, params: Mapping[str, Any]) -> exc.StatementError:
+    """Why `_bound` found no values: a value its type's processor refused
+    (the processor's error, as SQLAlchemy raises it), or one missing."""
+    missing = sorted(prepared.required - params.keys())
+    if missing:
+        return exc.StatementError(
+            f"a value is required for {', '.join(missing)}", prepared.sql, None, None
+        )
+    values = dict(prepared.defaults)
+    values.update(params)
+    for name, processor in prepared.binds:
+        try:
+            processor(values[name])
+        except Exception as e:
+            return exc.StatementError(str(e), prepared.sql, None, e)
+    return exc.StatementError("the statement's values could not be bound", prepared.sql, None, None)

@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql
 from realm_service.domain import Job, JobKind, Realm, RealmFile, RealmState
 from realm_service.errors import FileNotFound, RealmNotFound
 from realm_service.store import direct
-from realm_service.store.db import Tx
+from realm_service.store.db import Effects, LoopTx, Tx
 from realm_service.store.rows import (
     CANCELLED,
     JOB_FIELDS,
@@ -140,7 +140,6 @@ def create_realm(
     realm's row is), which `Database.statements` may run on its own; three
     on SQLite, in the caller's transaction."""
     realm = _new_realm(realm_id, display_name, priority, now, len(files))
-    realm_values = {**vars(realm), "state": realm.state.value}
     job_values = new_job_values(
         realm_id=realm_id,
         kind=JobKind.FROM_SCRATCH,
@@ -149,28 +148,66 @@ def create_realm(
         trace_parent=trace_parent,
     )
     if tx.backend == "postgresql":
-        rows = _file_rows(realm_id, files, now)
-        params: dict[str, Any] = {
-            **{f"r_{name}": value for name, value in realm_values.items()},
-            **{f"j_{name}": value for name, value in job_values.items()},
-            "f_path": [r["path"] for r in rows],
-            "f_content": [r["content"] for r in rows],
-            "f_size": [r["size"] for r in rows],
-            "f_sha256": [r["sha256"] for r in rows],
-            "f_mtime": now,
-        }
-        row = direct.first(tx.conn, _create_realm_pg(), params)
-        if row is None:
-            return None
-        job = to_job(row)
-        tx.announce_new_work()
-        tx.job_changed([job.job_id])
-        return realm, job
+        params = _create_realm_params(realm, job_values, files, now)
+        return _created(tx, realm, direct.first(tx.conn, _create_realm_pg(), params))
+    realm_values = {**vars(realm), "state": realm.state.value}
     if direct.first(tx.conn, _insert_realm_if_absent(tx.backend), realm_values) is None:
         return None
     direct.many(tx.conn, _INSERT_FILES, _file_rows(realm_id, files, now))
-    row = direct.first(tx.conn, _INSERT_JOB, job_values)
-    job = to_job(row)
+    return _created(tx, realm, direct.first(tx.conn, _INSERT_JOB, job_values))
+
+
+async def create_realm_on_loop(
+    tx: LoopTx,
+    *,
+    realm_id: str,
+    display_name: str,
+    priority: int,
+    now: datetime,
+    files: Sequence[tuple[str, bytes]],
+    job_priority: int,
+    job_time: datetime,
+    trace_parent: str = "",
+) -> tuple[Realm, Job] | None:
+    """`create_realm`'s one PostgreSQL statement, run on the event loop
+    (`Database.loop_statements`)."""
+    realm = _new_realm(realm_id, display_name, priority, now, len(files))
+    job_values = new_job_values(
+        realm_id=realm_id,
+        kind=JobKind.FROM_SCRATCH,
+        priority=job_priority,
+        now=job_time,
+        trace_parent=trace_parent,
+    )
+    params = _create_realm_params(realm, job_values, files, now)
+    return _created(tx, realm, await direct.first_on_loop(tx, _create_realm_pg(), params))
+
+
+def _create_realm_params(
+    realm: Realm,
+    job_values: dict[str, Any],
+    files: Sequence[tuple[str, bytes]],
+    now: datetime,
+) -> dict[str, Any]:
+    rows = _file_rows(realm.realm_id, files, now)
+    return {
+        **{f"r_{name}": value for name, value in vars(realm).items()},
+        "r_state": realm.state.value,
+        **{f"j_{name}": value for name, value in job_values.items()},
+        "f_path": [r["path"] for r in rows],
+        "f_content": [r["content"] for r in rows],
+        "f_size": [r["size"] for r in rows],
+        "f_sha256": [r["sha256"] for r in rows],
+        "f_mtime": now,
+    }
+
+
+def _created(tx: Effects, realm: Realm, job_row: Any | None) -> tuple[Realm, Job] | None:
+    """The realm and its first job, from the job's row (None: the realm was
+    there, nothing was written); the job is new work at commit."""
+    if job_row is None:
+        return None
+    job = to_job(job_row)
     tx.announce_new_work()
     tx.job_changed([job.job_id])
     return realm, job

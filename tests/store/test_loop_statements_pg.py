@@ -1,0 +1,207 @@
+"""Statements on the event loop (`Database.loop_statements`, PostgreSQL):
+a create's one statement over psycopg's AsyncConnection, with the store's
+errors, effects and pooled connections as in the store threads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import JSON, Enum, Integer, bindparam, exc, select
+from store_helpers import terminate_backend
+
+from realm_service.errors import InvalidArgument, StoreUnavailable
+from realm_service.store import direct, realms_sql
+from realm_service.store.db import Database, LoopTx, open_database
+from realm_service.store.loop_pool import LoopConnections
+
+NOW = datetime(2026, 12, 8, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(pg_url: str) -> Iterator[Database]:
+    database = open_database(pg_url)
+    yield database
+    database.close()
+
+
+async def _create(tx: LoopTx, realm_id: str) -> Any:
+    return await realms_sql.create_realm_on_loop(
+        tx,
+        realm_id=realm_id,
+        display_name=realm_id,
+        priority=10,
+        now=NOW,
+        files=[("a.txt", b"alpha")],
+        job_priority=10,
+        job_time=NOW,
+    )
+
+
+def test_a_create_on_the_loop_writes_and_fires_its_effects_after_it(db: Database) -> None:
+    woken: list[str] = []
+    changed: list[int] = []
+    db.on_job_change(lambda job_id, _value: changed.append(job_id))
+    db._new_work_listeners.append(lambda: woken.append("new work"))
+
+    async def run() -> Any:
+        async with db.loop_statements() as tx:
+            created = await _create(tx, "r1")
+            assert woken == []  # effects wait for the unit's end
+            again = await _create(tx, "r1")
+        await db.close_loop_connections()
+        return created, again
+
+    created, again = asyncio.run(run())
+    realm, job = created
+    assert realm.realm_id == "r1" and job.realm_id == "r1" and job.priority == 10
+    assert again is None  # the realm was there: nothing written
+    assert woken == ["new work"]
+    assert changed == [job.job_id]
+    with db.read_transaction() as tx:
+        assert [f.path for f in realms_sql.list_files(tx, "r1")] == ["a.txt"]
+
+
+def test_a_word_to_other_instances_is_sent_after_the_statement(db: Database) -> None:
+    conninfo = db._conninfo()
+    db.others_alive = True
+    with psycopg.connect(conninfo, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{db.channel}"')
+
+        async def run() -> None:
+            async with db.loop_statements() as tx:
+                await _create(tx, "told")
+            await db.close_loop_connections()
+
+        asyncio.run(run())
+        heard = [n.payload for n in listener.notifies(timeout=5.0, stop_after=1)]
+    assert heard == [db.origin]
+
+
+def _circular() -> list[object]:
+    looped: list[object] = []
+    looped.append(looped)
+    return looped
+
+
+@pytest.mark.parametrize(
+    ("type_", "value", "error"),
+    [
+        # PostgreSQL refuses them (DataError): integer out of range, not a number.
+        (Integer, 2**40, InvalidArgument),
+        (Integer, "not a number", InvalidArgument),
+        # The type's processing refuses them before the store sees anything:
+        # a ValueError is the request's fault, anything else is not translated.
+        (JSON, _circular(), InvalidArgument),
+        (JSON, {1, 2}, exc.StatementError),
+        # SQLAlchemy's own bind processing refuses it (a LookupError).
+        (Enum("a", "b", name="ab", validate_strings=True), "c", exc.StatementError),
+    ],
+)
+def test_values_the_store_refuses_fail_as_in_the_store_threads(
+    db: Database, type_: Any, value: object, error: type[Exception]
+) -> None:
+    statement = select(bindparam("x", type_=type_))
+
+    async def run() -> None:
+        try:
+            async with db.loop_statements() as tx:
+                await direct.first_on_loop(tx, statement, {"x": value})
+        finally:
+            await db.close_loop_connections()
+
+    with pytest.raises(error) as on_loop:
+        asyncio.run(run())
+    # The same statement in a store thread fails the same way.
+    with pytest.raises(error) as in_thread, db.statements() as tx:
+        direct.first(tx.conn, statement, {"x": value})
+    assert type(on_loop.value) is type(in_thread.value)
+
+
+def test_an_unreachable_server_fails_at_once_as_unavailable() -> None:
+    db = Database("postgresql://postgres@127.0.0.1:1/test")
+
+    async def run() -> None:
+        async with db.loop_statements():
+            raise AssertionError("no connection to be had")
+
+    try:
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(run())
+    finally:
+        db.close()
+
+
+def _pool(db: Database, ping_after_s: float) -> LoopConnections:
+    return LoopConnections(db._conninfo(), size=2, ping_after_s=ping_after_s)
+
+
+async def _pid(pool: LoopConnections) -> int:
+    conn = await pool.acquire()
+    try:
+        return int(conn.info.backend_pid)
+    finally:
+        await pool.release(conn)
+
+
+def test_a_connection_closed_while_idle_is_replaced_unseen(db: Database) -> None:
+    pool = _pool(db, ping_after_s=0.0)
+
+    async def run() -> tuple[int, int]:
+        first = await _pid(pool)
+        assert terminate_backend(db, first)
+        second = await _pid(pool)  # pinged, found dead, replaced
+        await pool.close()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first != second
+    assert pool.opened == 2
+
+
+def test_a_connection_used_a_moment_ago_is_not_pinged_and_not_kept_once_broken(
+    db: Database,
+) -> None:
+    pool = _pool(db, ping_after_s=3600.0)
+
+    async def run() -> None:
+        first = await _pid(pool)
+        assert await _pid(pool) == first  # the same one, handed out again
+        assert terminate_backend(db, first)
+        conn = await pool.acquire()
+        with pytest.raises(psycopg.OperationalError):
+            await conn.execute("SELECT 1")
+        await pool.release(conn)
+        assert pool.idle == 0  # broken: closed, not kept
+        assert await _pid(pool) != first
+        await pool.close()
+
+    asyncio.run(run())
+    assert pool.opened == 2
+
+
+def test_the_pool_keeps_at_most_its_size_idle_and_waits_beyond_twice_that(
+    db: Database,
+) -> None:
+    pool = _pool(db, ping_after_s=3600.0)
+
+    async def run() -> None:
+        held = [await pool.acquire() for _ in range(4)]  # size 2: 4 open at most
+        late = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0.2)
+        assert not late.done()  # waits for one to come back
+        await pool.release(held.pop())
+        conn = await asyncio.wait_for(late, 5)
+        held.append(conn)
+        for conn in held:
+            await pool.release(conn)
+        assert pool.idle == 2
+        await pool.close()
+        assert pool.idle == 0
+
+    asyncio.run(run())
+    assert pool.opened == 4
