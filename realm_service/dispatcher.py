@@ -300,16 +300,18 @@ class Dispatcher:
         self,
         priority: int,
         kind: JobKind,
-        enqueue: Callable[..., EnqueueResult],
+        enqueue: Callable[..., Awaitable[EnqueueResult]],
     ) -> EnqueueResult:
-        """Run `enqueue` (in a worker thread) with the offer of an idle
-        stream's credit when one would take a job of this priority and kind:
-        the enqueue then claims a job for that stream (JobQueue.enqueue),
+        """Run `enqueue` (a coroutine function: `JobQueue.enqueue_on_loop`
+        runs what it can on the loop, the rest in a store thread) with the
+        offer of an idle stream's credit when one would take a job of this
+        priority and kind: the enqueue then claims a job for that stream,
         which gets it right after the claim commits, without waiting for a
-        claim round. The offer is settled however the call ends: a caller
-        that goes away meanwhile does not strand the lease."""
+        claim round. The enqueue runs to its end, and the offer is settled,
+        however the call ends: a caller that goes away meanwhile does not
+        strand the lease."""
         hand_off = self._offer(priority, kind)
-        call = asyncio.ensure_future(asyncio.to_thread(enqueue, hand_off=hand_off))
+        call = asyncio.ensure_future(enqueue(hand_off=hand_off))
         # The settling first, then the caller's callback: the worker's
         # assignment is under way before the caller resumes to send its reply.
         if hand_off is not None:

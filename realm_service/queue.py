@@ -11,6 +11,7 @@ after the commit: no caller has a second step to remember.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -62,7 +63,7 @@ from realm_service.store import (
     leases_sql,
     realms_sql,
 )
-from realm_service.store.db import Database, LoopTx, Tx, translate_errors
+from realm_service.store.db import Database, Effects, LoopTx, Tx, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,52 @@ class JobQueue:
         idle = self._enqueue_if_idle(realm_id, kind, priority, paths, hand_off)
         if idle is not None:
             return idle
+        return self._enqueue_full(realm_id, kind, priority, paths, content_changed, hand_off)
+
+    async def enqueue_on_loop(
+        self,
+        realm_id: str,
+        kind: JobKind,
+        priority: int,
+        *,
+        content_changed: bool = False,
+        hand_off: HandOff | None = None,
+    ) -> EnqueueResult:
+        """`enqueue` (of no paths) for a caller on the event loop. On
+        PostgreSQL the insert into an idle realm and a hand-off's claim of
+        one statement run on the loop (`Database.loop_statements`), without
+        the hops to a store thread and back; the rest (a realm that is not
+        idle, a claim of several statements, SQLite) runs in a store thread
+        as `enqueue` runs it."""
+        if not self.db.runs_on_loop:
+            return await asyncio.to_thread(
+                functools.partial(
+                    self.enqueue,
+                    realm_id,
+                    kind,
+                    priority,
+                    content_changed=content_changed,
+                    hand_off=hand_off,
+                )
+            )
+        idle = await self._enqueue_if_idle_on_loop(realm_id, kind, priority, hand_off)
+        if idle is not None:
+            return idle
+        return await asyncio.to_thread(
+            self._enqueue_full, realm_id, kind, priority, (), content_changed, hand_off
+        )
+
+    def _enqueue_full(
+        self,
+        realm_id: str,
+        kind: JobKind,
+        priority: int,
+        paths: Sequence[PathChange],
+        content_changed: bool,
+        hand_off: HandOff | None,
+    ) -> EnqueueResult:
+        """The enqueue of a realm that is not idle (`enqueue_in`), with its
+        hand-off."""
 
         def work(tx: Tx) -> EnqueueResult:
             result = self.enqueue_in(
@@ -255,6 +302,77 @@ class JobQueue:
             return None
         return self._hand_off_after(result, offer, None)
 
+    async def _enqueue_if_idle_on_loop(
+        self, realm_id: str, kind: JobKind, priority: int, hand_off: HandOff | None
+    ) -> EnqueueResult | None:
+        """`_enqueue_if_idle` of no paths, on the event loop (PostgreSQL):
+        the insert, then a hand-off's claim when it is one statement (else
+        in a store thread, `_hand_off_after`)."""
+        concurrent = self.db.others_alive
+        try:
+            async with self.db.loop_statements() as tx:
+                job = await enqueue_sql.insert_if_idle_on_loop(
+                    tx,
+                    realm_id=realm_id,
+                    kind=kind,
+                    coalesce_with=[kind],
+                    priority=priority,
+                    now=self.clock(),
+                    trace_parent=tracing.current_traceparent(),
+                )
+                if job is None:
+                    return None
+                result = EnqueueResult(job, Disposition.INSERTED)
+                tx.on_commit(functools.partial(_log_enqueued, [result]))
+                if hand_off is None:
+                    return result
+                if self._one_statement_claim(hand_off, concurrent):
+                    return await self._hand_off_on_loop(tx, result, hand_off)
+                offer = hand_off
+        except Conflict:  # as in `_enqueue_if_idle`: nothing committed
+            return None
+        return await asyncio.to_thread(self._hand_off_after, result, offer, None)
+
+    async def _hand_off_on_loop(
+        self, tx: LoopTx, result: EnqueueResult, hand_off: HandOff
+    ) -> EnqueueResult:
+        """`_hand_off_after` in the idle insert's unit on the loop: the
+        claim's one statement, after the insert's commit. A claim that fails
+        leaves the enqueue standing, as there."""
+        now = self.clock()
+        lowest, _ = self._lanes(hand_off.min_priority, hand_off.system_limit)
+        try:
+            with translate_errors():
+                leases = await claim_sql.claim_one_on_loop(
+                    tx,
+                    min_priority=lowest,
+                    max_priority=hand_off.max_priority,
+                    kinds=hand_off.kinds or None,
+                    worker=hand_off.worker,
+                    now=now,
+                    lease_until=now + self.settings.lease_duration,
+                    instance_id=self.instance_id,
+                )
+        except Exception as e:
+            _hand_off_failed(result, e)
+            return result
+        if any(lease.job.kind is JobKind.INCREMENTAL for lease in leases):
+            # A small incremental job ahead of this one, claimed with its
+            # files where they fit (`_with_files`): read in a store thread.
+            leases = await asyncio.to_thread(self._with_files_read, leases)
+        return _handed(tx, result, leases)
+
+    def _with_files_read(self, leases: list[Lease]) -> list[Lease]:
+        try:
+            with self.db.read_transaction() as tx:
+                return _with_files(tx, leases)
+        except RealmError as e:  # the claim committed: the worker reads them
+            log.warning(
+                "could not read a claimed job's files; the worker reads them",
+                extra={"error": e.message},
+            )
+            return leases
+
     def _one_statement_claim(self, hand_off: HandOff, concurrent: bool) -> bool:
         """Whether the hand-off's claim is one statement (`claim_sql.claim`,
         with the lanes `_claim_in` gives it), which may commit on its own."""
@@ -302,19 +420,8 @@ class JobQueue:
                         self._hand_off_in, result=result, hand_off=hand_off, concurrent=concurrent
                     )
                 )
-        except Conflict:
-            return result
-        except RealmError as e:
-            log.warning(
-                "hand-off claim failed; the job stays queued",
-                extra={"job": result.job.job_id, "error": e.message},
-            )
-            return result
-        except Exception:
-            log.exception(
-                "hand-off claim failed unexpectedly; the job stays queued",
-                extra={"job": result.job.job_id},
-            )
+        except Exception as e:
+            _hand_off_failed(result, e)
             return result
 
     def _lanes(self, min_priority: int, system_limit: int | None) -> tuple[int, int | None]:
@@ -350,13 +457,7 @@ class JobQueue:
             until=now + self.settings.lease_duration,
             concurrent=concurrent,
         )
-        if not leases:
-            return result
-        lease = leases[0]
-        if lease.job.job_id != result.job.job_id:
-            return dataclasses.replace(result, lease=lease)
-        tx.new_work_taken()
-        return dataclasses.replace(result, job=lease.job, lease=lease)
+        return _handed(tx, result, leases)
 
     def enqueue_in(
         self,
@@ -1323,6 +1424,42 @@ def job_fields(job: Job) -> dict[str, object]:
 
 # The dispositions of an enqueue that inserted its job.
 _INSERTS = frozenset({Disposition.INSERTED, Disposition.RERUN_SCHEDULED})
+
+
+def _handed(tx: Effects, result: EnqueueResult, leases: list[Lease]) -> EnqueueResult:
+    """The enqueue's result with its hand-off's lease, if the claim took a
+    job. When it took the enqueued job in the unit of work that inserted
+    it, the work that unit announced is taken already: this process's
+    dispatcher is not woken for it (other instances are told, and look for
+    nothing)."""
+    if not leases:
+        return result
+    lease = leases[0]
+    if lease.job.job_id != result.job.job_id:
+        return dataclasses.replace(result, lease=lease)
+    tx.new_work_taken()
+    return dataclasses.replace(result, job=lease.job, lease=lease)
+
+
+def _hand_off_failed(result: EnqueueResult, error: Exception) -> None:
+    """A hand-off's claim failed after its job's insert committed: the job
+    stays queued, and the dispatcher, woken by the new work, hands it out.
+    A Conflict (another claim started a job of the realm) is no news; the
+    store's failures are a warning, anything else an error with its
+    traceback."""
+    if isinstance(error, Conflict):
+        return
+    if isinstance(error, RealmError):
+        log.warning(
+            "hand-off claim failed; the job stays queued",
+            extra={"job": result.job.job_id, "error": error.message},
+        )
+        return
+    log.error(
+        "hand-off claim failed unexpectedly; the job stays queued",
+        extra={"job": result.job.job_id},
+        exc_info=error,
+    )
 
 
 def _log_enqueued(results: Sequence[EnqueueResult]) -> None:

@@ -868,3 +868,21 @@ class Realms:
             content_changed=content_changed,
             hand_off=hand_off,
         )
+
+    async def reindex_on_loop(
+        self,
+        realm_id: str,
+        priority: int | None,
+        content_changed: bool,
+        hand_off: HandOff | None = None,
+    ) -> EnqueueResult:
+        """`reindex` for a caller on the event loop (`JobQueue.enqueue_on_loop`)."""
+        validate_realm_id(realm_id)
+        prio = validate_priority(priority, USER)
+        return await self.queue.enqueue_on_loop(
+            realm_id,
+            JobKind.FROM_SCRATCH,
+            prio,
+            content_changed=content_changed,
+            hand_off=hand_off,
+        )

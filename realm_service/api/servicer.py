@@ -142,7 +142,7 @@ class RealmServicer(sgrpc.RealmServiceServicer):
             USER if priority is None else priority,
             JobKind.FROM_SCRATCH,
             functools.partial(
-                self.realms.reindex, request.realm_id, priority, request.content_changed
+                self.realms.reindex_on_loop, request.realm_id, priority, request.content_changed
             ),
         )
         return spb.ReindexRealmResponse(

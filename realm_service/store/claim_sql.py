@@ -25,7 +25,7 @@ from sqlalchemy import (
 
 from realm_service.domain import SYSTEM, AttemptOutcome, Job, JobKind, JobState, Lease
 from realm_service.store import direct
-from realm_service.store.db import Tx
+from realm_service.store.db import Effects, LoopTx, Tx
 from realm_service.store.rows import QUEUED, RUNNING, decode_paths, kind_of, make_job, to_job
 from realm_service.store.sets import in_values, rows_params, rows_source
 from realm_service.store.tables import JobAttemptRow, JobRow, RealmRow, UTCDateTime
@@ -258,21 +258,12 @@ def claim(
         return []
     pg = tx.backend == "postgresql"
     query = _candidates(bool(kinds), pg)
-    params: dict[str, Any] = {
-        "min_priority": min_priority,
-        "max_priority": _ANY_PRIORITY if max_priority is None else max_priority,
-    }
-    if kinds:
-        params["kinds"] = [k.value for k in kinds]
+    params = _bounds(min_priority, max_priority, kinds)
     if one_statement(tx.backend, limit=limit, concurrent=concurrent, system_cap=system_cap):
-        return _claim_one_pg(
-            tx,
-            params,
-            worker=(worker if isinstance(worker, str) else (list(worker) or [""])[0])[:200],
-            now=now,
-            lease_until=lease_until,
-            instance_id=instance_id,
-        )
+        lease_id = secrets.token_hex(16)
+        one = _one_values(params, lease_id, worker, instance_id, now, lease_until)
+        row = direct.first(tx.conn, _claim_one_statement("kinds" in params), one)
+        return _started_one(tx, row, lease_id, one["worker"], now, lease_until)
     if tx.each_statement_commits:
         # Its statements are whole only together: the candidates are locked
         # by the first and taken by the later ones.
@@ -374,29 +365,67 @@ def _claim_one_statement(kinds: bool) -> Select[*tuple[Any, ...]]:
     )
 
 
-def _claim_one_pg(
-    tx: Tx,
-    params: dict[str, Any],
+async def claim_one_on_loop(
+    tx: LoopTx,
     *,
+    min_priority: int,
+    max_priority: int | None,
+    kinds: Sequence[JobKind] | None,
     worker: str,
     now: datetime,
     lease_until: datetime,
-    instance_id: str,
+    instance_id: str = "",
 ) -> list[Lease]:
+    """`claim` of one job in its one PostgreSQL statement (`one_statement`:
+    no SYSTEM cap, no concurrent claimer), on the event loop
+    (`Database.loop_statements`)."""
+    params = _bounds(min_priority, max_priority, kinds)
     lease_id = secrets.token_hex(16)
-    row = direct.first(
-        tx.conn,
-        _claim_one_statement("kinds" in params),
-        {
-            **params,
-            "scan": 1,
-            "lease_id": lease_id,
-            "worker": worker,
-            "instance_id": instance_id,
-            "now": now,
-            "until": lease_until,
-        },
-    )
+    one = _one_values(params, lease_id, worker, instance_id, now, lease_until)
+    row = await direct.first_on_loop(tx, _claim_one_statement("kinds" in params), one)
+    return _started_one(tx, row, lease_id, one["worker"], now, lease_until)
+
+
+def _bounds(
+    min_priority: int, max_priority: int | None, kinds: Sequence[JobKind] | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "min_priority": min_priority,
+        "max_priority": _ANY_PRIORITY if max_priority is None else max_priority,
+    }
+    if kinds:
+        params["kinds"] = [k.value for k in kinds]
+    return params
+
+
+def _one_values(
+    params: dict[str, Any],
+    lease_id: str,
+    worker: str | Sequence[str],
+    instance_id: str,
+    now: datetime,
+    lease_until: datetime,
+) -> dict[str, Any]:
+    """The values of the one-statement claim (`_claim_one_statement`)."""
+    return {
+        **params,
+        "scan": 1,
+        "lease_id": lease_id,
+        "worker": (worker if isinstance(worker, str) else (list(worker) or [""])[0])[:200],
+        "instance_id": instance_id,
+        "now": now,
+        "until": lease_until,
+    }
+
+
+def _started_one(
+    tx: Effects,
+    row: Any | None,
+    lease_id: str,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+) -> list[Lease]:
     if row is None:
         return []
     chosen = _Candidate._make(row)
@@ -404,7 +433,7 @@ def _claim_one_pg(
 
 
 def _started(
-    tx: Tx,
+    tx: Effects,
     chosen: Sequence[_Candidate],
     leases: dict[int, str],
     holder: dict[int, str],

@@ -715,6 +715,8 @@ class Database:
 
     def close(self) -> None:
         self._stop.set()
+        if self.loop_connections is not None:
+            self.loop_connections.discard()
         self.engine.dispose()
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Insert,
@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql
 from realm_service.domain import Job, JobKind, JobState, PathChange, merge_paths
 from realm_service.errors import Conflict, RealmNotFound
 from realm_service.store import direct
-from realm_service.store.db import Tx
+from realm_service.store.db import Effects, LoopTx, Tx
 from realm_service.store.rows import (
     JOB_FIELDS,
     MERGED,
@@ -212,6 +212,35 @@ def insert_if_idle(
     None, and nothing written, when any of that fails to hold (or a
     concurrent enqueuer's queued job of the kind wins the unique index): the
     caller's full enqueue reads the realm's jobs and decides."""
+    values = _if_idle_values(realm_id, kind, coalesce_with, priority, now, paths, trace_parent)
+    return _inserted(tx, direct.first(tx.conn, _insert_if_idle(tx.backend), values))
+
+
+async def insert_if_idle_on_loop(
+    tx: LoopTx,
+    *,
+    realm_id: str,
+    kind: JobKind,
+    coalesce_with: Sequence[JobKind],
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange] = (),
+    trace_parent: str = "",
+) -> Job | None:
+    """`insert_if_idle` on the event loop (`Database.loop_statements`)."""
+    values = _if_idle_values(realm_id, kind, coalesce_with, priority, now, paths, trace_parent)
+    return _inserted(tx, await direct.first_on_loop(tx, _insert_if_idle("postgresql"), values))
+
+
+def _if_idle_values(
+    realm_id: str,
+    kind: JobKind,
+    coalesce_with: Sequence[JobKind],
+    priority: int,
+    now: datetime,
+    paths: Sequence[PathChange],
+    trace_parent: str,
+) -> dict[str, Any]:
     values = new_job_values(
         realm_id=realm_id,
         kind=kind,
@@ -221,7 +250,12 @@ def insert_if_idle(
         trace_parent=trace_parent,
     )
     values["kinds"] = [k.value for k in coalesce_with]
-    row = direct.first(tx.conn, _insert_if_idle(tx.backend), values)
+    return values
+
+
+def _inserted(tx: Effects, row: Any | None) -> Job | None:
+    """The job an insert returned (None: it inserted nothing), new work at
+    commit."""
     if row is None:
         return None
     tx.announce_new_work()

@@ -93,6 +93,13 @@ class LoopConnections:
         """Close the idle connections (those still out close on release)."""
         await self._close_idle()
 
+    def discard(self) -> None:
+        """Close the idle connections' sockets at once, from any thread (the
+        store's close, after its loop may have ended)."""
+        for conn, _ in self._idle:
+            conn.pgconn.finish()
+        self._idle.clear()
+
     @property
     def idle(self) -> int:
         return len(self._idle)
@@ -104,9 +111,7 @@ class LoopConnections:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        for conn, _ in self._idle:
-            conn.pgconn.finish()
-        self._idle.clear()
+        self.discard()
         self._loop = loop
         self._slots = asyncio.Semaphore(2 * self._size)
 

@@ -6,6 +6,7 @@ outcome is the same either way."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -240,17 +241,24 @@ def test_a_claim_of_several_statements_refuses_to_run_alone(pg_alone: JobQueue) 
     assert pg_alone.get_job(pg_alone.list_jobs()[0].job_id).state is JobState.QUEUED
 
 
+@pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
 @pytest.mark.parametrize("others_alive", [False, True], ids=["alone", "shared"])
 @pytest.mark.parametrize("errcode", ["unique_violation", "disk_full", "undefined_table"])
 def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
-    pg_alone: JobQueue, caplog: pytest.LogCaptureFixture, errcode: str, others_alive: bool
+    pg_alone: JobQueue,
+    caplog: pytest.LogCaptureFixture,
+    errcode: str,
+    others_alive: bool,
+    on_loop: bool,
 ) -> None:
     """The insert committed on its own; the claim (its one statement, or its
     own transaction with other instances about) is refused: as the unique
     index on running jobs refuses one that raced another claim, as a store
     that fails does, or with an error nobody expected. The job stays
     queued, the dispatcher is woken for it, and the enqueue is reported as
-    it committed; a failure other than the race is logged."""
+    it committed; a failure other than the race is logged. Whether the
+    enqueue ran in a store thread or on the event loop
+    (`JobQueue.enqueue_on_loop`)."""
     db = pg_alone.db
     db.others_alive = others_alive
     make_realm(pg_alone, "r")
@@ -269,7 +277,10 @@ def test_a_hand_off_claim_that_fails_after_the_insert_keeps_the_job_queued(
         )
     woken = woken_calls(pg_alone)
     with caplog.at_level(logging.INFO, logger="realm_service.queue"):
-        result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
+        if on_loop:
+            result = asyncio.run(pg_alone.enqueue_on_loop("r", FS, USER, hand_off=_offer()))
+        else:
+            result = pg_alone.enqueue("r", FS, USER, hand_off=_offer())
     assert result.disposition is Disposition.INSERTED and result.lease is None
     stored = pg_alone.get_job(result.job.job_id)
     assert (stored.state, stored.attempt) == (JobState.QUEUED, 0)
@@ -634,3 +645,35 @@ def test_a_job_inserted_the_full_way_is_claimed_once_it_committed(
     assert [j.job_id for j in jobs] == [results["offered"].job.job_id]
     assert results["plain"].job.job_id == jobs[0].job_id
     assert results["plain"].disposition in (Disposition.MERGED, Disposition.ATTACHED)
+
+
+def test_an_enqueue_on_the_loop_decides_as_one_in_a_thread(queue: JobQueue) -> None:
+    """`enqueue_on_loop`: on PostgreSQL the idle insert and a one-statement
+    hand-off run on the event loop, anything else in a store thread, as on
+    SQLite; the coalescing rules decide the same either way."""
+    make_realm(queue, "r")
+    pool = queue.db.loop_connections
+    assert (pool is not None) == (queue.db.backend == "postgresql")
+
+    async def run() -> list[Any]:
+        first = await queue.enqueue_on_loop("r", FS, USER)  # idle: inserted
+        merged = await queue.enqueue_on_loop("r", FS, USER + 5)  # queued: merged
+        [lease] = queue.claim(1, worker="w")
+        attached = await queue.enqueue_on_loop("r", FS, USER)  # running: attached
+        rerun = await queue.enqueue_on_loop("r", FS, USER, content_changed=True)
+        with pytest.raises(RealmNotFound):
+            await queue.enqueue_on_loop("missing", FS, USER)
+        await queue.db.close_loop_connections()
+        return [first, merged, lease, attached, rerun]
+
+    first, merged, lease, attached, rerun = asyncio.run(run())
+    assert first.disposition is Disposition.INSERTED
+    assert merged.disposition is Disposition.MERGED
+    assert merged.job.job_id == first.job.job_id and merged.job.priority == USER + 5
+    assert lease.job.job_id == first.job.job_id
+    assert attached.disposition is Disposition.ATTACHED
+    assert attached.job.job_id == first.job.job_id
+    assert rerun.disposition is Disposition.RERUN_SCHEDULED
+    assert rerun.job.job_id != first.job.job_id
+    if pool is not None:
+        assert pool.opened == 1  # the idle insert, and the next one's try

@@ -123,7 +123,7 @@ def test_the_dispatcher_hands_the_lease_to_the_waiting_stream(queue: JobQueue) -
         result = await dispatcher.enqueue(
             USER,
             JobKind.FROM_SCRATCH,
-            functools.partial(queue.enqueue, "a", JobKind.FROM_SCRATCH, USER),
+            functools.partial(queue.enqueue_on_loop, "a", JobKind.FROM_SCRATCH, USER),
         )
         assert result.lease is not None
         assert got == [result.lease] == assigned
@@ -143,7 +143,7 @@ def test_no_offer_to_a_stream_whose_filter_refuses_the_job(queue: JobQueue) -> N
         result = await dispatcher.enqueue(
             USER,
             JobKind.FROM_SCRATCH,
-            functools.partial(queue.enqueue, "a", JobKind.FROM_SCRATCH, USER),
+            functools.partial(queue.enqueue_on_loop, "a", JobKind.FROM_SCRATCH, USER),
         )
         assert result.lease is None and result.job.state is JobState.QUEUED
         assert got == [] and stream.credits == 1
@@ -162,7 +162,7 @@ def test_a_failed_enqueue_gives_the_credit_back(queue: JobQueue) -> None:
             await dispatcher.enqueue(
                 USER,
                 JobKind.FROM_SCRATCH,
-                functools.partial(queue.enqueue, "missing", JobKind.FROM_SCRATCH, USER),
+                functools.partial(queue.enqueue_on_loop, "missing", JobKind.FROM_SCRATCH, USER),
             )
         assert stream.credits == 1 and got == []
 
@@ -176,9 +176,9 @@ def test_a_lease_for_a_stream_gone_meanwhile_goes_back_to_the_queue(queue: JobQu
     stream = waiting_stream(1, got)
     dispatcher.add(stream)
 
-    def enqueue_while_the_stream_closes(**kw: HandOff | None) -> object:
-        dispatcher.remove(stream)  # (from the thread: the test's loop waits)
-        return queue.enqueue("a", JobKind.FROM_SCRATCH, USER, **kw)  # type: ignore[arg-type]
+    async def enqueue_while_the_stream_closes(**kw: HandOff | None) -> EnqueueResult:
+        dispatcher.remove(stream)
+        return await queue.enqueue_on_loop("a", JobKind.FROM_SCRATCH, USER, **kw)  # type: ignore[arg-type]
 
     async def reindex() -> int:
         result = await dispatcher.enqueue(
@@ -210,10 +210,10 @@ def test_a_caller_that_goes_away_does_not_strand_the_lease(queue: JobQueue) -> N
             dispatcher.enqueue(
                 USER,
                 JobKind.FROM_SCRATCH,
-                functools.partial(queue.enqueue, "a", JobKind.FROM_SCRATCH, USER),
+                functools.partial(queue.enqueue_on_loop, "a", JobKind.FROM_SCRATCH, USER),
             )
         )
-        await asyncio.sleep(0)  # the enqueue is under way in its thread
+        await asyncio.sleep(0)  # the enqueue is under way
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -245,7 +245,9 @@ def test_hand_offs_under_way_keep_the_reserved_slot(queue: JobQueue) -> None:
                     dispatcher.enqueue(
                         SYSTEM,
                         JobKind.FROM_SCRATCH,
-                        functools.partial(queue.enqueue, name, JobKind.FROM_SCRATCH, SYSTEM),
+                        functools.partial(
+                            queue.enqueue_on_loop, name, JobKind.FROM_SCRATCH, SYSTEM
+                        ),
                     )
                     for name in ("a", "b")
                 )
@@ -290,7 +292,7 @@ def test_no_hand_off_while_a_rounds_claim_is_under_way(
             dispatcher.enqueue(
                 USER,
                 JobKind.FROM_SCRATCH,
-                functools.partial(queue.enqueue, "newer", JobKind.FROM_SCRATCH, USER),
+                functools.partial(queue.enqueue_on_loop, "newer", JobKind.FROM_SCRATCH, USER),
             )
         )
         result = await reindex
@@ -321,7 +323,7 @@ def test_a_hand_off_leaves_a_dedicated_lanes_jobs_to_it(queue: JobQueue) -> None
         return await dispatcher.enqueue(
             SYSTEM,
             JobKind.FROM_SCRATCH,
-            functools.partial(queue.enqueue, "routine", JobKind.FROM_SCRATCH, SYSTEM),
+            functools.partial(queue.enqueue_on_loop, "routine", JobKind.FROM_SCRATCH, SYSTEM),
         )
 
     result = asyncio.run(reindex())
@@ -353,7 +355,7 @@ def test_no_hand_off_past_a_lane_that_takes_some_of_the_streams_kinds(queue: Job
         result = await dispatcher.enqueue(
             60,
             JobKind.FROM_SCRATCH,
-            functools.partial(queue.enqueue, "hot", JobKind.FROM_SCRATCH, 60),
+            functools.partial(queue.enqueue_on_loop, "hot", JobKind.FROM_SCRATCH, 60),
         )
         await dispatcher._round()
         return result
