@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from realm_common import tracing
 from realm_service import metrics
@@ -580,14 +581,9 @@ class JobQueue:
             priority=priority,
             now=now,
             files=files,
-            job_priority=priority,
-            job_time=self.clock(),
-            trace_parent=tracing.current_traceparent(),
+            **self._first_job(priority),
         )
-        if created is not None:
-            result = EnqueueResult(created[1], Disposition.INSERTED)
-            tx.on_commit(functools.partial(_log_enqueued, [result]))
-        return created
+        return _logged_when_created(tx, created)
 
     async def new_realm_on_loop(
         self,
@@ -607,14 +603,18 @@ class JobQueue:
             priority=priority,
             now=now,
             files=files,
-            job_priority=priority,
-            job_time=self.clock(),
-            trace_parent=tracing.current_traceparent(),
+            **self._first_job(priority),
         )
-        if created is not None:
-            result = EnqueueResult(created[1], Disposition.INSERTED)
-            tx.on_commit(functools.partial(_log_enqueued, [result]))
-        return created
+        return _logged_when_created(tx, created)
+
+    def _first_job(self, priority: int) -> dict[str, Any]:
+        """A new realm's first job: at its creation's priority, now, in the
+        caller's trace."""
+        return {
+            "job_priority": priority,
+            "job_time": self.clock(),
+            "trace_parent": tracing.current_traceparent(),
+        }
 
     def first_index_of_new_realm(self, tx: Tx, realm_id: str, priority: int) -> Job:
         """The first from-scratch job of a realm inserted in this same
@@ -1424,6 +1424,16 @@ def job_fields(job: Job) -> dict[str, object]:
 
 # The dispositions of an enqueue that inserted its job.
 _INSERTS = frozenset({Disposition.INSERTED, Disposition.RERUN_SCHEDULED})
+
+
+def _logged_when_created(
+    tx: Effects, created: tuple[Realm, Job] | None
+) -> tuple[Realm, Job] | None:
+    """A new realm's first job is logged as enqueued once it has committed."""
+    if created is not None:
+        result = EnqueueResult(created[1], Disposition.INSERTED)
+        tx.on_commit(functools.partial(_log_enqueued, [result]))
+    return created
 
 
 def _handed(tx: Effects, result: EnqueueResult, leases: list[Lease]) -> EnqueueResult:

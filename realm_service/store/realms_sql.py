@@ -140,13 +140,7 @@ def create_realm(
     realm's row is), which `Database.statements` may run on its own; three
     on SQLite, in the caller's transaction."""
     realm = _new_realm(realm_id, display_name, priority, now, len(files))
-    job_values = new_job_values(
-        realm_id=realm_id,
-        kind=JobKind.FROM_SCRATCH,
-        priority=job_priority,
-        now=job_time,
-        trace_parent=trace_parent,
-    )
+    job_values = _first_job_values(realm_id, job_priority, job_time, trace_parent)
     if tx.backend == "postgresql":
         params = _create_realm_params(realm, job_values, files, now)
         return _created(tx, realm, direct.first(tx.conn, _create_realm_pg(), params))
@@ -172,15 +166,21 @@ async def create_realm_on_loop(
     """`create_realm`'s one PostgreSQL statement, run on the event loop
     (`Database.loop_statements`)."""
     realm = _new_realm(realm_id, display_name, priority, now, len(files))
-    job_values = new_job_values(
-        realm_id=realm_id,
-        kind=JobKind.FROM_SCRATCH,
-        priority=job_priority,
-        now=job_time,
-        trace_parent=trace_parent,
-    )
+    job_values = _first_job_values(realm_id, job_priority, job_time, trace_parent)
     params = _create_realm_params(realm, job_values, files, now)
     return _created(tx, realm, await direct.first_on_loop(tx, _create_realm_pg(), params))
+
+
+def _first_job_values(
+    realm_id: str, priority: int, now: datetime, trace_parent: str
+) -> dict[str, Any]:
+    return new_job_values(
+        realm_id=realm_id,
+        kind=JobKind.FROM_SCRATCH,
+        priority=priority,
+        now=now,
+        trace_parent=trace_parent,
+    )
 
 
 def _create_realm_params(
