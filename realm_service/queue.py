@@ -327,12 +327,23 @@ class JobQueue:
                 tx.on_commit(functools.partial(_log_enqueued, [result]))
                 if hand_off is None:
                     return result
-                if self._one_statement_claim(hand_off, concurrent):
-                    return await self._hand_off_on_loop(tx, result, hand_off)
-                offer = hand_off
+                if not self._one_statement_claim(hand_off, concurrent):
+                    offer = hand_off
+                else:
+                    offer = None
+                    result = await self._hand_off_on_loop(tx, result, hand_off)
         except Conflict:  # as in `_enqueue_if_idle`: nothing committed
             return None
-        return await asyncio.to_thread(self._hand_off_after, result, offer, None)
+        if offer is not None:
+            return await asyncio.to_thread(self._hand_off_after, result, offer, None)
+        lease = result.lease
+        if lease is not None and lease.job.kind is JobKind.INCREMENTAL:
+            # A small incremental job ahead of this one was claimed: its
+            # files go with it where they fit (`_with_files`), read in a
+            # store thread once the loop's connection is back.
+            [lease] = await asyncio.to_thread(self._with_files_read, [lease])
+            result = dataclasses.replace(result, lease=lease)
+        return result
 
     async def _hand_off_on_loop(
         self, tx: LoopTx, result: EnqueueResult, hand_off: HandOff
@@ -357,20 +368,19 @@ class JobQueue:
         except Exception as e:
             _hand_off_failed(result, e)
             return result
-        if any(lease.job.kind is JobKind.INCREMENTAL for lease in leases):
-            # A small incremental job ahead of this one, claimed with its
-            # files where they fit (`_with_files`): read in a store thread.
-            leases = await asyncio.to_thread(self._with_files_read, leases)
         return _handed(tx, result, leases)
 
     def _with_files_read(self, leases: list[Lease]) -> list[Lease]:
+        """The leases with their files (`_with_files`), read after their
+        claim committed: a read that fails leaves them without (the worker
+        reads them), never the claim undone."""
         try:
             with self.db.read_transaction() as tx:
                 return _with_files(tx, leases)
-        except RealmError as e:  # the claim committed: the worker reads them
+        except Exception as e:
             log.warning(
                 "could not read a claimed job's files; the worker reads them",
-                extra={"error": e.message},
+                extra={"error": str(e)},
             )
             return leases
 
@@ -606,6 +616,13 @@ class JobQueue:
             **self._first_job(priority),
         )
         return _logged_when_created(tx, created)
+
+    def announce_work(self) -> None:
+        """Work may be claimable whose announcement was lost (a statement
+        that committed under a cancel): this process's dispatcher is woken,
+        and other instances are told."""
+        with self.db.statements() as tx:
+            tx.announce_new_work()
 
     def _first_job(self, priority: int) -> dict[str, Any]:
         """A new realm's first job: at its creation's priority, now, in the

@@ -195,6 +195,9 @@ def index_card(display_name: str) -> bytes:
 # its initial files are at most this many bytes in all (`create_async`): their
 # checks and hashes then take the loop a few tens of microseconds at most.
 LOOP_CREATE_BYTES = 64 * 1024
+# ... and at most this many of them (each path is checked character by
+# character).
+LOOP_CREATE_FILES = 16
 
 
 def _checked_create(
@@ -290,7 +293,8 @@ class Realms:
     ) -> CreateResult:
         """`create` for a caller on the event loop. On PostgreSQL a create
         without a request id, and with initial files of at most
-        `LOOP_CREATE_BYTES` in all, runs there: its one statement
+        `LOOP_CREATE_FILES` files and `LOOP_CREATE_BYTES` (paths and
+        contents) in all, runs there: its one statement
         (`Database.loop_statements`), without the two hops to a store thread
         and back. Any other create runs `create` in a store thread. Either
         runs to its end when its caller goes away meanwhile: the realm is
@@ -300,7 +304,8 @@ class Realms:
         if (
             request_id
             or not self.db.runs_on_loop
-            or sum(len(content) for _, content in files) > LOOP_CREATE_BYTES
+            or len(files) > LOOP_CREATE_FILES
+            or sum(len(path) + len(content) for path, content in files) > LOOP_CREATE_BYTES
         ):
             return await asyncio.to_thread(
                 functools.partial(
@@ -324,8 +329,22 @@ class Realms:
                 asyncio.to_thread(self._finish_left_behind, realm_id, prio, name, checked)
             )
             self._left_behind.add(finish)
-            finish.add_done_callback(self._left_behind.discard)
+            finish.add_done_callback(self._left_behind_done)
             raise
+
+    def _left_behind_done(self, finish: asyncio.Future[None]) -> None:
+        self._left_behind.discard(finish)
+        if not finish.cancelled() and finish.exception() is not None:
+            log.error(
+                "create left by its caller failed",
+                exc_info=finish.exception(),
+            )
+
+    async def wait_left_behind(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) for creates left by their callers
+        to be finished: before the store closes at a stop."""
+        if self._left_behind:
+            await asyncio.wait(list(self._left_behind), timeout=timeout)
 
     def _finish_left_behind(
         self, realm_id: str, priority: int, name: str, files: Sequence[tuple[str, bytes]]
@@ -336,11 +355,21 @@ class Realms:
         may have come after the commit, at an effect's await) or left
         nothing. Either way the create ends as one in a store thread would
         have: the realm created now, or mounted (and given a first job if
-        it has none, `ensure_mounted`)."""
+        it has none, `ensure_mounted`). A statement that committed before
+        the cancel fired none of its effects: the work is announced again
+        (a wake-up too many, for a realm that was there before, is no
+        harm)."""
         try:
-            self._create_new(realm_id, priority, name, files, self.clock())
+            for attempt in range(3):
+                try:
+                    self._create_new(realm_id, priority, name, files, self.clock())
+                    return
+                except Conflict:  # as in `create`
+                    if attempt == 2:
+                        raise
         except RealmAlreadyExists:
             self.ensure_mounted(realm_id)
+            self.queue.announce_work()
         except RealmError as e:  # the store failed it: as the caller would have heard
             log.warning(
                 "create left by its caller not finished",

@@ -23,9 +23,10 @@ always did. A statement whose SQL depends on its values (expanding
 parameters) is left to SQLAlchemy (lists are bound as one value elsewhere:
 `sets.py`).
 
-`first_on_loop` runs a create's one statement the same way on the event
-loop, over a psycopg AsyncConnection (`Database.loop_statements`), its
-errors wrapped as SQLAlchemy wraps them (`driver_error`).
+`first_on_loop` runs a statement the same way on the event loop, over a
+psycopg AsyncConnection (`Database.loop_statements`: a create's one
+statement, an idle reindex's insert and its hand-off's claim), its errors
+wrapped as SQLAlchemy wraps them (`driver_error`).
 """
 
 from __future__ import annotations
@@ -252,9 +253,9 @@ async def first_on_loop(
     if bound is None:
         raise _refusal(prepared, params)
     try:
-        cursor = tx.driver.cursor()
-        await cursor.execute(prepared.sql, bound)
-        fetched = await cursor.fetchall() if prepared.row is not None else []
+        async with tx.driver.cursor() as cursor:
+            await cursor.execute(prepared.sql, bound)
+            fetched = await cursor.fetchall() if prepared.row is not None else []
     except psycopg.Error as e:
         raise driver_error(e, prepared.sql, bound, tx.driver) from e
     except Exception as e:

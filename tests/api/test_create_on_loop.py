@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import psycopg
@@ -17,7 +18,7 @@ import pytest
 from realm.v1 import realm_service_pb2 as spb
 from realm.v1 import resources_pb2 as pb
 
-from realm_service.realms import LOOP_CREATE_BYTES
+from realm_service.realms import LOOP_CREATE_BYTES, LOOP_CREATE_FILES
 from tests.api.conftest import BASE, LiveServer, start_live_server
 from tests.api.helpers import poll
 from tests.faults.proxy import Proxy
@@ -62,11 +63,17 @@ def test_creates_without_a_request_id_run_on_the_loop_on_postgresql(live: LiveSe
         for i in range(2)
     ]
     create(live, "big-files", initial_files=big)
+    many = [pb.FileContent(path=f"f-{i}.txt", content=b"") for i in range(LOOP_CREATE_FILES + 1)]
+    create(live, "many-files", initial_files=many)
     if pool is not None:
         assert pool.opened == opened + 1
 
     # Every one of them wrote its files and its one job, whichever way it ran.
-    for realm_id, files in [("small-files", ["a.txt"]), ("big-files", ["big-0.bin", "big-1.bin"])]:
+    for realm_id, files in [
+        ("small-files", ["a.txt"]),
+        ("big-files", ["big-0.bin", "big-1.bin"]),
+        ("many-files", [f"f-{i}.txt" for i in range(LOOP_CREATE_FILES + 1)]),
+    ]:
         listed = live.stub.ListRealmFiles(spb.ListRealmFilesRequest(realm_id=realm_id), timeout=10)
         assert {f.path for f in listed.files} >= set(files)
     with pytest.raises(grpc.RpcError) as taken:
@@ -81,6 +88,15 @@ def test_a_create_whose_caller_went_away_still_mounts_its_realm_and_keeps_its_jo
 ) -> None:
     live, stop = start_live_server(replace(BASE, store_url=pg_url))
     conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    realms = live.srv.realms
+    finished: list[str] = []
+    finish = realms._finish_left_behind
+
+    def finishing(realm_id: str, *rest: Any) -> None:
+        finished.append(realm_id)
+        finish(realm_id, *rest)
+
+    realms._finish_left_behind = finishing  # type: ignore[method-assign]
     try:
         create(live, "warm")  # the loop's connection is made
         with psycopg.connect(conninfo) as holder:
@@ -90,8 +106,9 @@ def test_a_create_whose_caller_went_away_still_mounts_its_realm_and_keeps_its_jo
             call = live.stub.CreateRealm.future(
                 spb.CreateRealmRequest(realm_id="left-behind"), timeout=30
             )
+            holder_pid = holder.info.backend_pid
             poll(
-                lambda: _waiting_inserts(conninfo) > 0,
+                lambda: _waiting_inserts(conninfo, holder_pid) > 0,
                 timeout=10,
                 what="the create's statement waiting on the lock",
             )
@@ -99,13 +116,24 @@ def test_a_create_whose_caller_went_away_still_mounts_its_realm_and_keeps_its_jo
             with pytest.raises(grpc.FutureCancelledError):
                 call.result()
             holder.rollback()
+        # The statement was cancelled, and a store thread makes the realm.
+        poll(lambda: finished == ["left-behind"], timeout=10, what="the create finished")
+
+        def exists() -> bool:
+            try:
+                live.stub.GetRealm(spb.GetRealmRequest(realm_id="left-behind"), timeout=10)
+                return True
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return False
+
+        poll(exists, timeout=10, what="the realm created after its caller left")
         poll(
             lambda: "left-behind" in live.srv.realms.registry,
             timeout=10,
-            what="the realm mounted after its caller left",
+            what="the realm mounted",
         )
-        realm = live.stub.GetRealm(spb.GetRealmRequest(realm_id="left-behind"), timeout=10)
-        assert realm.realm.realm_id == "left-behind"
         jobs = live.stub.ListJobs(spb.ListJobsRequest(realm_id="left-behind"), timeout=10).jobs
         assert len(jobs) == 1 and jobs[0].state == pb.Job.STATE_QUEUED
         pool = live.srv.db.loop_connections
@@ -115,12 +143,13 @@ def test_a_create_whose_caller_went_away_still_mounts_its_realm_and_keeps_its_jo
         stop()
 
 
-def _waiting_inserts(conninfo: str) -> int:
+def _waiting_inserts(conninfo: str, holder_pid: int) -> int:
+    """Inserts into realms that wait on the holder's lock (not another test's)."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO realms%'"
-            " AND datname = current_database()"
+            " WHERE %s = ANY(pg_blocking_pids(pid)) AND query LIKE '%%INSERT INTO realms%%'",
+            (holder_pid,),
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -175,8 +204,11 @@ def test_a_left_behind_create_whose_statement_had_committed_mounts_its_realm(
         first = create(live, "committed")
         live.srv.realms.registry.unmount("committed")
         assert "committed" not in live.srv.realms.registry
+        woken: list[int] = []
+        live.srv.db.on_new_work(lambda: woken.append(1))
         live.call(lambda: live.srv.realms._finish_left_behind("committed", 5, "committed", []))
         assert "committed" in live.srv.realms.registry
+        assert woken  # its statement's own effects never fired: announced again
         jobs = live.stub.ListJobs(spb.ListJobsRequest(realm_id="committed"), timeout=10).jobs
         assert [j.job_id for j in jobs] == [first.job.job_id]
         # One that left nothing is created now, at its priority.

@@ -14,7 +14,9 @@ import pytest
 from sqlalchemy import JSON, Enum, Integer, bindparam, exc, select
 from store_helpers import terminate_backend
 
+from realm_service.domain import EnqueueResult, HandOff, JobKind, JobState
 from realm_service.errors import InvalidArgument, StoreUnavailable
+from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store import direct, realms_sql
 from realm_service.store.db import Database, LoopTx, open_database
 from realm_service.store.loop_pool import LoopConnections
@@ -205,3 +207,67 @@ def test_the_pool_keeps_at_most_its_size_idle_and_waits_beyond_twice_that(
 
     asyncio.run(run())
     assert pool.opened == 4
+
+
+def test_a_connection_found_broken_takes_the_idle_ones_with_it(db: Database) -> None:
+    """As a lost connection invalidates the engine's pool: after a server
+    restart the next call fails, not one call for every idle connection."""
+    pool = _pool(db, ping_after_s=3600.0)
+
+    async def run() -> None:
+        first, second = await pool.acquire(), await pool.acquire()
+        pids = [first.info.backend_pid, second.info.backend_pid]
+        await pool.release(first)
+        await pool.release(second)
+        assert pool.idle == 2
+        for pid in pids:
+            assert terminate_backend(db, pid)
+        conn = await pool.acquire()
+        with pytest.raises(psycopg.OperationalError):
+            await conn.execute("SELECT 1")
+        await pool.release(conn)
+        assert pool.idle == 0  # the other one went too, unused
+        assert await _pid(pool) not in pids
+        await pool.close()
+
+    asyncio.run(run())
+    assert pool.opened == 3
+
+
+def test_a_closed_pool_hands_out_nothing_and_closes_what_comes_back(db: Database) -> None:
+    async def run() -> None:
+        async with db.loop_statements() as tx:
+            await _create(tx, "before")
+            await db.close_loop_connections()  # a stop while a call is out
+        pool = db.loop_connections
+        assert pool is not None and pool.idle == 0
+        with pytest.raises(StoreUnavailable):
+            async with db.loop_statements():
+                raise AssertionError("no connection after the close")
+
+    asyncio.run(run())
+
+
+def test_an_idle_reindex_on_the_loop_tells_other_instances(db: Database) -> None:
+    """With other instances alive the enqueue's word goes out after its
+    insert, and the hand-off's claim (several statements) runs in a thread."""
+    queue = JobQueue(db, settings=QueueSettings())
+    with db.statements() as tx:
+        realms_sql.insert_new_realm(
+            tx, realm_id="r", display_name="r", priority=10, now=NOW, files=[]
+        )
+    db.others_alive = True
+    offer = HandOff(stream_id="s", worker="w", min_priority=0, kinds=(), system_limit=None)
+    with psycopg.connect(db._conninfo(), autocommit=True) as listener:
+        listener.execute(f'LISTEN "{db.channel}"')
+
+        async def run() -> EnqueueResult:
+            result = await queue.enqueue_on_loop("r", JobKind.FROM_SCRATCH, 10, hand_off=offer)
+            await db.close_loop_connections()
+            return result
+
+        result = asyncio.run(run())
+        heard = [n.payload for n in listener.notifies(timeout=5.0, stop_after=1)]
+    assert heard == [db.origin]
+    assert result.lease is not None and result.lease.job.job_id == result.job.job_id
+    assert queue.get_job(result.job.job_id).state is JobState.RUNNING
