@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import JSON, Enum, Integer, bindparam, exc, select
+from sqlalchemy import JSON, Enum, Integer, bindparam, exc, select, text
 from store_helpers import terminate_backend
 
 from realm_service.domain import EnqueueResult, HandOff, JobKind, JobState
@@ -271,3 +271,55 @@ def test_an_idle_reindex_on_the_loop_tells_other_instances(db: Database) -> None
     assert heard == [db.origin]
     assert result.lease is not None and result.lease.job.job_id == result.job.job_id
     assert queue.get_job(result.job.job_id).state is JobState.RUNNING
+
+
+def test_a_claim_of_one_statement_commits_without_the_flush_and_only_itself(
+    db: Database,
+) -> None:
+    """The one-statement claim's transaction runs with `synchronous_commit`
+    off (a deferred trigger sees the setting at its commit); the setting
+    does not outlive it on the connection, which creates and enqueues share,
+    on the loop and in a store thread."""
+    with db.transaction() as tx:
+        for sql in (
+            "CREATE TABLE seen (setting text)",
+            "CREATE FUNCTION see() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " INSERT INTO seen VALUES (current_setting('synchronous_commit'));"
+            " RETURN NULL; END $$",
+            "CREATE CONSTRAINT TRIGGER see AFTER INSERT ON job_attempts"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION see()",
+        ):
+            tx.conn.execute(text(sql))
+    queue = JobQueue(db, settings=QueueSettings())
+    for realm_id in ("a", "b"):
+        with db.statements() as tx:
+            realms_sql.insert_new_realm(
+                tx, realm_id=realm_id, display_name=realm_id, priority=10, now=NOW, files=[]
+            )
+    db.others_alive = False
+    offer = HandOff(stream_id="s", worker="w", min_priority=0, kinds=(), system_limit=None)
+
+    async def run() -> tuple[EnqueueResult, str]:
+        result = await queue.enqueue_on_loop("a", JobKind.FROM_SCRATCH, 10, hand_off=offer)
+        pool = db.loop_connections
+        assert pool is not None and pool.idle == 1
+        conn = await pool.acquire()  # the one the enqueue used
+        try:
+            cur = await conn.execute("SHOW synchronous_commit")
+            row = await cur.fetchone()
+        finally:
+            await pool.release(conn)
+        await db.close_loop_connections()
+        assert row is not None
+        return result, str(row[0])
+
+    result, after_on_loop = asyncio.run(run())
+    assert result.lease is not None  # claimed on the loop, in one statement
+    assert after_on_loop == "on"
+    queue.enqueue("b", JobKind.FROM_SCRATCH, 10)
+    [lease] = queue.claim(1, worker="w")  # one statement, in a store thread
+    assert lease.job.realm_id == "b"
+    with db.statements() as tx:
+        seen = [r[0] for r in tx.conn.execute(text("SELECT setting FROM seen"))]
+        assert tx.conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+    assert seen == ["off", "off"]
