@@ -263,7 +263,8 @@ def claim(
     if one_statement(tx.backend, limit=limit, concurrent=concurrent, system_cap=system_cap):
         lease_id = secrets.token_hex(16)
         one = _one_values(params, lease_id, worker, instance_id, now, lease_until)
-        row = direct.first(tx.conn, _claim_one_statement("kinds" in params), one)
+        statement = _claim_one_statement("kinds" in params, tx.each_statement_commits)
+        row = direct.first(tx.conn, statement, one)
         return _started_one(tx, row, lease_id, one["worker"], now, lease_until)
     if tx.each_statement_commits:
         # Its statements are whole only together: the candidates are locked
@@ -346,23 +347,23 @@ def claim(
 
 
 @functools.cache
-def _claim_one_statement(kinds: bool) -> Select[*tuple[Any, ...]]:
+def _claim_one_statement(kinds: bool, alone: bool) -> Select[*tuple[Any, ...]]:
     """The first candidate (locked with its realm, SKIP LOCKED both), its
     attempt inserted and the job started, in data-modifying CTEs over that
     one row; the statement returns the candidate as it was read.
 
-    Its commit does not wait for the WAL's flush (`synchronous_commit` off
-    for its own transaction only, `relaxed`): it is the last step before a
-    waiting worker gets its job, and the wait was about a fifth of the
-    wake-up from the claim on (bench/README.md). A claim lost with the last
-    commits of a PostgreSQL crash only runs its job again: the job is queued
-    again, and the worker's lease, unknown to the store, is refused at its
-    next heartbeat or result. The next commit that waits for the flush (the
-    job's result, any enqueue) makes it durable with everything before it."""
+    `alone`: the statement commits on its own (autocommit), and its commit
+    does not wait for the WAL's flush (`synchronous_commit` off for its own
+    transaction, `relaxed`): it is the last step before a waiting worker
+    gets its job, and the wait was about a fifth of the wake-up from the
+    claim on (bench/README.md). A claim lost with the last commits of a
+    PostgreSQL crash only runs its job again: the job is queued again, and
+    the worker's lease, unknown to the store, is refused at its next
+    heartbeat or result. The next commit that waits for the flush (the
+    job's result, any enqueue) makes it durable with everything before it.
+    In a transaction of other writes (an enqueue's merge with its hand-off)
+    the setting would hold for them too: there it is left as it is."""
     candidate = _candidates(kinds, True).cte("candidate")
-    relaxed = select(
-        func.set_config("synchronous_commit", "off", literal(True)).label("value")
-    ).cte("relaxed")
     lease_id = bindparam("lease_id", type_=String())
     worker = bindparam("worker", type_=String())
     attempt = _attempts_from(candidate.c.id, lease_id, worker).cte("new_attempt")
@@ -373,12 +374,16 @@ def _claim_one_statement(kinds: bool) -> Select[*tuple[Any, ...]]:
         .returning(_JOBS.c.id)
         .cte("started")
     )
-    return (
-        select(*(candidate.c[name] for name in _Candidate._fields))
-        .join_from(candidate, started, started.c.id == candidate.c.id)
-        # Joined, so that it is evaluated (when the claim takes a job).
-        .join(relaxed, relaxed.c.value.is_not(None))
+    claimed = select(*(candidate.c[name] for name in _Candidate._fields)).join_from(
+        candidate, started, started.c.id == candidate.c.id
     )
+    if not alone:
+        return claimed
+    relaxed = select(
+        func.set_config("synchronous_commit", "off", literal(True)).label("value")
+    ).cte("relaxed")
+    # Joined, so that it is evaluated (when the claim takes a job).
+    return claimed.join(relaxed, relaxed.c.value.is_not(None))
 
 
 async def claim_one_on_loop(
@@ -398,7 +403,7 @@ async def claim_one_on_loop(
     params = _bounds(min_priority, max_priority, kinds)
     lease_id = secrets.token_hex(16)
     one = _one_values(params, lease_id, worker, instance_id, now, lease_until)
-    row = await direct.first_on_loop(tx, _claim_one_statement("kinds" in params), one)
+    row = await direct.first_on_loop(tx, _claim_one_statement("kinds" in params, True), one)
     return _started_one(tx, row, lease_id, one["worker"], now, lease_until)
 
 

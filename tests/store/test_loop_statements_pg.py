@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import JSON, Enum, Integer, bindparam, exc, select, text
 from store_helpers import terminate_backend
 
-from realm_service.domain import EnqueueResult, HandOff, JobKind, JobState
+from realm_service.domain import Disposition, EnqueueResult, HandOff, JobKind, JobState
 from realm_service.errors import InvalidArgument, StoreUnavailable
 from realm_service.queue import JobQueue, QueueSettings
 from realm_service.store import direct, realms_sql
@@ -276,10 +276,12 @@ def test_an_idle_reindex_on_the_loop_tells_other_instances(db: Database) -> None
 def test_a_claim_of_one_statement_commits_without_the_flush_and_only_itself(
     db: Database,
 ) -> None:
-    """The one-statement claim's transaction runs with `synchronous_commit`
-    off (a deferred trigger sees the setting at its commit); the setting
-    does not outlive it on the connection, which creates and enqueues share,
-    on the loop and in a store thread."""
+    """A claim of one statement that commits alone (on the loop, or in a
+    store thread's autocommit) runs with `synchronous_commit` off: a
+    deferred trigger sees the setting at its commit. One in a transaction
+    of other writes (an enqueue's merge with its hand-off) or in a round's
+    transaction keeps it on, and the setting never outlives its
+    transaction on the connections that creates and enqueues share."""
     with db.transaction() as tx:
         for sql in (
             "CREATE TABLE seen (setting text)",
@@ -291,7 +293,7 @@ def test_a_claim_of_one_statement_commits_without_the_flush_and_only_itself(
         ):
             tx.conn.execute(text(sql))
     queue = JobQueue(db, settings=QueueSettings())
-    for realm_id in ("a", "b"):
+    for realm_id in ("a", "b", "c", "d"):
         with db.statements() as tx:
             realms_sql.insert_new_realm(
                 tx, realm_id=realm_id, display_name=realm_id, priority=10, now=NOW, files=[]
@@ -316,10 +318,18 @@ def test_a_claim_of_one_statement_commits_without_the_flush_and_only_itself(
     result, after_on_loop = asyncio.run(run())
     assert result.lease is not None  # claimed on the loop, in one statement
     assert after_on_loop == "on"
-    queue.enqueue("b", JobKind.FROM_SCRATCH, 10)
-    [lease] = queue.claim(1, worker="w")  # one statement, in a store thread
-    assert lease.job.realm_id == "b"
+    fs = JobKind.FROM_SCRATCH
+    # In a store thread, after the idle insert, committing alone.
+    assert queue.enqueue("b", fs, 10, hand_off=offer).lease is not None
+    # In the transaction of an enqueue that merged into a queued job.
+    queue.enqueue("c", fs, 10)
+    merged = queue.enqueue("c", fs, 20, hand_off=offer)
+    assert merged.disposition is Disposition.MERGED and merged.lease is not None
+    # In a round's transaction.
+    queue.enqueue("d", fs, 10)
+    [lease] = queue.claim(1, worker="w")
+    assert lease.job.realm_id == "d"
     with db.statements() as tx:
         seen = [r[0] for r in tx.conn.execute(text("SELECT setting FROM seen"))]
         assert tx.conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
-    assert seen == ["off", "off"]
+    assert seen == ["off", "off", "on", "on"]
