@@ -272,9 +272,19 @@ class Realms:
         prio, name, checked = _checked_create(
             realm_id, priority, display_name, request_id, files, self.max_file_size
         )
+        return self._create_checked(realm_id, prio, name, request_id, checked)
+
+    def _create_checked(
+        self,
+        realm_id: str,
+        priority: int,
+        name: str,
+        request_id: str,
+        files: Sequence[tuple[str, bytes]],
+    ) -> CreateResult:
         for attempt in range(3):
             try:
-                return self._create_once(realm_id, prio, name, request_id, checked)
+                return self._create_once(realm_id, priority, name, request_id, files)
             except Conflict:
                 # Another instance won a race on the realm or the request id;
                 # the next pass sees its committed result.
@@ -360,13 +370,7 @@ class Realms:
         (a wake-up too many, for a realm that was there before, is no
         harm)."""
         try:
-            for attempt in range(3):
-                try:
-                    self._create_new(realm_id, priority, name, files, self.clock())
-                    return
-                except Conflict:  # as in `create`
-                    if attempt == 2:
-                        raise
+            self._create_checked(realm_id, priority, name, "", files)
         except RealmAlreadyExists:
             self.ensure_mounted(realm_id)
             self.queue.announce_work()

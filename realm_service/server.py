@@ -256,7 +256,7 @@ class RealmServer:
         except RealmError as e:  # its leases then wait for the instance timeout
             log.warning("could not unregister this instance", extra={"error": str(e)})
         await self.realms.wait_left_behind(STOP_TASKS_SECONDS)
-        await self.db.close_loop_connections()
+        self.db.close_loop_connections()
         await asyncio.to_thread(self.db.close)
         self.stopped.set()
         log.info("stopped")

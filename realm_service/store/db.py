@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from realm_service.domain import Job
 from realm_service.errors import Conflict, InvalidArgument, StoreFull, StoreUnavailable
-from realm_service.store.direct import driver_error
+from realm_service.store.direct import driver_error, first_on_loop
 
 if TYPE_CHECKING:
     from realm_service.store.loop_pool import LoopConnections
@@ -475,41 +475,38 @@ class Database:
             raise RuntimeError("statements on the event loop need PostgreSQL")
         import psycopg
 
-        done: LoopTx | None = None
-        try:
-            with translate_errors():
+        with translate_errors():
+            try:
+                driver = await pool.acquire()
+            except psycopg.Error as e:
+                raise driver_error(e, "connect", None, None) from e
+            tx = LoopTx(driver, self)
+            try:
+                yield tx
+            finally:
                 try:
-                    driver = await pool.acquire()
-                except psycopg.Error as e:
-                    raise driver_error(e, "connect", None, None) from e
-                try:
-                    done = LoopTx(driver, self)
-                    yield done
+                    for word in tx.words:
+                        try:
+                            await first_on_loop(tx, _NOTIFY_PAYLOAD, {"c": self.channel, "p": word})
+                        except exc.DBAPIError as e:
+                            _word_not_sent(word, e.orig)
                 finally:
                     try:
-                        for word in done.words if done is not None else ():
-                            try:
-                                await driver.execute(
-                                    "SELECT pg_notify(%s, %s)", (self.channel, word)
-                                )
-                            except psycopg.Error as e:
-                                _word_not_sent(word, e)
-                    finally:
                         await pool.release(driver)
-        finally:
-            if done is not None:
-                self._fire(done)
+                    finally:
+                        self._fire(tx)
 
     @property
     def runs_on_loop(self) -> bool:
         """Whether `loop_statements` may be used: PostgreSQL's store."""
         return self.loop_connections is not None
 
-    async def close_loop_connections(self) -> None:
-        """Close the idle connections of `loop_statements` (on the loop that
-        used them; a server's stop)."""
+    def close_loop_connections(self) -> None:
+        """Close the connections of `loop_statements`: the idle ones now, the
+        others as they come back (a server's stop, on the loop that used
+        them, before `close`)."""
         if self.loop_connections is not None:
-            await self.loop_connections.close()
+            self.loop_connections.close()
 
     @contextlib.contextmanager
     def read_transaction(self, *, block: bool = False) -> Iterator[Tx]:
@@ -715,8 +712,7 @@ class Database:
 
     def close(self) -> None:
         self._stop.set()
-        if self.loop_connections is not None:
-            self.loop_connections.discard()
+        self.close_loop_connections()
         self.engine.dispose()
 
 

@@ -176,15 +176,26 @@ def _bound(prepared: _Prepared, params: Mapping[str, Any]) -> Any | None:
     must run it: a value its type refuses (SQLAlchemy raises its error for
     it, a StatementError, which the store's edge translates), or a required
     value missing."""
-    if not prepared.required <= params.keys():
-        return None
+    bound = _bound_or_refusal(prepared, params)
+    return None if isinstance(bound, exc.StatementError) else bound
+
+
+def _bound_or_refusal(prepared: _Prepared, params: Mapping[str, Any]) -> Any:
+    """`_bound`'s values, or why there are none: a value its type's
+    processor refused (the processor's error, as SQLAlchemy raises it), or
+    one missing."""
+    missing = prepared.required - params.keys()
+    if missing:
+        return exc.StatementError(
+            f"a value is required for {', '.join(sorted(missing))}", prepared.sql, None, None
+        )
     values = dict(prepared.defaults)
     values.update(params)
     try:
         for name, processor in prepared.binds:
             values[name] = processor(values[name])
-    except Exception:
-        return None
+    except Exception as e:
+        return exc.StatementError(str(e), prepared.sql, None, e)
     return values if prepared.positions is None else tuple(values[n] for n in prepared.positions)
 
 
@@ -249,9 +260,9 @@ async def first_on_loop(
     prepared = _prepared(statement, tx.dialect, params)
     if prepared is None:
         raise TypeError("this statement's SQL depends on its values: it cannot run on the loop")
-    bound = _bound(prepared, params)
-    if bound is None:
-        raise _refusal(prepared, params)
+    bound = _bound_or_refusal(prepared, params)
+    if isinstance(bound, exc.StatementError):
+        raise bound
     try:
         async with tx.driver.cursor() as cursor:
             await cursor.execute(prepared.sql, bound)
@@ -275,21 +286,3 @@ def driver_error(error: Exception, sql: str, params: Any, driver: Any | None) ->
 
     lost = driver is None or driver.broken or driver.closed
     return exc.DBAPIError.instance(sql, params, error, psycopg.Error, connection_invalidated=lost)
-
-
-def _refusal(prepared: _Prepared, params: Mapping[str, Any]) -> exc.StatementError:
-    """Why `_bound` found no values: a value its type's processor refused
-    (the processor's error, as SQLAlchemy raises it), or one missing."""
-    missing = sorted(prepared.required - params.keys())
-    if missing:
-        return exc.StatementError(
-            f"a value is required for {', '.join(missing)}", prepared.sql, None, None
-        )
-    values = dict(prepared.defaults)
-    values.update(params)
-    for name, processor in prepared.binds:
-        try:
-            processor(values[name])
-        except Exception as e:
-            return exc.StatementError(str(e), prepared.sql, None, e)
-    return exc.StatementError("the statement's values could not be bound", prepared.sql, None, None)

@@ -89,15 +89,9 @@ class LoopConnections:
             if slots is not None:
                 slots.release()
 
-    async def close(self) -> None:
-        """No more connections; the idle ones are closed now, those still out
-        as they come back."""
-        self.closed = True
-        self._drop_idle()
-
-    def discard(self) -> None:
-        """Close the idle connections' sockets at once, from any thread (the
-        store's close, after its loop may have ended)."""
+    def close(self) -> None:
+        """No more connections; the idle ones are closed now (their sockets,
+        without a wait), those still out as they come back."""
         self.closed = True
         self._drop_idle()
 

@@ -663,7 +663,7 @@ def test_an_enqueue_on_the_loop_decides_as_one_in_a_thread(queue: JobQueue) -> N
         rerun = await queue.enqueue_on_loop("r", FS, USER, content_changed=True)
         with pytest.raises(RealmNotFound):
             await queue.enqueue_on_loop("missing", FS, USER)
-        await queue.db.close_loop_connections()
+        queue.db.close_loop_connections()
         return [first, merged, lease, attached, rerun]
 
     first, merged, lease, attached, rerun = asyncio.run(run())

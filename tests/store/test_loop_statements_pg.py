@@ -55,7 +55,7 @@ def test_a_create_on_the_loop_writes_and_fires_its_effects_after_it(db: Database
             created = await _create(tx, "r1")
             assert woken == []  # effects wait for the unit's end
             again = await _create(tx, "r1")
-        await db.close_loop_connections()
+        db.close_loop_connections()
         return created, again
 
     created, again = asyncio.run(run())
@@ -77,7 +77,7 @@ def test_a_word_to_other_instances_is_sent_after_the_statement(db: Database) -> 
         async def run() -> None:
             async with db.loop_statements() as tx:
                 await _create(tx, "told")
-            await db.close_loop_connections()
+            db.close_loop_connections()
 
         asyncio.run(run())
         heard = [n.payload for n in listener.notifies(timeout=5.0, stop_after=1)]
@@ -114,7 +114,7 @@ def test_values_the_store_refuses_fail_as_in_the_store_threads(
             async with db.loop_statements() as tx:
                 await direct.first_on_loop(tx, statement, {"x": value})
         finally:
-            await db.close_loop_connections()
+            db.close_loop_connections()
 
     with pytest.raises(error) as on_loop:
         asyncio.run(run())
@@ -157,7 +157,7 @@ def test_a_connection_closed_while_idle_is_replaced_unseen(db: Database) -> None
         first = await _pid(pool)
         assert terminate_backend(db, first)
         second = await _pid(pool)  # pinged, found dead, replaced
-        await pool.close()
+        pool.close()
         return first, second
 
     first, second = asyncio.run(run())
@@ -180,7 +180,7 @@ def test_a_connection_used_a_moment_ago_is_not_pinged_and_not_kept_once_broken(
         await pool.release(conn)
         assert pool.idle == 0  # broken: closed, not kept
         assert await _pid(pool) != first
-        await pool.close()
+        pool.close()
 
     asyncio.run(run())
     assert pool.opened == 2
@@ -202,7 +202,7 @@ def test_the_pool_keeps_at_most_its_size_idle_and_waits_beyond_twice_that(
         for conn in held:
             await pool.release(conn)
         assert pool.idle == 2
-        await pool.close()
+        pool.close()
         assert pool.idle == 0
 
     asyncio.run(run())
@@ -228,7 +228,7 @@ def test_a_connection_found_broken_takes_the_idle_ones_with_it(db: Database) -> 
         await pool.release(conn)
         assert pool.idle == 0  # the other one went too, unused
         assert await _pid(pool) not in pids
-        await pool.close()
+        pool.close()
 
     asyncio.run(run())
     assert pool.opened == 3
@@ -238,7 +238,7 @@ def test_a_closed_pool_hands_out_nothing_and_closes_what_comes_back(db: Database
     async def run() -> None:
         async with db.loop_statements() as tx:
             await _create(tx, "before")
-            await db.close_loop_connections()  # a stop while a call is out
+            db.close_loop_connections()  # a stop while a call is out
         pool = db.loop_connections
         assert pool is not None and pool.idle == 0
         with pytest.raises(StoreUnavailable):
@@ -263,7 +263,7 @@ def test_an_idle_reindex_on_the_loop_tells_other_instances(db: Database) -> None
 
         async def run() -> EnqueueResult:
             result = await queue.enqueue_on_loop("r", JobKind.FROM_SCRATCH, 10, hand_off=offer)
-            await db.close_loop_connections()
+            db.close_loop_connections()
             return result
 
         result = asyncio.run(run())
@@ -311,7 +311,7 @@ def test_a_claim_of_one_statement_commits_without_the_flush_and_only_itself(
             row = await cur.fetchone()
         finally:
             await pool.release(conn)
-        await db.close_loop_connections()
+        db.close_loop_connections()
         assert row is not None
         return result, str(row[0])
 
