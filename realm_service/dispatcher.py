@@ -487,8 +487,7 @@ class Dispatcher:
             plan = _plan(members)
             self._claims_in_flight += 1
             try:
-                leases = await asyncio.to_thread(
-                    self.queue.claim,
+                leases = await self.queue.claim_async(
                     len(plan),
                     worker=[s.worker_id for s in plan],
                     min_priority=min_priority,

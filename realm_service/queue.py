@@ -12,6 +12,7 @@ after the commit: no caller has a second step to remember.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -64,7 +65,14 @@ from realm_service.store import (
     leases_sql,
     realms_sql,
 )
-from realm_service.store.db import Database, Effects, LoopTx, Tx, translate_errors
+from realm_service.store.db import (
+    Database,
+    Effects,
+    LoopTx,
+    Tx,
+    WouldWait,
+    translate_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,10 @@ log = logging.getLogger(__name__)
 INLINE_PATHS = 8
 INLINE_BYTES = 64 << 10
 INLINE_JOBS = 16
+# At most this many jobs a claim, and results a completion, run on the event
+# loop (Database.on_loop): a unit of a few milliseconds.
+ON_LOOP_CLAIM = 128
+ON_LOOP_COMPLETE = 128
 GITIGNORE_PATH = ".gitignore"
 # Live jobs beyond twice the planner's count of `jobs` by this many: the
 # table outgrew the plans cached for it (see `JobQueue.analyze_if_outgrown`).
@@ -733,6 +745,61 @@ class JobQueue:
         (the dispatcher's plan of which stream gets which)."""
         if limit <= 0:
             return []
+        work = self._claim_work(limit, worker, min_priority, kinds, system_limit)
+        # "job running" is logged by the dispatcher, which knows the stream
+        # each lease goes to. Alone on the store (as of the last refresh of
+        # the instances), this process's claims run one at a time and need not
+        # guard against each other (claim_sql.claim, `concurrent`; a
+        # hand-off's claim is not one of them: JobQueue.enqueue).
+        if self.db.others_alive:
+            return self.db.retrying(work)
+        with self._claims_one_at_a_time:
+            return self.db.retrying(work)
+
+    async def claim_async(
+        self,
+        limit: int,
+        *,
+        worker: str | Sequence[str] = "",
+        min_priority: int = 0,
+        kinds: Sequence[JobKind] | None = None,
+        system_limit: int | None = None,
+    ) -> list[Lease]:
+        """`claim` from the event loop: on a SQLite file this process has to
+        itself, a claim of at most ON_LOOP_CLAIM jobs runs right here when
+        nothing else holds the claims' and the writes' turns
+        (`Database.on_loop`); otherwise, and when it would wait for another
+        process's lock, in a store thread."""
+        if 0 < limit <= ON_LOOP_CLAIM and self._claims_one_at_a_time.acquire(blocking=False):
+            try:
+                # A claim a crash undoes only queues its jobs again: its commit
+                # does not wait for the disk (DESIGN.md section 7).
+                with self.db.on_loop(sync_commits=False) as here:
+                    if here:
+                        return self.db.retrying(
+                            self._claim_work(limit, worker, min_priority, kinds, system_limit)
+                        )
+            except WouldWait:
+                pass
+            finally:
+                self._claims_one_at_a_time.release()
+        return await asyncio.to_thread(
+            self.claim,
+            limit,
+            worker=worker,
+            min_priority=min_priority,
+            kinds=kinds,
+            system_limit=system_limit,
+        )
+
+    def _claim_work(
+        self,
+        limit: int,
+        worker: str | Sequence[str],
+        min_priority: int,
+        kinds: Sequence[JobKind] | None,
+        system_limit: int | None,
+    ) -> Callable[[Tx], list[Lease]]:
         now = self.clock()
         until = now + self.settings.lease_duration
 
@@ -749,15 +816,7 @@ class JobQueue:
                 concurrent=self.db.others_alive,  # as of this run of `work`
             )
 
-        # "job running" is logged by the dispatcher, which knows the stream
-        # each lease goes to. Alone on the store (as of the last refresh of
-        # the instances), this process's claims run one at a time and need not
-        # guard against each other (claim_sql.claim, `concurrent`; a
-        # hand-off's claim is not one of them: JobQueue.enqueue).
-        if self.db.others_alive:
-            return self.db.retrying(work)
-        with self._claims_one_at_a_time:
-            return self.db.retrying(work)
+        return work
 
     def _claim_in(
         self,
@@ -875,7 +934,46 @@ class JobQueue:
         them): what they stage is what `entries` holds, counted without a
         read."""
         now = self.clock()
+        started = utcnow()
+        outcome = self.db.retrying(self._complete_work(results, files_done, entries, whole, now))
+        return self._completed(outcome, now, started)
 
+    async def complete_many_async(
+        self,
+        results: Sequence[tuple[str, int]],
+        *,
+        files_done: Mapping[str, int] | None = None,
+        entries: Mapping[str, tuple[Sequence[IndexEntry], Sequence[str]]] | None = None,
+        whole: Collection[str] = (),
+    ) -> dict[str, Job | StaleLease]:
+        """`complete_many` from the event loop: on a SQLite file this process
+        has to itself, at most ON_LOOP_COMPLETE results without entries run
+        right here when the writes' turn is free (`Database.on_loop`, as
+        `claim_async`); otherwise, and when it would wait for another
+        process's lock, in a store thread."""
+        if len(results) <= ON_LOOP_COMPLETE and not entries:
+            now = self.clock()
+            started = utcnow()
+            outcome = None
+            with contextlib.suppress(WouldWait), self.db.on_loop() as here:
+                if here:
+                    outcome = self.db.retrying(
+                        self._complete_work(results, files_done, None, whole, now)
+                    )
+            if outcome is not None:
+                return self._completed(outcome, now, started)
+        return await asyncio.to_thread(
+            self.complete_many, results, files_done=files_done, entries=entries, whole=whole
+        )
+
+    def _complete_work(
+        self,
+        results: Sequence[tuple[str, int]],
+        files_done: Mapping[str, int] | None,
+        entries: Mapping[str, tuple[Sequence[IndexEntry], Sequence[str]]] | None,
+        whole: Collection[str],
+        now: datetime,
+    ) -> Callable[[Tx], tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]]:
         def work(tx: Tx) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
             done: dict[str, Job | StaleLease] = {}
             rows = {
@@ -958,8 +1056,16 @@ class JobQueue:
             ]
             return done, finished
 
-        started = utcnow()
-        done, finished = self.db.retrying(work)
+        return work
+
+    def _completed(
+        self,
+        outcome: tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]],
+        now: datetime,
+        started: datetime,
+    ) -> dict[str, Job | StaleLease]:
+        """A completion's log lines, metrics and spans, after its commit."""
+        done, finished = outcome
         self._log_succeeded(finished, now)
         for lease_id, job in finished:
             done[lease_id] = job

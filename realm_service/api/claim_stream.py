@@ -773,8 +773,7 @@ class ClaimSession:
         the refusal fails that attempt only."""
         try:
             done: dict[str, Job | StaleLease | InvalidArgument] = dict(
-                await asyncio.to_thread(
-                    self.queue.complete_many,
+                await self.queue.complete_many_async(
                     [(r.lease_id, r.entries_uploaded) for _, r in chunk],
                     files_done={
                         r.lease_id: max(r.progress.done, r.progress.total, 0)

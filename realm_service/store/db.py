@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
 
 from realm_service.domain import Job
 from realm_service.errors import Conflict, InvalidArgument, StoreFull, StoreUnavailable
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK_KEY = 0x7265616C6D  # pg_advisory_lock key shared by all servers
 _READ_ONLY = "realm_read_only"  # execution option: this transaction only reads
+_SQLITE_BUSY_MS = 30_000  # how long a SQLite transaction waits for another process's lock
 
 
 def normalize_url(url: str) -> str:
@@ -108,6 +110,12 @@ def translate_errors() -> Iterator[None]:
 
 def _first_line(error: BaseException | None) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else "invalid value"
+
+
+class WouldWait(Exception):
+    """A unit run on the event loop (`Database.on_loop`) met the database's
+    lock held by another process: it waited for nothing and wrote nothing;
+    its caller runs it again in a store thread, which may wait."""
 
 
 class Effects:
@@ -341,11 +349,16 @@ class Database:
         # on this lock, handed over at once, instead of meeting the database's
         # busy handler, which sleeps 1 to 100 ms between retries; other
         # processes on the same file still wait through busy_timeout.
+        self._turn = threading.RLock()
         self._write_turn: contextlib.AbstractContextManager[Any] = (
-            threading.RLock() if self.backend == "sqlite" else contextlib.nullcontext()
+            self._turn if self.backend == "sqlite" else contextlib.nullcontext()
         )
         # Connections of `loop_statements` (PostgreSQL).
         self.loop_connections: LoopConnections | None = None
+        # SQLite: the one connection of the units `on_loop` runs, and the
+        # thread that runs one now (it holds the write turn meanwhile).
+        self._on_loop_engine: Engine | None = None
+        self._on_loop_thread: int | None = None
         if self.backend == "sqlite":
             self.engine = self._sqlite_engine()
         else:
@@ -379,11 +392,15 @@ class Database:
         # Words of other instances heard (and listener reconnects).
         self.words_heard = 0
 
-    def _sqlite_engine(self) -> Engine:
+    def _sqlite_engine(self, *, busy_ms: int = _SQLITE_BUSY_MS, **options: Any) -> Engine:
         path = self.url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            self.url,
+            connect_args={"timeout": busy_ms / 1000, "check_same_thread": False},
+            **options,
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -394,7 +411,7 @@ class Database:
             # survives a power loss; NORMAL (opt-in) may lose the last ones.
             cur.execute(f"PRAGMA synchronous={self.synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -411,7 +428,10 @@ class Database:
         """One write transaction, with storage errors translated. Its effects
         (new work, changed jobs) reach the listeners once it has committed,
         never before and never for a transaction that rolled back."""
-        with self._write_turn, translate_errors(), self.engine.connect() as conn, conn.begin():
+        engine = self.engine
+        if self._on_loop_thread is not None and self._on_loop_thread == threading.get_ident():
+            engine = self._loop_engine()
+        with self._write_turn, translate_errors(), engine.connect() as conn, conn.begin():
             tx = Tx(conn, self)
             yield tx
         self._fire(tx)
@@ -425,10 +445,88 @@ class Database:
             try:
                 with self.transaction() as tx:
                     return work(tx)
-            except Conflict:
+            except Conflict as e:
+                if self._on_loop_thread == threading.get_ident():
+                    raise WouldWait() from e
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
+
+    def runs_units_on_loop(self) -> bool:
+        """Whether `on_loop` may run units here: a SQLite file this process
+        has to itself (no other live instance, as of the last refresh)."""
+        return (
+            self.backend == "sqlite"
+            and self.url.removeprefix("sqlite:///") not in ("", ":memory:")
+            and not self.others_alive
+        )
+
+    @contextlib.contextmanager
+    def on_loop(self, *, sync_commits: bool = True) -> Iterator[bool]:
+        """SQLite: this process's write turn for a small unit of work that the
+        caller runs right here, on its event loop, instead of in a store
+        thread (True), or nothing (False: not SQLite, not alone on the file,
+        or the turn is taken; the caller goes to a thread).
+
+        Here the drain's claims and completions are bound by the one
+        interpreter: run in threads, each transaction gave up the GIL at
+        every statement and commit and waited for the loop's thread to give
+        it back, and the turn was held for those waits too. On the loop
+        nothing waits for the GIL; what the loop cannot do meanwhile is what
+        the GIL would not have let it do anyway, except during the commit's
+        sync.
+
+        The loop never waits here: the turn is taken only if free, and the
+        unit's transactions use a connection of their own that does not
+        wait for another process's lock (busy timeout 0). A unit that meets
+        one raises `WouldWait` from `retrying`, having written nothing. Only
+        the thread that entered runs its transactions on that connection;
+        the effects of its transactions fire on it, as `loop_statements`'
+        do.
+
+        Without `sync_commits`, the unit's commits do not wait for the
+        disk (synchronous=NORMAL for them): for work that a crash may undo
+        without harm (a claim, whose jobs are then queued again, as
+        PostgreSQL's `claim_sql.claim` does alone). The next commit that
+        syncs makes them durable too: the WAL is one file, synced whole."""
+        if not self.runs_units_on_loop() or not self._turn.acquire(blocking=False):
+            yield False
+            return
+        relaxed = not sync_commits and self.synchronous != "NORMAL"
+        try:
+            relaxed = relaxed and self._on_loop_pragma("synchronous=NORMAL")
+            self._on_loop_thread = threading.get_ident()
+            yield True
+        finally:
+            self._on_loop_thread = None
+            if relaxed:
+                self._on_loop_pragma(f"synchronous={self.synchronous}")
+            self._turn.release()
+
+    def _on_loop_pragma(self, setting: str) -> bool:
+        """A PRAGMA on the connection of `on_loop`, between its transactions.
+        One that fails drops the connection, so that none goes on with a
+        setting half made (the next unit opens another)."""
+        try:
+            raw = self._loop_engine().raw_connection()
+            try:
+                cursor = raw.cursor()
+                cursor.execute(f"PRAGMA {setting}")
+                cursor.close()
+            finally:
+                raw.close()
+            return True
+        except Exception as e:
+            log.warning("SQLite setting failed", extra={"setting": setting, "error": str(e)})
+            self._loop_engine().dispose()
+            self._on_loop_engine = None
+            return False
+
+    def _loop_engine(self) -> Engine:
+        """The engine of `on_loop`'s units: one connection, no busy wait."""
+        if self._on_loop_engine is None:
+            self._on_loop_engine = self._sqlite_engine(busy_ms=0, poolclass=StaticPool)
+        return self._on_loop_engine
 
     @contextlib.contextmanager
     def statements(self) -> Iterator[Tx]:
@@ -713,6 +811,8 @@ class Database:
     def close(self) -> None:
         self._stop.set()
         self.close_loop_connections()
+        if self._on_loop_engine is not None:
+            self._on_loop_engine.dispose()
         self.engine.dispose()
 
 

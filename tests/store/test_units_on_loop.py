@@ -1,0 +1,272 @@
+"""A drain's claims and completions run on the event loop on a SQLite file the
+process has to itself (`Database.on_loop`, `JobQueue.claim_async`,
+`JobQueue.complete_many_async`), and in a store thread everywhere else: on
+PostgreSQL, beside another live instance, when the writes' turn is taken,
+and when another process holds the file's lock, which the loop never waits
+for."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from store_helpers import make_realm
+
+from realm_service.domain import JobKind, JobState, Lease
+from realm_service.queue import ON_LOOP_CLAIM, ON_LOOP_COMPLETE, JobQueue
+from realm_service.store import claim_sql, leases_sql
+from realm_service.store.db import Database, open_database
+
+USER = 50
+
+
+@pytest.fixture
+def alone(queue: JobQueue) -> JobQueue:
+    """The queue as a server's is after its first instance refresh found no
+    other instance."""
+    queue.db.set_others_alive(False)
+    return queue
+
+
+def _queued(queue: JobQueue, n: int, start: int = 0) -> list[int]:
+    ids = []
+    for i in range(start, start + n):
+        make_realm(queue, f"r{i}")
+        ids.append(queue.enqueue(f"r{i}", JobKind.FROM_SCRATCH, USER).job.job_id)
+    return ids
+
+
+@pytest.fixture
+def seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """(what, thread, PRAGMA synchronous inside its transaction) for each
+    claim and completion that runs, SQLite's setting read in the
+    transaction itself (-1 on PostgreSQL)."""
+    out: list[tuple[str, int, int]] = []
+
+    def watching(what: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(tx: Any, *args: Any, **kwargs: Any) -> Any:
+            sync = -1
+            if tx.conn.dialect.name == "sqlite":
+                sync = tx.conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            out.append((what, threading.get_ident(), sync))
+            return fn(tx, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(claim_sql, "claim", watching("claim", claim_sql.claim))
+    monkeypatch.setattr(leases_sql, "succeed", watching("complete", leases_sql.succeed))
+    return out
+
+
+def _claim_and_complete(queue: JobQueue, n: int) -> tuple[list[Lease], int]:
+    """claim_async then complete_many_async of what it got, on a loop of
+    this thread; returns the leases and the loop's thread."""
+
+    async def go() -> tuple[list[Lease], int]:
+        leases = await queue.claim_async(n, worker="w")
+        done = await queue.complete_many_async([(lease.lease_id, 0) for lease in leases])
+        assert all(
+            not isinstance(d, Exception) and d.state is JobState.SUCCEEDED for d in done.values()
+        )
+        return leases, threading.get_ident()
+
+    return asyncio.run(go())
+
+
+def test_a_drains_units_run_on_the_loop_of_a_sqlite_file_alone(
+    alone: JobQueue, seen: list[tuple[str, int, int]]
+) -> None:
+    ids = _queued(alone, 3)
+    leases, loop_thread = _claim_and_complete(alone, 3)
+    assert sorted(lease.job.job_id for lease in leases) == ids
+    threads = {thread for _, thread, _ in seen}
+    if alone.db.backend == "postgresql":
+        assert loop_thread not in threads
+        return
+    assert threads == {loop_thread}
+    # The claim's commit does not wait for the disk; the completion's does,
+    # and so does the next claim's connection once the claim is over.
+    assert [(what, sync) for what, _, sync in seen] == [("claim", 1), ("complete", 2)]
+    assert [alone.get_job(i).state for i in ids] == [JobState.SUCCEEDED] * 3
+
+
+def test_a_store_set_to_normal_stays_normal(
+    sqlite_url: str, seen: list[tuple[str, int, int]]
+) -> None:
+    db = open_database(sqlite_url, synchronous="NORMAL")
+    try:
+        queue = JobQueue(db)
+        db.set_others_alive(False)
+        _queued(queue, 1)
+        _claim_and_complete(queue, 1)
+        assert [(what, sync) for what, _, sync in seen] == [("claim", 1), ("complete", 1)]
+    finally:
+        db.close()
+
+
+def test_units_run_in_a_thread_beside_another_instance(
+    queue: JobQueue, seen: list[tuple[str, int, int]]
+) -> None:
+    assert queue.db.others_alive  # until a refresh says otherwise
+    _queued(queue, 2)
+    _, loop_thread = _claim_and_complete(queue, 2)
+    assert len(seen) == 2 and loop_thread not in {thread for _, thread, _ in seen}
+    if queue.db.backend == "sqlite":
+        assert [sync for _, _, sync in seen] == [2, 2]  # a thread's claim syncs
+
+
+def test_big_units_and_results_with_entries_run_in_a_thread(
+    alone: JobQueue, seen: list[tuple[str, int, int]]
+) -> None:
+    _queued(alone, 2)
+
+    async def go() -> int:
+        await alone.claim_async(ON_LOOP_CLAIM + 1, worker="w")  # more than a loop's claim
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(go())
+    assert [what for what, _, _ in seen] == ["claim"] and seen[0][1] != loop_thread
+    too_many = [(f"unknown-{i}", 0) for i in range(ON_LOOP_COMPLETE + 1)]
+
+    async def complete() -> dict[str, Any]:
+        return await alone.complete_many_async(too_many)
+
+    done = asyncio.run(complete())
+    assert len(done) == ON_LOOP_COMPLETE + 1  # every lease refused as not current
+    assert all(isinstance(d, Exception) for d in done.values())
+
+
+def test_a_taken_turn_sends_the_claim_to_a_thread_and_the_loop_goes_on(
+    alone: JobQueue, seen: list[tuple[str, int, int]]
+) -> None:
+    """Another unit of this process holds the writes' turn (a long
+    transaction in a store thread): the loop does not wait for it."""
+    ids = _queued(alone, 1)
+    inside, release = threading.Event(), threading.Event()
+
+    def long_write() -> None:
+        with alone.db.transaction():
+            inside.set()
+            assert release.wait(10)
+
+    async def go() -> tuple[list[Lease], int, int]:
+        writer = asyncio.create_task(asyncio.to_thread(long_write))
+        assert await asyncio.to_thread(inside.wait, 10)
+        claim = asyncio.create_task(alone.claim_async(1, worker="w"))
+        ticks = 0
+        while ticks < 5:  # the loop runs while the claim waits in its thread
+            await asyncio.sleep(0.01)
+            ticks += 1
+        if alone.db.backend == "sqlite":  # PostgreSQL's transactions take no turns
+            assert not claim.done()
+        release.set()
+        await writer
+        return await claim, ticks, threading.get_ident()
+
+    leases, ticks, loop_thread = asyncio.run(go())
+    assert [lease.job.job_id for lease in leases] == ids and ticks == 5
+    if alone.db.backend == "sqlite":
+        assert [(what, sync) for what, _, sync in seen] == [("claim", 2)]
+    assert seen[0][1] != loop_thread
+
+
+def test_units_meeting_another_process_lock_wait_in_a_thread(
+    sqlite_url: str, seen: list[tuple[str, int, int]]
+) -> None:
+    """The loop's connection does not wait for the file's lock: its unit
+    writes nothing and goes to a store thread, which waits (busy timeout)
+    while the loop goes on; then the claim and the completion are whole."""
+    db = open_database(sqlite_url)
+    try:
+        queue = JobQueue(db)
+        db.set_others_alive(False)
+        ids = _queued(queue, 2)
+        other = sqlite3.connect(
+            sqlite_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
+        )
+        try:
+
+            async def under_lock(unit: Callable[[], Any]) -> tuple[Any, int, int]:
+                other.execute("BEGIN IMMEDIATE")
+                task = asyncio.create_task(unit())
+                ticks = 0
+                while ticks < 5:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+                assert not task.done()
+                other.execute("ROLLBACK")
+                return await task, ticks, threading.get_ident()
+
+            leases, ticks, loop_thread = asyncio.run(
+                under_lock(lambda: queue.claim_async(2, worker="w"))
+            )
+            assert sorted(lease.job.job_id for lease in leases) == ids and ticks == 5
+            done, ticks, loop_thread = asyncio.run(
+                under_lock(
+                    lambda: queue.complete_many_async([(lease.lease_id, 0) for lease in leases])
+                )
+            )
+            assert ticks == 5
+            assert all(not isinstance(d, Exception) for d in done.values())
+        finally:
+            other.close()
+        # Each ran once, in a thread (the loop's try wrote nothing: the
+        # claim's attempt rows and the jobs' successes are one each).
+        assert [what for what, _, _ in seen] == ["claim", "complete"]
+        assert all(thread != loop_thread for _, thread, _ in seen)
+        for job_id in ids:
+            assert queue.get_job(job_id).state is JobState.SUCCEEDED
+            assert [outcome for _, outcome in queue.attempts(job_id)] == ["completed"]
+        # The loop's units come back once the file is free.
+        seen.clear()
+        more = _queued(queue, 1, start=2)
+        _, loop_thread = _claim_and_complete(queue, 1)
+        assert [(what, thread) for what, thread, _ in seen] == [
+            ("claim", loop_thread),
+            ("complete", loop_thread),
+        ]
+        assert queue.get_job(more[0]).state is JobState.SUCCEEDED
+    finally:
+        db.close()
+
+
+def test_a_memory_database_runs_nothing_on_the_loop() -> None:
+    db = open_database("sqlite:///:memory:", migrate=False)
+    try:
+        db.set_others_alive(False)
+        assert not db.runs_units_on_loop()
+        with db.on_loop() as here:
+            assert not here
+    finally:
+        db.close()
+
+
+def test_the_loop_unit_keeps_its_turn_to_its_own_thread(alone: JobQueue) -> None:
+    """While a unit runs on the loop, a store thread's transaction waits for
+    the turn and then runs on the shared pool, never on the loop's
+    connection."""
+    db: Database = alone.db
+    if db.backend != "sqlite":
+        with db.on_loop() as here:
+            assert not here
+        return
+    engines: list[Any] = []
+
+    def in_thread() -> None:
+        with db.transaction() as tx:
+            engines.append(tx.conn.engine)
+
+    with db.on_loop() as here:
+        assert here
+        with db.transaction() as tx:
+            engines.append(tx.conn.engine)
+        worker = threading.Thread(target=in_thread)
+        worker.start()
+        worker.join(0.2)
+        assert worker.is_alive()  # waits for the turn
+    worker.join(10)
+    assert engines[0] is not db.engine and engines[1] is db.engine
