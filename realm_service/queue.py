@@ -770,7 +770,11 @@ class JobQueue:
         nothing else holds the claims' and the writes' turns
         (`Database.on_loop`); otherwise, and when it would wait for another
         process's lock, in a store thread."""
-        if 0 < limit <= ON_LOOP_CLAIM and self._claims_one_at_a_time.acquire(blocking=False):
+        if (
+            0 < limit <= ON_LOOP_CLAIM
+            and self.db.runs_units_on_loop()
+            and self._claims_one_at_a_time.acquire(blocking=False)
+        ):
             try:
                 # A claim a crash undoes only queues its jobs again: its commit
                 # does not wait for the disk (DESIGN.md section 7).
@@ -951,7 +955,7 @@ class JobQueue:
         right here when the writes' turn is free (`Database.on_loop`, as
         `claim_async`); otherwise, and when it would wait for another
         process's lock, in a store thread."""
-        if len(results) <= ON_LOOP_COMPLETE and not entries:
+        if len(results) <= ON_LOOP_COMPLETE and not entries and self.db.runs_units_on_loop():
             now = self.clock()
             started = utcnow()
             outcome = None

@@ -486,9 +486,10 @@ class Database:
 
         Without `sync_commits`, the unit's commits do not wait for the
         disk (synchronous=NORMAL for them): for work that a crash may undo
-        without harm (a claim, whose jobs are then queued again, as
-        PostgreSQL's `claim_sql.claim` does alone). The next commit that
-        syncs makes them durable too: the WAL is one file, synced whole."""
+        without harm (a claim, whose jobs are then queued again; on
+        PostgreSQL a claim of one statement does not wait for the flush
+        either). The next commit that syncs makes them durable too: the WAL
+        is one file, synced whole."""
         if not self.runs_units_on_loop() or not self._turn.acquire(blocking=False):
             yield False
             return
@@ -518,8 +519,9 @@ class Database:
             return True
         except Exception as e:
             log.warning("SQLite setting failed", extra={"setting": setting, "error": str(e)})
-            self._loop_engine().dispose()
-            self._on_loop_engine = None
+            if self._on_loop_engine is not None:
+                self._on_loop_engine.dispose()
+                self._on_loop_engine = None
             return False
 
     def _loop_engine(self) -> Engine:

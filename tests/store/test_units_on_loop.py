@@ -270,3 +270,26 @@ def test_the_loop_unit_keeps_its_turn_to_its_own_thread(alone: JobQueue) -> None
         assert worker.is_alive()  # waits for the turn
     worker.join(10)
     assert engines[0] is not db.engine and engines[1] is db.engine
+
+
+def test_a_unit_that_fails_gives_the_turn_back(alone: JobQueue) -> None:
+    """A unit that raises leaves nothing held: a store thread's transaction
+    runs at once after it, on the shared pool, and the loop's next unit
+    runs on the loop again with its commits synced as set."""
+    db = alone.db
+    with pytest.raises(RuntimeError), db.on_loop(sync_commits=False) as here:
+        assert here is (db.backend == "sqlite")
+        raise RuntimeError("the unit failed")
+    done = threading.Event()
+
+    def in_thread() -> None:
+        with db.transaction() as tx:
+            assert tx.conn.engine is db.engine
+        done.set()
+
+    threading.Thread(target=in_thread).start()
+    assert done.wait(5)
+    if db.backend == "sqlite":
+        with db.on_loop() as here, db.transaction() as tx:
+            assert here and tx.conn.engine is not db.engine
+            assert tx.conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
