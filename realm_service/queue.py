@@ -86,6 +86,9 @@ INLINE_JOBS = 16
 # loop (Database.on_loop): a unit of a few milliseconds.
 ON_LOOP_CLAIM = 128
 ON_LOOP_COMPLETE = 128
+# ... and a completion that would drop a realm's index of more entries than
+# this goes back to a store thread (index_sql.switch_generations).
+ON_LOOP_REPLACED = 1_000
 GITIGNORE_PATH = ".gitignore"
 # Live jobs beyond twice the planner's count of `jobs` by this many: the
 # table outgrew the plans cached for it (see `JobQueue.analyze_if_outgrown`).
@@ -951,18 +954,28 @@ class JobQueue:
         whole: Collection[str] = (),
     ) -> dict[str, Job | StaleLease]:
         """`complete_many` from the event loop: on a SQLite file this process
-        has to itself, at most ON_LOOP_COMPLETE results without entries run
-        right here when the writes' turn is free (`Database.on_loop`, as
-        `claim_async`); otherwise, and when it would wait for another
-        process's lock, in a store thread."""
-        if len(results) <= ON_LOOP_COMPLETE and not entries and self.db.runs_units_on_loop():
+        has to itself, at most ON_LOOP_COMPLETE results that carry no entries
+        and count none run right here when the writes' turn is free
+        (`Database.on_loop`, as `claim_async`). The rest go to a store
+        thread: a completion with entries merges and counts them, and one
+        whose from-scratch job replaces an index of more than
+        ON_LOOP_REPLACED entries rolls back and goes there too, as one that
+        would wait for another process's lock does."""
+        if (
+            len(results) <= ON_LOOP_COMPLETE
+            and not entries
+            and not any(uploaded for _, uploaded in results)
+            and self.db.runs_units_on_loop()
+        ):
             now = self.clock()
             started = utcnow()
             outcome = None
             with contextlib.suppress(WouldWait), self.db.on_loop() as here:
                 if here:
                     outcome = self.db.retrying(
-                        self._complete_work(results, files_done, None, whole, now)
+                        self._complete_work(
+                            results, files_done, None, whole, now, max_replaced=ON_LOOP_REPLACED
+                        )
                     )
             if outcome is not None:
                 return self._completed(outcome, now, started)
@@ -977,6 +990,8 @@ class JobQueue:
         entries: Mapping[str, tuple[Sequence[IndexEntry], Sequence[str]]] | None,
         whole: Collection[str],
         now: datetime,
+        *,
+        max_replaced: int | None = None,
     ) -> Callable[[Tx], tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]]:
         def work(tx: Tx) -> tuple[dict[str, Job | StaleLease], list[tuple[str, Job]]]:
             done: dict[str, Job | StaleLease] = {}
@@ -1044,6 +1059,7 @@ class JobQueue:
                 tx,
                 [(h.realm_id, h.generation or 0, h.job.kind is scratch) for _, h in accepted],
                 now=now,
+                max_replaced=max_replaced,
             )
             succeeded = leases_sql.succeed(
                 tx,

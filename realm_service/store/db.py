@@ -114,8 +114,9 @@ def _first_line(error: BaseException | None) -> str:
 
 class WouldWait(Exception):
     """A unit run on the event loop (`Database.on_loop`) met the database's
-    lock held by another process: it waited for nothing and wrote nothing;
-    its caller runs it again in a store thread, which may wait."""
+    lock held by another process, or found itself bigger than the loop
+    should carry: it waited for nothing and its transaction rolled back;
+    its caller runs it again in a store thread."""
 
 
 class Effects:
@@ -457,7 +458,7 @@ class Database:
         has to itself (no other live instance, as of the last refresh)."""
         return (
             self.backend == "sqlite"
-            and self.url.removeprefix("sqlite:///") not in ("", ":memory:")
+            and self.engine.url.database not in (None, "", ":memory:")
             and not self.others_alive
         )
 
@@ -500,9 +501,11 @@ class Database:
             yield True
         finally:
             self._on_loop_thread = None
-            if relaxed:
-                self._on_loop_pragma(f"synchronous={self.synchronous}")
-            self._turn.release()
+            try:
+                if relaxed:
+                    self._on_loop_pragma(f"synchronous={self.synchronous}")
+            finally:
+                self._turn.release()
 
     def _on_loop_pragma(self, setting: str) -> bool:
         """A PRAGMA on the connection of `on_loop`, between its transactions.

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from realm_service.domain import IndexEntry, RealmState
 from realm_service.errors import RealmNotFound
 from realm_service.store import direct
-from realm_service.store.db import Tx
+from realm_service.store.db import Tx, WouldWait
 from realm_service.store.sets import (
     dialect_insert,
     in_values,
@@ -300,19 +300,34 @@ _DROP_ORPHANS = delete(_ENTRIES).where(
 )
 
 
-def switch_generations(tx: Tx, jobs: Sequence[tuple[str, int, bool]], *, now: datetime) -> None:
+def switch_generations(
+    tx: Tx,
+    jobs: Sequence[tuple[str, int, bool]],
+    *,
+    now: datetime,
+    max_replaced: int | None = None,
+) -> None:
     """Switch in the generations of completed jobs of distinct realms, given
     as (realm, generation, from_scratch), with the realms' stats. Generations
     that replace a realm's index (from-scratch jobs, or a realm's first) take
     a fixed number of statements however many there are, and count the new
     index; an incremental merge touches its own paths only and adjusts the
-    stats by what it replaced and added."""
+    stats by what it replaced and added. With `max_replaced`, a realm whose
+    index of more entries than that a from-scratch job replaces raises
+    WouldWait before anything is written here (a unit on the event loop
+    then runs again in a store thread: dropping that index is no work for
+    the loop)."""
     if not jobs:
         return
     ids = [realm_id for realm_id, _, _ in jobs]
     realms = {
         row.realm_id: row for row in direct.rows(tx.conn, _LOCK_GENERATIONS, {"realm_ids": ids})
     }
+    if max_replaced is not None and any(
+        from_scratch and realm_id in realms and realms[realm_id].entries > max_replaced
+        for realm_id, _, from_scratch in jobs
+    ):
+        raise WouldWait(f"a generation replaces an index of more than {max_replaced} entries")
     stats: dict[str, dict[str, object]] = {}
     replaced: dict[str, int] = {}
     for realm_id, generation, from_scratch in jobs:

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from store_helpers import make_realm
+from store_helpers import entry, get_realm, make_realm
 
+from realm_service import queue as queue_module
 from realm_service.domain import JobKind, JobState, Lease
 from realm_service.queue import ON_LOOP_CLAIM, ON_LOOP_COMPLETE, JobQueue
 from realm_service.store import claim_sql, leases_sql
@@ -119,25 +120,85 @@ def test_units_run_in_a_thread_beside_another_instance(
         assert [sync for _, _, sync in seen] == [2, 2]  # a thread's claim syncs
 
 
-def test_big_units_and_results_with_entries_run_in_a_thread(
-    alone: JobQueue, seen: list[tuple[str, int, int]]
-) -> None:
+def test_a_big_claim_runs_in_a_thread(alone: JobQueue, seen: list[tuple[str, int, int]]) -> None:
     _queued(alone, 2)
 
-    async def go() -> int:
-        await alone.claim_async(ON_LOOP_CLAIM + 1, worker="w")  # more than a loop's claim
-        return threading.get_ident()
+    async def go() -> tuple[int, int]:
+        leases = await alone.claim_async(ON_LOOP_CLAIM + 1, worker="w")  # more than the loop's
+        return len(leases), threading.get_ident()
 
-    loop_thread = asyncio.run(go())
+    got, loop_thread = asyncio.run(go())
+    assert got == 2
     assert [what for what, _, _ in seen] == ["claim"] and seen[0][1] != loop_thread
-    too_many = [(f"unknown-{i}", 0) for i in range(ON_LOOP_COMPLETE + 1)]
 
-    async def complete() -> dict[str, Any]:
-        return await alone.complete_many_async(too_many)
 
-    done = asyncio.run(complete())
-    assert len(done) == ON_LOOP_COMPLETE + 1  # every lease refused as not current
-    assert all(isinstance(d, Exception) for d in done.values())
+def _complete_async(queue: JobQueue, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], int]:
+    async def go() -> tuple[dict[str, Any], int]:
+        return await queue.complete_many_async(*args, **kwargs), threading.get_ident()
+
+    return asyncio.run(go())
+
+
+def _claimed(queue: JobQueue, n: int) -> list[Lease]:
+    leases = queue.claim(n, worker="w")
+    assert len(leases) == n
+    return leases
+
+
+def test_completions_with_entries_or_many_results_run_in_a_thread(
+    alone: JobQueue, seen: list[tuple[str, int, int]]
+) -> None:
+    """Results that send entries, or count entries sent before, merge and
+    count them: a store thread's work; so is a batch of more results than
+    the loop takes."""
+    _queued(alone, 3)
+    sent, uploaded, bare = _claimed(alone, 3)
+    alone.add_entries(uploaded.lease_id, [entry("a.md"), entry("b.md")])
+    done, loop_thread = _complete_async(
+        alone,
+        [(sent.lease_id, 1)],
+        entries={sent.lease_id: ([entry("c.md")], [])},
+        whole={sent.lease_id},
+    )
+    assert done[sent.lease_id].state is JobState.SUCCEEDED
+    done, _ = _complete_async(alone, [(uploaded.lease_id, 2)])
+    assert done[uploaded.lease_id].state is JobState.SUCCEEDED
+    too_many = [(bare.lease_id, 0)] + [(f"unknown-{i}", 0) for i in range(ON_LOOP_COMPLETE)]
+    done, _ = _complete_async(alone, too_many)
+    assert done[bare.lease_id].state is JobState.SUCCEEDED
+    assert sum(isinstance(d, Exception) for d in done.values()) == ON_LOOP_COMPLETE
+    completions = [thread for what, thread, _ in seen if what == "complete"]
+    assert len(completions) == 3 and loop_thread not in completions
+    assert get_realm(alone, "r0").entries == 1 and get_realm(alone, "r1").entries == 2
+
+
+def test_a_completion_replacing_a_big_index_goes_to_a_thread(
+    alone: JobQueue, seen: list[tuple[str, int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A from-scratch job that ends with no entries drops its realm's index:
+    past ON_LOOP_REPLACED entries the loop's try rolls back (nothing of it
+    stays) and a store thread completes it; a small one stays on the loop."""
+    monkeypatch.setattr(queue_module, "ON_LOOP_REPLACED", 3)
+    _queued(alone, 2)
+    big, small = _claimed(alone, 2)
+    alone.add_entries(big.lease_id, [entry(f"{i}.md") for i in range(4)])
+    alone.add_entries(small.lease_id, [entry(f"{i}.md") for i in range(3)])
+    alone.complete_many([(big.lease_id, 4), (small.lease_id, 3)])
+    for realm_id in ("r0", "r1"):
+        alone.enqueue(realm_id, JobKind.FROM_SCRATCH, USER)
+    seen.clear()
+    leases = {lease.job.realm_id: lease for lease in _claimed(alone, 2)}
+    seen.clear()
+    done, loop_thread = _complete_async(alone, [(leases["r0"].lease_id, 0)])
+    assert done[leases["r0"].lease_id].state is JobState.SUCCEEDED
+    done, _ = _complete_async(alone, [(leases["r1"].lease_id, 0)])
+    assert done[leases["r1"].lease_id].state is JobState.SUCCEEDED
+    threads = [thread for what, thread, _ in seen if what == "complete"]
+    if alone.db.backend == "sqlite":
+        assert threads[0] != loop_thread and threads[1] == loop_thread
+    assert len(threads) == 2  # the loop's try of the big one wrote nothing
+    assert get_realm(alone, "r0").entries == 0 and get_realm(alone, "r1").entries == 0
+    assert [outcome for _, outcome in alone.attempts(leases["r0"].job.job_id)] == ["completed"]
 
 
 def test_a_taken_turn_sends_the_claim_to_a_thread_and_the_loop_goes_on(
@@ -214,8 +275,8 @@ def test_units_meeting_another_process_lock_wait_in_a_thread(
             assert all(not isinstance(d, Exception) for d in done.values())
         finally:
             other.close()
-        # Each ran once, in a thread (the loop's try wrote nothing: the
-        # claim's attempt rows and the jobs' successes are one each).
+        # Each ran once, in a thread (the loop's try stopped at its BEGIN),
+        # and each job has one attempt, completed.
         assert [what for what, _, _ in seen] == ["claim", "complete"]
         assert all(thread != loop_thread for _, thread, _ in seen)
         for job_id in ids:
