@@ -295,8 +295,10 @@ def test_units_meeting_another_process_lock_wait_in_a_thread(
         db.close()
 
 
-def test_a_memory_database_runs_nothing_on_the_loop() -> None:
-    db = open_database("sqlite:///:memory:", migrate=False)
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://"])
+def test_a_memory_database_runs_nothing_on_the_loop(url: str) -> None:
+    """Another connection to it would be another database."""
+    db = open_database(url, migrate=False)
     try:
         db.set_others_alive(False)
         assert not db.runs_units_on_loop()
