@@ -115,9 +115,17 @@ def test_a_create_whose_caller_went_away_still_mounts_its_realm_and_keeps_its_jo
             call.cancel()
             with pytest.raises(grpc.FutureCancelledError):
                 call.result()
+            # The client gives up at once; the server hears of it a moment
+            # later. The lock goes only once the handler was cancelled and
+            # handed the create to a store thread (whose insert waits on the
+            # lock too), or the statement could end well before the cancel
+            # reached the handler, and nothing would be left behind.
+            poll(
+                lambda: finished == ["left-behind"],
+                timeout=10,
+                what="the cancelled create handed to a store thread",
+            )
             holder.rollback()
-        # The statement was cancelled, and a store thread makes the realm.
-        poll(lambda: finished == ["left-behind"], timeout=10, what="the create finished")
 
         def exists() -> bool:
             try:
