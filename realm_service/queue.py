@@ -12,7 +12,6 @@ after the commit: no caller has a second step to remember.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -65,14 +64,7 @@ from realm_service.store import (
     leases_sql,
     realms_sql,
 )
-from realm_service.store.db import (
-    Database,
-    Effects,
-    LoopTx,
-    Tx,
-    WouldWait,
-    translate_errors,
-)
+from realm_service.store.db import Database, Effects, LoopTx, Tx, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -781,15 +773,14 @@ class JobQueue:
             try:
                 # A claim a crash undoes only queues its jobs again: its commit
                 # does not wait for the disk (DESIGN.md section 7).
-                with self.db.on_loop(sync_commits=False) as here:
-                    if here:
-                        return self.db.retrying(
-                            self._claim_work(limit, worker, min_priority, kinds, system_limit)
-                        )
-            except WouldWait:
-                pass
+                leases = self.db.run_on_loop(
+                    self._claim_work(limit, worker, min_priority, kinds, system_limit),
+                    sync_commits=False,
+                )
             finally:
                 self._claims_one_at_a_time.release()
+            if leases is not None:
+                return leases
         return await asyncio.to_thread(
             self.claim,
             limit,
@@ -969,14 +960,11 @@ class JobQueue:
         ):
             now = self.clock()
             started = utcnow()
-            outcome = None
-            with contextlib.suppress(WouldWait), self.db.on_loop() as here:
-                if here:
-                    outcome = self.db.retrying(
-                        self._complete_work(
-                            results, files_done, None, whole, now, max_replaced=ON_LOOP_REPLACED
-                        )
-                    )
+            outcome = self.db.run_on_loop(
+                self._complete_work(
+                    results, files_done, None, whole, now, max_replaced=ON_LOOP_REPLACED
+                )
+            )
             if outcome is not None:
                 return self._completed(outcome, now, started)
         return await asyncio.to_thread(

@@ -430,7 +430,7 @@ class Database:
         (new work, changed jobs) reach the listeners once it has committed,
         never before and never for a transaction that rolled back."""
         engine = self.engine
-        if self._on_loop_thread is not None and self._on_loop_thread == threading.get_ident():
+        if self._on_loop_thread == threading.get_ident():
             engine = self._loop_engine()
         with self._write_turn, translate_errors(), engine.connect() as conn, conn.begin():
             tx = Tx(conn, self)
@@ -506,6 +506,21 @@ class Database:
                     self._on_loop_pragma(f"synchronous={self.synchronous}")
             finally:
                 self._turn.release()
+
+    def run_on_loop(self, work: Callable[[Tx], T], *, sync_commits: bool = True) -> T | None:
+        """`retrying(work)` right here, on the caller's event loop
+        (`on_loop`), or None when it did not run there: not a SQLite file
+        this process has to itself, the turn taken, or the unit would have
+        waited for another process's lock or grew too big for the loop
+        (`WouldWait`: it rolled back). The caller then runs it in a store
+        thread."""
+        try:
+            with self.on_loop(sync_commits=sync_commits) as here:
+                if here:
+                    return self.retrying(work)
+        except WouldWait:
+            pass
+        return None
 
     def _on_loop_pragma(self, setting: str) -> bool:
         """A PRAGMA on the connection of `on_loop`, between its transactions.
